@@ -1,0 +1,39 @@
+"""The exceptions pnc_surgery raises.
+
+Every error the library raises on purpose derives from :class:`PncError`, so callers can catch the library's
+complaints apart from bugs. Errors about the caller's arguments also derive from :class:`ValueError`.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "PncError",
+    "InvalidInputError",
+    "UnsupportedModelError",
+    "PatchMismatchError",
+    "PatchFormatError",
+    "PatchStateError",
+]
+
+
+class PncError(Exception):
+    """Base class of every error raised on purpose by pnc_surgery."""
+
+
+class InvalidInputError(PncError, ValueError):
+    """An argument has the wrong type, shape, or content (raised before any work starts)."""
+
+
+class UnsupportedModelError(PncError):
+    """The model cannot be traced, cut, or rebuilt; the message says why."""
+
+
+class PatchMismatchError(PncError):
+    """A patch does not fit the model it is attached to (architecture, module, or shape)."""
+
+
+class PatchFormatError(PncError):
+    """A patch file or folder is missing, corrupt, unsafe, or of an unknown format version."""
+
+
+class PatchStateError(PncError):
+    """A patch is used in a state that does not allow it (attached twice, detached model, ...)."""
