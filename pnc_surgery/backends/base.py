@@ -1,0 +1,127 @@
+"""The backend interface: what the library asks of a model family."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Union
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError, UnsupportedModelError
+
+__all__ = ["Backend", "ModelInputs", "call_model", "main_tensor"]
+
+ModelInputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+"""What a model is called with: one tensor (timm, plain torch) or keyword tensors (transformers)."""
+
+
+def call_model(model: nn.Module, inputs: ModelInputs) -> Any:
+    """Call ``model`` on positional or keyword inputs."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def main_tensor(inputs: ModelInputs, main_input_name: str) -> torch.Tensor:
+    """The input tensor that carries the data (pixels or token ids), as opposed to masks."""
+    if isinstance(inputs, Mapping):
+        if main_input_name not in inputs:
+            raise InvalidInputError(f"example input has no {main_input_name!r}; got keys {sorted(inputs)}")
+        return inputs[main_input_name]
+    return inputs
+
+
+class Backend:
+    """Family knowledge. Subclasses override what differs; defaults fit plain ``nn.Module`` classifiers."""
+
+    family: ClassVar[str] = "torch"
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        """Whether this backend knows ``model``'s family."""
+        raise NotImplementedError
+
+    def main_input_name(self, model: nn.Module) -> str:
+        """Name of the data input (a keyword for transformers, a label otherwise)."""
+        return "x"
+
+    def example_input(self, model: nn.Module, batch_size: int = 2, seed: int = 0) -> ModelInputs:
+        """An input the model accepts, built from its own configuration."""
+        raise UnsupportedModelError(
+            f"cannot build an example input for {type(model).__name__}: pass example_input explicitly"
+        )
+
+    def second_input(self, model: nn.Module, inputs: ModelInputs, seed: int = 1) -> ModelInputs:
+        """Another input of the same shape and kind with different data (masks kept)."""
+        x = main_tensor(inputs, self.main_input_name(model))
+        gen = torch.Generator().manual_seed(seed)
+        if x.is_floating_point():
+            other = torch.randn(x.shape, generator=gen).to(x) * (x.std().clamp_min(1.0)) + x.mean()
+        else:
+            high = int(self.vocab_size(model) or int(x.max()) + 2)
+            other = torch.randint(0, max(high, 2), x.shape, generator=gen).to(x)
+        return self.replace_main(model, inputs, other)
+
+    def replace_main(self, model: nn.Module, inputs: ModelInputs, tensor: torch.Tensor) -> ModelInputs:
+        """``inputs`` with the data tensor replaced (masks and other keywords kept)."""
+        if isinstance(inputs, Mapping):
+            return {**inputs, self.main_input_name(model): tensor}
+        return tensor
+
+    def vocab_size(self, model: nn.Module) -> int | None:
+        """Size of the token vocabulary for text models."""
+        return None
+
+    def check_input(self, model: nn.Module, inputs: ModelInputs) -> None:
+        """Raise :class:`InvalidInputError` if ``inputs`` cannot be what the model takes (cheap checks only)."""
+        if not isinstance(inputs, (torch.Tensor, Mapping)):
+            raise InvalidInputError(f"example_input must be a tensor or a mapping of tensors, got {type(inputs).__name__}")
+
+    def logits(self, output: Any) -> torch.Tensor:
+        """The logits tensor of a model output."""
+        if isinstance(output, torch.Tensor):
+            return output
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            return output[0]
+        raise UnsupportedModelError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+    def with_logits(self, output: Any, logits: torch.Tensor) -> Any:
+        """``output`` with its logits replaced by ``logits`` (same container type)."""
+        if isinstance(output, torch.Tensor):
+            return logits
+        if isinstance(output, tuple):
+            return (logits, *output[1:])
+        if isinstance(output, list):
+            return [logits, *output[1:]]
+        raise UnsupportedModelError(f"cannot replace logits in a model output of type {type(output).__name__}")
+
+    def num_classes(self, model: nn.Module) -> int | None:
+        """Number of classes the model scores, where the model says so."""
+        return None
+
+    def class_names(self, model: nn.Module) -> list[str] | None:
+        """Human-readable class names by class id, where the model has them."""
+        return None
+
+    def identity(self, model: nn.Module) -> str:
+        """A short id of the architecture, for fingerprints and model cards."""
+        return type(model).__name__
+
+    def layout_hint(self, model: nn.Module) -> str | None:
+        """The layout of 4-D features when shapes alone cannot tell (``"NCHW"`` or ``"NHWC"``)."""
+        return None
+
+    def prefix_tokens(self, model: nn.Module) -> int | None:
+        """How many non-patch tokens (cls, distillation, registers) lead a token sequence."""
+        return None
+
+    def architecture(self, model: nn.Module, **hints: Any) -> dict:
+        """A JSON description from which :meth:`build` recreates the model without its weights."""
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is neither a timm nor a transformers model: its architecture cannot be "
+            "recorded, so a patch cut from it cannot be saved (it still works in memory)"
+        )
+
+    def build(self, architecture: Mapping[str, Any]) -> nn.Module:
+        """Recreate a model from :meth:`architecture`'s description (weights uninitialised, on the meta device where possible)."""
+        raise UnsupportedModelError(f"family {self.family!r} cannot rebuild models")

@@ -1,0 +1,130 @@
+"""Hugging Face transformers classifiers (``*ForImageClassification``, ``*ForSequenceClassification``)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError, UnsupportedModelError
+from .base import Backend, ModelInputs
+
+__all__ = ["TransformersBackend", "SUPPORTED_CLASS_SUFFIXES"]
+
+SUPPORTED_CLASS_SUFFIXES = ("ForImageClassification", "ForSequenceClassification", "ForImageClassificationWithTeacher")
+
+TEXT_EXAMPLE_LENGTH = 16
+
+
+class TransformersBackend(Backend):
+    """``transformers.PreTrainedModel`` classifiers; logits live in ``ModelOutput.logits``."""
+
+    family = "transformers"
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            return False
+        return isinstance(model, PreTrainedModel)
+
+    def main_input_name(self, model: nn.Module) -> str:
+        return str(getattr(model, "main_input_name", "input_ids"))
+
+    def vocab_size(self, model: nn.Module) -> int | None:
+        return getattr(model.config, "vocab_size", None)
+
+    def example_input(self, model: nn.Module, batch_size: int = 2, seed: int = 0) -> ModelInputs:
+        config, gen = model.config, torch.Generator().manual_seed(seed)
+        main = self.main_input_name(model)
+        if main == "pixel_values":
+            size = getattr(config, "image_size", 224)
+            height, width = (size, size) if isinstance(size, int) else tuple(size)
+            channels = int(getattr(config, "num_channels", 3))
+            return {main: torch.randn(batch_size, channels, int(height), int(width), generator=gen)}
+        if main == "input_ids":
+            length = min(TEXT_EXAMPLE_LENGTH, int(getattr(config, "max_position_embeddings", TEXT_EXAMPLE_LENGTH)))
+            ids = torch.randint(1, max(int(config.vocab_size), 2), (batch_size, length), generator=gen)
+            mask = torch.ones(batch_size, length, dtype=torch.long)
+            mask[1:, length - length // 4 :] = 0  # a padded row, so the mask matters
+            return {main: ids, "attention_mask": mask}
+        raise UnsupportedModelError(f"cannot build an example {main!r} for {type(model).__name__}; pass example_input")
+
+    def check_input(self, model: nn.Module, inputs: ModelInputs) -> None:
+        main = self.main_input_name(model)
+        if not isinstance(inputs, Mapping):
+            raise InvalidInputError(
+                f"transformers models take keyword inputs: pass a dict like {{'{main}': tensor, ...}}, "
+                f"got {type(inputs).__name__}"
+            )
+        if main not in inputs:
+            raise InvalidInputError(f"example input needs {main!r} for {type(model).__name__}; got keys {sorted(inputs)}")
+        tensor = inputs[main]
+        if main == "pixel_values":
+            channels = int(getattr(model.config, "num_channels", tensor.shape[1] if tensor.dim() == 4 else 3))
+            if tensor.dim() != 4 or tensor.shape[1] != channels:
+                raise InvalidInputError(
+                    f"pixel_values has shape {tuple(tensor.shape)}; {type(model).__name__} expects "
+                    f"(B, {channels}, H, W)"
+                )
+        elif main == "input_ids" and (tensor.dim() != 2 or tensor.is_floating_point()):
+            raise InvalidInputError(f"input_ids must be an integer tensor (B, L), got {tensor.dtype} {tuple(tensor.shape)}")
+
+    def logits(self, output: Any) -> torch.Tensor:
+        logits = getattr(output, "logits", None)
+        if isinstance(logits, torch.Tensor):
+            return logits
+        return super().logits(output)
+
+    def with_logits(self, output: Any, logits: torch.Tensor) -> Any:
+        if isinstance(getattr(output, "logits", None), torch.Tensor):
+            output["logits"] = logits
+            return output
+        return super().with_logits(output, logits)
+
+    def num_classes(self, model: nn.Module) -> int | None:
+        return int(model.config.num_labels)
+
+    def class_names(self, model: nn.Module) -> list[str] | None:
+        id2label = getattr(model.config, "id2label", None) or {}
+        return [str(id2label.get(i, id2label.get(str(i), i))) for i in range(model.config.num_labels)]
+
+    def identity(self, model: nn.Module) -> str:
+        return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+
+    def layout_hint(self, model: nn.Module) -> str | None:
+        return "NCHW"
+
+    def architecture(self, model: nn.Module, **hints: Any) -> dict:
+        name = type(model).__name__
+        self._model_class(name)
+        config = model.config.to_dict()
+        config.update(hints)
+        return {"family": self.family, "class": name, "config": config}
+
+    @staticmethod
+    def _model_class(name: Any) -> type:
+        import transformers
+
+        if not isinstance(name, str) or not name.endswith(SUPPORTED_CLASS_SUFFIXES):
+            raise UnsupportedModelError(
+                f"transformers class {name!r} is not supported; supported classes end with {SUPPORTED_CLASS_SUFFIXES}"
+            )
+        cls = getattr(transformers, name, None)
+        if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+            raise UnsupportedModelError(f"transformers {transformers.__version__} has no model class {name!r}")
+        return cls
+
+    def build(self, architecture: Mapping[str, Any]) -> nn.Module:
+        cls = self._model_class(architecture.get("class"))
+        config_dict = architecture.get("config")
+        if not isinstance(config_dict, Mapping):
+            raise UnsupportedModelError("transformers architecture has no config dict")
+        try:
+            config = cls.config_class.from_dict(dict(config_dict))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise UnsupportedModelError(f"cannot rebuild the {cls.__name__} config: {exc}") from None
+        with torch.device("meta"):
+            return cls(config).eval()

@@ -1,0 +1,441 @@
+"""Find where a classifier can be cut: ordered :class:`Point` s on its main path.
+
+A point is a module whose output alone determines the model's answer: feed any input, swap that module's
+output for the one it produced on another input, and the model answers as for the other input. Block and
+stage outputs pass this test; a conv inside a residual block, attention, or a norm inside a block do not.
+Candidates come from the module tree (stages, blocks, embeddings: children of ``Sequential``/``ModuleList``
+containers and the top levels), and each one is kept only if it passes the substitution test on one example
+forward. The test compares the classifier's input (pre-logits) as well as the logits, since random-init
+heads give near-constant logits.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .backends import Backend, ModelInputs, backend_for
+from .backends.base import call_model, main_tensor
+from .errors import InvalidInputError, UnsupportedModelError
+
+__all__ = ["Point", "Trace", "ModuleCall", "find_points", "trace_model", "eval_mode", "resolve_example_input"]
+
+LAYOUTS = ("NCHW", "NHWC", "NLC")
+SUBSTITUTION_RTOL = 1e-4
+SUBSTITUTION_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class Point:
+    """A place where a model can be cut (as a source) or tapped (as a target).
+
+    Attributes:
+        name: the module's ``named_modules()`` path; the point is that module's output.
+        index: position in execution order among the model's points.
+        shape: output shape without the batch dimension.
+        layout: ``"NCHW"``, ``"NHWC"`` (spatial maps) or ``"NLC"`` (token sequences).
+        reduction: input size divided by the feature's spatial size (or the patch size of tokens); ``None`` for text.
+        width: channels or hidden size.
+    """
+
+    name: str
+    index: int
+    shape: tuple[int, ...]
+    layout: str
+    reduction: int | None
+    width: int
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Point":
+        try:
+            point = cls(
+                name=str(data["name"]),
+                index=int(data["index"]),
+                shape=tuple(int(s) for s in data["shape"]),
+                layout=str(data["layout"]),
+                reduction=None if data.get("reduction") is None else int(data["reduction"]),
+                width=int(data["width"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInputError(f"not a valid point description {data!r}: {exc}") from None
+        if point.layout not in LAYOUTS:
+            raise InvalidInputError(f"point {point.name!r} has unknown layout {point.layout!r}")
+        return point
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """Spatial size (H, W) of a feature map, ``None`` for tokens."""
+        if self.layout == "NCHW":
+            return self.shape[1], self.shape[2]
+        if self.layout == "NHWC":
+            return self.shape[0], self.shape[1]
+        return None
+
+
+@dataclass
+class ModuleCall:
+    """What one module did during a traced forward."""
+
+    name: str
+    module: nn.Module
+    pre: int
+    post: int = -1
+    calls: int = 0
+    output: torch.Tensor | None = None
+    output_id: int | None = None
+
+
+@dataclass
+class Trace:
+    """The record of one forward: module calls in order, the output, and the classifier modules."""
+
+    calls: dict[str, ModuleCall]
+    output: Any
+    logits: torch.Tensor
+    classifiers: list[str] = field(default_factory=list)
+    pre_logits: torch.Tensor | None = None
+
+    def completed_before(self, name: str) -> Callable[[ModuleCall], bool]:
+        start = self.calls[name].pre
+        return lambda call: call.post >= 0 and call.post < start
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run in eval mode (BatchNorm statistics move in train mode even under no_grad) and restore each module's mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _single_tensor(output: Any) -> torch.Tensor | None:
+    return output if isinstance(output, torch.Tensor) else None
+
+
+def trace_model(
+    model: nn.Module,
+    inputs: ModelInputs,
+    backend: Backend | None = None,
+    keep: Callable[[str], bool] = lambda name: False,
+    classifiers: tuple[str, ...] | list[str] = (),
+) -> Trace:
+    """Run one forward with hooks on every module and record what each did.
+
+    Args:
+        model: the model (put it in eval mode first).
+        inputs: what to call it with.
+        backend: the model's backend (found if not given).
+        keep: names of modules whose (cloned) tensor outputs to keep.
+        classifiers: names of the classifier modules whose inputs to record as pre-logits.
+
+    Returns:
+        The :class:`Trace`.
+    """
+    backend = backend or backend_for(model)
+    calls: dict[str, ModuleCall] = {}
+    counter = iter(range(10**9))
+    handles = []
+    pre_logits: list[torch.Tensor] = []
+
+    def pre_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            call = calls.get(name)
+            if call is None:
+                calls[name] = ModuleCall(name, module, pre=next(counter))
+            calls[name].calls += 1
+            if name in classifiers and args and isinstance(args[0], torch.Tensor):
+                pre_logits.append(args[0].detach().flatten(1).clone())
+
+        return hook
+
+    def post_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            call = calls[name]
+            if call.post < 0:
+                call.post = next(counter)
+                tensor = _single_tensor(output)
+                call.output_id = id(tensor) if tensor is not None else None
+                if tensor is not None and keep(name):
+                    call.output = tensor.detach().clone()
+            return None
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(pre_hook(name)))
+            handles.append(module.register_forward_hook(post_hook(name)))
+        with torch.no_grad():
+            output = call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logits = backend.logits(output)
+    return Trace(
+        calls=calls,
+        output=output,
+        logits=logits.detach(),
+        classifiers=list(classifiers),
+        pre_logits=torch.cat(pre_logits, dim=1) if pre_logits else None,
+    )
+
+
+def _classifier_names(trace: Trace, num_classes: int, after: int) -> list[str]:
+    """Linear / 1x1-conv modules that produce class scores (several for distilled heads)."""
+    names = []
+    for call in trace.calls.values():
+        module = call.module
+        width = getattr(module, "out_features", None) or getattr(module, "out_channels", None)
+        if call.pre > after and width == num_classes and isinstance(module, (nn.Linear, nn.Conv2d)):
+            names.append(call.name)
+    return names
+
+
+def resolve_example_input(model: nn.Module, example_input: ModelInputs | None, backend: Backend) -> ModelInputs:
+    """The given example input after cheap checks, or one built from the model's own config."""
+    if example_input is None:
+        return backend.example_input(model)
+    backend.check_input(model, example_input)
+    return example_input
+
+
+def _candidate_names(model: nn.Module) -> set[str]:
+    """Structural candidates: top levels, container items, and composite children of container items."""
+    modules = dict(model.named_modules())
+    names = set()
+    for name, module in modules.items():
+        if not name:
+            continue
+        parent_name = name.rpartition(".")[0]
+        parent = modules[parent_name]
+        grand = modules.get(parent_name.rpartition(".")[0]) if parent_name else None
+        containers = (nn.Sequential, nn.ModuleList)
+        if (
+            name.count(".") <= 1
+            or isinstance(parent, containers)
+            or (isinstance(grand, containers) and any(True for _ in module.children()))
+        ):
+            names.add(name)
+    return names
+
+
+def _layout(shape: tuple[int, ...], spatial: tuple[int, int] | None, hint: str | None) -> str | None:
+    if len(shape) == 2:
+        return "NLC"
+    if len(shape) != 3:
+        return None
+    if spatial is None:
+        return "NCHW"
+    height, width = spatial
+
+    def fits(h: int, w: int) -> bool:
+        return h > 0 and w > 0 and height % h == 0 and width % w == 0 and height // h == width // w
+
+    chw, hwc = fits(shape[1], shape[2]), fits(shape[0], shape[1])
+    if chw and hwc:
+        return hint if hint in ("NCHW", "NHWC") else "NCHW"
+    if hwc:
+        return "NHWC"
+    return "NCHW"
+
+
+def _describe(name: str, index: int, shape: tuple[int, ...], layout: str, spatial: tuple[int, int] | None, prefix: int | None) -> Point:
+    if layout == "NCHW":
+        width, grid_h = shape[0], shape[1]
+    elif layout == "NHWC":
+        width, grid_h = shape[2], shape[0]
+    else:
+        width, grid_h = shape[1], None
+    reduction = None
+    if spatial is not None and grid_h:
+        reduction = spatial[0] // grid_h if spatial[0] % grid_h == 0 else None
+    elif spatial is not None and layout == "NLC":
+        tokens = shape[0]
+        for lead in dict.fromkeys([*([prefix] if prefix is not None else []), *range(0, 9)]):
+            side = math.isqrt(max(tokens - lead, 0))
+            if side and side * side == tokens - lead and spatial[0] % side == 0:
+                reduction = spatial[0] // side
+                break
+    return Point(name=name, index=index, shape=tuple(shape), layout=layout, reduction=reduction, width=int(width))
+
+
+def _without_dead_paths(model: nn.Module) -> nn.Module:
+    """A copy whose all-zero weights are set to one, or ``model`` itself when it has none.
+
+    Random-init models often zero a residual branch's last norm or layer scale (timm's ``zero_init_last``);
+    that branch then contributes nothing and a module on the skip path would pass the substitution test
+    without being a cut. Trained weights are never exactly zero, so this only touches fresh models.
+    """
+    dead = [
+        name
+        for name, param in model.named_parameters()
+        if param.dim() >= 1 and param.numel() > 1 and not name.endswith("bias") and not param.detach().any()
+    ]
+    if not dead:
+        return model
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in dead:
+            twin.get_parameter(name).fill_(1.0)
+    return twin
+
+
+def _repeat_batch(inputs: ModelInputs, times: int) -> ModelInputs:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.repeat(times, *([1] * (inputs.dim() - 1)))
+    return {key: _repeat_batch(value, times) for key, value in inputs.items()}
+
+
+def _substitution_survivors(
+    model: nn.Module,
+    first: Trace,
+    names: list[str],
+    second_inputs: ModelInputs,
+    baseline: torch.Tensor,
+    spread: float,
+    backend: Backend,
+) -> set[str]:
+    """Names whose output, swapped for the first input's, makes the model answer as for the first input.
+
+    Candidates are tested together: the second input is repeated once per candidate along the batch and
+    candidate ``i``'s hook swaps only its own rows, so one forward tests a whole chunk (rows are
+    independent in eval mode).
+    """
+    batch = baseline.shape[0]
+    survivors: set[str] = set()
+    for start in range(0, len(names), SUBSTITUTION_CHUNK):
+        chunk = names[start : start + SUBSTITUTION_CHUNK]
+        handles = []
+
+        def swap_rows(rows: slice, recorded: torch.Tensor) -> Callable:
+            def hook(module: nn.Module, args: Any, output: Any) -> Any:
+                swapped = output.clone()
+                swapped[rows] = recorded
+                return swapped
+
+            return hook
+
+        try:
+            for i, name in enumerate(chunk):
+                rows = slice(i * batch, (i + 1) * batch)
+                handles.append(model.get_submodule(name).register_forward_hook(swap_rows(rows, first.calls[name].output)))
+            trace = trace_model(model, _repeat_batch(second_inputs, len(chunk)), backend, classifiers=first.classifiers)
+        finally:
+            for handle in handles:
+                handle.remove()
+        answers = _compare_outputs(trace)
+        for i, name in enumerate(chunk):
+            error = (answers[i * batch : (i + 1) * batch] - baseline).abs().max().item()
+            if error <= SUBSTITUTION_RTOL * spread:
+                survivors.add(name)
+    return survivors
+
+
+def _compare_outputs(trace: Trace) -> torch.Tensor:
+    parts = [trace.logits.flatten(1).float()]
+    if trace.pre_logits is not None:
+        parts.append(trace.pre_logits.flatten(1).float())
+    return torch.cat(parts, dim=1)
+
+
+def find_points(model: nn.Module, example_input: ModelInputs | None = None) -> list[Point]:
+    """The ordered points where ``model`` can be cut or tapped.
+
+    Args:
+        model: a classifier (timm, transformers ``*ForImageClassification`` / ``*ForSequenceClassification``,
+            or any ``nn.Module`` mapping one tensor to ``(batch, classes)`` logits).
+        example_input: what to call the model with; built from the model's data config when omitted.
+            Use a dict of keyword tensors for transformers models (masks included).
+
+    Returns:
+        The points in execution order (see :class:`Point`).
+
+    Raises:
+        InvalidInputError: ``model`` is not a module, or ``example_input`` does not fit it.
+        UnsupportedModelError: the model has no classifier, or its output does not depend on its input.
+    """
+    return _analyse(model, example_input)[0]
+
+
+def _analyse(model: nn.Module, example_input: ModelInputs | None) -> tuple[list[Point], Trace, ModelInputs]:
+    """Points plus the reference trace (with kept outputs) and the input, for callers that need all three."""
+    backend = backend_for(model)
+    inputs = resolve_example_input(model, example_input, backend)
+    candidates = _candidate_names(model)
+    with eval_mode(model):
+        try:
+            reference = trace_model(model, inputs, backend, keep=candidates.__contains__)
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+            shape = tuple(main_tensor(inputs, backend.main_input_name(model)).shape)
+            raise InvalidInputError(f"{type(model).__name__} failed on an example input of shape {shape}: {exc}") from None
+        batch = int(reference.logits.shape[0]) if reference.logits.dim() >= 1 else 0
+        if reference.logits.dim() != 2 or batch != main_tensor(inputs, backend.main_input_name(model)).shape[0]:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} returns {tuple(reference.logits.shape)}, not (batch, classes) logits: "
+                "it has no classifier head to clone from or into"
+            )
+        num_classes = backend.num_classes(model) or reference.logits.shape[1]
+        if num_classes == 0 or reference.logits.shape[1] != num_classes:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no classifier head (num_classes={num_classes}, output "
+                f"{tuple(reference.logits.shape)})"
+            )
+        main = main_tensor(inputs, backend.main_input_name(model))
+        spatial = tuple(main.shape[-2:]) if main.is_floating_point() and main.dim() == 4 else None
+        hint, prefix = backend.layout_hint(model), backend.prefix_tokens(model)
+
+        shaped = []
+        for call in reference.calls.values():
+            out = call.output
+            if out is None or call.calls != 1 or out.dim() not in (3, 4) or out.shape[0] != batch:
+                continue
+            layout = _layout(tuple(out.shape[1:]), spatial, hint)
+            if layout is not None:
+                shaped.append((call, layout))
+        last_post = max((call.post for call, _ in shaped), default=-1)
+        reference.classifiers = _classifier_names(reference, num_classes, after=last_post)
+        second_inputs = backend.second_input(model, inputs)
+        probe = _without_dead_paths(model)
+        classifiers = reference.classifiers
+        first = trace_model(probe, inputs, backend, keep=candidates.__contains__, classifiers=classifiers)
+        baseline = _compare_outputs(first)
+        other = _compare_outputs(trace_model(probe, second_inputs, backend, classifiers=classifiers))
+        spread = (other - baseline).abs().max().item()
+        if not math.isfinite(spread) or spread <= 1e-7 * max(1.0, baseline.abs().max().item()):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}'s output does not depend on its input here (difference {spread:.3g}); "
+                "cut points cannot be told apart"
+            )
+        valid = _substitution_survivors(probe, first, [call.name for call, _ in shaped], second_inputs, baseline, spread, backend)
+        points, seen_outputs = [], {}
+        for call, layout in sorted(shaped, key=lambda item: item[0].post):
+            if call.name not in valid:
+                continue
+            alias = seen_outputs.get(call.output_id)
+            if alias is not None and (alias.name.startswith(call.name + ".") or call.name.startswith(alias.name + ".")):
+                outer = call if alias.name.startswith(call.name + ".") else alias
+                seen_outputs[call.output_id] = outer
+                points = [p for p in points if p[0].name != alias.name] + [(outer, layout)]
+                continue
+            seen_outputs[call.output_id] = call
+            points.append((call, layout))
+    points.sort(key=lambda item: item[0].post)
+    described = [
+        _describe(call.name, index, tuple(call.output.shape[1:]), layout, spatial, prefix)
+        for index, (call, layout) in enumerate(points)
+    ]
+    if not described:
+        raise UnsupportedModelError(f"no module of {type(model).__name__} is a valid cut point")
+    return described, reference, inputs
