@@ -64,6 +64,7 @@ def train_classifier(
     dataset: Dataset,
     *,
     epochs: int = 10,
+    steps: int | None = None,
     lr: float = 3e-3,
     weight_decay: float = 0.05,
     batch_size: int = 64,
@@ -80,6 +81,8 @@ def train_classifier(
             ``requires_grad`` are optimized, so freezing is done by the caller.
         dataset: a Dataset of ``(image, label)`` pairs; shuffled with ``seed``.
         epochs, lr, weight_decay, batch_size: AdamW with 5% linear warm-up, then cosine decay to 0 (per step).
+        steps: train for exactly this many optimizer steps instead of ``epochs`` (cycling through the data),
+            so that big and small datasets can get the same compute budget.
         seed: seeds shuffling and any randomness in the model (dropout); the global RNG state is left as it was.
         progress: show a tqdm bar.
         label_map: maps dataset labels to output indices (e.g. ``{5: 0, 6: 1}``), when they differ.
@@ -94,7 +97,7 @@ def train_classifier(
         raise InvalidInputError("the model has no trainable parameters")
     drop_last = len(dataset) > batch_size  # a batch of 1 breaks BatchNorm in train mode
     loader = as_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed, drop_last=drop_last)
-    total_steps = max(1, epochs * len(loader))
+    total_steps = max(1, steps if steps is not None else epochs * len(loader))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _cosine_with_warmup(total_steps, max(1, total_steps // 20))
@@ -104,8 +107,11 @@ def train_classifier(
         torch.manual_seed(seed)
         model.train()
         bar = tqdm(total=total_steps, desc=description, disable=not progress, leave=False)
-        for _ in range(epochs):
+        step = 0
+        while step < total_steps:
             for batch in loader:
+                if step == total_steps:
+                    break
                 x, y = split_batch(batch)
                 if y is None:
                     raise InvalidInputError("training needs labelled batches (x, y)")
@@ -119,6 +125,7 @@ def train_classifier(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()

@@ -76,3 +76,12 @@ def test_predict_logits_restores_mode(split):
     model = _tiny_resnet(5).train()
     logits = predict_logits(model, split.replay, batch_size=32)
     assert logits.shape == (len(split.replay), 5) and model.training
+
+
+def test_steps_budget_cycles_small_data(split):
+    seen = []
+    train_classifier(
+        _tiny_resnet(5), split.replay, steps=7, batch_size=32, progress=False,
+        extra_loss=lambda x, logits: seen.append(1) or logits.sum() * 0.0,
+    )
+    assert len(seen) == 7
