@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import Backend, ModelInputs, backend_for
+from .backends import ModelInputs, backend_for, backend_named
 from .backends.base import call_model, main_tensor
-from .errors import InvalidInputError, UnsupportedModelError
+from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
 from .points import Point, eval_mode, resolve_example_input, trace_model
 
 __all__ = ["SourceTail", "capture_features", "STUB_VALUE_BUFFER"]
@@ -62,7 +62,7 @@ class _Stub:
     """Replacement ``forward`` of a module that finished before the cut: zeros, or its recorded value."""
 
     def __init__(self, module: nn.Module, shape: Sequence[int], dtype: torch.dtype, live: _LiveFeature) -> None:
-        self.module, self.shape, self.dtype, self.live = module, tuple(shape), dtype, live
+        self.module, self.shape, self.dtype, self.live = module, tuple(int(s) for s in shape), dtype, live
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         feature = self.live.feature
@@ -105,105 +105,159 @@ def capture_features(
 
 
 class SourceTail(nn.Module):
-    """A copy of a classifier that computes its logits from the feature at ``point``.
+    """A copy of a classifier that computes its logits from the feature at a cut point.
+
+    Build it with :meth:`from_model` (from a live model) or :meth:`from_spec` (from a patch file, without
+    any source weights). Call it as ``tail(feature, **context)``, where ``context`` holds the model's other
+    keyword inputs that matter after the cut (``attention_mask`` for text models).
 
     Args:
-        model: the classifier to cut (not modified; the tail holds a deep copy).
-        point: where to cut (from :func:`~pnc_surgery.find_points`), or a module name.
-        example_input: an input to record shapes on (built from the model's config when omitted).
-        verify: check that the tail reproduces the model's logits on the example (atol 1e-5).
-
-    Call it as ``tail(feature, **context)``, where ``context`` holds the model's other keyword inputs that
-    matter after the cut (e.g. ``attention_mask`` for text models).
+        model: the model to turn into a tail, modified in place (pass a copy).
+        spec: what :meth:`spec` records: cut name and shape, stubs, data-input facts.
     """
 
-    def __init__(
-        self,
+    def __init__(self, model: nn.Module, spec: dict) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.family = str(spec["family"])
+        self.cut = str(spec["cut"])
+        self.cut_shape = tuple(int(s) for s in spec["cut_shape"])
+        self.main_input_name = str(spec["main_input_name"])
+        self.context_keys = tuple(str(k) for k in spec.get("context_keys", ()))
+        self.input_shape = tuple(int(s) for s in spec["input_shape"])
+        self.input_dtype = getattr(torch, str(spec["input_dtype"]))
+        self.stubs: dict[str, dict] = {str(k): dict(v) for k, v in spec.get("stubs", {}).items()}
+        self.live = _LiveFeature(self.cut_shape)
+        self._install()
+
+    @classmethod
+    def from_model(
+        cls,
         model: nn.Module,
         point: Point | str,
         example_input: ModelInputs | None = None,
         *,
         verify: bool = True,
-    ) -> None:
-        super().__init__()
+    ) -> "SourceTail":
+        """Cut ``model`` (left unchanged; the tail holds a deep copy) at ``point``.
+
+        Args:
+            model: the classifier.
+            point: where to cut (from :func:`~pnc_surgery.find_points`), or a module name.
+            example_input: an input to record shapes on (built from the model's config when omitted).
+            verify: check that the tail reproduces the model's logits on the example (atol 1e-5).
+        """
         backend = backend_for(model)
         inputs = resolve_example_input(model, example_input, backend)
         name = point.name if isinstance(point, Point) else str(point)
-        modules = dict(model.named_modules())
-        if name not in modules or not name:
+        if not name or name not in dict(model.named_modules()):
             raise InvalidInputError(f"{type(model).__name__} has no module {name!r} to cut at")
-        self.model = copy.deepcopy(model).eval()
-        self.cut = name
-        self.backend_family = backend.family
-        self.main_input_name = backend.main_input_name(model)
-        self.context_keys = tuple(k for k in inputs if k != self.main_input_name) if isinstance(inputs, Mapping) else ()
-        main = main_tensor(inputs, self.main_input_name)
-        self.input_shape = tuple(main.shape[1:])
-        self.input_dtype = main.dtype
-
         with eval_mode(model):
             trace = trace_model(model, inputs, backend, keep=lambda n: True)
         cut_call = trace.calls.get(name)
         if cut_call is None or cut_call.output is None:
             raise UnsupportedModelError(f"module {name!r} was not called with a single tensor output; it cannot be cut")
-        self.cut_shape = tuple(cut_call.output.shape[1:])
-        self.live = _LiveFeature(self.cut_shape)
-        self.stubs: dict[str, tuple[int, ...]] = {}
-        self._install(trace, name)
+        main_name = backend.main_input_name(model)
+        main = main_tensor(inputs, main_name)
+        before = trace.completed_before(name)
+        ancestors = {name.rsplit(".", i)[0] for i in range(name.count(".") + 1)}
+        stubs, recorded = {}, {}
+        for module_name, _ in model.named_modules():
+            call = trace.calls.get(module_name)
+            if (
+                module_name
+                and module_name not in ancestors
+                and not any(module_name.startswith(s + ".") for s in stubs)
+                and not module_name.startswith(name + ".")
+                and call is not None
+                and call.output is not None
+                and before(call)
+            ):
+                stubs[module_name] = {"shape": list(call.output.shape[1:]), "dtype": str(call.output.dtype).removeprefix("torch."), "stored": False}
+                recorded[module_name] = call.output[:1]
+        spec = {
+            "family": backend.family,
+            "cut": name,
+            "cut_shape": list(cut_call.output.shape[1:]),
+            "main_input_name": main_name,
+            "context_keys": [k for k in inputs if k != main_name] if isinstance(inputs, Mapping) else [],
+            "input_shape": list(main.shape[1:]),
+            "input_dtype": str(main.dtype).removeprefix("torch."),
+            "stubs": stubs,
+        }
+        tail = cls(copy.deepcopy(model), spec)
         if verify:
-            self._verify(cut_call.output, trace.logits, inputs)
+            context = {k: inputs[k] for k in tail.context_keys}
+            tail._make_exact(cut_call.output, trace.logits, context, recorded)
+        return tail
 
-    def _install(self, trace: Any, cut: str) -> None:
-        """Feed at the cut; stubs on the outermost modules that finished before it."""
-        before = trace.completed_before(cut)
-        copied = dict(self.model.named_modules())
-        ancestors = {cut.rsplit(".", i)[0] for i in range(cut.count(".") + 1)}
-        replaced: list[str] = []
-        for name, module in copied.items():
-            if not name or any(name.startswith(r + ".") for r in replaced):
-                continue
-            call = trace.calls.get(name)
-            if name == cut:
-                module.forward = _Feed(self.live)
-            elif call is not None and name not in ancestors and before(call) and call.output is not None:
-                module.forward = _Stub(module, call.output.shape[1:], call.output.dtype, self.live)
-                self.stubs[name] = tuple(call.output.shape[1:])
-                module.__dict__["_pnc_recorded"] = call.output[:1]
-            else:
-                continue
-            replaced.append(name)
-        kept = {id(p) for n, m in copied.items() if not any(n == r or n.startswith(r + ".") for r in replaced) for p in m.parameters(recurse=False)}
+    @classmethod
+    def from_spec(cls, spec: dict, architecture: dict) -> "SourceTail":
+        """Rebuild a tail's structure from its spec and the source architecture (tensors still to be loaded)."""
+        from .backends import backend_named
+
+        model = backend_named(str(architecture.get("family"))).build(architecture)
+        tail = cls(model, spec)
+        for name, stub in tail.stubs.items():
+            if stub.get("stored"):
+                dtype = getattr(torch, str(stub["dtype"]))
+                tail.model.get_submodule(name).register_buffer(STUB_VALUE_BUFFER, torch.empty(1, *stub["shape"], dtype=dtype, device="meta"))
+        return tail
+
+    def spec(self) -> dict:
+        """JSON description that, with the source architecture, rebuilds this tail's structure."""
+        return {
+            "family": self.family,
+            "cut": self.cut,
+            "cut_shape": list(self.cut_shape),
+            "main_input_name": self.main_input_name,
+            "context_keys": list(self.context_keys),
+            "input_shape": list(self.input_shape),
+            "input_dtype": str(self.input_dtype).removeprefix("torch."),
+            "stubs": self.stubs,
+        }
+
+    def _install(self) -> None:
+        """Feed at the cut; stubs on the listed modules; their tensors shrink to placeholders."""
+        modules = dict(self.model.named_modules())
+        missing = [n for n in [self.cut, *self.stubs] if n not in modules]
+        if missing:
+            raise UnsupportedModelError(f"the source model has no modules {missing}")
+        modules[self.cut].forward = _Feed(self.live)
+        for name, stub in self.stubs.items():
+            modules[name].forward = _Stub(modules[name], stub["shape"], getattr(torch, stub["dtype"]), self.live)
+        replaced = [self.cut, *self.stubs]
+        inside = lambda n: any(n == r or n.startswith(r + ".") for r in replaced)  # noqa: E731
+        kept = {id(p) for n, m in modules.items() if not inside(n) for p in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
         for name in replaced:
-            _shrink(copied[name], kept)
+            _shrink(modules[name], kept)
 
-    def _verify(self, feature: torch.Tensor, expected: torch.Tensor, inputs: ModelInputs) -> None:
-        """Make stubs exact: keep recorded values only where the rest of the model reads them."""
-        context = {k: inputs[k] for k in self.context_keys} if self.context_keys else {}
+    def _make_exact(
+        self, feature: torch.Tensor, expected: torch.Tensor, context: dict, recorded: dict[str, torch.Tensor]
+    ) -> None:
+        """Keep recorded stub values only where the rest of the model reads them (rotary tables, ...)."""
 
         def exact() -> bool:
             with torch.no_grad():
                 return torch.allclose(self(feature, **context), expected, atol=EXACT_ATOL, rtol=1e-4)
 
         if exact():
-            self._forget_recordings()
             return
-        stubbed = [self.model.get_submodule(name) for name in self.stubs]
-        for module in stubbed:
-            module.register_buffer(STUB_VALUE_BUFFER, module.__dict__["_pnc_recorded"])
+        for name, value in recorded.items():
+            self.model.get_submodule(name).register_buffer(STUB_VALUE_BUFFER, value)
+            self.stubs[name]["stored"] = True
         if not exact():
             raise UnsupportedModelError(
                 f"the tail of {type(self.model).__name__} from {self.cut!r} does not reproduce the model's logits; "
                 "this point cannot be cut"
             )
-        for module in stubbed:
+        for name in recorded:
+            module = self.model.get_submodule(name)
             value = module._buffers.pop(STUB_VALUE_BUFFER)
+            self.stubs[name]["stored"] = False
             if not exact():
                 module.register_buffer(STUB_VALUE_BUFFER, value)
-        self._forget_recordings()
-
-    def _forget_recordings(self) -> None:
-        for name in self.stubs:
-            self.model.get_submodule(name).__dict__.pop("_pnc_recorded", None)
+                self.stubs[name]["stored"] = True
 
     def train(self, mode: bool = True) -> "SourceTail":
         """The tail always runs in eval mode (frozen norms, no dropout); gradients still flow."""
@@ -211,21 +265,21 @@ class SourceTail(nn.Module):
         self.model.eval()
         return self
 
-    def dummy_input(self, feature: torch.Tensor) -> torch.Tensor:
+    def _dummy_input(self, feature: torch.Tensor) -> torch.Tensor:
         """A stand-in for the model's data input: only its shape is read before the stubs take over."""
-        self.live.feature = feature
-        shape = self.live.shape_like(self.input_shape) if self.input_dtype.is_floating_point is False else (
-            feature.shape[0],
-            *self.input_shape,
-        )
-        dtype = feature.dtype if self.input_dtype.is_floating_point else self.input_dtype
-        return torch.zeros((), dtype=dtype, device=feature.device).expand(shape)
+        if self.input_dtype.is_floating_point:
+            return torch.zeros((), dtype=feature.dtype, device=feature.device).expand(feature.shape[0], *self.input_shape)
+        shape = self.live.shape_like(self.input_shape)
+        return torch.zeros((), dtype=self.input_dtype, device=feature.device).expand(shape)
 
     def forward(self, feature: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
         """Logits of the model for inputs whose feature at the cut is ``feature``."""
+        if tuple(feature.shape[1:]) != self.cut_shape and self.input_dtype.is_floating_point:
+            raise PatchMismatchError(f"the branch at {self.cut!r} expects features of shape {self.cut_shape}, got {tuple(feature.shape[1:])}")
+        self.live.feature = feature
         try:
-            dummy = self.dummy_input(feature)
-            inputs: ModelInputs = {self.main_input_name: dummy, **context} if self.backend_family == "transformers" else dummy
-            return backend_for(self.model).logits(call_model(self.model, inputs))
+            dummy = self._dummy_input(feature)
+            inputs: ModelInputs = {self.main_input_name: dummy, **context} if self.family == "transformers" else dummy
+            return backend_named(self.family).logits(call_model(self.model, inputs))
         finally:
             self.live.feature = None

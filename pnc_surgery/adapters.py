@@ -1,0 +1,160 @@
+"""Adapters: map the target's feature at the insertion point to what the cloned branch expects at the cut.
+
+Features come in three layouts: spatial maps (``NCHW``, ``NHWC``) and token sequences (``NLC``). Image
+token sequences carry a grid of patch tokens behind a few prefix tokens (cls, distillation, registers). The
+adapter brings its input to a channels-first grid, changes the width with a 1x1 convolution, resamples
+the grid to the branch's size, and writes the branch's layout (learned prefix tokens included). Text
+tokens keep their sequence and only change width. The spec is plain JSON so a patch can rebuild its
+adapter without code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
+from .points import Point
+
+__all__ = ["FeatureSpec", "Adapter", "feature_spec"]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Shape facts about one feature, enough to convert it.
+
+    Attributes:
+        layout: ``"NCHW"``, ``"NHWC"`` or ``"NLC"``.
+        shape: shape without the batch dimension.
+        channels: width (channels or hidden size).
+        grid: spatial grid ``(H, W)`` for maps and image tokens; ``None`` for text tokens.
+        prefix: number of leading non-grid tokens (``NLC`` only).
+    """
+
+    layout: str
+    shape: tuple[int, ...]
+    channels: int
+    grid: tuple[int, int] | None
+    prefix: int = 0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["shape"] = list(self.shape)
+        data["grid"] = list(self.grid) if self.grid else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FeatureSpec":
+        return cls(
+            layout=str(data["layout"]),
+            shape=tuple(int(s) for s in data["shape"]),
+            channels=int(data["channels"]),
+            grid=tuple(int(g) for g in data["grid"]) if data.get("grid") else None,
+            prefix=int(data.get("prefix", 0)),
+        )
+
+
+def feature_spec(point: Point, input_size: tuple[int, int] | None) -> FeatureSpec:
+    """Describe a point's feature; ``input_size`` is the model's image size (``None`` for text)."""
+    grid = point.grid
+    prefix = 0
+    if point.layout == "NLC" and input_size is not None and point.reduction:
+        grid = (input_size[0] // point.reduction, input_size[1] // point.reduction)
+        prefix = point.shape[0] - grid[0] * grid[1]
+        if prefix < 0:
+            grid, prefix = None, 0
+    if point.layout == "NLC" and grid is None and input_size is not None:
+        side = math.isqrt(point.shape[0])
+        if side * side == point.shape[0]:
+            grid = (side, side)
+    return FeatureSpec(layout=point.layout, shape=point.shape, channels=point.width, grid=grid, prefix=prefix)
+
+
+class Adapter(nn.Module):
+    """Trainable map from a target feature (``source``) to a branch input (``dest``).
+
+    Args:
+        source: the target's feature at the insertion point.
+        dest: the branch's feature at the cut.
+        hidden: width of an optional residual bottleneck (``0``: a single 1x1 projection).
+    """
+
+    def __init__(self, source: FeatureSpec, dest: FeatureSpec, hidden: int = 0) -> None:
+        super().__init__()
+        if (source.grid is None) != (dest.grid is None):
+            raise UnsupportedModelError(
+                f"cannot adapt a {source.layout} feature {source.shape} to {dest.layout} {dest.shape}: one is an image "
+                "feature and the other a text token sequence"
+            )
+        self.source, self.dest, self.hidden = source, dest, int(hidden)
+        self.proj = nn.Conv2d(source.channels, dest.channels, kernel_size=1)
+        self.bottleneck = (
+            nn.Sequential(
+                nn.Conv2d(source.channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dest.channels, 1)
+            )
+            if hidden
+            else None
+        )
+        self.prefix = nn.Parameter(torch.zeros(dest.prefix, dest.channels)) if dest.prefix else None
+        self.reset_identity()
+
+    def reset_identity(self) -> None:
+        """Identity where widths match (an untouched feature passes through), small random otherwise."""
+        with torch.no_grad():
+            if self.source.channels == self.dest.channels:
+                self.proj.weight.copy_(torch.eye(self.dest.channels)[:, :, None, None])
+            else:
+                nn.init.normal_(self.proj.weight, std=self.source.channels**-0.5)
+            self.proj.bias.zero_()
+            if self.bottleneck is not None:
+                nn.init.zeros_(self.bottleneck[2].weight)
+                nn.init.zeros_(self.bottleneck[2].bias)
+
+    def spec(self) -> dict:
+        """JSON description from which :meth:`from_spec` rebuilds an adapter of the same shapes."""
+        return {"source": self.source.to_dict(), "dest": self.dest.to_dict(), "hidden": self.hidden}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Adapter":
+        try:
+            return cls(FeatureSpec.from_dict(spec["source"]), FeatureSpec.from_dict(spec["dest"]), int(spec.get("hidden", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInputError(f"invalid adapter spec: {exc}") from None
+
+    def to_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The target feature as (B, C, H, W) (text tokens as (B, C, L, 1)), and its prefix tokens."""
+        layout, spec = self.source.layout, self.source
+        if tuple(x.shape[1:]) != spec.shape and not (layout == "NLC" and spec.grid is None and x.dim() == 3):
+            raise PatchMismatchError(f"adapter expects a feature of shape {spec.shape}, got {tuple(x.shape[1:])}")
+        if layout == "NCHW":
+            return x, None
+        if layout == "NHWC":
+            return x.permute(0, 3, 1, 2), None
+        if spec.grid is None:
+            return x.transpose(1, 2).unsqueeze(-1), None
+        prefix, tokens = x[:, : spec.prefix], x[:, spec.prefix :]
+        return tokens.transpose(1, 2).reshape(x.shape[0], spec.channels, *spec.grid), prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid, _ = self.to_grid(x)
+        y = self.proj(grid)
+        if self.bottleneck is not None:
+            y = y + self.bottleneck(grid)
+        dest = self.dest
+        if dest.grid is not None and tuple(y.shape[-2:]) != dest.grid:
+            if y.shape[-2] >= dest.grid[0] and y.shape[-1] >= dest.grid[1]:
+                y = F.adaptive_avg_pool2d(y, dest.grid)
+            else:
+                y = F.interpolate(y, size=dest.grid, mode="bilinear", align_corners=False)
+        if dest.layout == "NCHW":
+            return y
+        if dest.layout == "NHWC":
+            return y.permute(0, 2, 3, 1)
+        tokens = y.flatten(2).transpose(1, 2)
+        if self.prefix is not None:
+            tokens = torch.cat([self.prefix.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        return tokens
