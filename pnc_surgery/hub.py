@@ -1,0 +1,567 @@
+"""Sharing patches: the model card, pushing to the Hugging Face Hub, and finding a patch folder to load.
+
+A patch on the Hub is a plain model repo holding the three files of :mod:`pnc_surgery.files`. Pushing makes
+exactly one commit of those files (never anything else that happens to lie in the folder); loading downloads
+them through ``huggingface_hub``'s cache, so revisions, tokens, ``HF_HUB_OFFLINE`` and ``local_files_only``
+behave as they do for transformers and timm. Loading reads JSON and safetensors only: a repo or folder that
+holds pickle weights instead of a patch is refused, and so is any path that leads out of the folder it names.
+
+The model card keeps what a person wrote: its generated part sits between two HTML-comment markers and is
+the only text rewritten on the next save or push; outside the markers, and in a card without them, the text
+is kept and only the metadata (``library_name``, ``base_model``, ``tags``) is brought up to date.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Mapping, Sequence
+
+import yaml
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from .errors import InvalidInputError, PatchFormatError
+from .files import CARD_NAME, CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, read_config
+
+__all__ = [
+    "CARD_TAGS",
+    "resolve_patch_folder",
+    "push_folder",
+    "build_model_card",
+    "write_model_card",
+]
+
+CARD_TAGS = ("pnc_surgery", "partial-network-cloning", "model-patch")
+PATCH_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+
+_CARD_START = (
+    "<!-- pnc_surgery:start (generated from patch_config.json: text between these markers is rewritten on every "
+    "save and push; write yours outside them) -->"
+)
+_CARD_START_PREFIX = "<!-- pnc_surgery:start"
+_CARD_END = "<!-- pnc_surgery:end -->"
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def resolve_patch_folder(
+    repo_id_or_dir: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    endpoint: str | None = None,
+) -> Path:
+    """Find the local folder holding a patch's files, downloading them from the Hub if needed.
+
+    A local directory wins over a Hub repo of the same name, as in ``transformers``. Downloads go through the
+    ``huggingface_hub`` cache, so a second call (or one with ``HF_HUB_OFFLINE=1``) reads the cached files.
+
+    Args:
+        repo_id_or_dir: a folder written by ``Patch.save_pretrained`` or a Hub repo id (``"user/name"``).
+        revision: branch, tag or commit of the Hub repo (default ``main``); ignored for a local folder.
+        subfolder: folder inside the repo or directory that holds the patch; must stay inside it.
+        token: Hub token for private or gated repos (default: the logged-in one).
+        cache_dir: Hub cache to use instead of ``HF_HUB_CACHE``.
+        local_files_only: never touch the network; use the cache only.
+        force_download: download again even if the files are cached.
+        endpoint: Hub URL instead of ``HF_ENDPOINT``.
+
+    Returns:
+        A folder with ``patch_config.json`` and ``patch_model.safetensors`` (and ``README.md`` when the patch
+        has one). Files downloaded from the Hub live in the cache's ``snapshots/<commit>/``, all from one commit.
+
+    Raises:
+        PatchFormatError: nothing loadable there (missing, pickle weights, unsafe symlinks, Hub errors).
+        InvalidInputError: ``subfolder`` leaves the repo, or the options contradict each other.
+    """
+    if not isinstance(repo_id_or_dir, (str, os.PathLike)):
+        raise InvalidInputError(f"expected a folder or a Hub repo id, got {type(repo_id_or_dir).__name__}")
+    parts = _subfolder_parts(subfolder)
+    local = Path(repo_id_or_dir)
+    if local.is_dir():
+        folder = local.joinpath(*parts)
+        if not folder.is_dir():
+            raise PatchFormatError(f"{local}: no subfolder {subfolder!r} here")
+        _check_inside(folder, local, what="subfolder")
+        _check_patch_folder(folder)
+        return folder
+    if local.exists():
+        raise PatchFormatError(f"{local} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    repo_id = os.fspath(repo_id_or_dir)
+    if isinstance(repo_id_or_dir, os.PathLike) or not _is_repo_id(repo_id):
+        raise PatchFormatError(f"{repo_id}: no such folder, and not a Hub repo id of the form 'namespace/name'")
+    if force_download and (local_files_only or constants.is_offline_mode()):
+        why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
+        raise InvalidInputError(f"force_download=True needs the network, but {why}")
+    return _download_patch(
+        repo_id,
+        parts,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        force_download=force_download,
+        endpoint=endpoint,
+    )
+
+
+def _client_info() -> dict[str, str]:
+    """How the Hub client names this library in its user agent (imported late: the package imports us)."""
+    from . import __version__
+
+    return {"library_name": "pnc_surgery", "library_version": __version__}
+
+
+def _subfolder_parts(subfolder: str | None) -> tuple[str, ...]:
+    """Split a subfolder into path parts, refusing anything that could leave the repo (POSIX or Windows)."""
+    if subfolder is None or subfolder in ("", "."):
+        return ()
+    if not isinstance(subfolder, str):
+        raise InvalidInputError(f"subfolder must be a string, got {type(subfolder).__name__}")
+    normalized = subfolder.replace("\\", "/")
+    if PurePosixPath(normalized).is_absolute() or PureWindowsPath(subfolder).anchor:
+        raise InvalidInputError(f"subfolder {subfolder!r} is absolute; it must be a path inside the repo")
+    parts = tuple(part for part in normalized.split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise InvalidInputError(f"subfolder {subfolder!r} contains '..'; it must stay inside the repo")
+    return parts
+
+
+def _is_repo_id(text: str) -> bool:
+    """Whether ``text`` is a syntactically valid Hub repo id (no network)."""
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _check_inside(path: Path, root: Path, what: str) -> None:
+    """Refuse ``path`` if, once symlinks are followed, it lies outside ``root``."""
+    resolved, resolved_root = path.resolve(), root.resolve()
+    if not _is_within(resolved, resolved_root):
+        raise PatchFormatError(f"{path}: this {what} resolves to {resolved}, outside {root}; refusing to use it")
+
+
+def _trusted_roots(folder: Path) -> list[Path]:
+    """Where the patch files of ``folder`` may point: the folder itself, and for a Hub cache snapshot
+    (``models--x--y/snapshots/<commit>/...``, as left by ``snapshot_download``) the repo's ``blobs/``."""
+    resolved = folder.resolve()
+    roots = [resolved]
+    for parent in (resolved, *resolved.parents):
+        if parent.name == "snapshots" and (parent.parent / "blobs").is_dir():
+            roots.append(parent.parent / "blobs")
+            break
+    return roots
+
+
+def _check_links(folder: Path, names: Sequence[str]) -> None:
+    """Refuse any of ``folder``'s files ``names`` that is a link leading out of it (e.g. to ``~/.ssh``)."""
+    roots = _trusted_roots(folder)
+    for name in names:
+        path = folder / name
+        if path.is_symlink() or path.exists():
+            target = path.resolve()
+            if not any(_is_within(target, root) for root in roots):
+                raise PatchFormatError(f"{path} is a link to {target}, outside the patch folder; refusing to use it")
+
+
+def _check_patch_folder(folder: Path) -> None:
+    """Check that a local folder holds a patch whose files all stay inside it."""
+    _check_links(folder, PATCH_FILES)
+    if not (folder / CONFIG_NAME).is_file():
+        raise _not_a_patch(str(folder), [p.name for p in folder.iterdir() if p.is_file()])
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise PatchFormatError(f"{folder}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+
+
+def _not_a_patch(where: str, names: Sequence[str]) -> PatchFormatError:
+    """The most helpful error for a place without a patch config, naming pickle weights if there are any."""
+    pickles = sorted(name for name in names if name.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        return PatchFormatError(
+            f"{where}: no {CONFIG_NAME}, but {', '.join(pickles[:5])}: this looks like a pickle checkpoint, "
+            "pnc_surgery loads safetensors only"
+        )
+    listed = f" (it holds: {', '.join(sorted(names)[:8])})" if names else " (it is empty)"
+    return PatchFormatError(f"{where}: no {CONFIG_NAME}{listed}; is this a pnc_surgery patch?")
+
+
+def _download_patch(
+    repo_id: str,
+    parts: tuple[str, ...],
+    *,
+    revision: str | None,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike | None,
+    local_files_only: bool,
+    force_download: bool,
+    endpoint: str | None,
+) -> Path:
+    """Download the patch files from one commit of a Hub repo into the cache; return their snapshot folder."""
+    subfolder = "/".join(parts) or None
+    where = (
+        repo_id
+        + (f" (subfolder {subfolder!r})" if subfolder else "")
+        + (f" at revision {revision!r}" if revision else "")
+    )
+
+    def download(filename: str, rev: str | None) -> Path:
+        """One file into the cache; a file the repo lacks raises RemoteEntryNotFoundError, the rest ours."""
+        try:
+            return Path(
+                hf_hub_download(
+                    repo_id,
+                    filename,
+                    subfolder=subfolder,
+                    revision=rev,
+                    token=token,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    force_download=force_download,
+                    endpoint=endpoint,
+                    **_client_info(),
+                )
+            )
+        except RemoteEntryNotFoundError:
+            raise
+        except (HfHubHTTPError, OSError) as exc:  # LocalEntryNotFoundError is an OSError too
+            raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
+
+    try:
+        config_path = download(CONFIG_NAME, revision)
+    except RemoteEntryNotFoundError as exc:
+        raise _not_a_patch(where, _remote_names(repo_id, parts, revision, token, endpoint)) from exc
+    folder = config_path.parent
+    commit = config_path.parents[len(parts)].name
+    pinned = commit if _COMMIT_HASH.fullmatch(commit) else revision  # the other files must come from the same commit
+    try:
+        weights_path = download(WEIGHTS_NAME, pinned)
+    except RemoteEntryNotFoundError as exc:
+        raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}") from exc
+    try:
+        download(CARD_NAME, pinned)
+    except (RemoteEntryNotFoundError, PatchFormatError):
+        pass  # the card is documentation: a patch without one (or offline without it cached) still loads
+    if weights_path.parent != folder:
+        raise PatchFormatError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} resolved to different commits; retry")
+    return folder
+
+
+def _remote_names(
+    repo_id: str, parts: tuple[str, ...], revision: str | None, token: str | bool | None, endpoint: str | None
+) -> list[str]:
+    """Names of the files directly in the repo's (sub)folder, or ``[]`` when the Hub cannot be asked."""
+    try:
+        info = HfApi(endpoint=endpoint, **_client_info()).model_info(repo_id, revision=revision, token=token)
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
+        return []
+    prefix = "/".join(parts) + "/" if parts else ""
+    names = [s.rfilename[len(prefix) :] for s in info.siblings or [] if s.rfilename.startswith(prefix)]
+    return [name for name in names if "/" not in name]
+
+
+def _explain(exc: BaseException, where: str, local_files_only: bool) -> str:
+    """Turn a ``huggingface_hub`` error into a message that says what to do."""
+    if isinstance(exc, GatedRepoError):
+        return f"{where}: the repo is gated; accept its conditions on the Hub and pass token= (or log in)"
+    if isinstance(exc, RepositoryNotFoundError):
+        return (
+            f"{where}: not a local folder, and no Hub repo of that name was found "
+            "(if it is private, pass token= or log in with `hf auth login`)"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return f"{where}: the Hub repo has no such revision (branch, tag or commit)"
+    if isinstance(exc, LocalEntryNotFoundError):
+        if constants.is_offline_mode():
+            return f"{where}: not found in the local cache and HF_HUB_OFFLINE is set; download it once while online"
+        if local_files_only:
+            return f"{where}: not found in the local cache and local_files_only=True"
+        return f"{where}: the Hub could not be reached and the patch is not in the local cache; check the connection"
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "an error"
+        return f"{where}: the Hub answered {status}: {exc}"
+    return f"{where}: could not download the patch ({type(exc).__name__}: {exc})"
+
+
+# --------------------------------------------------------------------------------------------- pushing
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Upload a saved patch folder to a Hub model repo in one commit, creating the repo if needed.
+
+    Only the patch files are uploaded, whatever else the folder holds. The uploaded card is the repo's
+    existing card (if any, else the folder's) with its metadata and generated part brought up to date, and a
+    loading snippet that names ``repo_id``.
+
+    Args:
+        folder: a folder written by ``Patch.save_pretrained``.
+        repo_id: ``"namespace/name"`` of the model repo.
+        private: visibility of a repo this call creates (an existing repo keeps its own).
+        token: Hub token with write access (default: the logged-in one).
+        revision: branch to commit to (created from ``main`` if missing), or the base of the pull request.
+        create_pr: open a pull request instead of committing to ``revision``.
+        commit_message: summary of the commit (a default names the classes and models).
+        endpoint: Hub URL instead of ``HF_ENDPOINT``.
+
+    Returns:
+        The URL of the pull request when ``create_pr``, else of the commit.
+    """
+    folder = Path(folder)
+    if not isinstance(repo_id, str) or not _is_repo_id(repo_id):
+        raise InvalidInputError(f"repo_id must look like 'namespace/name', got {repo_id!r}")
+    if not folder.is_dir():
+        raise PatchFormatError(f"{folder}: no such folder")
+    _check_patch_folder(folder)  # never upload a file that a link pulls in from elsewhere
+    config = read_config(folder / CONFIG_NAME)
+
+    api = HfApi(endpoint=endpoint, token=token, **_client_info())
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)  # pushing to a new branch just works
+    base = _fetch_remote_card(api, repo_id, revision)
+    if base is None and (folder / CARD_NAME).is_file():
+        base = _load_card(folder / CARD_NAME)
+    card = build_model_card(config, repo_id)
+    if base is not None:
+        card = _merge_cards(base, card)
+
+    operations = [
+        CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=folder / CONFIG_NAME),
+        CommitOperationAdd(path_in_repo=WEIGHTS_NAME, path_or_fileobj=folder / WEIGHTS_NAME),
+        CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode("utf-8")),
+    ]
+    info = api.create_commit(
+        repo_id,
+        operations,
+        commit_message=commit_message or f"Upload pnc_surgery patch: {_summary(config)}",
+        revision=revision,
+        create_pr=create_pr,
+    )
+    return info.pr_url if create_pr and info.pr_url else info.commit_url
+
+
+def _fetch_remote_card(api: HfApi, repo_id: str, revision: str | None) -> ModelCard | None:
+    """The repo's current card, or ``None`` when it has none or it cannot be fetched or parsed."""
+    with tempfile.TemporaryDirectory() as cache:  # do not leave a stale card in the user's cache
+        try:
+            path = hf_hub_download(
+                repo_id, CARD_NAME, revision=revision, token=api.token, cache_dir=cache, endpoint=api.endpoint
+            )
+            return ModelCard.load(path)
+        except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+
+
+# --------------------------------------------------------------------------------------------- model card
+
+
+def build_model_card(config: Mapping[str, Any], repo_id_or_dir: str = "<repo_or_dir>") -> ModelCard:
+    """The model card of a patch, from its config alone.
+
+    Args:
+        config: the patch config (see :mod:`pnc_surgery.files`).
+        repo_id_or_dir: what the loading snippet passes to ``Patch.from_pretrained``.
+    """
+    source, target = _model_id(config, "source"), _model_id(config, "target")
+    base_models = list(dict.fromkeys(i for i in (target, source) if i and "/" in i and _is_repo_id(i)))
+    data = ModelCardData(library_name="pnc_surgery", base_model=base_models or None, tags=list(CARD_TAGS))
+    if base_models:
+        data["base_model_relation"] = "adapter"  # the patch plugs into the target; not a merge of the two
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(config, repo_id_or_dir)}")
+
+
+def write_model_card(folder: Path, config: Mapping[str, Any]) -> None:
+    """Write ``folder/README.md`` for a patch saved in ``folder``, keeping a card that is already there.
+
+    An existing card keeps its text: only its metadata and the generated part between the markers are
+    updated, so notes a person added survive the next ``save_pretrained``.
+    """
+    folder = Path(folder)
+    path = folder / CARD_NAME
+    card = build_model_card(config, folder.as_posix())
+    if path.is_symlink() or path.exists():
+        _check_links(folder, [CARD_NAME])
+        card = _merge_cards(_load_card(path), card)
+    _write_text_atomic(path, str(card))
+
+
+def _load_card(path: Path) -> ModelCard:
+    """Read a local card; one whose metadata cannot be parsed is an error, not something to overwrite."""
+    try:
+        return ModelCard.load(path)
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise PatchFormatError(f"{path}: cannot read the model card's metadata ({exc}); fix or delete it") from None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` in one step (a reader never sees half a card; a link is replaced, not written through)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _merge_cards(existing: ModelCard, fresh: ModelCard) -> ModelCard:
+    """``existing`` with ``fresh``'s metadata merged in and its generated part (if marked) replaced."""
+    data = existing.data
+    data["library_name"] = fresh.data.library_name
+    if fresh.data.base_model:
+        data["base_model"] = fresh.data.base_model
+        data["base_model_relation"] = fresh.data.get("base_model_relation")
+    tags = data.get("tags") or []
+    tags = [tags] if isinstance(tags, str) else list(tags)
+    data["tags"] = tags + [tag for tag in fresh.data.tags or [] if tag not in tags]
+    existing.text = _replace_generated(existing.text, _generated_part(fresh.text))
+    return existing
+
+
+def _generated_part(text: str) -> str:
+    start, end = text.index(_CARD_START_PREFIX), text.index(_CARD_END) + len(_CARD_END)
+    return text[start:end]
+
+
+def _replace_generated(text: str, generated: str) -> str:
+    """Swap the marked part of ``text`` for ``generated``; text without (both) markers is kept as it is."""
+    start, end = text.find(_CARD_START_PREFIX), text.find(_CARD_END)
+    if start < 0 or end < start:
+        return text
+    return text[:start] + generated + text[end + len(_CARD_END) :]
+
+
+def _model_id(config: Mapping[str, Any], key: str) -> str:
+    entry = config.get(key)
+    return str(entry.get("id", "")) if isinstance(entry, Mapping) else ""
+
+
+def _point_name(config: Mapping[str, Any], key: str) -> str:
+    entry = config.get(key)
+    return str(entry.get("name", "")) if isinstance(entry, Mapping) else ""
+
+
+def _class_rows(config: Mapping[str, Any]) -> list[tuple[Any, str]]:
+    classes = config.get("classes")
+    if not isinstance(classes, Mapping):
+        return []
+    ids, names = list(classes.get("ids") or []), list(classes.get("names") or [])
+    return [(ids[i], str(names[i]) if i < len(names) else "") for i in range(len(ids))]
+
+
+def _summary(config: Mapping[str, Any]) -> str:
+    count, source, target = len(_class_rows(config)), _model_id(config, "source"), _model_id(config, "target")
+    return f"{count} class{'es' if count != 1 else ''} of {source or '?'} for {target or '?'}"
+
+
+def _cell(value: Any) -> str:
+    """A value made safe for one Markdown table cell."""
+    if isinstance(value, float):
+        value = f"{value:.4g}"
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ") or " "
+
+
+def _code(value: str) -> str:
+    """Inline code that survives backticks in the value."""
+    return f"`` {value} ``" if "`" in value else f"`{value}`"
+
+
+def _card_body(config: Mapping[str, Any], repo_id_or_dir: str) -> str:
+    source, target = _model_id(config, "source") or "?", _model_id(config, "target") or "?"
+    rows = _class_rows(config)
+    metrics = config.get("metrics") if isinstance(config.get("metrics"), Mapping) else {}
+    lines = [
+        _CARD_START,
+        "",
+        f"# pnc_surgery patch: {_summary(config)}",
+        "",
+        f"This patch adds {len(rows)} classes of the source model {_code(source)} to the target model "
+        f"{_code(target)} by Partial Network Cloning. It copies the part of the source that carries those classes "
+        "(a pruned copy of its blocks after the cut point, their head rows, a small adapter from the target's "
+        "features, and a gate that tells whether an input is one of the new classes) and hooks it onto the target. "
+        "No parameter of the target is changed: attached, the target scores its own classes followed by the cloned "
+        "ones; detached, it is exactly the original model again. Loading needs this patch and the target only, "
+        "never the source model.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import pnc_surgery",
+        f"patch = pnc_surgery.Patch.from_pretrained({json.dumps(repo_id_or_dir)})",
+        "patch.attach(target_model)   # target_model(x) now scores the target's classes followed by the cloned ones",
+        "```",
+        "",
+        f"`target_model` must be {_code(target)} (the same architecture and weights the patch was made for). "
+        "`patch.detach()` removes every hook; `with patch.attached(target_model):` does both.",
+        "",
+        "## Cloned classes",
+        "",
+        "Attached, output `N + i` of the target (N = the number of its own classes) scores cloned class `i`.",
+        "",
+        "| i | source class id | name |",
+        "|---|---|---|",
+        *(f"| {i} | {_cell(class_id)} | {_cell(name)} |" for i, (class_id, name) in enumerate(rows)),
+        "",
+        "## Where the patch connects",
+        "",
+        "| point | model | module |",
+        "|---|---|---|",
+        f"| cut (the cloned part starts after it) | source {_cell(source)} | `{_cell(_point_name(config, 'cut'))}` |",
+        f"| insertion (feeds the cloned part) | target {_cell(target)} | `{_cell(_point_name(config, 'insertion'))}` |",
+        "",
+        "## Metrics",
+        "",
+    ]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|", *(f"| {_cell(k)} | {_cell(v)} |" for k, v in metrics.items())]
+    else:
+        lines.append("No metrics were recorded when this patch was made.")
+    lines += [
+        "",
+        "## Files",
+        "",
+        f"`{CONFIG_NAME}` (JSON, format version {_cell(config.get('format_version', '?'))}, made with pnc_surgery "
+        f"{_cell(config.get('pnc_surgery_version', '?'))}) and `{WEIGHTS_NAME}` (safetensors). "
+        "Nothing is unpickled and no code runs when the patch is loaded.",
+        "",
+        _CARD_END,
+        "",
+    ]
+    return "\n".join(lines)
