@@ -21,11 +21,12 @@ from torch import nn
 from .backends import ModelInputs, backend_for, backend_named
 from .backends.base import call_model, main_tensor
 from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
-from .points import Point, eval_mode, resolve_example_input, trace_model
+from .points import Point, classifier_names, eval_mode, resolve_example_input, trace_model
 
 __all__ = ["SourceTail", "capture_features", "STUB_VALUE_BUFFER"]
 
 STUB_VALUE_BUFFER = "pnc_stub_value"
+OVERRIDABLE_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_channels", "groups", "num_features", "normalized_shape", "num_heads", "hidden_features")
 EXACT_ATOL = 1e-5
 
 
@@ -127,8 +128,14 @@ class SourceTail(nn.Module):
         self.input_shape = tuple(int(s) for s in spec["input_shape"])
         self.input_dtype = getattr(torch, str(spec["input_dtype"]))
         self.stubs: dict[str, dict] = {str(k): dict(v) for k, v in spec.get("stubs", {}).items()}
+        self.classifiers = [str(n) for n in spec.get("classifiers", [])]
+        self.classes = [int(c) for c in spec.get("classes", [])]
+        self.overrides: dict[str, dict] = {}
         self.live = _LiveFeature(self.cut_shape)
         self._install()
+        for name, attrs in dict(spec.get("overrides", {})).items():
+            for attr, value in dict(attrs).items():
+                self.set_attribute(str(name), str(attr), value)
 
     @classmethod
     def from_model(
@@ -184,6 +191,9 @@ class SourceTail(nn.Module):
             "input_shape": list(main.shape[1:]),
             "input_dtype": str(main.dtype).removeprefix("torch."),
             "stubs": stubs,
+            "classifiers": classifier_names(trace, int(trace.logits.shape[-1]), after=cut_call.post),
+            "classes": list(range(int(trace.logits.shape[-1]))),
+            "overrides": {},
         }
         tail = cls(copy.deepcopy(model), spec)
         if verify:
@@ -215,7 +225,34 @@ class SourceTail(nn.Module):
             "input_shape": list(self.input_shape),
             "input_dtype": str(self.input_dtype).removeprefix("torch."),
             "stubs": self.stubs,
+            "classifiers": self.classifiers,
+            "classes": self.classes,
+            "overrides": self.overrides,
         }
+
+    def set_attribute(self, module_name: str, attr: str, value: Any) -> None:
+        """Set a shape attribute of a module (``out_features`` after pruning, ...) and record it for rebuilding."""
+        if attr not in OVERRIDABLE_ATTRIBUTES:
+            raise UnsupportedModelError(f"attribute {attr!r} cannot be recorded; allowed: {OVERRIDABLE_ATTRIBUTES}")
+        if not isinstance(value, (int, list, tuple)) or isinstance(value, bool):
+            raise UnsupportedModelError(f"override {module_name}.{attr} must be an int or a list of ints, got {value!r}")
+        module = self.model.get_submodule(module_name)
+        setattr(module, attr, tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value))
+        self.overrides.setdefault(module_name, {})[attr] = list(value) if isinstance(value, (list, tuple)) else int(value)
+
+    def keep_classes(self, classes: Sequence[int]) -> None:
+        """Keep only the classifier rows of ``classes`` (source class ids, in output order)."""
+        if not self.classifiers:
+            raise UnsupportedModelError(f"no classifier layer was found in {type(self.model).__name__}'s tail")
+        rows = [self.classes.index(int(c)) for c in classes]
+        index = torch.tensor(rows, dtype=torch.long)
+        for name in self.classifiers:
+            module = self.model.get_submodule(name)
+            module.weight = nn.Parameter(module.weight.detach().index_select(0, index.to(module.weight.device)))
+            if module.bias is not None:
+                module.bias = nn.Parameter(module.bias.detach().index_select(0, index.to(module.bias.device)))
+            self.set_attribute(name, "out_features" if isinstance(module, nn.Linear) else "out_channels", len(rows))
+        self.classes = [int(c) for c in classes]
 
     def _install(self) -> None:
         """Feed at the cut; stubs on the listed modules; their tensors shrink to placeholders."""

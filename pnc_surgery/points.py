@@ -23,7 +23,16 @@ from .backends import Backend, ModelInputs, backend_for
 from .backends.base import call_model, main_tensor
 from .errors import InvalidInputError, UnsupportedModelError
 
-__all__ = ["Point", "Trace", "ModuleCall", "find_points", "trace_model", "eval_mode", "resolve_example_input"]
+__all__ = [
+    "Point",
+    "Trace",
+    "ModuleCall",
+    "find_points",
+    "trace_model",
+    "eval_mode",
+    "resolve_example_input",
+    "classifier_names",
+]
 
 LAYOUTS = ("NCHW", "NHWC", "NLC")
 SUBSTITUTION_RTOL = 1e-4
@@ -192,7 +201,7 @@ def trace_model(
     )
 
 
-def _classifier_names(trace: Trace, num_classes: int, after: int) -> list[str]:
+def classifier_names(trace: Trace, num_classes: int, after: int) -> list[str]:
     """Linear / 1x1-conv modules that produce class scores (several for distilled heads)."""
     names = []
     for call in trace.calls.values():
@@ -405,7 +414,7 @@ def _analyse(model: nn.Module, example_input: ModelInputs | None) -> tuple[list[
             if layout is not None:
                 shaped.append((call, layout))
         last_post = max((call.post for call, _ in shaped), default=-1)
-        reference.classifiers = _classifier_names(reference, num_classes, after=last_post)
+        reference.classifiers = classifier_names(reference, num_classes, after=last_post)
         second_inputs = backend.second_input(model, inputs)
         probe = _without_dead_paths(model)
         classifiers = reference.classifiers
