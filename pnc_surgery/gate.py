@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import InvalidInputError
 
-__all__ = ["Gate", "GATE_KINDS", "gate_evidence"]
+__all__ = ["Gate", "GATE_KINDS", "gate_evidence", "evidence_width"]
 
 GATE_KINDS = ("learned", "energy", "none")
 
@@ -37,6 +37,11 @@ def gate_evidence(target_logits: torch.Tensor, branch_logits: torch.Tensor, pool
         [energy_b - energy_t, energy_t, energy_b, confidence_t, confidence_b, target_logits, branch_logits, pooled.float()],
         dim=-1,
     )
+
+
+def evidence_width(num_old: int, num_new: int, pooled: int) -> int:
+    """Length of a :func:`gate_evidence` row."""
+    return 5 + num_old + num_new + pooled
 
 
 class Gate(nn.Module):

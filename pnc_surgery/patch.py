@@ -30,7 +30,7 @@ from .backends import ModelInputs, backend_for
 from .backends.base import main_tensor
 from .branch import SourceTail
 from .errors import InvalidInputError, PatchFormatError, PatchMismatchError, PatchStateError, PncError, UnsupportedModelError
-from .gate import Gate, gate_evidence
+from .gate import Gate, evidence_width, gate_evidence
 from .points import Point, eval_mode, resolve_example_input, trace_model
 
 __all__ = ["Patch", "pool_feature", "target_fingerprint"]
@@ -134,7 +134,6 @@ class Patch(nn.Module):
         target_input = resolve_example_input(target, target_input, target_backend)
         cut_point = _as_point(source, cut, source_input, find_points)
         insertion_point = _as_point(target, insertion, target_input, find_points)
-        architecture = source_backend.architecture(source, **dict(source_kwargs or {}))
         branch = SourceTail.from_model(source, cut_point, source_input)
         all_classes = list(branch.classes)
         classes = list(all_classes if classes is None else classes)
@@ -142,25 +141,49 @@ class Patch(nn.Module):
         if not classes or unknown:
             raise InvalidInputError(f"classes {unknown or classes} are not classes of the source (it has {len(all_classes)})")
         branch.keep_classes(classes)
-        names = list(class_names) if class_names is not None else _class_names(source_backend.class_names(source), classes)
         adapter = Adapter(
             feature_spec(insertion_point, _image_size(target_input, target_backend.main_input_name(target))),
             feature_spec(cut_point, _image_size(source_input, source_backend.main_input_name(source))),
             hidden=adapter_hidden,
         )
-        fingerprint = target_fingerprint(target, insertion_point, target_input)
-        gate_module = Gate(gate, _evidence_width(fingerprint["num_classes"], len(classes), insertion_point.width))
+        return cls.compose(
+            source, target, cut_point, insertion_point, branch, adapter, gate,
+            class_names=class_names, target_input=target_input, source_kwargs=source_kwargs,
+        )
+
+    @classmethod
+    def compose(
+        cls,
+        source: nn.Module,
+        target: nn.Module,
+        cut: Point,
+        insertion: Point,
+        branch: SourceTail,
+        adapter: Adapter,
+        gate: Gate | str,
+        *,
+        class_names: Sequence[str] | None = None,
+        target_input: ModelInputs | None = None,
+        source_kwargs: Mapping[str, Any] | None = None,
+    ) -> "Patch":
+        """A patch from ready parts, with the metadata (source architecture, target fingerprint) filled in."""
+        source_backend = backend_for(source)
+        classes = list(branch.classes)
+        names = list(class_names) if class_names is not None else _class_names(source_backend.class_names(source), classes)
+        fingerprint = target_fingerprint(target, insertion, target_input)
+        if isinstance(gate, str):
+            gate = Gate(gate, evidence_width(fingerprint["num_classes"], len(classes), insertion.width))
         config = {
             "format_version": files.FORMAT_VERSION,
-            "source": {"id": source_backend.identity(source), "architecture": architecture},
-            "cut": cut_point.to_dict(),
+            "source": {"id": source_backend.identity(source), "architecture": source_backend.architecture(source, **dict(source_kwargs or {}))},
+            "cut": cut.to_dict(),
             "target": fingerprint,
-            "insertion": insertion_point.to_dict(),
+            "insertion": insertion.to_dict(),
             "classes": {"ids": [int(c) for c in classes], "names": [str(n) for n in names]},
             "metrics": {},
             "versions": _versions(),
         }
-        return cls(branch, adapter, gate_module, config)
+        return cls(branch, adapter, gate, config)
 
     # ------------------------------------------------------------------ description
     @property
@@ -513,10 +536,6 @@ def _as_point(model: nn.Module, point: Point | str, inputs: ModelInputs, find: A
 def _image_size(inputs: ModelInputs, main_name: str) -> tuple[int, int] | None:
     main = main_tensor(inputs, main_name)
     return (int(main.shape[-2]), int(main.shape[-1])) if main.is_floating_point() and main.dim() == 4 else None
-
-
-def _evidence_width(num_old: int, num_new: int, pooled: int) -> int:
-    return 5 + num_old + num_new + pooled
 
 
 def _class_names(names: list[str] | None, classes: Sequence[int]) -> list[str]:

@@ -1,0 +1,465 @@
+"""``clone(source, target, data)``: Partial Network Cloning, end to end.
+
+1. Check the inputs (models, data, classes) before any training.
+2. Find the source's cut points and the target's insertion points; precompute features at the candidates.
+3. Search (cut, insertion) pairs jointly with successive halving (:mod:`pnc_surgery.search`).
+4. Localize: prune the winning branch to what the cloned classes need (:mod:`pnc_surgery.localize`).
+5. Train adapter and branch: feature matching to the source, distillation of its cloned-class logits.
+6. Fit the gate for locality (:mod:`pnc_surgery.gate`) and package everything as a :class:`Patch`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, feature_spec
+from .backends import backend_for
+from .backends.base import ModelInputs, main_tensor
+from .branch import SourceTail
+from .data import Examples, batches, collect, to_view
+from .errors import InvalidInputError, UnsupportedModelError
+from .gate import GATE_KINDS, Gate, evidence_width
+from .localize import branch_parameters, find_prune_groups, keep_indices, masked, prune, unit_importance
+from .patch import Patch, pool_feature
+from .points import Point, classifier_names, eval_mode, find_points, trace_model
+from .search import Candidate, FitData, evaluate, spread_points, successive_halving, train_candidate
+
+__all__ = ["CloneConfig", "clone"]
+
+
+@dataclass
+class CloneConfig:
+    """How :func:`clone` spends its budget. Defaults suit tens to hundreds of images per class on a CPU."""
+
+    search_positions: bool = True
+    """Search (cut, insertion) pairs jointly; ``False`` cuts at the source's last stage and inserts at the target's (ablation)."""
+    max_cuts: int = 3
+    """Source cut points considered (evenly spaced over the later part of the source)."""
+    max_insertions: int = 3
+    """Target insertion points considered."""
+    cut: str | None = None
+    """Force this source cut point (a module name from ``find_points``)."""
+    insertion: str | None = None
+    """Force this target insertion point."""
+    search_steps: int = 30
+    """Adapter training steps per pair in the first search round (doubled each round for the survivors)."""
+    localize: bool = True
+    """Prune the branch to what the cloned classes need; ``False`` keeps the full source tail (ablation)."""
+    keep_ratio: float | None = None
+    """Fraction of prunable units to keep; ``None`` picks the smallest that keeps local accuracy within ``accuracy_tolerance``."""
+    keep_ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7)
+    """Ratios tried when ``keep_ratio`` is ``None``."""
+    accuracy_tolerance: float = 0.01
+    """Local accuracy (on the clone data) that pruning may cost."""
+    adapter_hidden: int = 0
+    """Width of the adapter's residual bottleneck (0: a single 1x1 projection)."""
+    train_steps: int = 400
+    """Final training steps of the adapter (and branch)."""
+    finetune_branch: bool = True
+    """Also fine-tune the (pruned) branch in the final training, by distillation from the source."""
+    lr: float = 3e-3
+    """Learning rate of the adapter."""
+    branch_lr: float = 1e-3
+    """Peak learning rate of the branch when ``finetune_branch``."""
+    batch_size: int = 64
+    """Mini-batch size for every training loop."""
+    temperature: float = 2.0
+    """Distillation temperature."""
+    feature_weight: float = 1.0
+    """Weight of feature matching (adapter output vs the source's own feature at the cut)."""
+    gate: str = "auto"
+    """``"auto"`` (learned with replay data, energy threshold without), ``"learned"``, ``"energy"`` or ``"none"`` (ablation)."""
+    max_false_positive_rate: float = 0.01
+    """Share of held-out replay inputs the gate may send to a cloned class."""
+    heldout_fraction: float = 0.2
+    """Share of the clone data kept out of training to score the search and report accuracy."""
+    feature_batch_size: int = 128
+    """Batch size for feature extraction."""
+    source_kwargs: dict[str, Any] = field(default_factory=dict)
+    """timm ``create_model`` kwargs of the source when they cannot be inferred (see ``backends.timm.create_model``)."""
+
+    def __post_init__(self) -> None:
+        if self.gate not in ("auto", *GATE_KINDS):
+            raise InvalidInputError(f"gate must be 'auto' or one of {GATE_KINDS}, got {self.gate!r}")
+        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
+            raise InvalidInputError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if not 0 < self.heldout_fraction < 1:
+            raise InvalidInputError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        for name in ("max_cuts", "max_insertions", "batch_size", "train_steps", "search_steps"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be at least 1")
+
+
+def _num_classes(model: nn.Module, inputs: ModelInputs) -> int:
+    backend = backend_for(model)
+    count = backend.num_classes(model)
+    if count is None:
+        with eval_mode(model):
+            count = int(trace_model(model, inputs, backend).logits.shape[-1])
+    return count
+
+
+def _expected_image(model: nn.Module) -> tuple[int, tuple[int, int]] | None:
+    backend = backend_for(model)
+    try:
+        example = main_tensor(backend.example_input(model, batch_size=1), backend.main_input_name(model))
+    except (UnsupportedModelError, InvalidInputError):
+        return None
+    if example.dim() != 4 or not example.is_floating_point():
+        return None
+    return int(example.shape[1]), (int(example.shape[2]), int(example.shape[3]))
+
+
+def _call_inputs(model: nn.Module, inputs: ModelInputs) -> ModelInputs:
+    """Data inputs in the form the model is called with (transformers take keywords)."""
+    backend = backend_for(model)
+    if backend.family == "transformers" and isinstance(inputs, torch.Tensor):
+        return {backend.main_input_name(model): inputs}
+    return inputs
+
+
+def _runs_on(model: nn.Module, inputs: ModelInputs) -> str | None:
+    try:
+        with eval_mode(model), torch.no_grad():
+            backend = backend_for(model)
+            backend.logits(model(**inputs) if isinstance(inputs, dict) else model(inputs))
+    except Exception as exc:  # any failure here means "this model cannot take these inputs"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _source_view(source: nn.Module, sample: ModelInputs) -> tuple[int, tuple[int, int]] | None:
+    """How clone images must be resized for the source (``None``: they fit as they are)."""
+    if _runs_on(source, _call_inputs(source, sample)) is None:
+        return None
+    expected = _expected_image(source)
+    if expected is not None and _runs_on(source, _call_inputs(source, to_view(sample, *expected))) is None:
+        return expected
+    shape = tuple(main_tensor(sample, "input_ids").shape[1:]) if isinstance(sample, dict) else tuple(sample.shape[1:])
+    raise InvalidInputError(
+        f"the source ({type(source).__name__}) cannot run on the clone data (inputs of shape {shape}"
+        + (f"; it expects {expected}" if expected else "")
+        + f"): {_runs_on(source, _call_inputs(source, sample))}"
+    )
+
+
+@torch.no_grad()
+def _extract(
+    model: nn.Module, names: Sequence[str], examples: Examples, batch_size: int, view: Any, desc: str, progress: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Features at ``names`` and logits for every example (eval mode, batched)."""
+    backend = backend_for(model)
+    wanted = set(names)
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    logits = []
+    total = (len(examples) + batch_size - 1) // batch_size
+    with eval_mode(model):
+        for batch in tqdm(batches(examples, batch_size), total=total, desc=desc, disable=not progress, leave=False):
+            inputs = _call_inputs(model, to_view(batch.inputs, *view) if view else batch.inputs)
+            trace = trace_model(model, inputs, backend, keep=wanted.__contains__)
+            for name in names:
+                features[name].append(trace.calls[name].output)
+            logits.append(trace.logits.float())
+    return {name: torch.cat(parts) for name, parts in features.items()}, torch.cat(logits)
+
+
+def _with_blocks_after(model: nn.Module, points: list[Point], inputs: ModelInputs, min_share: float = 0.02) -> list[Point]:
+    """Points that leave source blocks in the branch: a cut after the last block would clone only head rows.
+
+    A tail must hold at least ``min_share`` of the model's parameters besides the classifier.
+    """
+    backend = backend_for(model)
+    with eval_mode(model):
+        trace = trace_model(model, inputs, backend)
+    head = set(classifier_names(trace, int(trace.logits.shape[-1]), after=-1))
+    total = sum(p.numel() for p in model.parameters())
+    leaves = [c for c in trace.calls.values() if not any(True for _ in c.module.children()) and c.name not in head]
+    kept = []
+    for point in points:
+        cut_post = trace.calls[point.name].post
+        after = sum(p.numel() for c in leaves if c.pre > cut_post for p in c.module.parameters(recurse=False))
+        if after >= min_share * total:
+            kept.append(point)
+    if not kept:
+        raise UnsupportedModelError(f"{type(model).__name__} has no cut point with source blocks after it")
+    return kept
+
+
+def _last_stage(points: Sequence[Point]) -> Point:
+    """The last point whose shape differs from the final one: where the last stage starts."""
+    final = points[-1].shape
+    for point in reversed(points):
+        if point.shape != final:
+            return point
+    return points[len(points) // 2]
+
+
+def _stratified_split(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    fit, held = [], []
+    for value in labels.unique():
+        index = (labels == value).nonzero().flatten()
+        index = index[torch.randperm(len(index), generator=generator)]
+        count = int(round(fraction * len(index))) if len(index) > 1 else 0
+        count = min(max(count, 1 if len(index) > 2 else 0), len(index) - 1)
+        held.append(index[:count])
+        fit.append(index[count:])
+    return torch.cat(fit).sort().values, torch.cat(held).sort().values
+
+
+def clone(
+    source: nn.Module,
+    target: nn.Module,
+    data: Any,
+    *,
+    classes: Sequence[int] | None = None,
+    replay: Any = None,
+    config: CloneConfig | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Patch:
+    """Clone classes of ``source`` into ``target`` as a :class:`Patch` (neither model is modified).
+
+    Args:
+        source: classifier that knows the classes to clone (timm or transformers, to save the patch).
+        target: classifier that gains them.
+        data: labelled examples of the classes to clone (``Dataset``, ``DataLoader`` or iterable of
+            ``(x, y)``; ``y`` are source class ids). Images are in the target's input format; they are
+            resized for the source when it expects another size.
+        classes: source class ids to clone, in output order (default: the classes present in ``data``).
+        replay: optional target-domain inputs (with or without labels) that help the gate protect the
+            target's own answers.
+        config: budgets and ablations (:class:`CloneConfig`).
+        seed: makes the whole run reproducible.
+        progress: show progress bars.
+
+    Returns:
+        The patch; ``patch.attach(target)`` adds the cloned classes after the target's own.
+    """
+    config = config or CloneConfig()
+    started = time.perf_counter()
+    for role, model in (("source", source), ("target", target)):
+        if not isinstance(model, nn.Module):
+            raise InvalidInputError(f"{role} must be a torch.nn.Module classifier, got {type(model).__name__}")
+    examples = collect(data, "data")
+    sample = examples.select(torch.arange(min(2, len(examples))))
+    target_error = _runs_on(target, _call_inputs(target, sample.inputs))
+    if target_error:
+        shape = tuple(main_tensor(sample.inputs, "input_ids").shape[1:]) if isinstance(sample.inputs, dict) else tuple(sample.inputs.shape[1:])
+        raise InvalidInputError(f"the target ({type(target).__name__}) cannot run on the clone data (inputs of shape {shape}): {target_error}")
+    view = _source_view(source, sample.inputs)
+    source_sample = _call_inputs(source, to_view(sample.inputs, *view) if view else sample.inputs)
+    num_source_classes = _num_classes(source, source_sample)
+    labels = examples.labels
+    bad = labels[(labels < 0) | (labels >= num_source_classes)].unique().tolist()
+    if bad:
+        raise InvalidInputError(f"labels {bad} are not classes of the source, which has {num_source_classes} classes")
+    present = sorted(labels.unique().tolist())
+    classes = list(present if classes is None else classes)
+    if not classes:
+        raise InvalidInputError("classes is empty: name at least one source class to clone")
+    if len(set(classes)) != len(classes):
+        raise InvalidInputError(f"classes has duplicates: {classes}")
+    outside = [c for c in classes if not 0 <= int(c) < num_source_classes]
+    missing = [c for c in classes if c not in present]
+    if outside or missing:
+        raise InvalidInputError(
+            f"classes {outside or missing} " + ("are not classes of the source" if outside else f"have no examples in data (it has {present})")
+        )
+    keep = torch.isin(labels, torch.tensor(classes))
+    examples = examples.select(keep.nonzero().flatten())
+    local_labels = torch.tensor([classes.index(int(y)) for y in examples.labels])
+    replay_examples = collect(replay, "replay", labelled=False) if replay is not None else None
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        patch = _clone(
+            source, target, examples, local_labels, classes, replay_examples, view, source_sample,
+            _call_inputs(target, sample.inputs), config, generator, progress,
+        )
+    patch.metrics["clone_seconds"] = round(time.perf_counter() - started, 2)
+    patch.metrics["seed"] = seed
+    patch.config["clone_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+    return patch
+
+
+def _clone(
+    source: nn.Module,
+    target: nn.Module,
+    examples: Examples,
+    labels: torch.Tensor,
+    classes: list[int],
+    replay: Examples | None,
+    view: Any,
+    source_sample: ModelInputs,
+    target_sample: ModelInputs,
+    config: CloneConfig,
+    generator: torch.Generator,
+    progress: bool,
+) -> Patch:
+    metrics: dict[str, Any] = {"clone_examples": len(examples), "cloned_classes": len(classes)}
+    source_points = _with_blocks_after(source, find_points(source, source_sample), source_sample)
+    target_points = find_points(target, target_sample)
+    source_size = _image_size(source_sample)
+    target_size = _image_size(target_sample)
+    if config.cut or config.insertion:
+        cuts = [_named(source_points, config.cut, "source")] if config.cut else spread_points(source_points, config.max_cuts)
+        insertions = [_named(target_points, config.insertion, "target")] if config.insertion else spread_points(target_points, config.max_insertions)
+    elif config.search_positions:
+        cuts, insertions = spread_points(source_points, config.max_cuts), spread_points(target_points, config.max_insertions)
+    else:
+        cuts, insertions = [_last_stage(source_points)], [_last_stage(target_points)]
+    pairs = [
+        (c, p) for c in cuts for p in insertions
+        if (feature_spec(c, source_size).grid is None) == (feature_spec(p, target_size).grid is None)
+    ]
+    if not pairs:
+        raise UnsupportedModelError("no (cut, insertion) pair is compatible: one model works on images and the other on text")
+
+    target_features, target_logits = _extract(
+        target, sorted({p.name for _, p in pairs}), examples, config.feature_batch_size, None, "pnc: target features", progress
+    )
+    source_features, source_logits = _extract(
+        source, sorted({c.name for c, _ in pairs}), examples, config.feature_batch_size, view, "pnc: source features", progress
+    )
+    teacher = source_logits[:, classes]
+    metrics["source_local_accuracy"] = round(float((teacher.argmax(-1) == labels).float().mean()), 4)
+    context = {}
+    if isinstance(examples.inputs, dict):
+        context = {k: v for k, v in examples.inputs.items() if k == "attention_mask"}
+    fit_index, held_index = _stratified_split(labels, config.heldout_fraction, generator)
+    if len(held_index) == 0:
+        held_index = fit_index
+
+    branches: dict[str, SourceTail] = {}
+    for cut in {c.name: c for c, _ in pairs}.values():
+        branch = SourceTail.from_model(source, cut, source_sample)
+        branch.keep_classes(classes)
+        for parameter in branch.parameters():
+            parameter.requires_grad_(False)
+        branches[cut.name] = branch
+    candidates = [
+        Candidate(c, p, branches[c.name], Adapter(feature_spec(p, target_size), feature_spec(c, source_size), config.adapter_hidden))
+        for c, p in pairs
+    ]
+
+    def rows(candidate: Candidate, index: torch.Tensor) -> FitData:
+        return FitData(
+            target_features[candidate.insertion.name][index],
+            source_features[candidate.cut.name][index],
+            teacher[index],
+            labels[index],
+            {k: v[index] for k, v in context.items()},
+        )
+
+    train_kwargs = dict(lr=config.lr, batch_size=config.batch_size, temperature=config.temperature, feature_weight=config.feature_weight)
+    if len(candidates) > 1:
+        winner, ranking = successive_halving(
+            candidates, lambda c: rows(c, fit_index), lambda c: rows(c, held_index),
+            first_steps=config.search_steps, generator=generator, progress=progress, **train_kwargs,
+        )
+    else:
+        winner, ranking = candidates[0], [candidates[0].record()]
+    metrics.update(cut=winner.cut.name, insertion=winner.insertion.name, pairs_searched=len(candidates))
+
+    branch = winner.branch
+    full_params = branch_parameters(branch)
+    cut_features = source_features[winner.cut.name]
+    branch_data = [
+        (cut_features[b], labels[b], {k: v[b] for k, v in context.items()})
+        for b in torch.arange(len(labels)).split(config.batch_size)
+    ]
+    metrics["branch_local_accuracy"] = round(_branch_accuracy(branch, branch_data), 4)
+    ratio = 1.0
+    if config.localize:
+        ratio = _localize(branch, branch_data, config, metrics, progress)
+    metrics["kept_ratio"] = round(branch_parameters(branch) / max(full_params, 1), 4)
+    metrics["branch_parameters"] = branch_parameters(branch)
+    metrics["unpruned_branch_parameters"] = full_params
+    metrics["prune_keep_ratio"] = ratio
+
+    fit = rows(winner, fit_index)
+    with tqdm(total=config.train_steps, desc="pnc: train adapter + branch", disable=not progress, leave=False) as bar:
+        train_candidate(
+            winner, fit, config.train_steps, generator=generator, progress=bar.update,
+            branch_lr=config.branch_lr if config.finetune_branch else 0.0, **train_kwargs,
+        )
+    accuracy, _ = evaluate(winner, rows(winner, held_index), config.temperature, config.feature_weight)
+    metrics["heldout_local_accuracy"] = round(accuracy, 4)
+
+    kind = config.gate if config.gate != "auto" else ("learned" if replay is not None else "energy")
+    insertion = winner.insertion
+    gate = Gate(kind, evidence_width(target_logits.shape[1], len(classes), insertion.width))
+    patch = Patch.compose(source, target, winner.cut, insertion, branch, winner.adapter, gate, target_input=target_sample, source_kwargs=config.source_kwargs or None)
+    patch.eval()
+    positives = _evidence(patch, target_features[insertion.name], target_logits, context)
+    negatives = None
+    if replay is not None:
+        replay_features, replay_logits = _extract(target, [insertion.name], replay, config.feature_batch_size, None, "pnc: replay features", progress)
+        replay_context = {k: v for k, v in replay.inputs.items() if k == "attention_mask"} if isinstance(replay.inputs, dict) else {}
+        negatives = _evidence(patch, replay_features[insertion.name], replay_logits, replay_context)
+    metrics.update(gate.fit(positives, negatives, max_false_positive_rate=config.max_false_positive_rate))
+    patch.config["search"] = ranking
+    patch.metrics.update(metrics)
+    return patch
+
+
+@torch.no_grad()
+def _evidence(patch: Patch, features: torch.Tensor, logits: torch.Tensor, context: dict, batch_size: int = 256) -> torch.Tensor:
+    rows = []
+    for index in torch.arange(len(features)).split(batch_size):
+        rows.append(patch.evidence(features[index], logits[index], **{k: v[index] for k, v in context.items()}))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def _branch_accuracy(branch: SourceTail, data: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> float:
+    correct = sum(int((branch(f, **c).argmax(-1) == y).sum()) for f, y, c in data)
+    return correct / max(sum(len(y) for _, y, _ in data), 1)
+
+
+def _localize(branch: SourceTail, data: list, config: CloneConfig, metrics: dict, progress: bool) -> float:
+    """Prune ``branch`` in place; returns the keep ratio used."""
+    probe_feature, _, probe_context = data[0]
+    groups = find_prune_groups(branch, probe_feature[:8], {k: v[:8] for k, v in probe_context.items()})
+    metrics["prune_groups"] = len(groups)
+    if not groups:
+        return 1.0
+    for parameter in branch.parameters():
+        parameter.requires_grad_(True)
+    scores = unit_importance(branch, groups, data)
+    for parameter in branch.parameters():
+        parameter.requires_grad_(False)
+    baseline = _branch_accuracy(branch, data)
+    ratio = config.keep_ratio
+    if ratio is None:
+        ratio = 1.0
+        for candidate in tqdm(sorted(config.keep_ratios), desc="pnc: localize", disable=not progress, leave=False):
+            with masked(branch, keep_indices(groups, scores, candidate)):
+                accuracy = _branch_accuracy(branch, data)
+            if accuracy >= baseline - config.accuracy_tolerance:
+                ratio = candidate
+                break
+    if ratio < 1.0:
+        prune(branch, groups, keep_indices(groups, scores, ratio))
+    metrics["pruned_branch_local_accuracy"] = round(_branch_accuracy(branch, data), 4)
+    return ratio
+
+
+def _named(points: Sequence[Point], name: str, role: str) -> Point:
+    for point in points:
+        if point.name == name:
+            return point
+    raise InvalidInputError(f"{name!r} is not a {role} point; points: {[p.name for p in points]}")
+
+
+def _image_size(inputs: ModelInputs) -> tuple[int, int] | None:
+    main = inputs if isinstance(inputs, torch.Tensor) else next((v for v in inputs.values() if v.is_floating_point()), None)
+    if main is None or main.dim() != 4:
+        return None
+    return int(main.shape[-2]), int(main.shape[-1])

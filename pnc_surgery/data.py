@@ -1,0 +1,127 @@
+"""Clone data: turn what the user passes into tensors, check it before any training starts.
+
+``data`` may be a ``Dataset``, a ``DataLoader`` or any iterable of ``(x, y)`` pairs or batches; ``x`` is an
+image tensor or (for text models) a mapping of keyword tensors such as ``input_ids`` and
+``attention_mask``. Clone data is small (tens to hundreds of examples per class), so it is held in memory.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .backends import ModelInputs
+from .errors import InvalidInputError
+
+__all__ = ["Examples", "collect", "batches", "to_view"]
+
+
+@dataclass
+class Examples:
+    """Inputs and (optional) labels, held as tensors."""
+
+    inputs: ModelInputs
+    labels: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return int(_first(self.inputs).shape[0])
+
+    def select(self, index: torch.Tensor) -> "Examples":
+        return Examples(_index(self.inputs, index), None if self.labels is None else self.labels[index])
+
+
+def _first(inputs: ModelInputs) -> torch.Tensor:
+    return inputs if isinstance(inputs, torch.Tensor) else next(iter(inputs.values()))
+
+
+def _index(inputs: ModelInputs, index: torch.Tensor | slice) -> ModelInputs:
+    if isinstance(inputs, torch.Tensor):
+        return inputs[index]
+    return {k: v[index] for k, v in inputs.items()}
+
+
+def _as_batch(x: Any) -> ModelInputs:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, Mapping) and all(isinstance(v, torch.Tensor) for v in x.values()):
+        return dict(x)
+    raise InvalidInputError(f"inputs must be tensors or mappings of tensors, got {type(x).__name__}")
+
+
+def collect(data: Any, what: str = "data", labelled: bool = True) -> Examples:
+    """Gather ``data`` into one :class:`Examples`.
+
+    Single examples (an image ``(C, H, W)`` with an int label) and batches (``(B, C, H, W)`` with ``(B,)``
+    labels, as a ``DataLoader`` yields) are both accepted.
+
+    Raises:
+        InvalidInputError: empty data, unlabelled data where labels are needed, or mixed shapes.
+    """
+    if data is None:
+        raise InvalidInputError(f"{what} is None")
+    if isinstance(data, Examples):
+        return data
+    if not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
+        raise InvalidInputError(f"{what} must be a Dataset, DataLoader or iterable of (x, y), got {type(data).__name__}")
+    xs, ys = [], []
+    items: Iterable = data if isinstance(data, Iterable) else (data[i] for i in range(len(data)))
+    for item in items:
+        if isinstance(item, (tuple, list)) and len(item) >= 2:
+            x, y = item[0], item[1]
+        elif labelled:
+            raise InvalidInputError(f"{what} must yield (x, y) pairs with y the source's class ids")
+        else:
+            x, y = (item[0] if isinstance(item, (tuple, list)) else item), None
+        xs.append(_as_batch(x))
+        ys.append(None if y is None else torch.as_tensor(y))
+    if not xs:
+        raise InvalidInputError(f"{what} is empty")
+    single = _first(xs[0]).dim() in (1, 3) if isinstance(xs[0], torch.Tensor) else _first(xs[0]).dim() == 1
+    try:
+        if single:
+            inputs = torch.stack(xs) if isinstance(xs[0], torch.Tensor) else {k: torch.stack([x[k] for x in xs]) for k in xs[0]}
+            labels = torch.stack([y.reshape(()) for y in ys]) if ys[0] is not None else None
+        else:
+            inputs = torch.cat(xs) if isinstance(xs[0], torch.Tensor) else {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
+            labels = torch.cat([y.reshape(-1) for y in ys]) if ys[0] is not None else None
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"{what} holds inputs of different shapes or kinds: {exc}") from None
+    if labels is not None:
+        if labels.is_floating_point() or labels.dim() != 1:
+            raise InvalidInputError(f"{what} labels must be integer class ids, got {labels.dtype} of shape {tuple(labels.shape)}")
+        labels = labels.long()
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+        inputs = inputs.float()
+    return Examples(inputs, labels)
+
+
+def batches(examples: Examples, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Examples]:
+    """Mini-batches of ``examples`` (shuffled when a generator is given)."""
+    count = len(examples)
+    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    for start in range(0, count, batch_size):
+        yield examples.select(order[start : start + batch_size])
+
+
+def to_view(inputs: ModelInputs, channels: int | None, size: Sequence[int] | None) -> ModelInputs:
+    """Images resized and channel-matched for a model that expects ``(channels, *size)``.
+
+    Grey images are repeated to three channels and colour images averaged to one; sizes are resampled
+    bilinearly. Text inputs pass unchanged.
+    """
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4 or not inputs.is_floating_point():
+        return inputs
+    x = inputs
+    if channels is not None and x.shape[1] != channels:
+        if x.shape[1] == 1:
+            x = x.expand(-1, channels, -1, -1)
+        elif channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        else:
+            raise InvalidInputError(f"images have {x.shape[1]} channels; the model expects {channels}")
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x

@@ -1,0 +1,243 @@
+"""Localization: prune the cloned branch to what the cloned classes need.
+
+The branch is the source tail with only the cloned classes' head rows left, but its hidden units still
+serve every source class. Localization removes the hidden units that the *local* task (telling the cloned
+classes apart, measured on the clone data only) does not need, and makes the tensors physically smaller.
+
+Prunable units come in *groups*: a producer (``Linear`` or ``Conv2d``) whose output channels pass only
+through per-channel modules (norms, activations, dropout, depthwise convs) into one consumer (``Linear`` /
+``Conv2d``): MLP hidden units of transformer blocks, the inner channels of residual bottlenecks. Residual
+stream widths are never touched. Groups are discovered from the execution order of the branch's leaf
+modules and each one is *proved*: pruning it physically must give exactly what zeroing its channels at
+the consumer gives. Units are ranked by first-order Taylor importance of the local loss, and every group
+keeps the same fraction of its units.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .branch import SourceTail
+from .points import trace_model
+
+__all__ = ["PruneGroup", "find_prune_groups", "unit_importance", "keep_indices", "masked", "prune", "branch_parameters"]
+
+
+@dataclass
+class PruneGroup:
+    """One set of prunable hidden units: producer -> per-channel modules -> consumer."""
+
+    producer: str
+    passthrough: list[str]
+    consumer: str
+    size: int
+
+
+def branch_parameters(branch: SourceTail) -> int:
+    """Parameters the branch holds (stub placeholders are empty)."""
+    return sum(p.numel() for p in branch.parameters())
+
+
+def _channel_width(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return module.out_channels
+    return None
+
+
+def _consumes(module: nn.Module, width: int) -> bool:
+    if isinstance(module, nn.Linear):
+        return module.in_features == width
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.in_channels == width
+
+
+def _passes_through(module: nn.Module, width: int) -> bool:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features == width
+    if isinstance(module, nn.Conv2d):
+        return module.groups == module.in_channels == module.out_channels == width
+    return not any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.children())
+
+
+def _leaf_order(branch: SourceTail, feature: torch.Tensor, context: dict) -> list[tuple[str, nn.Module, tuple]]:
+    """Leaf modules of the branch's model in call order, with their output shapes."""
+    inputs = {"feature": feature, **context}
+    trace = trace_model(branch, inputs, keep=lambda name: True)
+    prefix = "model."
+    leaves = []
+    for call in sorted(trace.calls.values(), key=lambda c: c.pre):
+        if not call.name.startswith(prefix) or any(True for _ in call.module.children()) or call.output is None:
+            continue
+        name = call.name[len(prefix):]
+        if name in branch.stubs or name == branch.cut or any(name.startswith(s + ".") for s in [*branch.stubs, branch.cut]):
+            continue
+        leaves.append((name, call.module, tuple(call.output.shape)))
+    return leaves
+
+
+def find_prune_groups(branch: SourceTail, feature: torch.Tensor, context: dict | None = None) -> list[PruneGroup]:
+    """Producer -> per-channel -> consumer chains of the branch, each proved exact by a physical-vs-mask test.
+
+    Args:
+        branch: the branch (classifier rows already selected).
+        feature: a small batch of features at the cut (to trace and to prove groups on).
+        context: keyword inputs of the branch (attention masks).
+    """
+    context = dict(context or {})
+    leaves = _leaf_order(branch, feature, context)
+    skip = set(branch.classifiers)
+    groups = []
+    for i, (name, module, shape) in enumerate(leaves):
+        width = _channel_width(module)
+        if width is None or name in skip or width < 4:
+            continue
+        passthrough = []
+        for next_name, next_module, next_shape in leaves[i + 1 :]:
+            if _consumes(next_module, width) and next_name not in skip:
+                groups.append(PruneGroup(name, passthrough, next_name, width))
+                break
+            if next_shape != shape or not _passes_through(next_module, width):
+                break
+            if any(True for _ in next_module.parameters(recurse=False)):
+                passthrough.append(next_name)
+    return [g for g in groups if _proves_exact(branch, g, feature, context)]
+
+
+def _proves_exact(branch: SourceTail, group: PruneGroup, feature: torch.Tensor, context: dict) -> bool:
+    keep = torch.arange(group.size)[torch.arange(group.size) % 4 != 1]
+    with torch.no_grad(), masked(branch, {group.consumer: keep}):
+        expected = branch(feature, **context)
+    twin = copy.deepcopy(branch)
+    try:
+        _slice_group(twin, group, keep)
+        with torch.no_grad():
+            got = twin(feature, **context)
+    except (RuntimeError, ValueError):
+        return False
+    return got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+class masked:
+    """Context manager: zero the consumer inputs of every unit not in ``keep`` (a mask, no weights changed)."""
+
+    def __init__(self, branch: SourceTail, keep: dict[str, torch.Tensor]) -> None:
+        self.branch, self.keep, self.handles = branch, keep, []
+
+    def __enter__(self) -> "masked":
+        for consumer, kept in self.keep.items():
+            module = self.branch.model.get_submodule(consumer)
+            axis = 1 if isinstance(module, nn.Conv2d) else -1
+            width = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+            mask = torch.zeros(width)
+            mask[kept] = 1.0
+
+            def hook(mod: nn.Module, args: tuple, mask: torch.Tensor = mask, axis: int = axis) -> tuple:
+                x = args[0]
+                shape = [1] * x.dim()
+                shape[axis] = -1
+                return (x * mask.to(x).view(shape), *args[1:])
+
+            self.handles.append(module.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def unit_importance(
+    branch: SourceTail,
+    groups: Sequence[PruneGroup],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor, dict]],
+) -> dict[str, torch.Tensor]:
+    """First-order Taylor importance |sum(a * dL/da)| of each unit, on the local loss (cross-entropy over the cloned classes).
+
+    Args:
+        batches: ``(feature at the cut, label index among the cloned classes, context)``.
+    """
+    scores = {g.consumer: torch.zeros(g.size) for g in groups}
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for group in groups:
+        module = branch.model.get_submodule(group.consumer)
+
+        def hook(mod: nn.Module, args: tuple, name: str = group.consumer) -> None:
+            if args[0].requires_grad:
+                args[0].retain_grad()
+            captured[name] = args[0]
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        for feature, labels, context in batches:
+            captured.clear()
+            feature = feature.detach().requires_grad_(True)
+            loss = F.cross_entropy(branch(feature, **context), labels)
+            branch.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in groups:
+                act = captured[group.consumer]
+                if act.grad is None:
+                    continue
+                module = branch.model.get_submodule(group.consumer)
+                axis = 1 if isinstance(module, nn.Conv2d) else act.dim() - 1
+                dims = [d for d in range(act.dim()) if d != axis]
+                scores[group.consumer] += (act * act.grad).sum(dim=dims).abs().detach().float().cpu()
+    finally:
+        for handle in handles:
+            handle.remove()
+        branch.zero_grad(set_to_none=True)
+    return scores
+
+
+def keep_indices(groups: Sequence[PruneGroup], scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+    """The most important ``ratio`` of each group's units (at least one), in their original order."""
+    kept = {}
+    for group in groups:
+        count = max(1, round(ratio * group.size))
+        top = torch.topk(scores[group.consumer], count).indices
+        kept[group.consumer] = torch.sort(top).values
+    return kept
+
+
+def _slice(module: nn.Module, attr: str, index: torch.Tensor, dim: int) -> None:
+    tensor = getattr(module, attr, None)
+    if tensor is None:
+        return
+    sliced = tensor.detach().index_select(dim, index.to(tensor.device)).clone()
+    if isinstance(tensor, nn.Parameter):
+        setattr(module, attr, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
+    else:
+        module._buffers[attr] = sliced
+
+
+def _slice_group(branch: SourceTail, group: PruneGroup, keep: torch.Tensor) -> None:
+    """Physically remove the units of ``group`` not in ``keep``; record the new shape attributes."""
+    count = len(keep)
+    producer = branch.model.get_submodule(group.producer)
+    _slice(producer, "weight", keep, 0)
+    _slice(producer, "bias", keep, 0)
+    branch.set_attribute(group.producer, "out_features" if isinstance(producer, nn.Linear) else "out_channels", count)
+    for name in group.passthrough:
+        module = branch.model.get_submodule(name)
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            _slice(module, attr, keep, 0)
+        if isinstance(module, nn.Conv2d):
+            for attr in ("in_channels", "out_channels", "groups"):
+                branch.set_attribute(name, attr, count)
+        else:
+            branch.set_attribute(name, "num_features", count)
+    consumer = branch.model.get_submodule(group.consumer)
+    _slice(consumer, "weight", keep, 1)
+    branch.set_attribute(group.consumer, "in_features" if isinstance(consumer, nn.Linear) else "in_channels", count)
+
+
+def prune(branch: SourceTail, groups: Sequence[PruneGroup], kept: dict[str, torch.Tensor]) -> None:
+    """Apply :func:`keep_indices`' choice to ``branch`` in place."""
+    for group in groups:
+        _slice_group(branch, group, kept[group.consumer])

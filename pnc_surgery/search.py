@@ -1,0 +1,210 @@
+"""Joint search over (cut, insertion) pairs, and the training of adapter (and branch) it relies on.
+
+Which source cut and which target insertion point work best depend on each other: a deep cut needs a
+target feature that is already abstract, a shallow one leaves more of the source to carry the classes.
+Every compatible pair gets an adapter trained for a few steps (the cheap proxy); successive halving then
+keeps the better half and doubles the training of the survivors until one pair is left. The score is the
+local accuracy on held-out clone data (ties broken by the distillation loss). The ranking is returned so
+the patch can record what was seen.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter
+from .branch import SourceTail
+from .points import Point
+
+__all__ = ["Candidate", "FitData", "train_candidate", "evaluate", "successive_halving", "spread_points"]
+
+
+@dataclass
+class FitData:
+    """Everything a candidate trains on, precomputed once: features, teacher logits, labels, context."""
+
+    target_features: torch.Tensor
+    source_features: torch.Tensor | None
+    teacher_logits: torch.Tensor
+    labels: torch.Tensor
+    context: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def rows(self, index: torch.Tensor) -> "FitData":
+        return FitData(
+            self.target_features[index],
+            None if self.source_features is None else self.source_features[index],
+            self.teacher_logits[index],
+            self.labels[index],
+            {k: v[index] for k, v in self.context.items()},
+        )
+
+
+@dataclass
+class Candidate:
+    """One (cut, insertion) pair with its adapter under training."""
+
+    cut: Point
+    insertion: Point
+    branch: SourceTail
+    adapter: Adapter
+    steps: int = 0
+    accuracy: float = float("nan")
+    loss: float = float("nan")
+    rounds: int = 0
+    optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def score(self) -> float:
+        return self.accuracy - 1e-3 * (self.loss if math.isfinite(self.loss) else 1e3)
+
+    def record(self) -> dict:
+        return {
+            "cut": self.cut.name,
+            "insertion": self.insertion.name,
+            "heldout_accuracy": round(self.accuracy, 4),
+            "heldout_loss": round(self.loss, 4),
+            "steps": self.steps,
+            "rounds": self.rounds,
+        }
+
+
+def spread_points(points: Sequence[Point], count: int, start_fraction: float = 0.3) -> list[Point]:
+    """Up to ``count`` points from the later part of a model, preferring stage ends, the last always included.
+
+    A stage end is the last point before the feature shape changes; isotropic models (ViT, BERT) have
+    few, so evenly spaced blocks fill the remaining places.
+    """
+    later = [p for p in points if p.index >= start_fraction * max(len(points) - 1, 1)] or list(points)
+    if len(later) <= count:
+        return later
+    ends = [p for p, nxt in zip(later, later[1:]) if p.shape != nxt.shape] + [later[-1]]
+    chosen = {p.name: p for p in ends[-count:]}
+    step = (len(later) - 1) / max(count - 1, 1)
+    for i in range(count):
+        if len(chosen) >= count:
+            break
+        point = later[round(len(later) - 1 - i * step)]
+        chosen.setdefault(point.name, point)
+    return sorted(chosen.values(), key=lambda p: p.index)
+
+
+def _loss(
+    candidate: Candidate, batch: FitData, temperature: float, feature_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    adapted = candidate.adapter(batch.target_features)
+    logits = candidate.branch(adapted, **batch.context)
+    loss = F.cross_entropy(logits, batch.labels)
+    teacher = (batch.teacher_logits / temperature).softmax(-1)
+    loss = loss + F.kl_div((logits / temperature).log_softmax(-1), teacher, reduction="batchmean") * temperature**2
+    if feature_weight and batch.source_features is not None:
+        scale = batch.source_features.float().var().clamp_min(1e-6)
+        loss = loss + feature_weight * F.mse_loss(adapted.float(), batch.source_features.float()) / scale
+    return loss, logits
+
+
+def train_candidate(
+    candidate: Candidate,
+    data: FitData,
+    steps: int,
+    *,
+    lr: float,
+    batch_size: int,
+    temperature: float,
+    feature_weight: float,
+    generator: torch.Generator,
+    branch_lr: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Train the candidate's adapter (and, with ``branch_lr`` > 0, its branch) for ``steps`` mini-batches."""
+    if candidate.optimizer is None or branch_lr:
+        groups = [{"params": list(candidate.adapter.parameters()), "lr": lr}]
+        branch_params = [p for p in candidate.branch.parameters() if p.numel()]
+        for p in branch_params:
+            p.requires_grad_(bool(branch_lr))
+        if branch_lr:
+            groups.append({"params": branch_params, "lr": branch_lr})
+        candidate.optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
+    optimizer = candidate.optimizer
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(steps, 1), pct_start=0.1
+    ) if branch_lr else None
+    candidate.adapter.train()
+    for step in range(steps):
+        index = torch.randint(0, len(data), (min(batch_size, len(data)),), generator=generator)
+        loss, _ = _loss(candidate, data.rows(index), temperature, feature_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        if progress is not None:
+            progress(1)
+    candidate.steps += steps
+    candidate.adapter.eval()
+    for p in candidate.branch.parameters():
+        p.requires_grad_(False)
+
+
+@torch.no_grad()
+def evaluate(candidate: Candidate, data: FitData, temperature: float, feature_weight: float, batch_size: int = 256) -> tuple[float, float]:
+    """Local accuracy (argmax among the cloned classes) and mean loss on ``data``."""
+    correct, total_loss = 0, 0.0
+    for start in range(0, len(data), batch_size):
+        batch = data.rows(torch.arange(start, min(start + batch_size, len(data))))
+        loss, logits = _loss(candidate, batch, temperature, feature_weight)
+        correct += int((logits.argmax(-1) == batch.labels).sum())
+        total_loss += float(loss) * len(batch)
+    return correct / max(len(data), 1), total_loss / max(len(data), 1)
+
+
+def successive_halving(
+    candidates: list[Candidate],
+    fit: Callable[[Candidate], FitData],
+    heldout: Callable[[Candidate], FitData],
+    *,
+    first_steps: int,
+    lr: float,
+    batch_size: int,
+    temperature: float,
+    feature_weight: float,
+    generator: torch.Generator,
+    progress: bool = True,
+) -> tuple[Candidate, list[dict]]:
+    """Train all candidates briefly, keep the better half, double the budget, until one is left.
+
+    Args:
+        fit, heldout: the training and scoring data of a candidate (features depend on its points).
+
+    Returns:
+        The winner and the ranking of every candidate (best first) with the round it reached.
+    """
+    alive, steps, seen = list(candidates), first_steps, []
+    rounds = max(1, math.ceil(math.log2(max(len(candidates), 1))) + 1)
+    total = sum(first_steps * 2**r * math.ceil(len(candidates) / 2**r) for r in range(rounds))
+    with tqdm(total=total, desc="pnc: search (cut, insertion)", disable=not progress, leave=False) as bar:
+        while True:
+            for candidate in alive:
+                train_candidate(
+                    candidate, fit(candidate), steps, lr=lr, batch_size=batch_size, temperature=temperature,
+                    feature_weight=feature_weight, generator=generator, progress=bar.update,
+                )
+                candidate.accuracy, candidate.loss = evaluate(candidate, heldout(candidate), temperature, feature_weight)
+                candidate.rounds += 1
+            alive.sort(key=lambda c: c.score, reverse=True)
+            if len(alive) == 1:
+                break
+            keep = max(1, len(alive) // 2)
+            seen.extend(alive[keep:])
+            alive = alive[:keep]
+            steps *= 2
+    ranking = [alive[0], *sorted(seen, key=lambda c: (c.rounds, c.score), reverse=True)]
+    return alive[0], [c.record() for c in ranking]
