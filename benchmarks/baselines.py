@@ -45,7 +45,7 @@ def _train_grown(ctx: Context, extra_loss=None, description: str = "finetune") -
     train_classifier(
         model, ctx.joint_data, steps=ctx.hyper.steps, lr=ctx.hyper.lr, batch_size=ctx.hyper.batch_size,
         seed=ctx.seed, progress=ctx.progress, extra_loss=extra_loss(model) if extra_loss else None,
-        description=description,
+        balanced=ctx.hyper.balanced, description=description,
     )
     return model, time.perf_counter() - start
 
@@ -162,7 +162,7 @@ def lora(ctx: Context) -> Outcome:
         model = get_peft_model(grown, config)
     train_classifier(
         model, ctx.joint_data, steps=ctx.hyper.steps, lr=ctx.hyper.lora_lr, batch_size=ctx.hyper.batch_size,
-        seed=ctx.seed, progress=ctx.progress, description="lora",
+        seed=ctx.seed, progress=ctx.progress, balanced=ctx.hyper.balanced, description="lora",
     )
     seconds = time.perf_counter() - start
     lora_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)

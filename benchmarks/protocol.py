@@ -31,6 +31,9 @@ class Hyper:
         lora_rank: LoRA rank ``r`` (``lora_alpha = 2 r``).
         lwf_temperature, lwf_weight: LwF's distillation temperature and loss weight.
         ewc_lambda: EWC's penalty weight.
+        balanced: draw class-balanced batches from clone data + replay set, so the few replay images are not
+            drowned by the clone images (the usual rehearsal recipe; without it every trained baseline forgets
+            A almost entirely).
     """
 
     steps: int = 150
@@ -41,6 +44,7 @@ class Hyper:
     lwf_temperature: float = 2.0
     lwf_weight: float = 1.0
     ewc_lambda: float = 1000.0
+    balanced: bool = True
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 
 from .errors import InvalidInputError
 
@@ -426,11 +426,24 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def as_loader(
     data: Dataset | DataLoader | Iterable, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
-    drop_last: bool = False,
+    drop_last: bool = False, balanced: bool = False,
 ) -> Iterable:
-    """Batches of ``data``: a Dataset is wrapped in a DataLoader (seeded shuffle), anything else is used as is."""
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        generator = torch.Generator().manual_seed(seed)
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
-    return data
+    """Batches of ``data``: a Dataset is wrapped in a DataLoader, anything else is used as is.
 
+    Args:
+        shuffle: draw the examples in a seeded random order.
+        balanced: draw ``len(data)`` examples with replacement so that every class is equally likely (a
+            class-balanced sampler: a few replay images then weigh as much as many new-class images).
+    """
+    if not (isinstance(data, Dataset) and hasattr(data, "__len__")):
+        return data
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if balanced:
+        labels = labels_of(data)
+        weights = 1.0 / torch.bincount(labels).double()[labels]
+        sampler = WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+        shuffle = False
+    return DataLoader(
+        data, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator, drop_last=drop_last
+    )

@@ -72,6 +72,7 @@ def train_classifier(
     progress: bool = True,
     label_map: Mapping[int, int] | None = None,
     extra_loss: ExtraLoss | None = None,
+    balanced: bool = False,
     description: str = "train",
 ) -> nn.Module:
     """Train ``model`` with cross-entropy on a dataset of ``(x, y)`` pairs; return it in eval mode.
@@ -87,6 +88,7 @@ def train_classifier(
         progress: show a tqdm bar.
         label_map: maps dataset labels to output indices (e.g. ``{5: 0, 6: 1}``), when they differ.
         extra_loss: ``f(x, logits) -> scalar`` added to each batch's loss (distillation, penalties).
+        balanced: sample class-balanced batches (see :func:`~pnc_surgery.datasets.as_loader`).
         description: the progress bar's label.
 
     Returns:
@@ -96,7 +98,7 @@ def train_classifier(
     if not params:
         raise InvalidInputError("the model has no trainable parameters")
     drop_last = len(dataset) > batch_size  # a batch of 1 breaks BatchNorm in train mode
-    loader = as_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed, drop_last=drop_last)
+    loader = as_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed, drop_last=drop_last, balanced=balanced)
     total_steps = max(1, steps if steps is not None else epochs * len(loader))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

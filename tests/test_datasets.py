@@ -110,3 +110,9 @@ def test_batches_and_loaders(digits):
     x, y = split_batch(next(iter(as_loader(train, batch_size=7))))
     assert x.shape[0] == 7 and y.shape == (7,)
     assert split_batch(x)[1] is None and split_batch({"pixel_values": x})[0] is x
+
+
+def test_balanced_loader_evens_out_classes():
+    data = TensorDataset(torch.zeros(110, 1), torch.tensor([0] * 100 + [1] * 10))
+    labels = torch.cat([y for _, y in as_loader(data, batch_size=55, balanced=True, seed=0)])
+    assert len(labels) == 110 and 35 < int((labels == 1).sum()) < 75
