@@ -44,6 +44,7 @@ __all__ = [
     "push_folder",
     "build_model_card",
     "write_model_card",
+    "made_with",
 ]
 
 CARD_TAGS = ("pnc_surgery", "partial-network-cloning", "model-patch")
@@ -468,14 +469,20 @@ def _replace_generated(text: str, generated: str) -> str:
     return text[:start] + generated + text[end + len(_CARD_END) :]
 
 
+def _entry(config: Mapping[str, Any], key: str, name: str) -> Any:
+    """``config[key][name]``, or ``None`` where the config has no such entry (cards never fail on metadata)."""
+    section = config.get(key)
+    return section.get(name) if isinstance(section, Mapping) else None
+
+
 def _model_id(config: Mapping[str, Any], key: str) -> str:
-    entry = config.get(key)
-    return str(entry.get("id", "")) if isinstance(entry, Mapping) else ""
+    return str(_entry(config, key, "id") or "")
 
 
-def _point_name(config: Mapping[str, Any], key: str) -> str:
-    entry = config.get(key)
-    return str(entry.get("name", "")) if isinstance(entry, Mapping) else ""
+def made_with(config: Mapping[str, Any]) -> str | None:
+    """The pnc_surgery version that wrote a config (``versions.pnc_surgery``, or a flat ``pnc_surgery_version``)."""
+    version = _entry(config, "versions", "pnc_surgery") or config.get("pnc_surgery_version")
+    return None if version is None else str(version)
 
 
 def _class_rows(config: Mapping[str, Any]) -> list[tuple[Any, str]]:
@@ -506,7 +513,15 @@ def _code(value: str) -> str:
 def _card_body(config: Mapping[str, Any], repo_id_or_dir: str) -> str:
     source, target = _model_id(config, "source") or "?", _model_id(config, "target") or "?"
     rows = _class_rows(config)
+    num_own = _entry(config, "target", "num_classes")
+    if isinstance(num_own, int) and num_own > 0:
+        order = f"Attached, outputs 0 to {num_own - 1} of the target are its own classes, unchanged; then come these:"
+        outputs = [str(num_own + i) for i in range(len(rows))]
+    else:
+        order = "Attached, the target's outputs are its own classes, unchanged; then come these:"
+        outputs = [f"+{i}" for i in range(len(rows))]
     metrics = config.get("metrics") if isinstance(config.get("metrics"), Mapping) else {}
+    cut, insertion = _cell(_entry(config, "cut", "name")), _cell(_entry(config, "insertion", "name"))
     lines = [
         _CARD_START,
         "",
@@ -528,23 +543,26 @@ def _card_body(config: Mapping[str, Any], repo_id_or_dir: str) -> str:
         "patch.attach(target_model)   # target_model(x) now scores the target's classes followed by the cloned ones",
         "```",
         "",
-        f"`target_model` must be {_code(target)} (the same architecture and weights the patch was made for). "
+        f"`target_model` must be {_code(target)}, the model the patch was made for (attach checks its architecture). "
         "`patch.detach()` removes every hook; `with patch.attached(target_model):` does both.",
         "",
         "## Cloned classes",
         "",
-        "Attached, output `N + i` of the target (N = the number of its own classes) scores cloned class `i`.",
+        order,
         "",
-        "| i | source class id | name |",
+        "| output | source class id | name |",
         "|---|---|---|",
-        *(f"| {i} | {_cell(class_id)} | {_cell(name)} |" for i, (class_id, name) in enumerate(rows)),
+        *(
+            f"| {out} | {_cell(class_id)} | {_cell(name)} |"
+            for out, (class_id, name) in zip(outputs, rows, strict=True)
+        ),
         "",
         "## Where the patch connects",
         "",
         "| point | model | module |",
         "|---|---|---|",
-        f"| cut (the cloned part starts after it) | source {_cell(source)} | `{_cell(_point_name(config, 'cut'))}` |",
-        f"| insertion (feeds the cloned part) | target {_cell(target)} | `{_cell(_point_name(config, 'insertion'))}` |",
+        f"| cut (the cloned part starts after it) | source {_cell(source)} | `{cut}` |",
+        f"| insertion (feeds the cloned part) | target {_cell(target)} | `{insertion}` |",
         "",
         "## Metrics",
         "",
@@ -558,7 +576,7 @@ def _card_body(config: Mapping[str, Any], repo_id_or_dir: str) -> str:
         "## Files",
         "",
         f"`{CONFIG_NAME}` (JSON, format version {_cell(config.get('format_version', '?'))}, made with pnc_surgery "
-        f"{_cell(config.get('pnc_surgery_version', '?'))}) and `{WEIGHTS_NAME}` (safetensors). "
+        f"{_cell(made_with(config) or '?')}) and `{WEIGHTS_NAME}` (safetensors). "
         "Nothing is unpickled and no code runs when the patch is loaded.",
         "",
         _CARD_END,

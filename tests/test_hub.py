@@ -40,9 +40,9 @@ def make_config(**changes: object) -> dict:
     """A patch config with every required key (contents are what the card and ``info`` read)."""
     config = {
         "format_version": 1,
-        "pnc_surgery_version": "0.1.0",
+        "versions": {"pnc_surgery": "0.1.0"},
         "source": {"id": "timm/resnet18"},
-        "target": {"id": "google/vit-base-patch16-224"},
+        "target": {"id": "google/vit-base-patch16-224", "num_classes": 1000},
         "cut": {"name": "layer3"},
         "insertion": {"name": "vit.encoder.layer.5"},
         "classes": {"ids": [3, 7], "names": ["cat", "dog"]},
@@ -189,6 +189,48 @@ def test_subfolder_of_a_hub_repo(hub: FakeHub, patch_dir: Path) -> None:
     )
     folder = resolve_patch_folder("alice/many", subfolder="cats")
     assert folder.name == "cats" and read_config(folder / CONFIG_NAME) == make_config()
+
+
+def tiny_resnet(seed: int, num_classes: int) -> torch.nn.Module:
+    from pnc_surgery.backends.timm import create_model
+
+    torch.manual_seed(seed)
+    kwargs = {"num_classes": num_classes, "channels": (8, 16, 32, 64), "stem_width": 8, "zero_init_last": False}
+    return create_model("resnet18", **kwargs).eval()
+
+
+def test_a_real_patch_goes_to_the_hub_and_comes_back_working(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pnc_surgery.patch import Patch
+
+    source, target = tiny_resnet(0, num_classes=6), tiny_resnet(1, num_classes=5)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    patch = Patch.assemble(source, target, "layer3", "layer2", classes=[1, 4], source_input=x, target_input=x)
+    with torch.no_grad():
+        plain = target(x)
+        with patch.attached(target):
+            expected = target(x)
+
+    url = patch.push_to_hub("alice/resnet-patch", private=True)
+
+    assert url.startswith(f"{hub.endpoint}/alice/resnet-patch/commit/") and len(commits(hub)) == 1
+    card = ModelCard(hub.files("alice/resnet-patch")[CARD_NAME].decode())
+    assert SNIPPET.format(where="alice/resnet-patch") in card.text
+    loaded = Patch.from_pretrained("alice/resnet-patch", cache_dir=tmp_path / "cache")
+    with torch.no_grad(), loaded.attached(target):
+        out = target(x)
+    assert out.shape == (2, 5 + 2)
+    assert torch.equal(out[:, :5], plain)
+    torch.testing.assert_close(out, expected)
+
+    hub.stop()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = Patch.from_pretrained("alice/resnet-patch", cache_dir=tmp_path / "cache")
+    with torch.no_grad(), again.attached(target):
+        torch.testing.assert_close(target(x), expected)
+    assert torch.equal(target(x), plain)
 
 
 # --------------------------------------------------------------------------------------------- offline and cache
@@ -353,7 +395,7 @@ def test_card_has_metadata_classes_points_metrics_and_snippet(patch_dir: Path) -
     assert card.data.library_name == "pnc_surgery"
     assert card.data.base_model == ["google/vit-base-patch16-224", "timm/resnet18"]
     assert set(CARD_TAGS) <= set(card.data.tags)
-    assert "| 0 | 3 | cat |" in card.text and "| 1 | 7 | dog |" in card.text
+    assert "| 1000 | 3 | cat |" in card.text and "| 1001 | 7 | dog |" in card.text
     assert "`layer3`" in card.text and "`vit.encoder.layer.5`" in card.text
     assert "| clone_accuracy | 0.9375 |" in card.text and "| calibration | logit |" in card.text
     assert SNIPPET.format(where=patch_dir.as_posix()) in card.text
@@ -363,12 +405,13 @@ def test_card_base_model_lists_only_hub_ids(tmp_path: Path) -> None:
     folder = make_patch(tmp_path / "p", make_config(source={"id": "MyResNet"}, target={"id": "/home/me/model.pt"}))
     card = ModelCard.load(folder / CARD_NAME)
     assert card.data.base_model is None
+    assert "| +0 | 3 | cat |" in card.text  # without the target's class count, outputs are counted after it
     assert card.data.library_name == "pnc_surgery"
 
 
 def test_card_table_cells_cannot_break_the_table(tmp_path: Path) -> None:
     folder = make_patch(tmp_path / "p", make_config(classes={"ids": [1], "names": ["a|b\nc"]}))
-    assert "| 0 | 1 | a\\|b c |" in (folder / CARD_NAME).read_text()
+    assert "| 1000 | 1 | a\\|b c |" in (folder / CARD_NAME).read_text()
 
 
 def test_existing_card_is_updated_not_overwritten(tmp_path: Path) -> None:
@@ -452,7 +495,7 @@ def test_cli_info_describes_a_local_patch(patch_dir: Path, capsys: pytest.Captur
         "vit.encoder.layer.5",
         "cat",
         "dog",
-        "14 in 2 tensors, 56 bytes",
+        "14 values (parameters and buffers), 56 bytes",
         WEIGHTS_NAME,
         "clone_accuracy",
     ):
@@ -468,7 +511,7 @@ def test_cli_info_json_reports_sizes_from_the_header(patch_dir: Path, capsys: py
     assert (info["cut"], info["insertion"]) == ("layer3", "vit.encoder.layer.5")
     assert info["classes"] == [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
     assert info["tensors"]["adapter.weight"] == {"dtype": "F32", "shape": [3, 4], "numel": 12, "bytes": 48}
-    assert info["num_parameters"] == 14 and info["tensor_bytes"] == 56
+    assert info["num_values"] == 14 and info["tensor_bytes"] == 56
     assert info["file_bytes"][WEIGHTS_NAME] == os.path.getsize(patch_dir / WEIGHTS_NAME)
     assert info["metrics"]["clone_accuracy"] == 0.9375
 
@@ -476,7 +519,7 @@ def test_cli_info_json_reports_sizes_from_the_header(patch_dir: Path, capsys: py
 def test_cli_info_reads_a_hub_repo(hub: FakeHub, patch_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     push_folder(patch_dir, "alice/cats")
     assert run_cli("info", "alice/cats", "--revision", "main", "--json") == 0
-    assert json.loads(capsys.readouterr().out)["num_parameters"] == 14
+    assert json.loads(capsys.readouterr().out)["num_values"] == 14
 
 
 def test_cli_info_refuses_a_huge_header(patch_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import PatchFormatError, PncError
 from ..files import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config
-from ..hub import push_folder, resolve_patch_folder
+from ..hub import made_with, push_folder, resolve_patch_folder
 
 __all__ = ["register", "patch_info"]
 
@@ -74,13 +74,14 @@ def patch_info(folder: Path) -> dict[str, Any]:
     return {
         "folder": str(folder),
         "format_version": config["format_version"],
-        "pnc_surgery_version": config.get("pnc_surgery_version"),
+        "pnc_surgery_version": made_with(config),
         "source": _field(config, "source", "id"),
         "target": _field(config, "target", "id"),
+        "target_num_classes": _field(config, "target", "num_classes"),
         "cut": _field(config, "cut", "name"),
         "insertion": _field(config, "insertion", "name"),
         "classes": [{"id": ids[i], "name": names[i] if i < len(names) else None} for i in range(len(ids))],
-        "num_parameters": sum(t["numel"] for t in tensors.values()),
+        "num_values": sum(t["numel"] for t in tensors.values()),  # parameters and buffers: the header cannot tell
         "tensor_bytes": sum(t["bytes"] or 0 for t in tensors.values()),
         "file_bytes": {
             name: (folder / name).stat().st_size
@@ -145,21 +146,24 @@ def _info(args: argparse.Namespace) -> int:
 
 def _format_info(info: dict[str, Any]) -> str:
     """The human-readable report: one fact a line, tensors summed per top-level module of the patch."""
+    own = info["target_num_classes"]
+    first = own if isinstance(own, int) else 0
     lines = [
         f"patch:        {info['folder']}",
         f"format:       version {info['format_version']} (made with pnc_surgery {info['pnc_surgery_version'] or '?'})",
         f"source:       {info['source']}  (cut after {info['cut']})",
         f"target:       {info['target']}  (insertion at {info['insertion']})",
-        f"classes ({len(info['classes'])}):",
-        *(f"  +{i:<4} id {c['id']!s:<8} {c['name'] or ''}" for i, c in enumerate(info["classes"])),
-        f"parameters:   {info['num_parameters']:,} in {len(info['tensors'])} tensors, {info['tensor_bytes']:,} bytes",
+        f"classes:      {len(info['classes'])} cloned, after the target's own {own or '?'}",
+        *(f"  output {first + i:<6} id {c['id']!s:<8} {c['name'] or ''}" for i, c in enumerate(info["classes"])),
+        f"tensors:      {len(info['tensors'])}, {info['num_values']:,} values (parameters and buffers), "
+        f"{info['tensor_bytes']:,} bytes",
     ]
     groups: dict[str, list[int]] = {}
     for name, tensor in info["tensors"].items():
         group = groups.setdefault(name.split(".", 1)[0], [0, 0, 0])
         group[0], group[1], group[2] = group[0] + 1, group[1] + tensor["numel"], group[2] + (tensor["bytes"] or 0)
     lines += [
-        f"  {name:<12} {n} tensors, {numel:,} parameters, {size:,} bytes" for name, (n, numel, size) in groups.items()
+        f"  {name:<12} {n} tensors, {numel:,} values, {size:,} bytes" for name, (n, numel, size) in groups.items()
     ]
     lines.append("files:")
     lines += [f"  {name:<26} {size:,} bytes" for name, size in info["file_bytes"].items()]
