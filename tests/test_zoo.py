@@ -37,3 +37,16 @@ def test_zoo_text_examples_have_a_padded_row() -> None:
             _, example = build(name)
             mask = example["attention_mask"]
             assert mask[0].all() and not mask[1].all(), name
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_logits_depend_on_the_input(name: str) -> None:
+    """Tests compare logits with atol 1e-5: that only means something if other inputs move the logits far more."""
+    from zoo import other_input
+
+    model, example = build(name)
+    with torch.no_grad():
+        first = logits_of(run_model(model, example))
+        second = logits_of(run_model(model, other_input(example)))
+    assert (second - first).abs().max() > 1e-2, f"{name}: logits barely depend on the input"
+    assert (first[0] - first[1]).abs().max() > 1e-2, f"{name}: both example rows give the same logits"

@@ -22,6 +22,10 @@ from torch import nn
 
 __all__ = ["ZooEntry", "ZOO", "NUM_CLASSES", "build", "run_model", "logits_of", "other_input", "context_of", "cut_error"]
 
+# The zoo's models are tiny: one thread is faster than two, and two OpenMP threads on a loaded two-core machine
+# spin against each other (100x slowdowns seen). Tests that import the zoo run single-threaded.
+torch.set_num_threads(1)
+
 NUM_CLASSES = 7
 """Every zoo classifier has this many classes (a number no default config uses)."""
 
@@ -33,16 +37,35 @@ def _images(size: int = 32, channels: int = 3, batch: int = _BATCH) -> torch.Ten
     return torch.randn(batch, channels, size, size, generator=g)
 
 
-def _ready(model: nn.Module) -> nn.Module:
+@torch.no_grad()
+def _ready(model: nn.Module, calibrate_with: torch.Tensor | None = None) -> nn.Module:
+    """Eval mode; with ``calibrate_with`` images, BatchNorm statistics are first set from a few random batches.
+
+    Fresh BatchNorm layers (mean 0, variance 1) let activations shrink or blow up layer after layer, so random
+    EfficientNet/Xception logits barely depend on the input; a test that compares logits with an absolute
+    tolerance would then pass anything. Calibrated statistics keep the logits input-dependent.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if calibrate_with is not None and norms:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average
+        model.train()
+        g = torch.Generator().manual_seed(4321)
+        for _ in range(4):
+            model(torch.randn(8, *calibrate_with.shape[1:], generator=g))
+        for norm in norms:
+            norm.momentum = 0.1
     return model.eval()
 
 
-def _timm(name: str, size: int = 32, **kwargs: Any) -> tuple[nn.Module, torch.Tensor]:
+def _timm(name: str, size: int = 32, calibrate: bool = True, **kwargs: Any) -> tuple[nn.Module, torch.Tensor]:
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
-    return _ready(model), _images(size)
+    images = _images(size)
+    return _ready(model, images if calibrate else None), images
 
 
 # ----------------------------------------------------------------------------------------------------- timm CNNs
@@ -66,7 +89,7 @@ def timm_efficientnet() -> tuple[nn.Module, torch.Tensor]:
     model = _gen_efficientnet(
         "efficientnet_b0", channel_multiplier=0.25, depth_multiplier=0.5, num_classes=NUM_CLASSES
     )
-    return _ready(model), _images(32)
+    return _ready(model, _images(32)), _images(32)
 
 
 def timm_mobilenetv3() -> tuple[nn.Module, torch.Tensor]:
@@ -84,8 +107,11 @@ def timm_convnext() -> tuple[nn.Module, torch.Tensor]:
     return _timm("convnext_atto", depths=(1, 1, 2, 1), dims=(8, 16, 32, 64))
 
 
-def timm_xception() -> tuple[nn.Module, torch.Tensor]:
-    """timm Xception41 layout with tiny blocks: its ``feature_info`` hooks ``blocks.N.stack.act3``, which are not cuts."""
+def timm_xception(calibrate: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """timm Xception41 layout with tiny blocks: its ``feature_info`` hooks ``blocks.N.stack.act3``, which are not cuts.
+
+    With ``calibrate=False`` the BatchNorm statistics stay fresh and the logits hardly depend on the input.
+    """
     block_cfg = [
         dict(in_chs=64, out_chs=16, stride=2),
         dict(in_chs=16, out_chs=24, stride=2),
@@ -94,7 +120,7 @@ def timm_xception() -> tuple[nn.Module, torch.Tensor]:
         dict(in_chs=32, out_chs=(32, 48, 48), stride=2),
         dict(in_chs=48, out_chs=(64, 64, 96), stride=1, no_skip=True, start_with_relu=False),
     ]
-    return _timm("xception41", block_cfg=block_cfg)
+    return _timm("xception41", calibrate=calibrate, block_cfg=block_cfg)
 
 
 # ------------------------------------------------------------------------------------------ timm transformers
@@ -240,6 +266,7 @@ class ZooEntry:
 
 
 _TOKENS = frozenset({"NLC"})
+_PATCHES = frozenset({"NLC", "NCHW"})  # image transformers: the patch-embedding conv outputs a feature map
 
 ZOO: dict[str, ZooEntry] = {
     # 4 stages
@@ -256,16 +283,16 @@ ZOO: dict[str, ZooEntry] = {
     # 6 blocks; feature_info hooks blocks.N.stack.act3, not a cut (the block's shortcut is added after it)
     "timm_xception": ZooEntry(timm_xception, 5, ("blocks.0.stack.act3", "blocks.1.stack.act3", "blocks.2.stack.act3", "blocks.4.stack.act3")),
     # 2 transformer blocks
-    "timm_vit": ZooEntry(timm_vit, 2, ("blocks.0.attn", "blocks.0.norm1", "blocks.1.mlp", "blocks.1.attn.qkv"), _TOKENS),
-    "timm_deit_distilled": ZooEntry(timm_deit_distilled, 2, ("blocks.0.attn", "blocks.1.mlp"), _TOKENS),
+    "timm_vit": ZooEntry(timm_vit, 2, ("blocks.0.attn", "blocks.0.norm1", "blocks.1.mlp", "blocks.1.attn.qkv"), _PATCHES),
+    "timm_deit_distilled": ZooEntry(timm_deit_distilled, 2, ("blocks.0.attn", "blocks.1.mlp"), _PATCHES),
     # 4 stages; timm swin stages output NHWC
     "timm_swin": ZooEntry(
         timm_swin, 4, ("layers.0.blocks.0.attn", "layers.2.blocks.1.mlp", "layers.1.blocks.0.norm1"),
         frozenset({"NHWC", "NLC", "NCHW"}),
     ),
-    "hf_vit": ZooEntry(hf_vit, 2, ("vit.layers.0.attention", "vit.layers.1.mlp", "vit.layers.0.layernorm_before"), _TOKENS),
-    "hf_deit": ZooEntry(hf_deit, 2, ("deit.layers.0.attention", "deit.layers.1.mlp"), _TOKENS),
-    "hf_dinov2": ZooEntry(hf_dinov2, 2, ("dinov2.encoder.layer.0.attention", "dinov2.encoder.layer.1.mlp"), _TOKENS),
+    "hf_vit": ZooEntry(hf_vit, 2, ("vit.layers.0.attention", "vit.layers.1.mlp", "vit.layers.0.layernorm_before"), _PATCHES),
+    "hf_deit": ZooEntry(hf_deit, 2, ("deit.layers.0.attention", "deit.layers.1.mlp"), _PATCHES),
+    "hf_dinov2": ZooEntry(hf_dinov2, 2, ("dinov2.encoder.layer.0.attention", "dinov2.encoder.layer.1.mlp"), _PATCHES),
     "hf_convnext": ZooEntry(hf_convnext, 4, ("convnext.encoder.stages.0.layers.0.dwconv", "convnext.encoder.stages.1.layers.0.layernorm")),
     "hf_resnet": ZooEntry(hf_resnet, 4, ("resnet.encoder.stages.0.layers.0.layer.0", "resnet.encoder.stages.1.layers.0.shortcut")),
     "hf_bert": ZooEntry(hf_bert, 2, ("bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.intermediate"), _TOKENS, text=True),

@@ -1,0 +1,511 @@
+"""Specification of ``find_points`` and of the source tail, checked on every architecture of the test zoo.
+
+A *point* is a module whose output can be cut: everything the model computes after it depends on that output
+alone (plus context such as an attention mask). For every zoo model:
+
+* ``find_points`` returns the points in execution order, named as in ``named_modules()``, with shapes, layouts and
+  widths that match what the module really outputs, and at least one point per stage;
+* every point is a real cut, and modules inside a block (a conv of a residual block, attention, a norm) are not
+  points;
+* ``SourceTail.from_model(model, point, example)`` fed with the feature captured at the point gives back the model's logits,
+  for the example input and for other inputs and batch sizes; for text models the attention mask is honoured;
+* the model is left exactly as it was: same parameters and buffers, same train/eval modes, no hooks left behind.
+
+Bad input is refused before any work with :class:`InvalidInputError` or :class:`UnsupportedModelError`, and
+without an example input ``find_points`` builds one from the model's own configuration.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+from pnc_surgery import Point, find_points
+from pnc_surgery.branch import SourceTail, capture_features
+from pnc_surgery.errors import InvalidInputError, UnsupportedModelError
+from zoo import NUM_CLASSES, ZOO, build, context_of, cut_error, logits_of, other_input, run_model
+
+MODELS = list(ZOO)
+TEXT_MODELS = [name for name, entry in ZOO.items() if entry.text]
+ATOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+@torch.no_grad()
+def _trace(model: nn.Module, example: Any) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    """Names of the modules in the order of their first call, and each one's first output shape."""
+    order: list[str] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+            if name not in shapes:
+                order.append(name)
+                tensor = _first_tensor(out)
+                shapes[name] = tuple(tensor.shape) if tensor is not None else ()
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        run_model(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, shapes
+
+
+def _fingerprint(model: nn.Module) -> dict[str, str]:
+    """A hash of every parameter and buffer, by name."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {
+        name: hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        + str(tuple(t.shape)) + str(t.dtype)
+        for name, t in tensors.items()
+    }
+
+
+def _hook_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {
+        name: (
+            len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
+            len(getattr(m, "_backward_pre_hooks", {})), len(m._state_dict_hooks), len(m._load_state_dict_pre_hooks),
+        )
+        for name, m in model.named_modules()
+    }
+
+
+def _modes(model: nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, example: Any) -> torch.Tensor:
+    return logits_of(run_model(model, example))
+
+
+def _feature(model: nn.Module, point: Point, example: Any) -> torch.Tensor:
+    return capture_features(model, [point.name], example)[point.name]
+
+
+@torch.no_grad()
+def _tail_logits(tail: nn.Module, feature: torch.Tensor, example: Any) -> torch.Tensor:
+    out = tail(feature, **context_of(example))
+    assert isinstance(out, torch.Tensor), f"a tail returns a logits tensor, got {type(out).__name__}"
+    return out
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+_POINTS: dict[str, list[Point]] = {}
+
+
+def _points(name: str) -> list[Point]:
+    """``find_points`` on a fresh zoo model, computed once per model for the read-only tests."""
+    if name not in _POINTS:
+        model, example = build(name)
+        _POINTS[name] = find_points(model, example)
+    return _POINTS[name]
+
+
+# ------------------------------------------------------------------------------------- what points are
+@pytest.mark.parametrize("name", MODELS)
+def test_points_are_named_modules_in_execution_order(name: str) -> None:
+    model, example = build(name)
+    points = _points(name)
+    order, _ = _trace(model, example)
+    names = [p.name for p in points]
+
+    assert all(isinstance(p, Point) for p in points)
+    assert len(set(names)) == len(names), f"duplicate points: {names}"
+    unknown = [n for n in names if n not in order]
+    assert not unknown, f"points that are not called modules of {name}: {unknown}"
+    indices = [p.index for p in points]
+    assert indices == sorted(indices) and len(set(indices)) == len(indices), f"indices not increasing: {indices}"
+    assert names == sorted(names, key=order.index), f"points not in execution order: {names}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_at_least_one_point_per_stage(name: str) -> None:
+    points = _points(name)
+    assert len(points) >= ZOO[name].min_points, (
+        f"{name}: {len(points)} points, expected at least {ZOO[name].min_points}: {[p.name for p in points]}"
+    )
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_point_shape_layout_and_width_match_the_module_output(name: str) -> None:
+    model, example = build(name)
+    _, shapes = _trace(model, example)
+    batch = 2
+    pixels = example if isinstance(example, torch.Tensor) else example.get("pixel_values")
+    for p in _points(name):
+        where = f"{name}:{p.name}"
+        assert shapes[p.name] == (batch, *p.shape), f"{where}: point shape {p.shape}, module output {shapes[p.name]}"
+        assert p.layout in ZOO[name].layouts, f"{where}: layout {p.layout} not in {sorted(ZOO[name].layouts)}"
+        if p.layout == "NCHW":
+            assert len(p.shape) == 3 and p.width == p.shape[0], f"{where}: {p}"
+        elif p.layout == "NHWC":
+            assert len(p.shape) == 3 and p.width == p.shape[2], f"{where}: {p}"
+        elif p.layout == "NLC":
+            assert len(p.shape) == 2 and p.width == p.shape[1], f"{where}: {p}"
+        else:  # pragma: no cover - layouts are a closed set
+            raise AssertionError(f"{where}: unknown layout {p.layout}")
+        module = model.get_submodule(p.name)
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            # torch's 2-d layers output NCHW whatever the sizes (C == H == W must not fool the layout guess)
+            assert p.layout == "NCHW", f"{where}: a {type(module).__name__} outputs NCHW, point says {p.layout}"
+        assert p.reduction is None or (isinstance(p.reduction, int) and p.reduction >= 1), f"{where}: {p}"
+        if p.reduction is not None and p.layout in ("NCHW", "NHWC") and pixels is not None:
+            height = p.shape[1] if p.layout == "NCHW" else p.shape[0]
+            assert height * p.reduction == pixels.shape[-2], (
+                f"{where}: reduction {p.reduction} but the feature is {height} high for a {pixels.shape[-2]} input"
+            )
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_point_is_a_cut(name: str) -> None:
+    """Replacing a point's output by another input's makes the model answer as for that other input."""
+    model, example = build(name)
+    for p in _points(name):
+        error = cut_error(model, p.name, example)
+        assert error < 1e-4, f"{name}:{p.name} is not a cut (relative logit error {error:.3g})"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sub_block_modules_are_not_points(name: str) -> None:
+    names = {p.name for p in _points(name)}
+    wrong = sorted(names & set(ZOO[name].not_points))
+    assert not wrong, f"{name}: modules inside a block offered as points: {wrong}"
+
+
+def test_swin_stages_are_nhwc() -> None:
+    """timm Swin stages keep (B, H, W, C) features; its stage outputs must say so. (The last stage's output is
+    also the output of the ``layers`` container, which may stand for it.)"""
+    stage_names = {"layers.0", "layers.1", "layers.2", "layers.3", "layers"}
+    stages = [p for p in _points("timm_swin") if p.name in stage_names]
+    assert len(stages) == 4, [p.name for p in _points("timm_swin")]
+    assert all(p.layout == "NHWC" for p in stages), stages
+
+
+def test_xception_feature_info_hooks_are_not_taken_as_points() -> None:
+    """timm's feature_info marks ``blocks.N.stack.act3``; those are hook points, not cuts."""
+    model, _ = build("timm_xception")
+    hooked = [f["module"] for f in model.feature_info if ".stack." in f["module"]]
+    assert hooked, "the zoo xception should have feature_info hooks inside blocks"
+    assert not {p.name for p in _points("timm_xception")} & set(hooked)
+
+
+# ---------------------------------------------------------------------------------------------- the tail
+@pytest.mark.parametrize("name", MODELS)
+def test_capture_features_returns_each_point_output(name: str) -> None:
+    model, example = build(name)
+    points = _points(name)
+    features = capture_features(model, [p.name for p in points], example)
+    assert set(features) == {p.name for p in points}
+    for p in points:
+        assert features[p.name].shape == (2, *p.shape), f"{name}:{p.name}"
+        single = _feature(model, p, example)
+        assert torch.equal(features[p.name], single), f"{name}:{p.name}: capture depends on what else is captured"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tail_from_every_point_reproduces_the_logits(name: str) -> None:
+    model, example = build(name)
+    expected = _logits(model, example)
+    other = other_input(example)
+    expected_other = _logits(model, other)
+    for p in _points(name):
+        where = f"{name}:{p.name}"
+        tail = SourceTail.from_model(model, p, example)
+        got = _tail_logits(tail, _feature(model, p, example), example)
+        assert got.shape == (2, NUM_CLASSES), where
+        assert torch.allclose(got, expected, atol=ATOL), f"{where}: max diff {_max_diff(got, expected):.3g}"
+        # the tail computes from the feature it is given, not from the example it was built with
+        got_other = _tail_logits(tail, _feature(model, p, other), other)
+        assert torch.allclose(got_other, expected_other, atol=ATOL), (
+            f"{where}: on another input, max diff {_max_diff(got_other, expected_other):.3g}"
+        )
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tail_accepts_other_batch_sizes(name: str, batch: int) -> None:
+    model, example = build(name)
+    points = _points(name)
+    x = other_input(example, batch=batch)
+    expected = _logits(model, x)
+    for p in (points[0], points[len(points) // 2], points[-1]):
+        tail = SourceTail.from_model(model, p, example)
+        got = _tail_logits(tail, _feature(model, p, x), x)
+        assert torch.allclose(got, expected, atol=ATOL), f"{name}:{p.name} batch {batch}: {_max_diff(got, expected):.3g}"
+
+
+@pytest.mark.parametrize("name", TEXT_MODELS)
+def test_text_tail_honours_the_attention_mask(name: str) -> None:
+    """Row 1 of the example is padded from position 5: with the mask, what the feature holds at padded positions
+    does not matter; without the mask, it does."""
+    model, example = build(name)
+    mask = example["attention_mask"]
+    pad = ~mask.bool()
+    expected = _logits(model, example)
+    for p in _points(name):
+        where = f"{name}:{p.name}"
+        assert p.layout == "NLC", where
+        tail = SourceTail.from_model(model, p, example)
+        feature = _feature(model, p, example)
+        with torch.no_grad():
+            masked = tail(feature, attention_mask=mask)
+            unmasked = tail(feature, attention_mask=torch.ones_like(mask))
+            noisy = feature.clone()
+            noisy[pad] = torch.randn_like(noisy[pad]) * 10
+            masked_noisy = tail(noisy, attention_mask=mask)
+        assert torch.allclose(masked, expected, atol=ATOL), f"{where}: {_max_diff(masked, expected):.3g}"
+        assert torch.allclose(masked_noisy, expected, atol=ATOL), f"{where}: padded positions leak into the logits"
+        assert torch.allclose(unmasked[0], expected[0], atol=ATOL), f"{where}: the unpadded row changed"
+        if p is not _points(name)[-1]:
+            # with an attention layer left in the tail, dropping the mask changes the padded row
+            assert not torch.allclose(unmasked[1], expected[1], atol=ATOL), f"{where}: the mask is ignored"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tail_at_a_sub_block_module_is_refused(name: str) -> None:
+    """Cutting inside a block would silently drop the residual or attention context: refused, never a wrong tail."""
+    model, example = build(name)
+    for module_name in ZOO[name].not_points:
+        with pytest.raises(UnsupportedModelError):
+            SourceTail.from_model(model, module_name, example)
+
+
+def test_tail_at_a_non_cut_is_refused_even_when_logits_hardly_move() -> None:
+    """Fresh BatchNorm statistics make a random Xception's logits nearly input-independent (spread ~1e-6), so
+    checking the tail's logits against the model's with an absolute tolerance accepts any tail. The check must
+    be relative to how much the model's answers move (or look at the pre-logits)."""
+    from zoo import timm_xception
+
+    fresh, example = timm_xception(calibrate=False)
+    with torch.no_grad():
+        spread = (fresh(example) - fresh(other_input(example))).abs().max().item()
+    assert spread < 1e-4, "this test needs a model whose logits hardly depend on the input"
+    with pytest.raises(UnsupportedModelError):
+        SourceTail.from_model(fresh, "blocks.1.stack.act3", example)
+
+
+def test_capture_features_of_an_unknown_module_is_invalid_input() -> None:
+    model, example = build("timm_resnet18")
+    with pytest.raises(InvalidInputError, match="nope"):
+        capture_features(model, ["layer1", "nope"], example)
+
+
+@pytest.mark.parametrize("name", MODELS[:1] + ["timm_vit", "hf_bert"])
+def test_tail_is_a_copy(name: str) -> None:
+    model, example = build(name)
+    p = _points(name)[len(_points(name)) // 2]
+    tail = SourceTail.from_model(model, p, example)
+    assert isinstance(tail, nn.Module)
+    model_storage = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    shared = [n for n, t in tail.named_parameters() if t.untyped_storage().data_ptr() in model_storage]
+    assert not shared, f"the tail shares parameters with the model: {shared[:5]}"
+
+
+# ------------------------------------------------------------------------------------ model left alone
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("mode", ["eval", "mixed"])
+def test_model_is_unchanged(name: str, mode: str) -> None:
+    """In eval mode, and in train mode with one child left in eval mode (BatchNorm statistics would move if the
+    library probed in train mode; the mixed modes must come back as they were)."""
+    model, example = build(name)
+    if mode == "mixed":
+        model.train()
+        next(iter(model.children())).eval()
+    fingerprint, modes, hooks = _fingerprint(model), _modes(model), _hook_counts(model)
+
+    points = find_points(model, example)
+    assert _fingerprint(model) == fingerprint, f"{name}: find_points changed parameters or buffers"
+    assert _modes(model) == modes, f"{name}: find_points did not restore train/eval modes"
+    assert _hook_counts(model) == hooks, f"{name}: find_points left hooks behind"
+
+    for p in (points[0], points[-1]):
+        feature = capture_features(model, [p.name], example)[p.name]
+        tail = SourceTail.from_model(model, p, example)
+        tail(feature, **context_of(example))
+    assert _fingerprint(model) == fingerprint, f"{name}: capture_features/SourceTail changed parameters or buffers"
+    assert _modes(model) == modes, f"{name}: capture_features/SourceTail did not restore train/eval modes"
+    assert _hook_counts(model) == hooks, f"{name}: capture_features/SourceTail left hooks behind"
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_non_module_is_invalid_input() -> None:
+    with pytest.raises(InvalidInputError):
+        find_points("resnet")
+    with pytest.raises(InvalidInputError):
+        find_points(None)
+
+
+@pytest.mark.parametrize(
+    "name, bad, expected",
+    [
+        ("timm_resnet18", torch.randn(2, 1, 32, 32), r"\b3\b"),  # 1 channel for a 3-channel model
+        ("timm_resnet18", torch.randn(3, 32, 32), r"\(B, C, H, W\)|4-?d|batch"),  # no batch dimension
+        ("timm_vit", torch.randn(2, 3, 48, 48), r"\b32\b"),  # wrong size for a fixed position embedding
+        ("hf_vit", {"pixel_values": torch.randn(2, 1, 32, 32)}, r"\b3\b"),
+    ],
+    ids=["channels", "rank", "vit-size", "hf-channels"],
+)
+def test_wrong_example_shape_is_invalid_input_naming_the_expected_shape(name: str, bad: Any, expected: str) -> None:
+    model, _ = build(name)
+    with pytest.raises(InvalidInputError) as info:
+        find_points(model, bad)
+    message = str(info.value)
+    given = tuple((bad if isinstance(bad, torch.Tensor) else bad["pixel_values"]).shape)
+    assert str(given) in message, f"message does not name the given shape {given}: {message}"
+    assert re.search(expected, message.replace(str(given), "")), f"message does not name what is expected: {message}"
+
+
+def test_wrong_example_type_is_invalid_input() -> None:
+    model, _ = build("hf_bert")
+    with pytest.raises(InvalidInputError):
+        find_points(model, {"pixel_values": torch.randn(2, 3, 32, 32)})
+    model, _ = build("timm_resnet18")
+    with pytest.raises(InvalidInputError):
+        find_points(model, "an image")
+
+
+def _headless_timm_resnet() -> tuple[nn.Module, Any]:
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=(8, 16, 32, 64), stem_width=8)
+    return model.eval(), torch.randn(2, 3, 32, 32)
+
+
+def _headless_timm_vit() -> tuple[nn.Module, Any]:
+    import timm
+
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, embed_dim=32, depth=2,
+        num_heads=2,
+    )
+    return model.eval(), torch.randn(2, 3, 32, 32)
+
+
+def _headless_hf_vit() -> tuple[nn.Module, Any]:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8, num_labels=0,
+    )
+    return ViTForImageClassification(config).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)}
+
+
+def _feature_extractor() -> tuple[nn.Module, Any]:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    return model.eval(), torch.randn(2, 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_headless_timm_resnet, _headless_timm_vit, _headless_hf_vit, _feature_extractor],
+    ids=["timm-resnet-num_classes=0", "timm-vit-num_classes=0", "hf-vit-num_labels=0", "sequential-features"],
+)
+def test_model_without_classifier_is_unsupported(make: Callable[[], tuple[nn.Module, Any]]) -> None:
+    """A model whose output is pooled features or a feature map has no class rows to clone: refused, saying why."""
+    model, example = make()
+    with pytest.raises(UnsupportedModelError) as info:
+        find_points(model, example)
+    message = str(info.value).lower()
+    assert any(w in message for w in ("classifier", "num_classes", "logits", "head")), str(info.value)
+
+
+def test_plain_torch_classifier_is_supported() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, NUM_CLASSES),
+    ).eval()
+    x = torch.randn(2, 3, 16, 16)
+    points = find_points(model, x)
+    assert points, "a plain Sequential classifier has cut points"
+    for p in points:
+        tail = SourceTail.from_model(model, p, x)
+        assert torch.allclose(_tail_logits(tail, _feature(model, p, x), x), _logits(model, x), atol=ATOL), p.name
+
+
+class _SharedBlockNet(nn.Module):
+    """A classifier that applies the same residual block twice (weight sharing), then pools."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.block(x)
+        x = x + self.block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_shared_module_points_give_exact_tails() -> None:
+    """A module called twice: whatever points are offered, a tail from each one is exact on other inputs too."""
+    torch.manual_seed(0)
+    model = _SharedBlockNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    x2 = torch.randn(2, 3, 16, 16)
+    points = find_points(model, x)
+    assert [p.name for p in points if p.name.startswith("block")] == [], "a shared block's output is not one place"
+    for p in points:
+        tail = SourceTail.from_model(model, p, x)
+        got = _tail_logits(tail, _feature(model, p, x2), x2)
+        assert torch.allclose(got, _logits(model, x2), atol=ATOL), p.name
+
+
+# ------------------------------------------------------------------------------- default example input
+def _summary(points: list[Point]) -> list[tuple[Any, ...]]:
+    return [(p.name, p.shape, p.layout, p.width) for p in points]
+
+
+@pytest.mark.parametrize(
+    "name, explicit",
+    [
+        ("timm_resnet18", lambda m: torch.randn(2, *m.pretrained_cfg["input_size"])),
+        ("timm_vit", lambda m: torch.randn(2, 3, 32, 32)),  # built with img_size=32: pretrained_cfg still says 224
+        ("hf_vit", lambda m: {"pixel_values": torch.randn(2, 3, 32, 32)}),
+        ("hf_convnext", lambda m: {"pixel_values": torch.randn(2, 3, 32, 32)}),
+    ],
+)
+def test_find_points_without_example_uses_the_model_config(name: str, explicit: Any) -> None:
+    model, _ = build(name)
+    assert _summary(find_points(model)) == _summary(find_points(model, explicit(model)))
+
+
+@pytest.mark.parametrize("name", TEXT_MODELS)
+def test_find_points_without_example_on_text_models(name: str) -> None:
+    """Text models get token ids from their config; sequence length may differ from the zoo example."""
+    model, example = build(name)
+    default, explicit = find_points(model), find_points(model, example)
+    assert [(p.name, p.layout, p.width) for p in default] == [(p.name, p.layout, p.width) for p in explicit]
+
+
+def test_default_example_follows_in_chans() -> None:
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=NUM_CLASSES, in_chans=1,
+                              channels=(8, 16, 32, 64), stem_width=8).eval()
+    assert _summary(find_points(model)) == _summary(find_points(model, torch.randn(2, 1, 224, 224)))
