@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from pnc_surgery.clone import CloneConfig, clone
+
 from .protocol import Context, Method, Outcome
 
 __all__ = ["PNC_VARIANTS", "pnc_method", "pnc_methods"]
@@ -35,15 +37,14 @@ def pnc_method(overrides: dict[str, Any], base: dict[str, Any] | None = None) ->
     """
 
     def run(ctx: Context) -> Outcome:
-        import pnc_surgery
-
-        config = pnc_surgery.CloneConfig(**{**(base or {}), **overrides})
+        config = CloneConfig(**{**(base or {}), **overrides})
         start = time.perf_counter()
-        patch = pnc_surgery.clone(
+        patch = clone(
             ctx.source, ctx.target, ctx.split.clone, classes=list(ctx.split.clone_source_ids),
             replay=ctx.split.replay, config=config, seed=ctx.seed, progress=ctx.progress,
         )
         seconds = time.perf_counter() - start
+        extra_params = int(patch.num_parameters)  # read before attaching (see the report's open problems)
         with tempfile.TemporaryDirectory() as folder:
             path = patch.save(os.path.join(folder, "patch.safetensors"))
             patch_bytes = os.path.getsize(path)
@@ -54,7 +55,7 @@ def pnc_method(overrides: dict[str, Any], base: dict[str, Any] | None = None) ->
             return ctx.target
 
         return Outcome(
-            ctx.target, ctx.target, int(patch.num_parameters), patch_bytes, seconds, release,
+            ctx.target, ctx.target, extra_params, patch_bytes, seconds, release,
             notes={"clone_config": {**(base or {}), **overrides}, "patch_metrics": dict(patch.metrics)},
         )
 

@@ -89,6 +89,7 @@ SMOKE = RunConfig(
     train_per_class=None,
     model_steps=120,
     hyper=Hyper(steps=30),
+    clone={"search_steps": 10, "train_steps": 60, "max_cuts": 2, "max_insertions": 2},
     latency_batch=64,
 )
 """A configuration that runs every method in about a minute on two CPU cores (used by the tests)."""
