@@ -23,9 +23,9 @@ from .backends.base import ModelInputs, main_tensor
 from .branch import SourceTail
 from .data import Examples, batches, collect, to_view
 from .errors import InvalidInputError, UnsupportedModelError
-from .gate import GATE_KINDS, Gate, evidence_width
+from .gate import GATE_KINDS
 from .localize import branch_parameters, find_prune_groups, keep_indices, masked, prune, unit_importance
-from .patch import Patch, pool_feature
+from .patch import Patch
 from .points import Point, classifier_names, eval_mode, find_points, trace_model
 from .search import Candidate, FitData, evaluate, spread_points, successive_halving, train_candidate
 
@@ -150,22 +150,35 @@ def _source_view(source: nn.Module, sample: ModelInputs) -> tuple[int, tuple[int
 
 @torch.no_grad()
 def _extract(
-    model: nn.Module, names: Sequence[str], examples: Examples, batch_size: int, view: Any, desc: str, progress: bool
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Features at ``names`` and logits for every example (eval mode, batched)."""
+    model: nn.Module,
+    names: Sequence[str],
+    examples: Examples,
+    batch_size: int,
+    view: Any,
+    desc: str,
+    progress: bool,
+    classifiers: Sequence[str] = (),
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """Features at ``names``, logits and (with ``classifiers``) pre-logits for every example (eval mode, batched)."""
     backend = backend_for(model)
     wanted = set(names)
     features: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    logits = []
+    logits, pre_logits = [], []
     total = (len(examples) + batch_size - 1) // batch_size
     with eval_mode(model):
         for batch in tqdm(batches(examples, batch_size), total=total, desc=desc, disable=not progress, leave=False):
             inputs = _call_inputs(model, to_view(batch.inputs, *view) if view else batch.inputs)
-            trace = trace_model(model, inputs, backend, keep=wanted.__contains__)
+            trace = trace_model(model, inputs, backend, keep=wanted.__contains__, classifiers=classifiers)
             for name in names:
                 features[name].append(trace.calls[name].output)
             logits.append(trace.logits.float())
-    return {name: torch.cat(parts) for name, parts in features.items()}, torch.cat(logits)
+            if trace.pre_logits is not None:
+                pre_logits.append(trace.pre_logits)
+    return (
+        {name: torch.cat(parts) for name, parts in features.items()},
+        torch.cat(logits),
+        torch.cat(pre_logits) if pre_logits else None,
+    )
 
 
 def _with_blocks_after(model: nn.Module, points: list[Point], inputs: ModelInputs, min_share: float = 0.02) -> list[Point]:
@@ -321,10 +334,10 @@ def _clone(
     if not pairs:
         raise UnsupportedModelError("no (cut, insertion) pair is compatible: one model works on images and the other on text")
 
-    target_features, target_logits = _extract(
+    target_features, target_logits, _ = _extract(
         target, sorted({p.name for _, p in pairs}), examples, config.feature_batch_size, None, "pnc: target features", progress
     )
-    source_features, source_logits = _extract(
+    source_features, source_logits, _ = _extract(
         source, sorted({c.name for c, _ in pairs}), examples, config.feature_batch_size, view, "pnc: source features", progress
     )
     teacher = source_logits[:, classes]
@@ -393,27 +406,33 @@ def _clone(
     metrics["heldout_local_accuracy"] = round(accuracy, 4)
 
     kind = config.gate if config.gate != "auto" else ("learned" if replay is not None else "energy")
-    insertion = winner.insertion
-    gate = Gate(kind, evidence_width(target_logits.shape[1], len(classes), insertion.width))
-    patch = Patch.compose(source, target, winner.cut, insertion, branch, winner.adapter, gate, target_input=target_sample, source_kwargs=config.source_kwargs or None)
+    patch = Patch.compose(
+        source, target, winner.cut, winner.insertion, branch, winner.adapter, kind,
+        target_input=target_sample, source_kwargs=config.source_kwargs or None,
+    )
     patch.eval()
-    positives = _evidence(patch, target_features[insertion.name], target_logits, context)
-    negatives = None
-    if replay is not None:
-        replay_features, replay_logits = _extract(target, [insertion.name], replay, config.feature_batch_size, None, "pnc: replay features", progress)
-        replay_context = {k: v for k, v in replay.inputs.items() if k == "attention_mask"} if isinstance(replay.inputs, dict) else {}
-        negatives = _evidence(patch, replay_features[insertion.name], replay_logits, replay_context)
-    metrics.update(gate.fit(positives, negatives, max_false_positive_rate=config.max_false_positive_rate))
+    positives = _evidence(patch, target, examples, config, progress)
+    negatives = _evidence(patch, target, replay, config, progress) if replay is not None else None
+    metrics.update(patch.gate.fit(positives, negatives, max_false_positive_rate=config.max_false_positive_rate))
     patch.config["search"] = ranking
     patch.metrics.update(metrics)
     return patch
 
 
 @torch.no_grad()
-def _evidence(patch: Patch, features: torch.Tensor, logits: torch.Tensor, context: dict, batch_size: int = 256) -> torch.Tensor:
+def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool) -> torch.Tensor:
+    """Gate evidence rows of ``examples`` as the attached patch would see them."""
+    insertion = patch.config["insertion"]["name"]
+    classifiers = patch.config["target"]["classifiers"]
+    features, logits, pre_logits = _extract(
+        target, [insertion], examples, config.feature_batch_size, None, "pnc: gate evidence", progress, classifiers
+    )
+    if pre_logits is None:
+        pre_logits = logits.new_zeros(len(logits), 0)
+    context = {k: v for k, v in examples.inputs.items() if k == "attention_mask"} if isinstance(examples.inputs, dict) else {}
     rows = []
-    for index in torch.arange(len(features)).split(batch_size):
-        rows.append(patch.evidence(features[index], logits[index], **{k: v[index] for k, v in context.items()}))
+    for index in torch.arange(len(logits)).split(256):
+        rows.append(patch.evidence(features[insertion][index], logits[index], pre_logits[index], **{k: v[index] for k, v in context.items()}))
     return torch.cat(rows)
 
 

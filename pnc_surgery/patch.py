@@ -31,7 +31,7 @@ from .backends.base import main_tensor
 from .branch import SourceTail
 from .errors import InvalidInputError, PatchFormatError, PatchMismatchError, PatchStateError, PncError, UnsupportedModelError
 from .gate import Gate, evidence_width, gate_evidence
-from .points import Point, eval_mode, resolve_example_input, trace_model
+from .points import Point, classifier_names, eval_mode, resolve_example_input, trace_model
 
 __all__ = ["Patch", "pool_feature", "target_fingerprint"]
 
@@ -58,11 +58,12 @@ def target_fingerprint(target: nn.Module, insertion: Point, example_input: Model
     """What a patch checks on attach: the target's identity, insertion module, parameter shapes and feature shape."""
     backend = backend_for(target)
     module = target.get_submodule(insertion.name)
-    num_classes = backend.num_classes(target)
-    if num_classes is None:
-        inputs = resolve_example_input(target, example_input, backend)
-        with eval_mode(target):
-            num_classes = int(trace_model(target, inputs, backend).logits.shape[-1])
+    inputs = resolve_example_input(target, example_input, backend)
+    with eval_mode(target):
+        trace = trace_model(target, inputs, backend)
+        num_classes = int(trace.logits.shape[-1])
+        classifiers = classifier_names(trace, num_classes, after=trace.calls[insertion.name].post)
+        pre_logits = trace_model(target, inputs, backend, classifiers=classifiers).pre_logits
     return {
         "id": backend.identity(target),
         "family": backend.family,
@@ -71,6 +72,8 @@ def target_fingerprint(target: nn.Module, insertion: Point, example_input: Model
         "insertion_type": type(module).__name__,
         "parameter_shapes": {name: list(p.shape) for name, p in module.named_parameters()},
         "feature_shape": list(insertion.shape),
+        "classifiers": classifiers,
+        "pre_logits_width": 0 if pre_logits is None else int(pre_logits.shape[1]),
     }
 
 
@@ -172,7 +175,7 @@ class Patch(nn.Module):
         names = list(class_names) if class_names is not None else _class_names(source_backend.class_names(source), classes)
         fingerprint = target_fingerprint(target, insertion, target_input)
         if isinstance(gate, str):
-            gate = Gate(gate, evidence_width(fingerprint["num_classes"], len(classes), insertion.width))
+            gate = Gate(gate, evidence_width(fingerprint["num_classes"], len(classes), insertion.width, fingerprint["pre_logits_width"]))
         config = {
             "format_version": files.FORMAT_VERSION,
             "source": {"id": source_backend.identity(source), "architecture": source_backend.architecture(source, **dict(source_kwargs or {}))},
@@ -298,6 +301,8 @@ class Patch(nn.Module):
         try:
             handles.append(model.register_forward_pre_hook(self._on_call, with_kwargs=True))
             handles.append(insertion.register_forward_hook(self._on_insertion))
+            for name in self.config["target"].get("classifiers", []):
+                handles.append(model.get_submodule(name).register_forward_pre_hook(self._on_classifier))
             handles.append(model.register_forward_hook(lambda m, a, o: self._on_output(backend, o), always_call=True))
         except BaseException:
             for handle in handles:
@@ -350,6 +355,18 @@ class Patch(nn.Module):
         state["branch_logits"] = self.branch(self.adapter(feature), **context)
         state["pooled"] = pool_feature(feature, self.adapter.source.layout)
 
+    def _on_classifier(self, module: nn.Module, args: tuple) -> None:
+        if "context" in self._state and args and isinstance(args[0], torch.Tensor):
+            self._state.setdefault("pre_logits", []).append(args[0].detach().flatten(1))
+
+    def _pre_logits(self, state: dict, batch: int, like: torch.Tensor) -> torch.Tensor:
+        parts = state.get("pre_logits") or []
+        width = int(self.config["target"].get("pre_logits_width", 0))
+        merged = torch.cat(parts, dim=1) if parts else like.new_zeros(batch, 0)
+        if merged.shape[1] != width:
+            raise PatchMismatchError(f"the target's classifier input has {merged.shape[1]} features; the patch expects {width}")
+        return merged
+
     def _on_output(self, backend: Any, output: Any) -> Any:
         state, self._state = self._state, {}
         if output is None:
@@ -361,7 +378,8 @@ class Patch(nn.Module):
             )
         logits = backend.logits(output)
         own = logits[..., : self.config["target"]["num_classes"]].detach()
-        scores = self.gate(own, state["branch_logits"], state["pooled"])
+        pre_logits = self._pre_logits(state, own.shape[0], own)
+        scores = self.gate(own, state["branch_logits"], state["pooled"], pre_logits)
         return backend.with_logits(output, torch.cat([logits, scores.to(logits.dtype)], dim=-1))
 
     def _follow(self, feature: torch.Tensor) -> None:
@@ -370,15 +388,19 @@ class Patch(nn.Module):
         if weight.device != feature.device or (feature.is_floating_point() and weight.dtype != feature.dtype):
             self.to(device=feature.device, dtype=feature.dtype if feature.is_floating_point() else None)
 
-    def forward(self, feature: torch.Tensor, target_logits: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
-        """Cloned-class logits from a target feature and the target's logits (what the hooks compute)."""
+    def forward(
+        self, feature: torch.Tensor, target_logits: torch.Tensor, pre_logits: torch.Tensor, **context: torch.Tensor
+    ) -> torch.Tensor:
+        """Cloned-class logits from the target's feature at the insertion point, its logits and pre-logits (what the hooks compute)."""
         branch_logits = self.branch(self.adapter(feature), **context)
-        return self.gate(target_logits, branch_logits, pool_feature(feature, self.adapter.source.layout))
+        return self.gate(target_logits, branch_logits, pool_feature(feature, self.adapter.source.layout), pre_logits)
 
-    def evidence(self, feature: torch.Tensor, target_logits: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
+    def evidence(
+        self, feature: torch.Tensor, target_logits: torch.Tensor, pre_logits: torch.Tensor, **context: torch.Tensor
+    ) -> torch.Tensor:
         """The gate's evidence rows for a batch (used to fit the gate)."""
         branch_logits = self.branch(self.adapter(feature), **context)
-        return gate_evidence(target_logits, branch_logits, pool_feature(feature, self.adapter.source.layout))
+        return gate_evidence(target_logits, branch_logits, pool_feature(feature, self.adapter.source.layout), pre_logits)
 
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -499,7 +521,9 @@ class Patch(nn.Module):
         if "attention_mask" in self.branch.context_keys:
             context["attention_mask"] = torch.ones(1, shape[0], dtype=torch.long)
         with torch.no_grad():
-            out = self(feature, torch.zeros(1, int(self.config["target"]["num_classes"])), **context)
+            target = self.config["target"]
+            pre_logits = torch.zeros(1, int(target.get("pre_logits_width", 0)))
+            out = self(feature, torch.zeros(1, int(target["num_classes"])), pre_logits, **context)
         if tuple(out.shape) != (1, len(self.class_ids)):
             raise PatchFormatError(f"patch produces {tuple(out.shape[1:])} scores for {len(self.class_ids)} classes")
 
