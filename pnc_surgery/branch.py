@@ -21,7 +21,7 @@ from torch import nn
 from .backends import ModelInputs, backend_for, backend_named
 from .backends.base import call_model, main_tensor
 from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
-from .points import Point, classifier_names, eval_mode, resolve_example_input, trace_model
+from .points import Point, check_cut, classifier_names, eval_mode, resolve_example_input, trace_model
 
 __all__ = ["SourceTail", "capture_features", "STUB_VALUE_BUFFER"]
 
@@ -69,10 +69,10 @@ class _Stub:
         feature = self.live.feature
         shape = self.live.shape_like(self.shape)
         value = self.module._buffers.get(STUB_VALUE_BUFFER)
-        if value is not None:
-            return value.to(feature.device).expand(shape)
+        if value is not None:  # materialised: the model may write into it in place (``x += shortcut``)
+            return value.to(feature.device).expand(shape).clone()
         dtype = feature.dtype if self.dtype.is_floating_point else self.dtype
-        return torch.zeros((), dtype=dtype, device=feature.device).expand(shape)
+        return torch.zeros(shape, dtype=dtype, device=feature.device)
 
 
 def _shrink(module: nn.Module, keep: set[int]) -> None:
@@ -152,13 +152,16 @@ class SourceTail(nn.Module):
             model: the classifier.
             point: where to cut (from :func:`~pnc_surgery.find_points`), or a module name.
             example_input: an input to record shapes on (built from the model's config when omitted).
-            verify: check that the tail reproduces the model's logits on the example (atol 1e-5).
+            verify: check that ``point`` is a cut (the substitution test of :mod:`pnc_surgery.points`) and that
+                the tail reproduces the model's logits on the example (atol 1e-5).
         """
         backend = backend_for(model)
         inputs = resolve_example_input(model, example_input, backend)
         name = point.name if isinstance(point, Point) else str(point)
         if not name or name not in dict(model.named_modules()):
             raise InvalidInputError(f"{type(model).__name__} has no module {name!r} to cut at")
+        if verify:
+            check_cut(model, name, inputs)
         with eval_mode(model):
             trace = trace_model(model, inputs, backend, keep=lambda n: True)
         cut_call = trace.calls.get(name)

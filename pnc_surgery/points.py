@@ -32,6 +32,7 @@ __all__ = [
     "eval_mode",
     "resolve_example_input",
     "classifier_names",
+    "check_cut",
 ]
 
 LAYOUTS = ("NCHW", "NHWC", "NLC")
@@ -240,6 +241,17 @@ def _candidate_names(model: nn.Module) -> set[str]:
     return names
 
 
+CHANNELS_FIRST_MODULES = (
+    nn.Conv2d,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+"""torch's 2-d layers: their output is NCHW whatever the sizes."""
+
+
 def _layout(shape: tuple[int, ...], spatial: tuple[int, int] | None, hint: str | None) -> str | None:
     if len(shape) == 2:
         return "NLC"
@@ -359,6 +371,71 @@ def _compare_outputs(trace: Trace) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def _checked_reference(model: nn.Module, inputs: ModelInputs, backend: Backend, keep: Callable[[str], bool]) -> tuple[Trace, int]:
+    """One traced forward on the example, checked to be a classifier's (batch, classes) logits."""
+    try:
+        reference = trace_model(model, inputs, backend, keep=keep)
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+        shape = tuple(main_tensor(inputs, backend.main_input_name(model)).shape)
+        raise InvalidInputError(f"{type(model).__name__} failed on an example input of shape {shape}: {exc}") from None
+    batch = main_tensor(inputs, backend.main_input_name(model)).shape[0]
+    if reference.logits.dim() != 2 or reference.logits.shape[0] != batch:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} returns {tuple(reference.logits.shape)}, not (batch, classes) logits: "
+            "it has no classifier head to clone from or into"
+        )
+    num_classes = backend.num_classes(model)
+    if num_classes is None:
+        num_classes = int(reference.logits.shape[1])
+    if num_classes == 0 or reference.logits.shape[1] != num_classes:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no classifier head (num_classes={num_classes}, output "
+            f"{tuple(reference.logits.shape)})"
+        )
+    return reference, num_classes
+
+
+def _substitution_survivors_of(
+    model: nn.Module, inputs: ModelInputs, backend: Backend, names: list[str], classifiers: list[str]
+) -> set[str]:
+    """Which of ``names`` pass the substitution test (on a twin without dead residual paths)."""
+    second_inputs = backend.second_input(model, inputs)
+    probe = _without_dead_paths(model)
+    wanted = set(names)
+    first = trace_model(probe, inputs, backend, keep=wanted.__contains__, classifiers=classifiers)
+    baseline = _compare_outputs(first)
+    other = _compare_outputs(trace_model(probe, second_inputs, backend, classifiers=classifiers))
+    spread = (other - baseline).abs().max().item()
+    if not math.isfinite(spread) or spread <= 1e-7 * max(1.0, baseline.abs().max().item()):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s output does not depend on its input here (difference {spread:.3g}); "
+            "cut points cannot be told apart"
+        )
+    present = [n for n in names if first.calls.get(n) is not None and first.calls[n].output is not None]
+    return _substitution_survivors(probe, first, present, second_inputs, baseline, spread, backend)
+
+
+def check_cut(model: nn.Module, name: str, inputs: ModelInputs) -> None:
+    """Raise :class:`UnsupportedModelError` unless the rest of ``model`` depends on module ``name``'s output alone."""
+    backend = backend_for(model)
+    with eval_mode(model):
+        reference, num_classes = _checked_reference(model, inputs, backend, keep=lambda n: n == name)
+        call = reference.calls.get(name)
+        if call is None or call.output is None or call.calls != 1:
+            raise UnsupportedModelError(f"module {name!r} is not called exactly once with a single tensor output; it cannot be cut")
+        if call.output.shape[0] != reference.logits.shape[0]:
+            raise UnsupportedModelError(
+                f"module {name!r} outputs {tuple(call.output.shape)}, whose first axis is not the batch (windows, heads?); "
+                "it is not a cut point"
+            )
+        classifiers = classifier_names(reference, num_classes, after=call.post)
+        if name not in _substitution_survivors_of(model, inputs, backend, [name], classifiers):
+            raise UnsupportedModelError(
+                f"{name!r} is not a cut point of {type(model).__name__}: the model's answer also depends on what "
+                "happens beside it (a residual path, attention context); use a point from find_points()"
+            )
+
+
 def find_points(model: nn.Module, example_input: ModelInputs | None = None) -> list[Point]:
     """The ordered points where ``model`` can be cut or tapped.
 
@@ -375,32 +452,12 @@ def find_points(model: nn.Module, example_input: ModelInputs | None = None) -> l
         InvalidInputError: ``model`` is not a module, or ``example_input`` does not fit it.
         UnsupportedModelError: the model has no classifier, or its output does not depend on its input.
     """
-    return _analyse(model, example_input)[0]
-
-
-def _analyse(model: nn.Module, example_input: ModelInputs | None) -> tuple[list[Point], Trace, ModelInputs]:
-    """Points plus the reference trace (with kept outputs) and the input, for callers that need all three."""
     backend = backend_for(model)
     inputs = resolve_example_input(model, example_input, backend)
     candidates = _candidate_names(model)
     with eval_mode(model):
-        try:
-            reference = trace_model(model, inputs, backend, keep=candidates.__contains__)
-        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
-            shape = tuple(main_tensor(inputs, backend.main_input_name(model)).shape)
-            raise InvalidInputError(f"{type(model).__name__} failed on an example input of shape {shape}: {exc}") from None
-        batch = int(reference.logits.shape[0]) if reference.logits.dim() >= 1 else 0
-        if reference.logits.dim() != 2 or batch != main_tensor(inputs, backend.main_input_name(model)).shape[0]:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} returns {tuple(reference.logits.shape)}, not (batch, classes) logits: "
-                "it has no classifier head to clone from or into"
-            )
-        num_classes = backend.num_classes(model) or reference.logits.shape[1]
-        if num_classes == 0 or reference.logits.shape[1] != num_classes:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} has no classifier head (num_classes={num_classes}, output "
-                f"{tuple(reference.logits.shape)})"
-            )
+        reference, num_classes = _checked_reference(model, inputs, backend, keep=candidates.__contains__)
+        batch = int(reference.logits.shape[0])
         main = main_tensor(inputs, backend.main_input_name(model))
         spatial = tuple(main.shape[-2:]) if main.is_floating_point() and main.dim() == 4 else None
         hint, prefix = backend.layout_hint(model), backend.prefix_tokens(model)
@@ -410,24 +467,13 @@ def _analyse(model: nn.Module, example_input: ModelInputs | None) -> tuple[list[
             out = call.output
             if out is None or call.calls != 1 or out.dim() not in (3, 4) or out.shape[0] != batch:
                 continue
-            layout = _layout(tuple(out.shape[1:]), spatial, hint)
+            module_hint = "NCHW" if isinstance(call.module, CHANNELS_FIRST_MODULES) else hint
+            layout = _layout(tuple(out.shape[1:]), spatial, module_hint)
             if layout is not None:
                 shaped.append((call, layout))
         last_post = max((call.post for call, _ in shaped), default=-1)
-        reference.classifiers = classifier_names(reference, num_classes, after=last_post)
-        second_inputs = backend.second_input(model, inputs)
-        probe = _without_dead_paths(model)
-        classifiers = reference.classifiers
-        first = trace_model(probe, inputs, backend, keep=candidates.__contains__, classifiers=classifiers)
-        baseline = _compare_outputs(first)
-        other = _compare_outputs(trace_model(probe, second_inputs, backend, classifiers=classifiers))
-        spread = (other - baseline).abs().max().item()
-        if not math.isfinite(spread) or spread <= 1e-7 * max(1.0, baseline.abs().max().item()):
-            raise UnsupportedModelError(
-                f"{type(model).__name__}'s output does not depend on its input here (difference {spread:.3g}); "
-                "cut points cannot be told apart"
-            )
-        valid = _substitution_survivors(probe, first, [call.name for call, _ in shaped], second_inputs, baseline, spread, backend)
+        classifiers = classifier_names(reference, num_classes, after=last_post)
+        valid = _substitution_survivors_of(model, inputs, backend, [call.name for call, _ in shaped], classifiers)
         points, seen_outputs = [], {}
         for call, layout in sorted(shaped, key=lambda item: item[0].post):
             if call.name not in valid:
@@ -447,4 +493,4 @@ def _analyse(model: nn.Module, example_input: ModelInputs | None) -> tuple[list[
     ]
     if not described:
         raise UnsupportedModelError(f"no module of {type(model).__name__} is a valid cut point")
-    return described, reference, inputs
+    return described

@@ -93,7 +93,8 @@ class TimmBackend(Backend):
             )
 
     def num_classes(self, model: nn.Module) -> int | None:
-        return int(getattr(model, "num_classes", 0)) or None
+        count = getattr(model, "num_classes", None)
+        return None if count is None else int(count)
 
     def class_names(self, model: nn.Module) -> list[str] | None:
         names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
