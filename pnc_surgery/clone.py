@@ -56,7 +56,7 @@ class CloneConfig:
     """Ratios tried when ``keep_ratio`` is ``None``."""
     accuracy_tolerance: float = 0.01
     """Local accuracy (on the clone data) that pruning may cost."""
-    adapter_hidden: int = 0
+    adapter_hidden: int = 64
     """Width of the adapter's residual bottleneck (0: a single 1x1 projection)."""
     train_steps: int = 400
     """Final training steps of the adapter (and branch)."""

@@ -1,0 +1,6 @@
+"""``python -m pnc_surgery.cli``."""
+import sys
+
+from . import main
+
+sys.exit(main())
