@@ -12,12 +12,17 @@ from .errors import (
     UnsupportedModelError,
 )
 from .branch import SourceTail, capture_features
+from .clone import CloneConfig, clone
+from .patch import Patch
 from .points import Point, find_points
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "clone",
+    "CloneConfig",
+    "Patch",
     "Point",
     "find_points",
     "SourceTail",

@@ -1,0 +1,200 @@
+"""Specification of ``pnc_surgery.clone``: the method end to end on scikit-learn's digits, and its refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import pnc_surgery
+from pnc_surgery import CloneConfig, InvalidInputError, clone
+from pnc_surgery.backends.timm import create_model
+from pnc_surgery.datasets import class_split, load_digits
+from pnc_surgery.demo import parameter_digest
+from pnc_surgery.training import predict_logits, train_classifier
+
+FAST = CloneConfig(max_cuts=2, max_insertions=2, search_steps=10, train_steps=150)
+
+
+def small_resnet(num_classes: int) -> torch.nn.Module:
+    return create_model("resnet18", num_classes=num_classes, in_chans=1, channels=(16, 32, 64, 128))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Target trained on digits 0-4, source on 5-9 (source ids 0-4), the BENCHMARK protocol at 30% clone data."""
+    torch.manual_seed(0)
+    train, test = load_digits(image_size=16)
+    split = class_split(train, test, clone_level=0.3, replay_per_class=20, seed=0)
+    target, source = small_resnet(5), small_resnet(5)
+    train_classifier(target, split.target_train, epochs=8, seed=0, progress=False)
+    train_classifier(source, split.source_train, epochs=8, seed=1, progress=False)
+    return split, target, source
+
+
+@pytest.fixture(scope="module")
+def cloned(digits):
+    split, target, source = digits
+    before = parameter_digest(target)
+    original = predict_logits(target, split.test)
+    patch = clone(source, target, split.clone, classes=split.clone_source_ids, replay=split.replay, config=FAST, seed=0, progress=False)
+    return patch, before, original
+
+
+def test_clone_adds_the_cloned_classes_and_keeps_the_targets_answers(digits, cloned):
+    split, target, source = digits
+    patch, before, original = cloned
+    with patch.attached(target):
+        patched = predict_logits(target, split.test)
+    labels = split.test.tensors[1]
+    old = labels < split.num_old
+    prediction = patched.argmax(-1)
+    assert patched.shape[1] == 5 + 3
+    assert torch.equal(patched[:, :5], original), "the target's own logits must be untouched"
+    source_logits = predict_logits(source, TensorDataset(split.test.tensors[0][~old], labels[~old]))
+    source_accuracy = (source_logits[:, [0, 1, 2]].argmax(-1) == labels[~old] - 5).float().mean().item()
+    acc_new = (prediction[~old] == labels[~old]).float().mean().item()
+    acc_old = (prediction[old] == labels[old]).float().mean().item()
+    locality = (prediction[old] == original[old].argmax(-1)).float().mean().item()
+    assert acc_new >= source_accuracy - 0.3, (acc_new, source_accuracy)
+    assert acc_old >= (original[old].argmax(-1) == labels[old]).float().mean().item() - 0.03
+    assert locality >= 0.97
+    assert parameter_digest(target) == before, "not one target parameter or buffer may change"
+    assert torch.equal(predict_logits(target, split.test), original), "detach gives back the exact original"
+
+
+def test_clone_records_what_it_measured(cloned):
+    patch = cloned[0]
+    for key in ("source_local_accuracy", "heldout_local_accuracy", "kept_ratio", "cut", "insertion", "clone_seconds", "locality_protection"):
+        assert key in patch.metrics, key
+    assert patch.config["search"], "the (cut, insertion) ranking is recorded"
+    assert patch.config["search"][0]["cut"] == patch.metrics["cut"]
+    assert patch.class_ids == [0, 1, 2]
+    assert "replay" in patch.metrics["locality_protection"]
+
+
+def test_localization_makes_the_branch_and_the_file_smaller(digits, cloned, tmp_path):
+    split, target, source = digits
+    patch = cloned[0]
+    assert patch.metrics["branch_parameters"] < patch.metrics["unpruned_branch_parameters"]
+    patch.save(tmp_path / "patch.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "source.safetensors"))
+    assert (tmp_path / "patch.safetensors").stat().st_size < (tmp_path / "source.safetensors").stat().st_size
+
+
+def test_a_saved_clone_reloads_and_answers_the_same(digits, cloned, tmp_path):
+    split, target, _ = digits
+    patch = cloned[0]
+    with patch.attached(target):
+        expected = predict_logits(target, split.test)
+    reloaded = pnc_surgery.Patch.from_pretrained(patch.save_pretrained(tmp_path / "patch"))
+    with reloaded.attached(target):
+        assert torch.equal(predict_logits(target, split.test), expected)
+
+
+def test_clone_is_reproducible_with_a_seed(digits):
+    split, target, source = digits
+    tiny = CloneConfig(max_cuts=1, max_insertions=1, train_steps=20, keep_ratio=0.5)
+    first = clone(source, target, split.clone, classes=[0], config=tiny, seed=3, progress=False).tensors()
+    second = clone(source, target, split.clone, classes=[0], config=tiny, seed=3, progress=False).tensors()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_without_replay_the_gate_says_how_locality_was_protected(digits):
+    split, target, source = digits
+    tiny = CloneConfig(max_cuts=1, max_insertions=1, train_steps=20)
+    patch = clone(source, target, split.clone, config=tiny, progress=False)
+    assert patch.metrics["gate"] == "energy"
+    assert "no replay" in patch.metrics["locality_protection"]
+
+
+@pytest.mark.parametrize(
+    "make_source",
+    [
+        lambda: create_model("vit_tiny_patch16_224", num_classes=5, in_chans=1, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+        lambda: _hf_vit_source(),
+    ],
+    ids=["timm-vit-into-timm-resnet", "transformers-vit-into-timm-resnet"],
+)
+def test_a_heterogeneous_pair_clones_and_attaches(digits, make_source):
+    split, target, _ = digits
+    source = make_source().eval()
+    tiny = CloneConfig(max_cuts=2, max_insertions=1, search_steps=5, train_steps=20)
+    patch = clone(source, target, split.clone, classes=[0, 1], config=tiny, progress=False)
+    with patch.attached(target):
+        out = predict_logits(target, split.test)
+    assert out.shape == (len(split.test), 7)
+
+
+def test_a_cnn_source_clones_into_a_transformers_vit_target(digits):
+    split, _, source = digits
+    from transformers import ViTConfig, ViTForImageClassification
+
+    target = ViTForImageClassification(
+        ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=5)
+    ).eval()
+    tiny = CloneConfig(max_cuts=1, max_insertions=2, search_steps=5, train_steps=20)
+    patch = clone(source, target, split.clone, classes=[2], config=tiny, progress=False)
+    images = split.test.tensors[0][:4]
+    with torch.no_grad():
+        plain = target(pixel_values=images).logits
+        with patch.attached(target):
+            output = target(pixel_values=images)
+    assert type(output).__name__ == "ImageClassifierOutput"
+    assert output.logits.shape == (4, 6)
+    assert torch.equal(output.logits[:, :5], plain)
+
+
+def _hf_vit_source():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(
+        ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=5)
+    )
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if any training step runs: bad input must be refused first."""
+    import pnc_surgery.search as search
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the input was checked")
+
+    monkeypatch.setattr(search, "train_candidate", refuse)
+
+
+def test_empty_data_is_refused(digits, no_training):
+    _, target, source = digits
+    with pytest.raises(InvalidInputError, match="empty"):
+        clone(source, target, [], progress=False)
+
+
+def test_labels_the_source_does_not_have_are_refused(digits, no_training):
+    split, target, source = digits
+    images = split.clone.tensors[0][:6]
+    with pytest.raises(InvalidInputError, match=r"labels \[9\]"):
+        clone(source, target, TensorDataset(images, torch.full((6,), 9)), progress=False)
+
+
+def test_images_of_the_wrong_channels_are_refused(digits, no_training):
+    _, target, source = digits
+    rgb = TensorDataset(torch.randn(6, 3, 16, 16), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(InvalidInputError, match="cannot run on the clone data"):
+        clone(source, target, rgb, progress=False)
+
+
+@pytest.mark.parametrize("classes, message", [([], "empty"), ([4], "no examples"), ([7], "not classes of the source"), ([0, 0], "duplicates")])
+def test_a_classes_list_that_names_nothing_useful_is_refused(digits, no_training, classes, message):
+    split, target, source = digits
+    with pytest.raises(InvalidInputError, match=message):
+        clone(source, target, split.clone, classes=classes, progress=False)
+
+
+def test_a_bad_config_is_refused():
+    with pytest.raises(InvalidInputError, match="gate"):
+        CloneConfig(gate="sometimes")
+    with pytest.raises(InvalidInputError, match="keep_ratio"):
+        CloneConfig(keep_ratio=1.5)
