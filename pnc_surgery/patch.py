@@ -256,6 +256,10 @@ class Patch(nn.Module):
             ) from None
         problems = []
         backend = backend_for(model)
+        modules = dict(model.named_modules())
+        missing = [name for name in fingerprint.get("classifiers", []) if name not in modules]
+        if missing:
+            raise PatchMismatchError(f"{type(model).__name__} has no classifier modules {missing}; the patch reads their inputs")
         if type(model).__name__ != fingerprint["class"]:
             problems.append(f"model class is {type(model).__name__}, the patch was made for {fingerprint['class']}")
         if type(module).__name__ != fingerprint["insertion_type"]:
@@ -505,6 +509,7 @@ class Patch(nn.Module):
         for key in ("branch", "adapter", "gate"):
             if not isinstance(config.get(key), dict):
                 raise PatchFormatError(f"config has no {key!r} section")
+        _check_metadata(config)
         branch = SourceTail.from_spec(config["branch"], config["source"]["architecture"])
         adapter = Adapter.from_spec(config["adapter"])
         gate = Gate(str(config["gate"]["kind"]), int(config["gate"]["num_features"]))
@@ -519,13 +524,50 @@ class Patch(nn.Module):
         feature = torch.zeros(1, *shape, dtype=self.adapter.proj.weight.dtype)
         context = {}
         if "attention_mask" in self.branch.context_keys:
-            context["attention_mask"] = torch.ones(1, shape[0], dtype=torch.long)
+            mask = torch.ones(1, shape[0], dtype=torch.long)
+            mask[0, 1:] = 0  # padding, so the mask is used (an all-ones mask is dropped) and its length checked
+            context["attention_mask"] = mask
         with torch.no_grad():
             target = self.config["target"]
             pre_logits = torch.zeros(1, int(target.get("pre_logits_width", 0)))
             out = self(feature, torch.zeros(1, int(target["num_classes"])), pre_logits, **context)
         if tuple(out.shape) != (1, len(self.class_ids)):
             raise PatchFormatError(f"patch produces {tuple(out.shape[1:])} scores for {len(self.class_ids)} classes")
+
+
+def _check_metadata(config: dict) -> None:
+    """The metadata that attach, check and summary read, with the types they expect (the file is untrusted)."""
+
+    def ints(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+    def strings(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    sections = {key: config.get(key) for key in ("source", "cut", "target", "insertion")}
+    bad = [key for key, value in sections.items() if not isinstance(value, dict)]
+    if bad:
+        raise PatchFormatError(f"config sections {bad} must be JSON objects")
+    source, cut, target, insertion = sections.values()
+    shapes = target.get("parameter_shapes")
+    checks = {
+        "source.id": isinstance(source.get("id"), str),
+        "cut.name": isinstance(cut.get("name"), str),
+        "cut.shape": ints(cut.get("shape")),
+        "insertion.name": isinstance(insertion.get("name"), str),
+        "insertion.shape": ints(insertion.get("shape")),
+        "target.id": isinstance(target.get("id"), str),
+        "target.class": isinstance(target.get("class"), str),
+        "target.insertion_type": isinstance(target.get("insertion_type"), str),
+        "target.num_classes": ints([target.get("num_classes")]) and target["num_classes"] > 0,
+        "target.feature_shape": ints(target.get("feature_shape")),
+        "target.parameter_shapes": isinstance(shapes, dict) and all(isinstance(k, str) and ints(v) for k, v in shapes.items()),
+        "target.classifiers": strings(target.get("classifiers", [])),
+        "target.pre_logits_width": ints([target.get("pre_logits_width", 0)]),
+    }
+    bad = [key for key, ok in checks.items() if not ok]
+    if bad:
+        raise PatchFormatError(f"config fields {bad} are missing or of the wrong type")
 
 
 def _assign(patch: Patch, tensors: dict[str, torch.Tensor]) -> None:
