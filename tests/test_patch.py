@@ -601,6 +601,14 @@ def test_a_shape_mismatch_names_the_module_and_both_shapes() -> None:
     _refused(cnn.patch, timm_resnet(1, num_classes=9), PatchMismatchError, r"scores 9 classes.*made for 7")
 
 
+def test_a_target_without_the_classifier_the_patch_reads_is_refused() -> None:
+    """The gate reads the input of the target's classifier; a model without that module is refused before any hook."""
+    case = make_case("timm_cnn")
+    headless = copy.deepcopy(case.target)
+    del headless.fc
+    _refused(case.patch, headless, PatchMismatchError, r"no classifier modules \['fc'\]", strict=False)
+
+
 def test_attaching_to_something_that_is_not_a_module_raises_invalid_input() -> None:
     case = make_case("timm_cnn")
     for thing in ["resnet18", None, case.target.state_dict(), lambda x: x, case.target.forward]:
@@ -790,6 +798,41 @@ def test_tensors_that_do_not_fit_the_config_are_a_format_error(saved: dict[str, 
     ]:
         files.write_tensors(path, changed, metadata)
         assert_format_error(Patch.load, path, label, match=match)
+
+
+def test_config_fields_of_the_wrong_type_are_a_format_error(saved: dict[str, Path], tmp_path: Path) -> None:
+    """What attach reads from the config is checked at load time, not met as a KeyError or TypeError at attach."""
+    edits = {
+        "parameter_shapes is a list": ("target", "parameter_shapes", [[16, 8, 3, 3]]),
+        "a parameter shape is a number": ("target", "parameter_shapes", {"0.conv1.weight": 16}),
+        "a classifier is not a name": ("target", "classifiers", [{"name": "fc"}]),
+        "num_classes is text": ("target", "num_classes", "7"),
+        "num_classes is zero": ("target", "num_classes", 0),
+        "the insertion has no name": ("insertion", "name", None),
+        "the target id is a number": ("target", "id", 3),
+        "the insertion type is missing": ("target", "insertion_type", KeyError),
+        "the target class is missing": ("target", "class", KeyError),
+    }
+    for i, (label, (section, key, value)) in enumerate(edits.items()):
+        folder = _copy_folder(saved["folder"], tmp_path / f"typed{i}")
+        config = json.loads((folder / files.CONFIG_NAME).read_text())
+        if value is KeyError:
+            del config[section][key]
+        else:
+            config[section][key] = value
+        (folder / files.CONFIG_NAME).write_text(json.dumps(config))
+        assert_format_error(Patch.from_pretrained, folder, label, match=rf"{section}\.{key}")
+
+
+def test_a_text_branch_whose_recorded_lengths_disagree_is_a_format_error(tmp_path: Path) -> None:
+    """The load-time self-test runs the branch with padding, so the attention mask's length is checked too."""
+    case = make_case("hf_bert")
+    tensors, metadata = case.patch.tensors(), {"format": "pt"}
+    config = case.patch.full_config()
+    config["branch"]["stubs"]["bert.embeddings"]["shape"][0] += 2
+    path = tmp_path / "bert.safetensors"
+    files.write_tensors(path, tensors, {**metadata, files.METADATA_KEY: json.dumps(config)})
+    assert_format_error(Patch.load, path, "stub length")
 
 
 def test_every_load_error_is_a_pnc_error() -> None:

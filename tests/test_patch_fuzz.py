@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +40,17 @@ FUZZ = settings(
 
 
 # ---------------------------------------------------------------------------------------------- real patches
-def _resnet_patch() -> Patch:
+def _resnet_patch() -> tuple[Patch, torch.nn.Module, Any]:
     kwargs = dict(channels=(4, 8, 8, 8), stem_width=4, zero_init_last=False)
     torch.manual_seed(0)
     source = create_model("resnet18", num_classes=5, **kwargs).eval()
     torch.manual_seed(1)
     target = create_model("resnet18", num_classes=7, **kwargs).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return Patch.assemble(source, target, "layer3", "layer2", [1, 3], source_input=x, target_input=x)
+    return Patch.assemble(source, target, "layer3", "layer2", [1, 3], source_input=x, target_input=x), target, x
 
 
-def _bert_patch() -> Patch:
+def _bert_patch() -> tuple[Patch, torch.nn.Module, Any]:
     from transformers import BertConfig, BertForSequenceClassification
 
     def bert(seed: int, labels: int) -> Any:
@@ -64,15 +65,18 @@ def _bert_patch() -> Patch:
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0
     x = {"input_ids": ids, "attention_mask": mask}
-    return Patch.assemble(bert(0, 4), bert(1, 6), "bert.encoder.layer.0", "bert.encoder.layer.0", [0, 3], source_input=x, target_input=x)
+    target = bert(1, 6)
+    patch = Patch.assemble(bert(0, 4), target, "bert.encoder.layer.0", "bert.encoder.layer.0", [0, 3], source_input=x, target_input=x)
+    return patch, target, x
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """Per patch: the single file's bytes, the folder's files' bytes, the config, and where to write mutants."""
+    """Per patch: the single file's bytes, the folder's files' bytes, the config, its target and an input, and where
+    to write mutants."""
     root = tmp_path_factory.mktemp("fuzz")
     result = {}
-    for name, patch in [("resnet", _resnet_patch()), ("bert", _bert_patch())]:
+    for name, (patch, target, example) in [("resnet", _resnet_patch()), ("bert", _bert_patch())]:
         single = patch.save(root / f"{name}.safetensors")
         folder = patch.save_pretrained(root / f"{name}-folder")
         Patch.load(single), Patch.from_pretrained(folder)  # the originals load
@@ -81,6 +85,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
             "folder": {f.name: f.read_bytes() for f in folder.iterdir()},
             "config": json.loads((folder / files.CONFIG_NAME).read_text()),
             "work": root / f"{name}-work",
+            "target": target,
+            "input": example,
         }
     return result
 
@@ -275,5 +281,48 @@ def test_mutated_config_values_in_the_single_file_load_or_raise_a_pnc_error(save
         mutated = apply_config_edits(config, edits)
         files.write_tensors(path, tensors, {**metadata, files.METADATA_KEY: json.dumps(mutated)})
         loads_or_refuses(Patch.load, path)
+
+    check()
+
+
+@pytest.mark.parametrize("name", ["resnet", "bert"])
+def test_a_patch_loaded_from_a_mutated_config_attaches_and_runs_or_raises_a_pnc_error(saved: dict, name: str) -> None:
+    """What the loader accepts, attach and the forward handle: the model runs with the cloned columns, or a
+    ``PncError`` says why; either way no hook is left and the target's own logits are untouched."""
+    work = saved[name]["work"]
+    work.mkdir(exist_ok=True)
+    original = work / "original.safetensors"
+    original.write_bytes(saved[name]["single"])
+    tensors, metadata = files.read_tensors(original)
+    config = json.loads(metadata[files.METADATA_KEY])
+    path = work / "attach-mutant.safetensors"
+    target, example = saved[name]["target"], saved[name]["input"]
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            out = target(**example) if isinstance(example, dict) else target(example)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    expected = run()
+
+    @FUZZ
+    @given(edits=config_edits(config))
+    def check(edits: list[tuple]) -> None:
+        mutated = apply_config_edits(config, edits)
+        files.write_tensors(path, tensors, {**metadata, files.METADATA_KEY: json.dumps(mutated)})
+        patch = loads_or_refuses(Patch.load, path)
+        if patch is None:
+            return
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # strict=False warns about a changed target id
+                with patch.attached(target, strict=False):
+                    logits = run()
+            assert torch.equal(logits[:, : expected.shape[1]], expected)
+            assert logits.shape[1] == expected.shape[1] + len(patch.class_ids)
+        except PncError:
+            pass
+        assert not patch.is_attached
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in target.modules())
 
     check()
