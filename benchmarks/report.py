@@ -130,6 +130,7 @@ def markdown(document: dict[str, Any]) -> str:
         f"Trained baselines: {config['hyper']['steps']} AdamW steps of {config['hyper']['batch_size']} images on "
         f"clone data + replay set{', class-balanced batches' if config['hyper']['balanced'] else ''}. "
         f"Wall time {document['wall_seconds'] / 60:.1f} min, {document['environment']['threads']} thread(s).",
+        *_partial_note(document),
         "",
         f"## Headline: {_level_name(level)}, mean over pairs {config['pairs']} (± std over seeds)",
         "",
@@ -139,7 +140,8 @@ def markdown(document: dict[str, Any]) -> str:
     for pair in config["pairs"]:
         for lvl in config["levels"]:
             stats = {key[2]: value for key, value in per_pair.items() if key[0] == pair and key[1] == lvl}
-            parts += ["", f"### {pair}, {_level_name(lvl)}", "", _table(stats, methods)]
+            if stats:
+                parts += ["", f"### {pair}, {_level_name(lvl)}", "", _table(stats, methods)]
     models = document["models"]
     if models:
         parts += ["", "### Trained models", "", "| pair | seed | target acc on A | source acc on K (among K) |",
@@ -147,6 +149,13 @@ def markdown(document: dict[str, Any]) -> str:
         parts += [f"| {m['pair']} | {m['seed']} | {100 * m['target_acc_on_A']:.1f} | "
                   f"{100 * m['source_acc_on_K_among_K']:.1f} |" for m in models]
     return "\n".join(parts) + "\n"
+
+
+def _partial_note(document: dict[str, Any]) -> list[str]:
+    config = document["config"]
+    expected = len(config["pairs"]) * len(config["seeds"]) * len(config["levels"]) * len(config["methods"])
+    done = len(document["rows"])
+    return [] if done >= expected else [f"**Partial run: {done} of {expected} rows so far.**"]
 
 
 def _plots(document: dict[str, Any], out: Path) -> None:

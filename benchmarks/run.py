@@ -157,40 +157,19 @@ def _cell_reference(target: torch.nn.Module, source: torch.nn.Module, test: Imag
 
 
 def run(config: RunConfig, out: Path, cache: Path, progress: bool = True) -> dict[str, Any]:
-    """Run the benchmark and write its report; returns the JSON document."""
+    """Run the benchmark and write its report; returns the JSON document.
+
+    Cells run level by level (the headline level first when it is listed first), and the report is rewritten
+    after every cell, so a run stopped early still leaves every finished cell's numbers in ``out``.
+    """
     started = time.perf_counter()
     torch.set_num_threads(config.threads)
     train, test = LOADERS[config.dataset](image_size=config.image_size)
     if config.test_per_class:
         test = subsample(test, per_class=config.test_per_class, seed=0)
     methods = _methods(config)
-    rows: list[dict[str, Any]] = []
-    models: list[dict[str, Any]] = []
-    for pair in config.pairs:
-        source_arch, target_arch = PAIRS[pair]
-        for seed in config.seeds:
-            base = class_split(train, test, replay_per_class=config.replay_per_class, seed=seed)
-            common = dict(
-                dataset_name=config.dataset, image_size=config.image_size, steps=config.model_steps, seed=seed,
-                cache_dir=cache, train_per_class=config.train_per_class, progress=progress,
-            )
-            source, source_info = trained_model(source_arch, "source", base.source_train, base.source_classes, **common)
-            target, target_info = trained_model(target_arch, "target", base.target_train, base.target_classes, **common)
-            models.append(_model_record(pair, seed, base, source, target, source_info, target_info))
-            reference = _cell_reference(target, source, base.test)
-            for level in config.levels:
-                split = class_split(
-                    train, test, clone_level=level, replay_per_class=config.replay_per_class, seed=seed
-                )
-                for name, method in methods.items():
-                    logger.info("%s seed %d level %s: %s", pair, seed, level, name)
-                    ctx = Context(source, copy.deepcopy(target), target, split, config.hyper, seed, progress)
-                    row = _evaluate(method, ctx, reference, split.test.images[: config.latency_batch])
-                    assert count_changed(reference["state"], target) == (0, 0), f"{name} wrote the original target"
-                    assert count_changed(reference["source_state"], source) == (0, 0), f"{name} wrote the source"
-                    rows.append({"pair": pair, "seed": seed, "level": level, "method": name,
-                                 "clone_images": len(split.clone), "replay_images": len(split.replay), **row})
-    document = {
+    base = class_split(train, test, replay_per_class=config.replay_per_class)
+    document: dict[str, Any] = {
         "config": asdict(config),
         "data": {
             "dataset": config.dataset,
@@ -204,12 +183,43 @@ def run(config: RunConfig, out: Path, cache: Path, progress: bool = True) -> dic
         },
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "threads": config.threads, "machine": platform.machine(), "git": _git_revision()},
-        "models": models,
-        "rows": rows,
-        "wall_seconds": time.perf_counter() - started,
+        "models": [],
+        "rows": [],
+        "wall_seconds": 0.0,
     }
-    report.write(document, out)
+    for level in config.levels:
+        for pair in config.pairs:
+            for seed in config.seeds:
+                _run_cell(config, methods, train, test, pair, seed, level, cache, progress, document)
+                document["wall_seconds"] = time.perf_counter() - started
+                report.write(document, out)
     return document
+
+
+def _run_cell(
+    config: RunConfig, methods: dict[str, Method], train: ImageDataset, test: ImageDataset, pair: str, seed: int,
+    level: float | int, cache: Path, progress: bool, document: dict[str, Any],
+) -> None:
+    """Every method on one (pair, seed, level) cell; appends its rows (and the models' record) to ``document``."""
+    split = class_split(train, test, clone_level=level, replay_per_class=config.replay_per_class, seed=seed)
+    common = dict(
+        dataset_name=config.dataset, image_size=config.image_size, steps=config.model_steps, seed=seed,
+        cache_dir=cache, train_per_class=config.train_per_class, progress=progress,
+    )
+    source_arch, target_arch = PAIRS[pair]
+    source, source_info = trained_model(source_arch, "source", split.source_train, split.source_classes, **common)
+    target, target_info = trained_model(target_arch, "target", split.target_train, split.target_classes, **common)
+    if not any(m["pair"] == pair and m["seed"] == seed for m in document["models"]):
+        document["models"].append(_model_record(pair, seed, split, source, target, source_info, target_info))
+    reference = _cell_reference(target, source, split.test)
+    for name, method in methods.items():
+        logger.info("%s seed %d level %s: %s", pair, seed, level, name)
+        ctx = Context(source, copy.deepcopy(target), target, split, config.hyper, seed, progress)
+        row = _evaluate(method, ctx, reference, split.test.images[: config.latency_batch])
+        assert count_changed(reference["state"], target) == (0, 0), f"{name} wrote the original target"
+        assert count_changed(reference["source_state"], source) == (0, 0), f"{name} wrote the source"
+        document["rows"].append({"pair": pair, "seed": seed, "level": level, "method": name,
+                                 "clone_images": len(split.clone), "replay_images": len(split.replay), **row})
 
 
 def _git_revision() -> str | None:
