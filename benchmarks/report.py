@@ -126,7 +126,7 @@ def markdown(document: dict[str, Any]) -> str:
         "",
         f"A = {data['target_classes']}, B = {data['source_classes']}, K = {data['clone_classes']}; "
         f"images {config['image_size']} px from {data['source']}; seeds {config['seeds']}; "
-        f"{data['test_images']} test images of A and K. {data['same_data'].capitalize()}.",
+        f"{data['test_images']} test images of A and K. {data['same_data'][0].upper()}{data['same_data'][1:]}.",
         f"Trained baselines: {config['hyper']['steps']} AdamW steps of {config['hyper']['batch_size']} images on "
         f"clone data + replay set{', class-balanced batches' if config['hyper']['balanced'] else ''}. "
         f"Wall time {document['wall_seconds'] / 60:.1f} min, {document['environment']['threads']} thread(s).",
