@@ -20,7 +20,7 @@ from .clone import CloneConfig, clone
 from .datasets import class_split, load_digits
 from .training import predict_logits, train_classifier
 
-__all__ = ["run_demo", "DEMO_CLONE_CONFIG", "parameter_digest"]
+__all__ = ["run_demo", "digits_models", "DEMO_CLONE_CONFIG", "parameter_digest"]
 
 DEMO_CLONE_CONFIG = CloneConfig(max_cuts=3, max_insertions=3, search_steps=20, train_steps=400)
 """A budget that runs the demo in about a minute on two CPU cores."""
@@ -39,6 +39,22 @@ def _small_resnet(num_classes: int) -> nn.Module:
     return create_model("resnet18", num_classes=num_classes, in_chans=1, channels=(16, 32, 64, 128))
 
 
+def digits_models(seed: int = 0, epochs: int = 8, progress: bool = True) -> tuple[Any, nn.Module, nn.Module]:
+    """The demo's setting: the digits class split, a target trained on 0-4 and a source trained on 5-9.
+
+    Returns:
+        ``(split, target, source)``; ``split`` is a :class:`~pnc_surgery.datasets.ClassSplit` (30% clone data,
+        20 replay images per target class).
+    """
+    torch.manual_seed(seed)
+    train, test = load_digits(image_size=16)
+    split = class_split(train, test, clone_level=0.3, replay_per_class=20, seed=seed)
+    target, source = _small_resnet(len(split.target_classes)), _small_resnet(len(split.source_classes))
+    train_classifier(target, split.target_train, epochs=epochs, seed=seed, progress=progress)
+    train_classifier(source, split.source_train, epochs=epochs, seed=seed + 1, progress=progress)
+    return split, target, source
+
+
 def run_demo(out_dir: str | Path | None = "pnc_demo_patch", *, seed: int = 0, epochs: int = 8, progress: bool = True) -> dict[str, Any]:
     """Train a digits target and source, clone three classes, measure, and save the patch.
 
@@ -51,13 +67,8 @@ def run_demo(out_dir: str | Path | None = "pnc_demo_patch", *, seed: int = 0, ep
     Returns:
         The measurements, also printed by ``pnc-surgery demo``.
     """
-    torch.manual_seed(seed)
-    train, test = load_digits(image_size=16)
-    split = class_split(train, test, clone_level=0.3, replay_per_class=20, seed=seed)
-    target, source = _small_resnet(len(split.target_classes)), _small_resnet(len(split.source_classes))
     started = time.perf_counter()
-    train_classifier(target, split.target_train, epochs=epochs, seed=seed, progress=progress)
-    train_classifier(source, split.source_train, epochs=epochs, seed=seed + 1, progress=progress)
+    split, target, source = digits_models(seed, epochs, progress)
     train_seconds = time.perf_counter() - started
 
     before_digest = parameter_digest(target)

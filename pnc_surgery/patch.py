@@ -511,8 +511,9 @@ class Patch(nn.Module):
                 raise PatchFormatError(f"config has no {key!r} section")
         _check_metadata(config)
         branch = SourceTail.from_spec(config["branch"], config["source"]["architecture"])
-        adapter = Adapter.from_spec(config["adapter"])
-        gate = Gate(str(config["gate"]["kind"]), int(config["gate"]["num_features"]))
+        with torch.device("meta"):  # sizes come from the untrusted config: allocate only what the file holds
+            adapter = Adapter.from_spec(config["adapter"])
+            gate = Gate(str(config["gate"]["kind"]), int(config["gate"]["num_features"]))
         patch = cls(branch, adapter, gate, {k: v for k, v in config.items() if k not in ("branch", "adapter", "gate", "num_parameters")})
         _assign(patch, tensors)
         patch._self_test()
@@ -581,7 +582,7 @@ def _assign(patch: Patch, tensors: dict[str, torch.Tensor]) -> None:
         owner_name, _, attr = name.rpartition(".")
         owner = patch.get_submodule(owner_name)
         old = expected[name]
-        if old.device.type != "meta" and tuple(old.shape) != tuple(tensor.shape):
+        if not name.startswith("branch.") and tuple(old.shape) != tuple(tensor.shape):  # only the branch is pruned
             raise PatchFormatError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(old.shape)}")
         if attr in owner._parameters:
             owner._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)

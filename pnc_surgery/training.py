@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .backends.base import logits_of
 from .datasets import as_loader, labels_of, split_batch
 from .errors import InvalidInputError
 
@@ -24,20 +25,6 @@ __all__ = ["logits_of", "train_classifier", "predict_logits", "accuracy", "Extra
 
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``extra_loss(x, logits) -> scalar`` added to the cross-entropy of each training batch."""
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits tensor of a model's output: a tensor, a ``ModelOutput``/dict with ``logits``, or a tuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
-    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        logits = output[0]
-    if not isinstance(logits, torch.Tensor):
-        raise InvalidInputError(f"cannot find logits in a model output of type {type(output).__name__}")
-    return logits
 
 
 def _label_lookup(label_map: Mapping[int, int] | None) -> torch.Tensor | None:

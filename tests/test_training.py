@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from pnc_surgery.datasets import class_split, load_digits, select_classes
+from pnc_surgery.errors import UnsupportedModelError
 from pnc_surgery.training import accuracy, logits_of, predict_logits, train_classifier
 
 
@@ -68,7 +69,7 @@ def test_logits_of_reads_every_output_kind():
     assert logits_of(t) is t
     assert logits_of(ImageClassifierOutput(logits=t)) is t
     assert logits_of({"logits": t}) is t and logits_of((t, None)) is t
-    with pytest.raises(ValueError):
+    with pytest.raises(UnsupportedModelError):
         logits_of("nope")
 
 

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from pnc_surgery.backends.base import logits_of
+
 __all__ = ["ZooEntry", "ZOO", "NUM_CLASSES", "build", "run_model", "logits_of", "other_input", "context_of", "cut_error"]
 
 # The zoo's models are tiny: one thread is faster than two, and two OpenMP threads on a loaded two-core machine
@@ -310,17 +312,6 @@ def run_model(model: nn.Module, example_input: Any) -> Any:
     if isinstance(example_input, dict):
         return model(**example_input)
     return model(example_input)
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits tensor of a model output (a tensor, a transformers ``ModelOutput``, or a tuple)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    raise TypeError(f"no logits in {type(output).__name__}")
 
 
 # ------------------------------------------------------------------------------------------- probing helpers

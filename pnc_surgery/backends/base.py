@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import InvalidInputError, UnsupportedModelError
 
-__all__ = ["Backend", "ModelInputs", "call_model", "main_tensor"]
+__all__ = ["Backend", "ModelInputs", "call_model", "main_tensor", "logits_of", "replace_logits"]
 
 ModelInputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 """What a model is called with: one tensor (timm, plain torch) or keyword tensors (transformers)."""
@@ -29,6 +29,40 @@ def main_tensor(inputs: ModelInputs, main_input_name: str) -> torch.Tensor:
             raise InvalidInputError(f"example input has no {main_input_name!r}; got keys {sorted(inputs)}")
         return inputs[main_input_name]
     return inputs
+
+
+def _logits_index(output: Any) -> int:
+    """Position of the logits in a tuple output: the first tensor that is not a scalar loss."""
+    if isinstance(output, (tuple, list)):
+        for index, item in enumerate(output):
+            if isinstance(item, torch.Tensor) and item.dim() >= 1:
+                return index
+    raise UnsupportedModelError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of any classifier output: a tensor (timm), a ``ModelOutput`` or dict with ``logits``
+    (transformers), or a tuple whose first non-scalar tensor they are (``return_dict=False``, loss first)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if isinstance(logits, torch.Tensor):
+        return logits
+    return output[_logits_index(output)]
+
+
+def replace_logits(output: Any, logits: torch.Tensor) -> Any:
+    """``output`` with its logits replaced (same container; a ``ModelOutput`` is updated in place)."""
+    if isinstance(output, torch.Tensor):
+        return logits
+    if isinstance(getattr(output, "logits", None), torch.Tensor) or (isinstance(output, Mapping) and "logits" in output):
+        output["logits"] = logits
+        return output
+    items = list(output)
+    items[_logits_index(output)] = logits
+    return type(output)(items) if isinstance(output, list) else tuple(items)
 
 
 class Backend:
@@ -79,21 +113,11 @@ class Backend:
 
     def logits(self, output: Any) -> torch.Tensor:
         """The logits tensor of a model output."""
-        if isinstance(output, torch.Tensor):
-            return output
-        if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-            return output[0]
-        raise UnsupportedModelError(f"cannot find logits in a model output of type {type(output).__name__}")
+        return logits_of(output)
 
     def with_logits(self, output: Any, logits: torch.Tensor) -> Any:
         """``output`` with its logits replaced by ``logits`` (same container type)."""
-        if isinstance(output, torch.Tensor):
-            return logits
-        if isinstance(output, tuple):
-            return (logits, *output[1:])
-        if isinstance(output, list):
-            return [logits, *output[1:]]
-        raise UnsupportedModelError(f"cannot replace logits in a model output of type {type(output).__name__}")
+        return replace_logits(output, logits)
 
     def num_classes(self, model: nn.Module) -> int | None:
         """Number of classes the model scores, where the model says so."""

@@ -72,18 +72,6 @@ class TransformersBackend(Backend):
         elif main == "input_ids" and (tensor.dim() != 2 or tensor.is_floating_point()):
             raise InvalidInputError(f"input_ids must be an integer tensor (B, L), got {tensor.dtype} {tuple(tensor.shape)}")
 
-    def logits(self, output: Any) -> torch.Tensor:
-        logits = getattr(output, "logits", None)
-        if isinstance(logits, torch.Tensor):
-            return logits
-        return super().logits(output)
-
-    def with_logits(self, output: Any, logits: torch.Tensor) -> Any:
-        if isinstance(getattr(output, "logits", None), torch.Tensor):
-            output["logits"] = logits
-            return output
-        return super().with_logits(output, logits)
-
     def num_classes(self, model: nn.Module) -> int | None:
         return int(model.config.num_labels)
 

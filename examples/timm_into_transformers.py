@@ -1,0 +1,34 @@
+"""A timm CNN source cloned into a transformers ViT target: layouts (NCHW -> tokens + cls) are adapted for you.
+
+Run: python examples/timm_into_transformers.py   (no network: both models are built from configs)
+"""
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+import pnc_surgery
+from pnc_surgery.backends.timm import create_model
+from pnc_surgery.datasets import class_split, load_digits
+from pnc_surgery.training import predict_logits, train_classifier
+
+torch.manual_seed(0)
+train, test = load_digits(image_size=16)
+split = class_split(train, test)
+
+target = ViTForImageClassification(
+    ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=4,
+              num_attention_heads=4, intermediate_size=128, num_labels=5)
+)
+source = create_model("resnet18", num_classes=5, in_chans=1, channels=(16, 32, 64, 128))
+train_classifier(target, split.target_train, epochs=15)
+train_classifier(source, split.source_train, epochs=8, seed=1)
+
+patch = pnc_surgery.clone(source, target, split.clone, classes=split.clone_source_ids, replay=split.replay)
+print(patch.summary())
+with patch.attached(target):
+    output = target(pixel_values=split.test.images[:4])   # the same ImageClassifierOutput, wider logits
+print(type(output).__name__, tuple(output.logits.shape))
+
+with patch.attached(target):
+    prediction = predict_logits(target, split.test).argmax(-1)
+new = split.test.labels >= 5
+print(f"accuracy on the cloned classes: {(prediction[new] == split.test.labels[new]).float().mean():.3f}")
