@@ -127,8 +127,8 @@ class Gate(nn.Module):
         """Class-balanced L2 logistic regression with a threshold set on out-of-fold scores.
 
         Replay sets are small (tens of images), so the largest replay score badly estimates the tail of the
-        target domain. The threshold is instead placed where a normal fit of the out-of-fold replay scores
-        puts ``max_fpr`` of its mass (and never below their empirical quantile).
+        target domain. The threshold is instead placed where a normal fit of the out-of-fold replay margins
+        (would a cloned class win?) puts ``max_fpr`` of its mass, and never below their empirical quantile.
         """
         gen = torch.Generator().manual_seed(seed)
         data = torch.cat([positives, negatives])
@@ -144,7 +144,11 @@ class Gate(nn.Module):
         self.bias.copy_(bias)
         self.mean.copy_(mean)
         self.std.copy_(std)
-        neg_scores, pos_scores = out_of_fold[labels == 0], out_of_fold[labels == 1]
+        # A target-domain input changes its answer only if a cloned class then beats the target's top class:
+        # g + log p_branch(top) > log p_target(top). Calibrate that margin, not g alone: where the target is
+        # sure of itself, a moderately open gate still leaves its answer alone.
+        margin = out_of_fold + _confidence_gap(data)
+        neg_scores, pos_scores = margin[labels == 0], margin[labels == 1]
         z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - max_fpr)).item()
         threshold = max(
             neg_scores.mean().item() + z * neg_scores.std().item(),
@@ -157,6 +161,11 @@ class Gate(nn.Module):
             "gate_false_positive_rate_heldout": round((neg_scores > threshold).float().mean().item(), 4),
             "locality_protection": f"gate fitted against {len(negatives)} replay inputs of the target's domain",
         }
+
+
+def _confidence_gap(evidence: torch.Tensor) -> torch.Tensor:
+    """log p_branch(top) - log p_target(top), from the confidence columns of :func:`gate_evidence`."""
+    return evidence[:, 4].clamp_min(1e-12).log() - evidence[:, 3].clamp_min(1e-12).log()
 
 
 def _logistic(data: torch.Tensor, labels: torch.Tensor, l2: float, steps: int) -> tuple[torch.Tensor, ...]:

@@ -9,10 +9,10 @@ import pnc_surgery
 from pnc_surgery import CloneConfig, InvalidInputError, clone
 from pnc_surgery.backends.timm import create_model
 from pnc_surgery.datasets import class_split, load_digits
-from pnc_surgery.demo import parameter_digest
+from pnc_surgery.demo import DEMO_CLONE_CONFIG, parameter_digest
 from pnc_surgery.training import predict_logits, train_classifier
 
-FAST = CloneConfig(max_cuts=2, max_insertions=2, search_steps=10, train_steps=150)
+FAST = DEMO_CLONE_CONFIG
 
 
 def small_resnet(num_classes: int) -> torch.nn.Module:
