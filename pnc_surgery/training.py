@@ -9,7 +9,7 @@ models alike, so nothing else needs to know which family a model is from.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
