@@ -163,7 +163,6 @@ def run(config: RunConfig, out: Path, cache: Path, progress: bool = True) -> dic
     after every cell, so a run stopped early still leaves every finished cell's numbers in ``out``.
     """
     started = time.perf_counter()
-    torch.set_num_threads(config.threads)
     train, test = LOADERS[config.dataset](image_size=config.image_size)
     if config.test_per_class:
         test = subsample(test, per_class=config.test_per_class, seed=0)
@@ -187,12 +186,17 @@ def run(config: RunConfig, out: Path, cache: Path, progress: bool = True) -> dic
         "rows": [],
         "wall_seconds": 0.0,
     }
-    for level in config.levels:
-        for pair in config.pairs:
-            for seed in config.seeds:
-                _run_cell(config, methods, train, test, pair, seed, level, cache, progress, document)
-                document["wall_seconds"] = time.perf_counter() - started
-                report.write(document, out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        for level in config.levels:
+            for pair in config.pairs:
+                for seed in config.seeds:
+                    _run_cell(config, methods, train, test, pair, seed, level, cache, progress, document)
+                    document["wall_seconds"] = time.perf_counter() - started
+                    report.write(document, out)
+    finally:
+        torch.set_num_threads(threads)
     return document
 
 
