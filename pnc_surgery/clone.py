@@ -65,7 +65,7 @@ class CloneConfig:
     lr: float = 3e-3
     """Learning rate of the adapter."""
     branch_lr: float = 1e-3
-    """Peak learning rate of the branch when ``finetune_branch``."""
+    """Learning rate of the branch when ``finetune_branch`` (cosine-decayed over ``train_steps``)."""
     batch_size: int = 64
     """Mini-batch size for every training loop."""
     temperature: float = 2.0

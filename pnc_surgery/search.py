@@ -134,9 +134,7 @@ def train_candidate(
             groups.append({"params": branch_params, "lr": branch_lr})
         candidate.optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
     optimizer = candidate.optimizer
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(steps, 1), pct_start=0.1
-    ) if branch_lr else None
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1)) if branch_lr else None
     candidate.adapter.train()
     for step in range(steps):
         index = torch.randint(0, len(data), (min(batch_size, len(data)),), generator=generator)

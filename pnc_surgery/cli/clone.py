@@ -42,13 +42,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_demo)
 
 
-def image_folder(folder: str | Path, model: nn.Module, class_ids: dict[str, int] | None = None) -> list[tuple[torch.Tensor, int]]:
-    """``(image, label)`` pairs from ``folder/<class>/*`` sized for ``model``.
+def image_folder(
+    folder: str | Path, model: nn.Module, class_ids: dict[str, int] | None = None, labelled: bool = True
+) -> list[tuple[torch.Tensor, ...]]:
+    """``(image, label)`` pairs from ``folder/<class>/*`` sized for ``model`` (``(image,)`` when not ``labelled``).
 
     Args:
         folder: one sub-folder per class.
         model: the model whose input size and channels the images take.
         class_ids: sub-folder name -> class id; by default sub-folder names must be integers.
+        labelled: whether sub-folder names are class labels (replay folders may use any names).
     """
     from torchvision import datasets, transforms
 
@@ -64,6 +67,8 @@ def image_folder(folder: str | Path, model: nn.Module, class_ids: dict[str, int]
         steps.append(transforms.Grayscale(1))
     steps += [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
     dataset = datasets.ImageFolder(str(root), transform=transforms.Compose(steps))
+    if not labelled:
+        return [(image,) for image, _ in dataset]
     mapping = {}
     for name in dataset.classes:
         if class_ids is not None and name in class_ids:
@@ -81,7 +86,7 @@ def _clone(args: argparse.Namespace) -> int:
     target = load_model(args.target, pretrained=args.pretrained, kwargs=args.target_kwargs, checkpoint=args.target_checkpoint)
     names = backend_for(source).class_names(source) or []
     data = image_folder(args.data, target, {name: i for i, name in enumerate(names)})
-    replay = [(x,) for x, _ in image_folder(args.replay, target, None)] if args.replay else None
+    replay = image_folder(args.replay, target, labelled=False) if args.replay else None
     config = CloneConfig(**json.loads(args.config)) if args.config else CloneConfig()
     patch = clone(source, target, data, classes=args.classes, replay=replay, config=config, seed=args.seed, progress=not args.no_progress)
     folder = patch.save_pretrained(args.out)
