@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, feature_spec
 from .backends import backend_for
-from .backends.base import ModelInputs, main_tensor
+from .backends.base import ModelInputs, image_size, main_tensor
 from .branch import SourceTail
 from .data import Examples, batches, collect, to_view
 from .errors import InvalidInputError, UnsupportedModelError
@@ -133,6 +133,12 @@ def _runs_on(model: nn.Module, inputs: ModelInputs) -> str | None:
     return None
 
 
+def _input_shape(inputs: ModelInputs) -> tuple[int, ...]:
+    """Shape (without batch) of the data tensor, for error messages."""
+    first = inputs if isinstance(inputs, torch.Tensor) else next(iter(inputs.values()))
+    return tuple(first.shape[1:])
+
+
 def _source_view(source: nn.Module, sample: ModelInputs) -> tuple[int, tuple[int, int]] | None:
     """How clone images must be resized for the source (``None``: they fit as they are)."""
     if _runs_on(source, _call_inputs(source, sample)) is None:
@@ -140,7 +146,7 @@ def _source_view(source: nn.Module, sample: ModelInputs) -> tuple[int, tuple[int
     expected = _expected_image(source)
     if expected is not None and _runs_on(source, _call_inputs(source, to_view(sample, *expected))) is None:
         return expected
-    shape = tuple(main_tensor(sample, "input_ids").shape[1:]) if isinstance(sample, dict) else tuple(sample.shape[1:])
+    shape = _input_shape(sample)
     raise InvalidInputError(
         f"the source ({type(source).__name__}) cannot run on the clone data (inputs of shape {shape}"
         + (f"; it expects {expected}" if expected else "")
@@ -262,7 +268,7 @@ def clone(
     sample = examples.select(torch.arange(min(2, len(examples))))
     target_error = _runs_on(target, _call_inputs(target, sample.inputs))
     if target_error:
-        shape = tuple(main_tensor(sample.inputs, "input_ids").shape[1:]) if isinstance(sample.inputs, dict) else tuple(sample.inputs.shape[1:])
+        shape = _input_shape(sample.inputs)
         raise InvalidInputError(f"the target ({type(target).__name__}) cannot run on the clone data (inputs of shape {shape}): {target_error}")
     view = _source_view(source, sample.inputs)
     source_sample = _call_inputs(source, to_view(sample.inputs, *view) if view else sample.inputs)
@@ -318,8 +324,8 @@ def _clone(
     metrics: dict[str, Any] = {"clone_examples": len(examples), "cloned_classes": len(classes)}
     source_points = _with_blocks_after(source, find_points(source, source_sample), source_sample)
     target_points = find_points(target, target_sample)
-    source_size = _image_size(source_sample)
-    target_size = _image_size(target_sample)
+    source_size = image_size(source_sample)
+    target_size = image_size(target_sample)
     if config.cut or config.insertion:
         cuts = [_named(source_points, config.cut, "source")] if config.cut else spread_points(source_points, config.max_cuts)
         insertions = [_named(target_points, config.insertion, "target")] if config.insertion else spread_points(target_points, config.max_insertions)
@@ -475,10 +481,3 @@ def _named(points: Sequence[Point], name: str, role: str) -> Point:
         if point.name == name:
             return point
     raise InvalidInputError(f"{name!r} is not a {role} point; points: {[p.name for p in points]}")
-
-
-def _image_size(inputs: ModelInputs) -> tuple[int, int] | None:
-    main = inputs if isinstance(inputs, torch.Tensor) else next((v for v in inputs.values() if v.is_floating_point()), None)
-    if main is None or main.dim() != 4:
-        return None
-    return int(main.shape[-2]), int(main.shape[-1])

@@ -27,7 +27,7 @@ from torch import nn
 from . import files
 from .adapters import Adapter, feature_spec
 from .backends import ModelInputs, backend_for
-from .backends.base import main_tensor
+from .backends.base import image_size
 from .branch import SourceTail
 from .errors import InvalidInputError, PatchFormatError, PatchMismatchError, PatchStateError, PncError, UnsupportedModelError
 from .gate import Gate, evidence_width, gate_evidence
@@ -145,8 +145,8 @@ class Patch(nn.Module):
             raise InvalidInputError(f"classes {unknown or classes} are not classes of the source (it has {len(all_classes)})")
         branch.keep_classes(classes)
         adapter = Adapter(
-            feature_spec(insertion_point, _image_size(target_input, target_backend.main_input_name(target))),
-            feature_spec(cut_point, _image_size(source_input, source_backend.main_input_name(source))),
+            feature_spec(insertion_point, image_size(target_input)),
+            feature_spec(cut_point, image_size(source_input)),
             hidden=adapter_hidden,
         )
         return cls.compose(
@@ -598,11 +598,6 @@ def _as_point(model: nn.Module, point: Point | str, inputs: ModelInputs, find: A
         if candidate.name == point:
             return candidate
     raise InvalidInputError(f"{point!r} is not a cut point of {type(model).__name__}; points: {[p.name for p in points]}")
-
-
-def _image_size(inputs: ModelInputs, main_name: str) -> tuple[int, int] | None:
-    main = main_tensor(inputs, main_name)
-    return (int(main.shape[-2]), int(main.shape[-1])) if main.is_floating_point() and main.dim() == 4 else None
 
 
 def _class_names(names: list[str] | None, classes: Sequence[int]) -> list[str]:

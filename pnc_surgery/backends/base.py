@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import InvalidInputError, UnsupportedModelError
 
-__all__ = ["Backend", "ModelInputs", "call_model", "main_tensor", "logits_of", "replace_logits"]
+__all__ = ["Backend", "ModelInputs", "call_model", "main_tensor", "logits_of", "replace_logits", "image_size"]
 
 ModelInputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 """What a model is called with: one tensor (timm, plain torch) or keyword tensors (transformers)."""
@@ -63,6 +63,13 @@ def replace_logits(output: Any, logits: torch.Tensor) -> Any:
     items = list(output)
     items[_logits_index(output)] = logits
     return type(output)(items) if isinstance(output, list) else tuple(items)
+
+
+def image_size(inputs: ModelInputs) -> tuple[int, int] | None:
+    """``(H, W)`` of the image in ``inputs`` (a 4-D floating tensor, alone or among keyword tensors); ``None`` for text."""
+    tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs.values())
+    image = next((t for t in tensors if t.is_floating_point() and t.dim() == 4), None)
+    return None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
 
 
 class Backend:
