@@ -95,7 +95,7 @@ class Patch(nn.Module):
         self.branch, self.adapter, self.gate = branch, adapter, gate
         self.config = dict(config)
         self._handles: list[Any] = []
-        self._model: nn.Module | None = None
+        self._target: list[nn.Module] = []  # a list, so the target is never registered as a submodule
         self._state: dict[str, Any] = {}
         self._signature: inspect.Signature | None = None
 
@@ -210,6 +210,11 @@ class Patch(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @property
+    def _model(self) -> nn.Module | None:
+        """The target this patch is attached to (kept outside the module tree: never moved, saved or counted)."""
+        return self._target[0] if self._target else None
+
+    @property
     def is_attached(self) -> bool:
         return self._model is not None
 
@@ -312,7 +317,7 @@ class Patch(nn.Module):
             for handle in handles:
                 handle.remove()
             raise
-        self._handles, self._model, self._state = handles, model, {}
+        self._handles, self._target, self._state = handles, [model], {}
         return model
 
     def detach(self) -> nn.Module | None:
@@ -320,7 +325,7 @@ class Patch(nn.Module):
         model = self._model
         for handle in self._handles:
             handle.remove()
-        self._handles, self._model, self._state = [], None, {}
+        self._handles, self._target, self._state = [], [], {}
         return model
 
     @contextmanager

@@ -838,3 +838,14 @@ def test_a_text_branch_whose_recorded_lengths_disagree_is_a_format_error(tmp_pat
 def test_every_load_error_is_a_pnc_error() -> None:
     for error in (PatchFormatError, PatchMismatchError, PatchStateError, InvalidInputError):
         assert issubclass(error, PncError)
+
+
+def test_an_attached_patch_never_adopts_the_target(case: Case) -> None:
+    """The target is not a submodule of the patch: its parameters and state_dict stay the patch's own."""
+    patch, target = case.patch, case.target
+    own = patch.num_parameters
+    keys = set(patch.state_dict())
+    with patch.attached(target):
+        assert patch.num_parameters == own
+        assert set(patch.state_dict()) == keys
+        assert not any(module is target for module in patch.modules())
