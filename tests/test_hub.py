@@ -269,9 +269,10 @@ def test_local_files_only_without_cache_says_so(hub: FakeHub) -> None:
     assert hub.requests == []
 
 
-def test_force_download_cannot_work_offline() -> None:
+def test_force_download_cannot_work_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the autouse fixture does too; said here for the reader
     with pytest.raises(InvalidInputError, match="force_download"):
-        resolve_patch_folder("alice/cats", force_download=True)
+        resolve_patch_folder("alice/cats", force_download=True)  # offline: HF_HUB_OFFLINE is set above
 
 
 # --------------------------------------------------------------------------------------------- clear errors
