@@ -29,7 +29,7 @@ from .patch import Patch
 from .points import Point, classifier_names, eval_mode, find_points, trace_model
 from .search import Candidate, FitData, evaluate, spread_points, successive_halving, train_candidate
 
-__all__ = ["CloneConfig", "clone"]
+__all__ = ["CloneConfig", "clone", "expected_image"]
 
 
 @dataclass
@@ -104,7 +104,8 @@ def _num_classes(model: nn.Module, inputs: ModelInputs) -> int:
     return count
 
 
-def _expected_image(model: nn.Module) -> tuple[int, tuple[int, int]] | None:
+def expected_image(model: nn.Module) -> tuple[int, tuple[int, int]] | None:
+    """``(channels, (H, W))`` of the images ``model`` expects by its own config; ``None`` for text models."""
     backend = backend_for(model)
     try:
         example = main_tensor(backend.example_input(model, batch_size=1), backend.main_input_name(model))
@@ -143,7 +144,7 @@ def _source_view(source: nn.Module, sample: ModelInputs) -> tuple[int, tuple[int
     """How clone images must be resized for the source (``None``: they fit as they are)."""
     if _runs_on(source, _call_inputs(source, sample)) is None:
         return None
-    expected = _expected_image(source)
+    expected = expected_image(source)
     if expected is not None and _runs_on(source, _call_inputs(source, to_view(sample, *expected))) is None:
         return expected
     shape = _input_shape(sample)
