@@ -75,7 +75,8 @@ class CloneConfig:
     gate: str = "auto"
     """``"auto"`` (learned with replay data, energy threshold without), ``"learned"``, ``"energy"`` or ``"none"`` (ablation)."""
     max_false_positive_rate: float = 0.01
-    """Share of held-out replay inputs the gate may send to a cloned class."""
+    """Share of target-domain inputs the gate may send to a cloned class, as the tail of a normal fit to the
+    out-of-fold replay margins (conservative where that tail is heavy: raise it to trade locality for new-class accuracy)."""
     heldout_fraction: float = 0.2
     """Share of the clone data kept out of training to score the search and report accuracy."""
     feature_batch_size: int = 128
