@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .backends import ModelInputs, backend_for, backend_named
-from .backends.base import call_model, main_tensor
+from .backends.base import call_model, logits_of, main_tensor
 from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
 from .points import Point, check_cut, classifier_names, eval_mode, resolve_example_input, trace_model
 
@@ -207,8 +207,6 @@ class SourceTail(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict, architecture: dict) -> "SourceTail":
         """Rebuild a tail's structure from its spec and the source architecture (tensors still to be loaded)."""
-        from .backends import backend_named
-
         model = backend_named(str(architecture.get("family"))).build(architecture)
         tail = cls(model, spec)
         for name, stub in tail.stubs.items():
@@ -320,6 +318,6 @@ class SourceTail(nn.Module):
         try:
             dummy = self._dummy_input(feature)
             inputs: ModelInputs = {self.main_input_name: dummy, **context} if self.family == "transformers" else dummy
-            return backend_named(self.family).logits(call_model(self.model, inputs))
+            return logits_of(call_model(self.model, inputs))
         finally:
             self.live.feature = None
