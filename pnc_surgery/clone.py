@@ -75,8 +75,9 @@ class CloneConfig:
     gate: str = "auto"
     """``"auto"`` (learned with replay data, energy threshold without), ``"learned"``, ``"energy"`` or ``"none"`` (ablation)."""
     max_false_positive_rate: float = 0.01
-    """Share of target-domain inputs the gate may send to a cloned class, as the tail of a normal fit to the
-    out-of-fold replay margins (conservative where that tail is heavy: raise it to trade locality for new-class accuracy)."""
+    """Share of target-domain inputs the gate may send to a cloned class, estimated from the tail of the
+    out-of-fold replay margins (an exponential fit to their top tenth). Raise it to trade locality for new-class
+    accuracy."""
     heldout_fraction: float = 0.2
     """Share of the clone data kept out of training to score the search and report accuracy."""
     feature_batch_size: int = 128
@@ -89,6 +90,8 @@ class CloneConfig:
             raise InvalidInputError(f"gate must be 'auto' or one of {GATE_KINDS}, got {self.gate!r}")
         if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
             raise InvalidInputError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if not 0 < self.max_false_positive_rate < 1:
+            raise InvalidInputError(f"max_false_positive_rate must be in (0, 1), got {self.max_false_positive_rate}")
         if not 0 < self.heldout_fraction < 1:
             raise InvalidInputError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         for name in ("max_cuts", "max_insertions", "batch_size", "train_steps", "search_steps"):
@@ -419,17 +422,24 @@ def _clone(
         target_input=target_sample, source_kwargs=config.source_kwargs or None,
     )
     patch.eval()
-    positives = _evidence(patch, target, examples, config, progress)
-    negatives = _evidence(patch, target, replay, config, progress) if replay is not None else None
-    metrics.update(patch.gate.fit(positives, negatives, max_false_positive_rate=config.max_false_positive_rate))
+    positives, _ = _evidence(patch, target, examples, config, progress)
+    negatives = negative_groups = None
+    if replay is not None:
+        negatives, replay_logits = _evidence(patch, target, replay, config, progress)
+        labels_given = replay.labels is not None and bool(((replay.labels >= 0) & (replay.labels < replay_logits.shape[1])).all())
+        negative_groups = replay.labels if labels_given else replay_logits.argmax(-1)
+    metrics.update(patch.gate.fit(
+        positives, labels, negatives, negative_groups,
+        max_false_positive_rate=config.max_false_positive_rate, seed=int(torch.randint(2**31, (), generator=generator)),
+    ))
     patch.config["search"] = ranking
     patch.metrics.update(metrics)
     return patch
 
 
 @torch.no_grad()
-def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool) -> torch.Tensor:
-    """Gate evidence rows of ``examples`` as the attached patch would see them."""
+def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate evidence rows of ``examples`` as the attached patch would see them, and the target's logits."""
     insertion = patch.config["insertion"]["name"]
     classifiers = patch.config["target"]["classifiers"]
     features, logits, pre_logits = _extract(
@@ -441,7 +451,7 @@ def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: Clone
     rows = []
     for index in torch.arange(len(logits)).split(256):
         rows.append(patch.evidence(features[insertion][index], logits[index], pre_logits[index], **{k: v[index] for k, v in context.items()}))
-    return torch.cat(rows)
+    return torch.cat(rows), logits
 
 
 @torch.no_grad()

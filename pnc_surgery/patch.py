@@ -33,16 +33,7 @@ from .errors import InvalidInputError, PatchFormatError, PatchMismatchError, Pat
 from .gate import Gate, evidence_width, gate_evidence
 from .points import Point, classifier_names, eval_mode, resolve_example_input, trace_model
 
-__all__ = ["Patch", "pool_feature", "target_fingerprint"]
-
-
-def pool_feature(feature: torch.Tensor, layout: str) -> torch.Tensor:
-    """Average a feature over its spatial or token axes: (B, C)."""
-    if layout == "NCHW":
-        return feature.mean(dim=(2, 3))
-    if layout == "NHWC":
-        return feature.mean(dim=(1, 2))
-    return feature.mean(dim=1)
+__all__ = ["Patch", "target_fingerprint"]
 
 
 def _versions() -> dict:
@@ -175,7 +166,7 @@ class Patch(nn.Module):
         names = list(class_names) if class_names is not None else _class_names(source_backend.class_names(source), classes)
         fingerprint = target_fingerprint(target, insertion, target_input)
         if isinstance(gate, str):
-            gate = Gate(gate, evidence_width(fingerprint["num_classes"], len(classes), insertion.width, fingerprint["pre_logits_width"]))
+            gate = Gate(gate, evidence_width(fingerprint["num_classes"], len(classes), fingerprint["pre_logits_width"]))
         config = {
             "format_version": files.FORMAT_VERSION,
             "source": {"id": source_backend.identity(source), "architecture": source_backend.architecture(source, **dict(source_kwargs or {}))},
@@ -225,7 +216,8 @@ class Patch(nn.Module):
             format_version=files.FORMAT_VERSION,
             branch=self.branch.spec(),
             adapter=self.adapter.spec(),
-            gate={"kind": self.gate.kind, "num_features": int(self.gate.weight.numel())},
+            gate={"kind": self.gate.kind, "num_features": int(self.gate.weight.shape[1]),
+                  "num_components": self.gate.num_components, "num_positive": self.gate.num_positive},
             num_parameters=self.num_parameters,
         )
         return config
@@ -362,7 +354,6 @@ class Patch(nn.Module):
         self._follow(feature)
         context = {k: v for k, v in state["context"].items()}
         state["branch_logits"] = self.branch(self.adapter(feature), **context)
-        state["pooled"] = pool_feature(feature, self.adapter.source.layout)
 
     def _on_classifier(self, module: nn.Module, args: tuple) -> None:
         if "context" in self._state and args and isinstance(args[0], torch.Tensor):
@@ -388,7 +379,7 @@ class Patch(nn.Module):
         logits = backend.logits(output)
         own = logits[..., : self.config["target"]["num_classes"]].detach()
         pre_logits = self._pre_logits(state, own.shape[0], own)
-        scores = self.gate(own, state["branch_logits"], state["pooled"], pre_logits)
+        scores = self.gate(own, state["branch_logits"], pre_logits)
         return backend.with_logits(output, torch.cat([logits, scores.to(logits.dtype)], dim=-1))
 
     def _follow(self, feature: torch.Tensor) -> None:
@@ -402,14 +393,14 @@ class Patch(nn.Module):
     ) -> torch.Tensor:
         """Cloned-class logits from the target's feature at the insertion point, its logits and pre-logits (what the hooks compute)."""
         branch_logits = self.branch(self.adapter(feature), **context)
-        return self.gate(target_logits, branch_logits, pool_feature(feature, self.adapter.source.layout), pre_logits)
+        return self.gate(target_logits, branch_logits, pre_logits)
 
     def evidence(
         self, feature: torch.Tensor, target_logits: torch.Tensor, pre_logits: torch.Tensor, **context: torch.Tensor
     ) -> torch.Tensor:
         """The gate's evidence rows for a batch (used to fit the gate)."""
         branch_logits = self.branch(self.adapter(feature), **context)
-        return gate_evidence(target_logits, branch_logits, pool_feature(feature, self.adapter.source.layout), pre_logits)
+        return gate_evidence(target_logits, branch_logits, pre_logits)
 
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -518,7 +509,11 @@ class Patch(nn.Module):
         branch = SourceTail.from_spec(config["branch"], config["source"]["architecture"])
         with torch.device("meta"):  # sizes come from the untrusted config: allocate only what the file holds
             adapter = Adapter.from_spec(config["adapter"])
-            gate = Gate(str(config["gate"]["kind"]), int(config["gate"]["num_features"]))
+            gate_spec = config["gate"]
+            gate = Gate(
+                str(gate_spec["kind"]), int(gate_spec["num_features"]),
+                int(gate_spec.get("num_components", 2)), int(gate_spec.get("num_positive", 1)),
+            )
         patch = cls(branch, adapter, gate, {k: v for k, v in config.items() if k not in ("branch", "adapter", "gate", "num_parameters")})
         _assign(patch, tensors)
         patch._self_test()
