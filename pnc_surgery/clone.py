@@ -21,7 +21,7 @@ from .adapters import Adapter, feature_spec
 from .backends import backend_for
 from .backends.base import ModelInputs, image_size, main_tensor
 from .branch import SourceTail
-from .data import Examples, batches, collect, to_view
+from .data import Examples, batches, collect, to_view, with_shifted_copies
 from .errors import InvalidInputError, UnsupportedModelError
 from .gate import GATE_KINDS
 from .localize import branch_parameters, find_prune_groups, keep_indices, masked, prune, unit_importance
@@ -78,6 +78,11 @@ class CloneConfig:
     """Share of target-domain inputs the gate may send to a cloned class, estimated from the tail of the
     out-of-fold replay margins (an exponential fit to their top tenth). Raise it to trade locality for new-class
     accuracy."""
+    shift_replay: bool = True
+    """Also calibrate the gate on copies of the replay images shifted by 1/16 of their size: the target has usually
+    trained on its replay images and is surer of them than of new inputs, so a gate calibrated on them alone lets
+    more new target-domain inputs through than its budget (measured on digits, 6 seeds: locality 95.8% without,
+    99.6% with)."""
     heldout_fraction: float = 0.2
     """Share of the clone data kept out of training to score the search and report accuracy."""
     feature_batch_size: int = 128
@@ -424,12 +429,14 @@ def _clone(
     patch.eval()
     positives, _ = _evidence(patch, target, examples, config, progress)
     negatives = negative_groups = None
+    negative_sources = None
     if replay is not None:
+        replay, negative_sources = with_shifted_copies(replay) if config.shift_replay else (replay, None)
         negatives, replay_logits = _evidence(patch, target, replay, config, progress)
         labels_given = replay.labels is not None and bool(((replay.labels >= 0) & (replay.labels < replay_logits.shape[1])).all())
         negative_groups = replay.labels if labels_given else replay_logits.argmax(-1)
     metrics.update(patch.gate.fit(
-        positives, labels, negatives, negative_groups,
+        positives, labels, negatives, negative_groups, negative_sources=negative_sources,
         max_false_positive_rate=config.max_false_positive_rate, seed=int(torch.randint(2**31, (), generator=generator)),
     ))
     patch.config["search"] = ranking

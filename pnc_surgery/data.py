@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .backends import ModelInputs
 from .errors import InvalidInputError
 
-__all__ = ["Examples", "collect", "batches", "to_view"]
+__all__ = ["Examples", "collect", "batches", "to_view", "with_shifted_copies"]
 
 
 @dataclass
@@ -125,3 +125,25 @@ def to_view(inputs: ModelInputs, channels: int | None, size: Sequence[int] | Non
     if size is not None and tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
     return x
+
+
+def with_shifted_copies(examples: Examples, fraction: float = 1 / 16) -> tuple[Examples, torch.Tensor]:
+    """The examples followed by four copies shifted by ``fraction`` of their size (right, left, down, up), and
+    which original each row comes from. Non-image inputs come back alone.
+
+    A target has usually been trained on the replay images it is given, and is surer of them than of new
+    inputs; slightly shifted copies are nearer to what it will see, so a gate calibrated on them keeps its
+    budget on new inputs."""
+    inputs = examples.inputs
+    sources = torch.arange(len(examples))
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4 or not inputs.is_floating_point():
+        return examples, sources
+    height, width = inputs.shape[-2:]
+    dy, dx = max(1, round(height * fraction)), max(1, round(width * fraction))
+    padded = F.pad(inputs, (dx, dx, dy, dy), mode="replicate")
+    copies = [
+        padded[..., dy + oy : dy + oy + height, dx + ox : dx + ox + width]
+        for ox, oy in ((-dx, 0), (dx, 0), (0, -dy), (0, dy))
+    ]
+    labels = None if examples.labels is None else examples.labels.repeat(5)
+    return Examples(torch.cat([inputs, *copies]), labels), sources.repeat(5)

@@ -108,6 +108,7 @@ class Gate(nn.Module):
         negatives: torch.Tensor | None = None,
         negative_groups: torch.Tensor | None = None,
         *,
+        negative_sources: torch.Tensor | None = None,
         max_false_positive_rate: float = 0.01,
         folds: int = 5,
         seed: int = 0,
@@ -118,6 +119,8 @@ class Gate(nn.Module):
             positives: evidence rows of the clone data; ``positive_groups`` their cloned class (0, 1, ...).
             negatives: evidence rows of replay inputs; ``negative_groups`` their target class (labels where the
                 replay data has them, else the target's predictions).
+            negative_sources: which replay input each negative row comes from (augmented copies share one), so
+                that no out-of-fold score comes from a model that saw a copy of its input.
             max_false_positive_rate: share of target-domain inputs a cloned class may take.
             folds: out-of-fold rounds that score the replay inputs for the threshold.
 
@@ -126,11 +129,15 @@ class Gate(nn.Module):
         """
         if self.kind == "none":
             return {"gate": "none"}
-        if self.kind == "learned" and (negatives is None or len(negatives) < folds):
+        if negatives is not None and negative_sources is None:
+            negative_sources = torch.arange(len(negatives))
+        if self.kind == "learned" and (negatives is None or len(negative_sources.unique()) < folds):
             self.kind = "energy"
         if self.kind == "energy":
             return self._fit_one_class(positives)
-        return self._fit_learned(positives, positive_groups, negatives, negative_groups, max_false_positive_rate, folds, seed)
+        return self._fit_learned(
+            positives, positive_groups, negatives, negative_groups, negative_sources, max_false_positive_rate, folds, seed
+        )
 
     def _load(self, weight: torch.Tensor, bias: torch.Tensor, num_positive: int, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.weight = nn.Parameter(weight.to(self.weight))
@@ -153,7 +160,8 @@ class Gate(nn.Module):
 
     def _fit_learned(
         self, positives: torch.Tensor, positive_groups: torch.Tensor, negatives: torch.Tensor,
-        negative_groups: torch.Tensor | None, max_fpr: float, folds: int, seed: int, rows_per_feature: int = 10,
+        negative_groups: torch.Tensor | None, negative_sources: torch.Tensor, max_fpr: float, folds: int, seed: int,
+        rows_per_feature: int = 10,
     ) -> dict:
         """A discriminant where there are enough rows to estimate its covariance, else a logistic regression;
         thresholded on the tail of its out-of-fold replay margins."""
@@ -165,7 +173,8 @@ class Gate(nn.Module):
             model, fit = "logistic", lambda p, pg, n, ng: _logistic(p, n)
         gen = torch.Generator().manual_seed(seed)
         pos_fold = torch.randperm(len(positives), generator=gen) % folds
-        neg_fold = torch.randperm(len(negatives), generator=gen) % folds
+        sources, source_of = negative_sources.unique(return_inverse=True)
+        neg_fold = (torch.randperm(len(sources), generator=gen) % folds)[source_of]  # copies of one input share a fold
         pos_oof, neg_oof = torch.empty(len(positives)), torch.empty(len(negatives))
         for fold in range(folds):
             p_train, n_train = pos_fold != fold, neg_fold != fold
@@ -187,7 +196,8 @@ class Gate(nn.Module):
             "gate_components": [num_positive, self.num_components - num_positive],
             "gate_positive_rate_heldout": round((pos_margin > threshold).float().mean().item(), 4),
             "gate_false_positive_rate_heldout": round((neg_margin > threshold).float().mean().item(), 4),
-            "locality_protection": f"gate fitted against {len(negatives)} replay inputs of the target's domain",
+            "locality_protection": f"gate fitted against {len(sources)} replay inputs of the target's domain"
+            + (f" ({len(negatives)} rows with their shifted copies)" if len(negatives) > len(sources) else ""),
         }
 
 
