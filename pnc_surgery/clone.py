@@ -76,8 +76,9 @@ class CloneConfig:
     """``"auto"`` (learned with replay data, energy threshold without), ``"learned"``, ``"energy"`` or ``"none"`` (ablation)."""
     max_false_positive_rate: float = 0.01
     """Share of target-domain inputs the gate may send to a cloned class, estimated from the tail of the
-    out-of-fold replay margins (an exponential fit to their top tenth). Raise it to trade locality for new-class
-    accuracy."""
+    out-of-fold replay margins (an exponential fit to their top tenth). The estimate is as good as the replay set
+    is large: with 100 replay images, on Fashion-MNIST, 0.01 changed 1.0% of the target's answers on average and
+    0.2-3.3% in single runs. Lower it for more locality, raise it for more new-class accuracy."""
     shift_replay: bool = True
     """Also calibrate the gate on copies of the replay images shifted by 1/16 of their size: the target has usually
     trained on its replay images and is surer of them than of new inputs, so a gate calibrated on them alone lets
