@@ -72,11 +72,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--pairs", nargs="+", default=RunConfig().pairs, choices=sorted(PAIRS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--level", type=float, default=0.3)
+    parser.add_argument("--image-size", type=int, default=RunConfig().image_size)
     parser.add_argument("--budget", type=float, default=0.01, help="share of the target's test images the gate may pass")
     parser.add_argument("--cache", type=Path, default=Path("results/cache"))
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    config = RunConfig(dataset=args.dataset)
+    config = RunConfig(dataset=args.dataset, image_size=args.image_size)
     train, test = LOADERS[args.dataset](image_size=config.image_size)
     test = subsample(test, per_class=config.test_per_class, seed=0)
     rows = []
