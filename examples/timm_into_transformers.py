@@ -22,13 +22,24 @@ source = create_model("resnet18", num_classes=5, in_chans=1, channels=(16, 32, 6
 train_classifier(target, split.target_train, epochs=15)
 train_classifier(source, split.source_train, epochs=8, seed=1)
 
-patch = pnc_surgery.clone(source, target, split.clone, classes=split.clone_source_ids, replay=split.replay)
-print(patch.summary())
-with patch.attached(target):
+# The gate's budget trades the target's own answers for the cloned classes: clone with two settings.
+patches = {
+    budget: pnc_surgery.clone(
+        source, target, split.clone, classes=split.clone_source_ids, replay=split.replay,
+        config=pnc_surgery.CloneConfig(max_false_positive_rate=budget),
+    )
+    for budget in (0.01, 0.05)
+}
+print(patches[0.01].summary())
+with patches[0.01].attached(target):
     output = target(pixel_values=split.test.images[:4])   # the same ImageClassifierOutput, wider logits
 print(type(output).__name__, tuple(output.logits.shape))
 
-with patch.attached(target):
-    prediction = predict_logits(target, split.test).argmax(-1)
-new = split.test.labels >= 5
-print(f"accuracy on the cloned classes: {(prediction[new] == split.test.labels[new]).float().mean():.3f}")
+original = predict_logits(target, split.test).argmax(-1)
+new, old = split.test.labels >= 5, split.test.labels < 5
+for budget, patch in patches.items():
+    with patch.attached(target):
+        prediction = predict_logits(target, split.test).argmax(-1)
+    accuracy = (prediction[new] == split.test.labels[new]).float().mean()
+    kept = (prediction[old] == original[old]).float().mean()
+    print(f"max_false_positive_rate={budget}: accuracy on the cloned classes {accuracy:.3f}, target's answers kept {kept:.3f}")
