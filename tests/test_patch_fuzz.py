@@ -29,8 +29,6 @@ from pnc_surgery.backends.timm import create_model
 from pnc_surgery.errors import PncError
 from pnc_surgery.patch import Patch
 
-torch.set_num_threads(1)
-
 FUZZ = settings(
     max_examples=50,
     deadline=None,

@@ -9,15 +9,6 @@ from pnc_surgery.errors import UnsupportedModelError
 from pnc_surgery.training import accuracy, logits_of, predict_logits, train_classifier
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and far faster than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def split():
     return class_split(*load_digits(image_size=16), clone_level=10)

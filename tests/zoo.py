@@ -24,10 +24,6 @@ from pnc_surgery.backends.base import logits_of
 
 __all__ = ["ZooEntry", "ZOO", "NUM_CLASSES", "build", "run_model", "logits_of", "other_input", "context_of", "cut_error"]
 
-# The zoo's models are tiny: one thread is faster than two, and two OpenMP threads on a loaded two-core machine
-# spin against each other (100x slowdowns seen). Tests that import the zoo run single-threaded.
-torch.set_num_threads(1)
-
 NUM_CLASSES = 7
 """Every zoo classifier has this many classes (a number no default config uses)."""
 
