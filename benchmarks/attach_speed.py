@@ -1,6 +1,7 @@
 """Attach/detach cost and patched-forward cost of a Patch (issue: Patch performance).
 
 Run: python -m benchmarks.attach_speed   (a few seconds; prints a markdown table)
+     python -m benchmarks.attach_speed --model resnet50 --image-size 224 --batch 8 --cut layer4   (a real size)
 
 Attach and detach are timed over many repetitions (the first attach, which also checks the target, is reported
 separately); forward latency is the median of timed batches for the target alone, the patched target, and the
@@ -31,12 +32,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--model", default=None, help="timm model name for source and target (default: a small resnet18)")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--cut", default="layer3", help="cut point of the source and insertion point of the target")
+    parser.add_argument("--forward-repeats", type=int, default=30)
     args = parser.parse_args()
     torch.manual_seed(0)
-    source = create_model("resnet18", num_classes=5, in_chans=1, channels=(16, 32, 64, 128)).eval()
-    target = create_model("resnet18", num_classes=5, in_chans=1, channels=(16, 32, 64, 128)).eval()
-    x = torch.randn(args.batch, 1, 32, 32)
-    patch = Patch.assemble(source, target, "layer3", "layer3", [0, 1, 2], source_input=x[:2], target_input=x[:2]).eval()
+    if args.model is None:
+        def build() -> torch.nn.Module:
+            return create_model("resnet18", num_classes=5, in_chans=1, channels=(16, 32, 64, 128)).eval()
+        channels = 1
+    else:
+        def build() -> torch.nn.Module:
+            return create_model(args.model, num_classes=5).eval()
+        channels = 3
+    source, target = build(), build()
+    x = torch.randn(args.batch, channels, args.image_size, args.image_size)
+    patch = Patch.assemble(source, target, args.cut, args.cut, [0, 1, 2], source_input=x[:2], target_input=x[:2]).eval()
 
     start = time.perf_counter()
     patch.attach(target)
@@ -48,10 +60,10 @@ def main() -> None:
     patch.detach()
 
     with torch.no_grad():
-        alone = _median_ms(lambda: target(x), 30)
-        both = _median_ms(lambda: (target(x), source(x)), 30)
+        alone = _median_ms(lambda: target(x), args.forward_repeats)
+        both = _median_ms(lambda: (target(x), source(x)), args.forward_repeats)
         with patch.attached(target):
-            patched = _median_ms(lambda: target(x), 30)
+            patched = _median_ms(lambda: target(x), args.forward_repeats)
     print("| measure | value |\n|---|---|")
     print(f"| first attach (with checks) | {first_attach:.3f} ms |")
     print(f"| attach + detach (median) | {attach_ms:.3f} ms |")
