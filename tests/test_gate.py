@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from pnc_surgery import InvalidInputError
+from pnc_surgery import InvalidInputError, Patch
+from pnc_surgery.backends.timm import create_model
 from pnc_surgery.gate import Gate, _tail_quantile, evidence_width, gate_evidence
 
 NUM_OLD, NUM_NEW, PRE_LOGITS = 5, 3, 16
@@ -116,3 +117,23 @@ def test_tail_quantile_extrapolates_an_exponential_tail_past_the_largest_value()
         estimates.append(_tail_quantile(sample, 0.999))
     true_quantile = math.log(1000)  # of the unit exponential
     assert sum(estimates) / len(estimates) == pytest.approx(true_quantile, rel=0.1)
+
+
+def test_a_fitted_discriminant_gate_survives_save_and_load(tmp_path) -> None:
+    """The gate's components (their number and which are the cloned classes') are part of the patch file."""
+    torch.manual_seed(0)
+    source = create_model("resnet18", num_classes=NUM_OLD, in_chans=1, channels=(8, 8, 16, PRE_LOGITS)).eval()
+    target = create_model("resnet18", num_classes=NUM_OLD, in_chans=1, channels=(8, 8, 16, PRE_LOGITS)).eval()
+    x = torch.randn(6, 1, 32, 32)
+    patch = Patch.assemble(source, target, "layer3", "layer3", [0, 1, 2], source_input=x[:2], target_input=x[:2], gate="learned")
+    pos, pos_groups = cloned(2000, seed=0)
+    neg, neg_groups = target_domain(100, seed=1)
+    assert patch.gate.fit(pos, pos_groups, neg, neg_groups)["gate_model"] == "discriminant"
+    reloaded = Patch.from_pretrained(patch.save_pretrained(tmp_path / "patch"))
+    assert (reloaded.gate.num_components, reloaded.gate.num_positive) == (NUM_NEW + NUM_OLD, NUM_NEW)
+    with torch.no_grad():
+        with patch.attached(target):
+            expected = target(x)
+        with reloaded.attached(target):
+            got = target(x)
+    assert torch.equal(got, expected)
