@@ -168,8 +168,9 @@ def _format_info(info: dict[str, Any]) -> str:
     lines.append("files:")
     lines += [f"  {name:<26} {size:,} bytes" for name, size in info["file_bytes"].items()]
     lines.append("metrics:" if info["metrics"] else "metrics:      none recorded")
+    width = max([26, *(len(name) for name in info["metrics"])])
     lines += [
-        f"  {name:<26} {value:.4g}" if isinstance(value, float) else f"  {name:<26} {value}"
+        f"  {name:<{width}} {value:.4g}" if isinstance(value, float) else f"  {name:<{width}} {value}"
         for name, value in info["metrics"].items()
     ]
     return "\n".join(lines)
