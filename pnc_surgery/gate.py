@@ -59,11 +59,12 @@ class Gate(nn.Module):
     """Log-odds that an input belongs to a cloned class, and the combined logits.
 
     Args:
-        kind: ``"learned"`` (discriminant against replay data), ``"energy"`` (threshold on the energy gap), or
+        kind: ``"learned"`` (fitted against replay data), ``"energy"`` (threshold on the energy gap), or
             ``"none"`` (the branch's raw logits compete as they are: the no-gate ablation).
         num_features: length of :func:`gate_evidence` rows.
-        num_components: rows of ``weight``: the Gaussian components (cloned classes first).
-        num_positive: how many of them are cloned-class components.
+        num_components: rows of ``weight``, linear scores whose logsumexps are compared (the discriminant's
+            Gaussian components; a logistic regression's weights and a constant zero).
+        num_positive: how many of them, first, stand for the cloned classes.
         shrinkage: how far the shared covariance is pulled towards a scaled identity when fitting, in [0, 1].
     """
 
@@ -205,8 +206,8 @@ def _tail_quantile(values: torch.Tensor, level: float) -> float:
     """The ``level`` quantile of ``values``, from an exponential fit to their top tenth when it lies beyond them.
 
     Replay sets hold tens of inputs, so a 99% quantile sits at or past the largest one, whose value is mostly
-    noise: one odd replay input would close the gate. Peaks over threshold (exponential excesses, maximum
-    likelihood scale) extrapolates from the top tenth instead."""
+    noise: one odd replay input would set the threshold alone. Peaks over threshold (exponential excesses,
+    maximum likelihood scale) extrapolates from the top tenth instead."""
     n = len(values)
     tail = max(3, n // 10)
     if 1.0 - level >= tail / n:
