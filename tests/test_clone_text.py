@@ -1,0 +1,82 @@
+"""``pnc_surgery.clone`` on transformers sequence classifiers: padded token data, a BERT source, a DistilBERT target."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pnc_surgery import CloneConfig, clone
+
+VOCAB, LENGTH, MARKERS = 64, 12, 10
+"""Sentence ``i`` of class ``c`` holds marker token ``10 + c`` three times among filler tokens, then padding."""
+
+
+def sentences(classes: list[int], per_class: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    ids = torch.randint(MARKERS + 10, VOCAB, (len(labels), LENGTH), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, label in enumerate(labels.tolist()):
+        real = int(torch.randint(6, LENGTH + 1, (), generator=gen))
+        ids[row, torch.randperm(real, generator=gen)[:3]] = MARKERS + label
+        ids[row, real:], mask[row, real:] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def train(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, steps: int = 150) -> nn.Module:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(len(labels), (32,), generator=gen)
+        loss = nn.functional.cross_entropy(model(**{k: v[batch] for k, v in inputs.items()}).logits, labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def as_pairs(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> list[tuple[dict[str, torch.Tensor], int]]:
+    return [({k: v[i] for k, v in inputs.items()}, int(labels[i])) for i in range(len(labels))]
+
+
+@pytest.fixture(scope="module")
+def models():
+    from transformers import BertConfig, BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    source = BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=5,
+    ))
+    target = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=32, num_labels=5,
+    ))
+    train(source, *sentences([0, 1, 2, 3, 4], 60, seed=1))     # the source's classes 0-4 are markers 0-4
+    target_inputs, target_labels = sentences([5, 6, 7, 8, 9], 60, seed=2)
+    train(target, target_inputs, target_labels - 5)           # the target's classes 0-4 are markers 5-9
+    return source, target
+
+
+def test_a_sequence_classifier_gains_classes_from_another_architecture(models):
+    source, target = models
+    clone_inputs, clone_labels = sentences([0, 1, 2], 40, seed=3)
+    replay_inputs, _ = sentences([5, 6, 7, 8, 9], 20, seed=4)
+    replay = [{k: v[i] for k, v in replay_inputs.items()} for i in range(len(replay_inputs["input_ids"]))]
+    config = CloneConfig(max_cuts=2, max_insertions=2, search_steps=10, train_steps=100)
+    patch = clone(source, target, as_pairs(clone_inputs, clone_labels), replay=replay, config=config, progress=False)
+    assert patch.metrics["gate"] == "learned"
+    assert "shifted" not in patch.metrics["locality_protection"], "token ids are not images to shift"
+
+    test_new, new_labels = sentences([0, 1, 2], 30, seed=5)
+    test_old, _ = sentences([5, 6, 7, 8, 9], 30, seed=6)
+    with torch.no_grad():
+        original = target(**test_old).logits
+        with patch.attached(target):
+            patched_old = target(**test_old).logits
+            patched_new = target(**test_new).logits
+        restored = target(**test_old).logits
+    assert patched_new.shape == (90, 8)
+    assert torch.equal(patched_old[:, :5], original) and torch.equal(restored, original)
+    assert (patched_new.argmax(-1) == new_labels + 5).float().mean() >= 0.8
+    assert (patched_old.argmax(-1) == original.argmax(-1)).float().mean() >= 0.95
