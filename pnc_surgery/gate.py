@@ -9,25 +9,24 @@ A softmax over ``[t, z]`` then gives the target's own distribution scaled by ``1
 branch's scaled by ``sigmoid(g)``: where the gate says "not a cloned class", the target's answer stands
 (locality).
 
-``g`` is learned from the evidence (the target's and the branch's logits, energies and confidences, and the
-target's pre-logits) of the clone data against replay inputs of the target's domain. With enough rows for a
-covariance (ten a feature), it is a discriminant: one Gaussian component per cloned class and one per target class
+``g`` is a discriminant over the evidence (the target's and the branch's logits, energies and confidences, and
+the target's pre-logits): one Gaussian component per cloned class (from the clone data) and one per target class
 seen in the replay data, sharing one shrunk covariance::
 
     g(x) = logsumexp_k(w_k . x + c_k) - logsumexp_a(w_a . x + c_a)
 
 Replay sets are small (tens of images), which a logistic regression over hundreds of features overfits; the
-shared covariance is estimated mostly from the plentiful clone data instead. With fewer rows it is a class-balanced
-logistic regression. The threshold is the ``1 - max_false_positive_rate`` quantile of the out-of-fold replay
-margins, extrapolated from their tail (see :func:`_tail_quantile`). Without replay data the gate is a one-class
-threshold on the energy gap between branch and target.
+shared covariance is estimated mostly from the plentiful clone data instead (measured against a logistic
+regression on Fashion-MNIST and digits: as much locality, more new-class accuracy). The threshold is the
+``1 - max_false_positive_rate`` quantile of the out-of-fold replay margins, extrapolated from their tail (see
+:func:`_tail_quantile`). Without replay data the gate is a one-class threshold on the energy gap between branch
+and target.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidInputError
@@ -59,11 +58,11 @@ class Gate(nn.Module):
     """Log-odds that an input belongs to a cloned class, and the combined logits.
 
     Args:
-        kind: ``"learned"`` (fitted against replay data), ``"energy"`` (threshold on the energy gap), or
+        kind: ``"learned"`` (discriminant against replay data), ``"energy"`` (threshold on the energy gap), or
             ``"none"`` (the branch's raw logits compete as they are: the no-gate ablation).
         num_features: length of :func:`gate_evidence` rows.
-        num_components: rows of ``weight``, linear scores whose logsumexps are compared (the discriminant's
-            Gaussian components; a logistic regression's weights and a constant zero).
+        num_components: rows of ``weight``: linear scores whose logsumexps are compared (the discriminant's
+            Gaussian components; the energy gate's gap and a constant zero).
         num_positive: how many of them, first, stand for the cloned classes.
         shrinkage: how far the shared covariance is pulled towards a scaled identity when fitting, in [0, 1].
     """
@@ -162,16 +161,14 @@ class Gate(nn.Module):
     def _fit_learned(
         self, positives: torch.Tensor, positive_groups: torch.Tensor, negatives: torch.Tensor,
         negative_groups: torch.Tensor | None, negative_sources: torch.Tensor, max_fpr: float, folds: int, seed: int,
-        rows_per_feature: int = 10,
     ) -> dict:
-        """A discriminant where there are enough rows to estimate its covariance, else a logistic regression;
-        thresholded on the tail of its out-of-fold replay margins."""
+        """The discriminant, thresholded on the tail of its out-of-fold replay margins."""
         if negative_groups is None:
             negative_groups = torch.zeros(len(negatives), dtype=torch.long)
-        if len(positives) + len(negatives) >= rows_per_feature * positives.shape[1]:
-            model, fit = "discriminant", lambda p, pg, n, ng: _discriminant(p, pg, n, ng, self.shrinkage)
-        else:
-            model, fit = "logistic", lambda p, pg, n, ng: _logistic(p, n)
+
+        def fit(p: torch.Tensor, pg: torch.Tensor, n: torch.Tensor, ng: torch.Tensor) -> tuple:
+            return _discriminant(p, pg, n, ng, self.shrinkage)
+
         gen = torch.Generator().manual_seed(seed)
         pos_fold = torch.randperm(len(positives), generator=gen) % folds
         sources, source_of = negative_sources.unique(return_inverse=True)
@@ -193,7 +190,6 @@ class Gate(nn.Module):
         self._load(weight, bias, num_positive, mean, std)
         return {
             "gate": "learned",
-            "gate_model": model,
             "gate_components": [num_positive, self.num_components - num_positive],
             "gate_positive_rate_heldout": round((pos_margin > threshold).float().mean().item(), 4),
             "gate_false_positive_rate_heldout": round((neg_margin > threshold).float().mean().item(), 4),
@@ -258,31 +254,6 @@ def _shrunk_covariance(residual: torch.Tensor, shrinkage: float) -> torch.Tensor
     covariance = residual.T @ residual / len(residual)
     scale = covariance.diagonal().mean().clamp_min(1e-6)
     return (1 - shrinkage) * covariance + shrinkage * scale * torch.eye(len(covariance), dtype=covariance.dtype)
-
-
-def _logistic(
-    positives: torch.Tensor, negatives: torch.Tensor, l2: float = 1e-2, steps: int = 300
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    """Class-balanced L2-regularised logistic regression on standardised evidence (LBFGS), as gate components."""
-    data = torch.cat([positives, negatives])
-    labels = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
-    mean, std = data.mean(0), data.std(0).clamp_min(1e-4)
-    standard = (data - mean) / std
-    sample_weight = torch.where(labels > 0, 0.5 / len(positives), 0.5 / len(negatives))
-    weight, bias = torch.zeros(data.shape[1], requires_grad=True), torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = (F.binary_cross_entropy_with_logits(standard @ weight + bias, labels, reduction="none") * sample_weight).sum()
-        loss = loss + l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    components = torch.stack([weight.detach(), torch.zeros_like(weight)])  # the target-side component is constant
-    return components, torch.stack([bias.detach(), torch.zeros(())]), 1, mean, std
 
 
 def _log_odds(

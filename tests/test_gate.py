@@ -60,9 +60,8 @@ def test_evidence_rows_have_the_documented_width() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_with_plenty_of_clone_data_a_discriminant_keeps_the_target_domain_budget(seed: int) -> None:
+def test_the_gate_keeps_the_target_domain_budget_and_reports_what_passes(seed: int) -> None:
     gate, metrics = fitted(positives=2000, negatives=100, seed=seed)
-    assert metrics["gate_model"] == "discriminant"
     assert metrics["gate_components"] == [NUM_NEW, NUM_OLD]
     fresh_target, _ = target_domain(20000, seed=100 + seed)
     fresh_cloned, _ = cloned(2000, seed=200 + seed)
@@ -72,12 +71,12 @@ def test_with_plenty_of_clone_data_a_discriminant_keeps_the_target_domain_budget
     assert metrics["gate_positive_rate_heldout"] == pytest.approx(passed, abs=0.05), "the reported rate is what happens"
 
 
-def test_with_few_rows_against_the_features_a_logistic_regression_is_used() -> None:
-    gate, metrics = fitted(positives=60, negatives=40)
-    assert metrics["gate_model"] == "logistic"
-    assert gate.num_components == 2 and gate.num_positive == 1
+def test_with_few_rows_against_the_features_the_gate_still_keeps_the_budget() -> None:
+    gate, _ = fitted(positives=60, negatives=40)
     fresh_target, _ = target_domain(5000, seed=7)
+    fresh_cloned, _ = cloned(2000, seed=8)
     assert changed_answers(gate, fresh_target).float().mean() <= 0.05
+    assert changed_answers(gate, fresh_cloned).float().mean() >= 0.15  # few rows: a careful gate, not a closed one
 
 
 def test_a_larger_budget_opens_the_gate_wider() -> None:
@@ -128,7 +127,7 @@ def test_a_fitted_discriminant_gate_survives_save_and_load(tmp_path) -> None:
     patch = Patch.assemble(source, target, "layer3", "layer3", [0, 1, 2], source_input=x[:2], target_input=x[:2], gate="learned")
     pos, pos_groups = cloned(2000, seed=0)
     neg, neg_groups = target_domain(100, seed=1)
-    assert patch.gate.fit(pos, pos_groups, neg, neg_groups)["gate_model"] == "discriminant"
+    assert patch.gate.fit(pos, pos_groups, neg, neg_groups)["gate"] == "learned"
     reloaded = Patch.from_pretrained(patch.save_pretrained(tmp_path / "patch"))
     assert (reloaded.gate.num_components, reloaded.gate.num_positive) == (NUM_NEW + NUM_OLD, NUM_NEW)
     with torch.no_grad():
