@@ -82,8 +82,8 @@ class CloneConfig:
     shift_replay: bool = True
     """Also calibrate the gate on copies of the replay images shifted by 1/16 of their size: the target has usually
     trained on its replay images and is surer of them than of new inputs, so a gate calibrated on them alone lets
-    more new target-domain inputs through than its budget (measured on digits, 6 seeds: locality 95.8% without,
-    99.6% with)."""
+    more new target-domain inputs through than its budget (measured on digits, 6 seeds: locality 97.4% without,
+    99.3% with; new-class accuracy 76% without, 70% with)."""
     heldout_fraction: float = 0.2
     """Share of the clone data kept out of training to score the search and report accuracy."""
     feature_batch_size: int = 128
