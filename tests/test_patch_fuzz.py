@@ -263,14 +263,19 @@ def test_mutated_config_values_in_the_folder_load_or_raise_a_pnc_error(saved: di
     check()
 
 
-@pytest.mark.parametrize("name", ["resnet", "bert"])
-def test_mutated_config_values_in_the_single_file_load_or_raise_a_pnc_error(saved: dict, name: str) -> None:
+def _single_file_parts(saved: dict, name: str) -> tuple[Path, dict, dict, dict]:
+    """The case's work folder, and the tensors, metadata and config of its saved single-file patch."""
     work = saved[name]["work"]
     work.mkdir(exist_ok=True)
     original = work / "original.safetensors"
     original.write_bytes(saved[name]["single"])
     tensors, metadata = files.read_tensors(original)
-    config = json.loads(metadata[files.METADATA_KEY])
+    return work, tensors, metadata, json.loads(metadata[files.METADATA_KEY])
+
+
+@pytest.mark.parametrize("name", ["resnet", "bert"])
+def test_mutated_config_values_in_the_single_file_load_or_raise_a_pnc_error(saved: dict, name: str) -> None:
+    work, tensors, metadata, config = _single_file_parts(saved, name)
     path = work / "json-mutant.safetensors"
 
     @FUZZ
@@ -287,12 +292,7 @@ def test_mutated_config_values_in_the_single_file_load_or_raise_a_pnc_error(save
 def test_a_patch_loaded_from_a_mutated_config_attaches_and_runs_or_raises_a_pnc_error(saved: dict, name: str) -> None:
     """What the loader accepts, attach and the forward handle: the model runs with the cloned columns, or a
     ``PncError`` says why; either way no hook is left and the target's own logits are untouched."""
-    work = saved[name]["work"]
-    work.mkdir(exist_ok=True)
-    original = work / "original.safetensors"
-    original.write_bytes(saved[name]["single"])
-    tensors, metadata = files.read_tensors(original)
-    config = json.loads(metadata[files.METADATA_KEY])
+    work, tensors, metadata, config = _single_file_parts(saved, name)
     path = work / "attach-mutant.safetensors"
     target, example = saved[name]["target"], saved[name]["input"]
 
