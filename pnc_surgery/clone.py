@@ -429,8 +429,7 @@ def _clone(
     )
     patch.eval()
     positives, _ = _evidence(patch, target, examples, config, progress)
-    negatives = negative_groups = None
-    negative_sources = None
+    negatives = negative_groups = negative_sources = None
     if replay is not None:
         replay, negative_sources = with_shifted_copies(replay) if config.shift_replay else (replay, None)
         negatives, replay_logits = _evidence(patch, target, replay, config, progress)

@@ -509,11 +509,8 @@ class Patch(nn.Module):
         branch = SourceTail.from_spec(config["branch"], config["source"]["architecture"])
         with torch.device("meta"):  # sizes come from the untrusted config: allocate only what the file holds
             adapter = Adapter.from_spec(config["adapter"])
-            gate_spec = config["gate"]
-            gate = Gate(
-                str(gate_spec["kind"]), int(gate_spec["num_features"]),
-                int(gate_spec.get("num_components", 2)), int(gate_spec.get("num_positive", 1)),
-            )
+            spec = config["gate"]
+            gate = Gate(str(spec["kind"]), int(spec["num_features"]), int(spec["num_components"]), int(spec["num_positive"]))
         patch = cls(branch, adapter, gate, {k: v for k, v in config.items() if k not in ("branch", "adapter", "gate", "num_parameters")})
         _assign(patch, tensors)
         patch._self_test()
