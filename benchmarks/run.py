@@ -28,7 +28,7 @@ import torch
 
 from pnc_surgery.datasets import ClassSplit, ImageDataset, class_split, load_digits, load_fashion_mnist, load_mnist
 from pnc_surgery.datasets import select_classes, subsample
-from pnc_surgery.training import accuracy, predict_logits
+from pnc_surgery.training import accuracy, predict_logits, torch_threads
 
 from . import report
 from .baselines import BASELINES, Ensemble
@@ -186,17 +186,13 @@ def run(config: RunConfig, out: Path, cache: Path, progress: bool = True) -> dic
         "rows": [],
         "wall_seconds": 0.0,
     }
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         for level in config.levels:
             for pair in config.pairs:
                 for seed in config.seeds:
                     _run_cell(config, methods, train, test, pair, seed, level, cache, progress, document)
                     document["wall_seconds"] = time.perf_counter() - started
                     report.write(document, out)
-    finally:
-        torch.set_num_threads(threads)
     return document
 
 

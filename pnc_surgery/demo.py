@@ -18,7 +18,7 @@ from torch import nn
 from .backends.timm import create_model
 from .clone import CloneConfig, clone
 from .datasets import class_split, load_digits
-from .training import predict_logits, train_classifier
+from .training import predict_logits, torch_threads, train_classifier
 
 __all__ = ["run_demo", "digits_models", "DEMO_CLONE_CONFIG", "parameter_digest"]
 
@@ -67,12 +67,8 @@ def run_demo(out_dir: str | Path | None = "pnc_demo_patch", *, seed: int = 0, ep
     Returns:
         The measurements, also printed by ``pnc-surgery demo``.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models run fastest on one thread, and the numbers then match on every machine
-    try:
+    with torch_threads(1):  # the numbers then match on every machine
         return _run_demo(out_dir, seed, epochs, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_demo(out_dir: str | Path | None, seed: int, epochs: int, progress: bool) -> dict[str, Any]:

@@ -166,9 +166,6 @@ class Gate(nn.Module):
         if negative_groups is None:
             negative_groups = torch.zeros(len(negatives), dtype=torch.long)
 
-        def fit(p: torch.Tensor, pg: torch.Tensor, n: torch.Tensor, ng: torch.Tensor) -> tuple:
-            return _discriminant(p, pg, n, ng, self.shrinkage)
-
         gen = torch.Generator().manual_seed(seed)
         pos_fold = torch.randperm(len(positives), generator=gen) % folds
         sources, source_of = negative_sources.unique(return_inverse=True)
@@ -176,7 +173,9 @@ class Gate(nn.Module):
         pos_oof, neg_oof = torch.empty(len(positives)), torch.empty(len(negatives))
         for fold in range(folds):
             p_train, n_train = pos_fold != fold, neg_fold != fold
-            fitted = fit(positives[p_train], positive_groups[p_train], negatives[n_train], negative_groups[n_train])
+            fitted = _discriminant(
+                positives[p_train], positive_groups[p_train], negatives[n_train], negative_groups[n_train], self.shrinkage
+            )
             pos_oof[~p_train] = _log_odds(positives[~p_train], *fitted)
             neg_oof[~n_train] = _log_odds(negatives[~n_train], *fitted)
         # A target-domain input changes its answer only if a cloned class then beats the target's top class:
@@ -185,7 +184,7 @@ class Gate(nn.Module):
         pos_margin = pos_oof + _confidence_gap(positives)
         neg_margin = neg_oof + _confidence_gap(negatives)
         threshold = _tail_quantile(neg_margin, 1.0 - max_fpr)
-        weight, bias, num_positive, mean, std = fit(positives, positive_groups, negatives, negative_groups)
+        weight, bias, num_positive, mean, std = _discriminant(positives, positive_groups, negatives, negative_groups, self.shrinkage)
         bias[:num_positive] -= threshold
         self._load(weight, bias, num_positive, mean, std)
         return {

@@ -9,7 +9,8 @@ models alike, so nothing else needs to know which family a model is from.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,22 @@ from .backends.base import logits_of
 from .datasets import as_loader, labels_of, split_batch
 from .errors import InvalidInputError
 
-__all__ = ["logits_of", "train_classifier", "predict_logits", "accuracy", "ExtraLoss"]
+__all__ = ["logits_of", "train_classifier", "predict_logits", "accuracy", "torch_threads", "ExtraLoss"]
 
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``extra_loss(x, logits) -> scalar`` added to the cross-entropy of each training batch."""
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(count)``, then restore the previous count. Tiny models train
+    fastest on one thread, and seeded training then gives the same numbers on every machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _label_lookup(label_map: Mapping[int, int] | None) -> torch.Tensor | None:
