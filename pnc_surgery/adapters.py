@@ -127,29 +127,48 @@ class Adapter(nn.Module):
 
     def to_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The target feature as (B, C, H, W) (text tokens as (B, C, L, 1)), and its prefix tokens."""
-        layout, spec = self.source.layout, self.source
-        if tuple(x.shape[1:]) != spec.shape and not (layout == "NLC" and spec.grid is None and x.dim() == 3):
-            raise PatchMismatchError(f"adapter expects a feature of shape {spec.shape}, got {tuple(x.shape[1:])}")
-        if layout == "NCHW":
-            return x, None
-        if layout == "NHWC":
-            return x.permute(0, 3, 1, 2), None
-        if spec.grid is None:
-            return x.transpose(1, 2).unsqueeze(-1), None
-        prefix, tokens = x[:, : spec.prefix], x[:, spec.prefix :]
-        return tokens.transpose(1, 2).reshape(x.shape[0], spec.channels, *spec.grid), prefix
+        return _as_grid(x, self.source)
+
+    def resample(self, grid: torch.Tensor) -> torch.Tensor:
+        """A channels-first grid brought to the branch's grid size (pooled down or interpolated up)."""
+        dest = self.dest.grid
+        if dest is None or tuple(grid.shape[-2:]) == dest:
+            return grid
+        if grid.shape[-2] >= dest[0] and grid.shape[-1] >= dest[1]:
+            return F.adaptive_avg_pool2d(grid, dest)
+        return F.interpolate(grid, size=dest, mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def fit_least_squares(self, inputs: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3) -> None:
+        """Start from the best linear map: the 1x1 projection solves ridge least squares from the target's
+        features (``inputs``) to the branch's (``targets``), and prefix tokens take the targets' mean.
+
+        Resampling is linear and acts on positions only, so it commutes with the projection and the fit is exact
+        for the adapter's linear part. A randomly initialised adapter needs many steps before a shallow cut's
+        feature looks like anything the branch knows; this lets a short search round rank such pairs fairly.
+        """
+        grid, _ = self.to_grid(inputs)
+        wanted, prefix = _as_grid(targets, self.dest)
+        if self.resample(grid[:1]).shape[-2:] != wanted.shape[-2:]:
+            return  # text of different lengths: positions do not correspond
+        x = self.resample(grid.double()).permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
+        y = wanted.double().permute(0, 2, 3, 1).reshape(-1, wanted.shape[1])
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        gram = x.T @ x
+        gram += ridge * gram.diagonal()[:-1].mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
+        solution = torch.linalg.solve(gram, x.T @ y)
+        self.proj.weight.copy_(solution[:-1].T[:, :, None, None])
+        self.proj.bias.copy_(solution[-1])
+        if self.prefix is not None and prefix is not None:
+            self.prefix.copy_(prefix.float().mean(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid, _ = self.to_grid(x)
         y = self.proj(grid)
         if self.bottleneck is not None:
             y = y + self.bottleneck(grid)
+        y = self.resample(y)
         dest = self.dest
-        if dest.grid is not None and tuple(y.shape[-2:]) != dest.grid:
-            if y.shape[-2] >= dest.grid[0] and y.shape[-1] >= dest.grid[1]:
-                y = F.adaptive_avg_pool2d(y, dest.grid)
-            else:
-                y = F.interpolate(y, size=dest.grid, mode="bilinear", align_corners=False)
         if dest.layout == "NCHW":
             return y
         if dest.layout == "NHWC":
@@ -158,3 +177,18 @@ class Adapter(nn.Module):
         if self.prefix is not None:
             tokens = torch.cat([self.prefix.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
         return tokens
+
+
+def _as_grid(x: torch.Tensor, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A feature of layout ``spec`` as (B, C, H, W) (text tokens as (B, C, L, 1)), and its prefix tokens."""
+    layout = spec.layout
+    if tuple(x.shape[1:]) != spec.shape and not (layout == "NLC" and spec.grid is None and x.dim() == 3):
+        raise PatchMismatchError(f"adapter expects a feature of shape {spec.shape}, got {tuple(x.shape[1:])}")
+    if layout == "NCHW":
+        return x, None
+    if layout == "NHWC":
+        return x.permute(0, 3, 1, 2), None
+    if spec.grid is None:
+        return x.transpose(1, 2).unsqueeze(-1), None
+    prefix, tokens = x[:, : spec.prefix], x[:, spec.prefix :]
+    return tokens.transpose(1, 2).reshape(x.shape[0], spec.channels, *spec.grid), prefix

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -39,9 +40,9 @@ class CloneConfig:
     search_positions: bool = True
     """Search (cut, insertion) pairs jointly; ``False`` cuts at the source's last stage and inserts at the target's (ablation)."""
     max_cuts: int = 3
-    """Source cut points considered (evenly spaced over the later part of the source)."""
+    """Source cut points considered (evenly spaced over the source's depth, stage ends first)."""
     max_insertions: int = 3
-    """Target insertion points considered."""
+    """Target insertion points considered (evenly spaced over the target's depth, stage ends first)."""
     cut: str | None = None
     """Force this source cut point (a module name from ``find_points``)."""
     insertion: str | None = None
@@ -88,6 +89,9 @@ class CloneConfig:
     """Share of the clone data kept out of training to score the search and report accuracy."""
     feature_batch_size: int = 128
     """Batch size for feature extraction."""
+    feature_memory_gb: float = 2.0
+    """The search keeps every candidate point's features for the whole clone set in memory; points whose features
+    would take more than this (early, high-resolution points of large models) are left out of the search."""
     source_kwargs: dict[str, Any] = field(default_factory=dict)
     """timm ``create_model`` kwargs of the source when they cannot be inferred (see ``backends.timm.create_model``)."""
 
@@ -100,6 +104,8 @@ class CloneConfig:
             raise InvalidInputError(f"max_false_positive_rate must be in (0, 1), got {self.max_false_positive_rate}")
         if not 0 < self.heldout_fraction < 1:
             raise InvalidInputError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.feature_memory_gb <= 0:
+            raise InvalidInputError(f"feature_memory_gb must be positive, got {self.feature_memory_gb}")
         for name in ("max_cuts", "max_insertions", "batch_size", "train_steps", "search_steps"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be at least 1")
@@ -220,6 +226,18 @@ def _with_blocks_after(model: nn.Module, points: list[Point], inputs: ModelInput
     return kept
 
 
+def _affordable(points: list[Point], examples: int, budget_bytes: float) -> list[Point]:
+    """Points whose float32 features for ``examples`` inputs fit in ``budget_bytes`` (at least the last point)."""
+    return [p for p in points if 4 * math.prod(p.shape) * examples <= budget_bytes] or points[-1:]
+
+
+def _least_squares_rows(index: torch.Tensor, point: Point, generator: torch.Generator, max_rows: int = 2**18) -> torch.Tensor:
+    """Examples for an adapter's least-squares start: at most ``max_rows`` feature positions in all."""
+    positions = math.prod(point.shape[:-1]) if point.layout != "NCHW" else math.prod(point.shape[1:])
+    count = min(len(index), max(16, max_rows // max(positions, 1)))
+    return index[torch.randperm(len(index), generator=generator)[:count]]
+
+
 def _last_stage(points: Sequence[Point]) -> Point:
     """The last point whose shape differs from the final one: where the last stage starts."""
     final = points[-1].shape
@@ -337,11 +355,14 @@ def _clone(
     target_points = find_points(target, target_sample)
     source_size = image_size(source_sample)
     target_size = image_size(target_sample)
+    budget = config.feature_memory_gb * 2**30
+    searched_cuts = spread_points(_affordable(source_points, len(examples), budget), config.max_cuts)
+    searched_insertions = spread_points(_affordable(target_points, len(examples), budget), config.max_insertions)
     if config.cut or config.insertion:
-        cuts = [_named(source_points, config.cut, "source")] if config.cut else spread_points(source_points, config.max_cuts)
-        insertions = [_named(target_points, config.insertion, "target")] if config.insertion else spread_points(target_points, config.max_insertions)
+        cuts = [_named(source_points, config.cut, "source")] if config.cut else searched_cuts
+        insertions = [_named(target_points, config.insertion, "target")] if config.insertion else searched_insertions
     elif config.search_positions:
-        cuts, insertions = spread_points(source_points, config.max_cuts), spread_points(target_points, config.max_insertions)
+        cuts, insertions = searched_cuts, searched_insertions
     else:
         cuts, insertions = [_last_stage(source_points)], [_last_stage(target_points)]
     pairs = [
@@ -377,6 +398,9 @@ def _clone(
         Candidate(c, p, branches[c.name], Adapter(feature_spec(p, target_size), feature_spec(c, source_size), config.adapter_hidden))
         for c, p in pairs
     ]
+    for candidate in candidates:
+        sample = _least_squares_rows(fit_index, candidate.insertion, generator)
+        candidate.adapter.fit_least_squares(target_features[candidate.insertion.name][sample], source_features[candidate.cut.name][sample])
 
     def rows(candidate: Candidate, index: torch.Tensor) -> FitData:
         return FitData(

@@ -2,10 +2,10 @@
 
 Which source cut and which target insertion point work best depend on each other: a deep cut needs a
 target feature that is already abstract, a shallow one leaves more of the source to carry the classes.
-Every compatible pair gets an adapter trained for a few steps (the cheap proxy); successive halving then
-keeps the better half and doubles the training of the survivors until one pair is left. The score is the
-local accuracy on held-out clone data (ties broken by the distillation loss). The ranking is returned so
-the patch can record what was seen.
+Every compatible pair gets an adapter, started from the least-squares linear map between the two features and
+trained for a few steps (the cheap proxy); successive halving then keeps the better half and doubles the
+training of the survivors until one pair is left. The score is the local accuracy on held-out clone data (ties
+broken by the distillation loss). The ranking is returned so the patch can record what was seen.
 """
 from __future__ import annotations
 
@@ -77,23 +77,26 @@ class Candidate:
         }
 
 
-def spread_points(points: Sequence[Point], count: int, start_fraction: float = 0.3) -> list[Point]:
-    """Up to ``count`` points from the later part of a model, preferring stage ends, the last always included.
+def spread_points(points: Sequence[Point], count: int) -> list[Point]:
+    """Up to ``count`` points spread evenly over a model's depth, preferring stage ends, the last always included.
 
+    The whole depth is searched because the best point depends on the pair: an insertion late in the target
+    hands the branch only what the target learned for its own classes (on Fashion-MNIST, sandals and
+    sneakers blur: held-out local accuracy 0.89 from the target's pooled feature, 0.97 from its stem).
     A stage end is the last point before the feature shape changes; isotropic models (ViT, BERT) have
     few, so evenly spaced blocks fill the remaining places.
     """
-    later = [p for p in points if p.index >= start_fraction * max(len(points) - 1, 1)] or list(points)
-    if len(later) <= count:
-        return later
-    ends = [p for p, nxt in zip(later, later[1:]) if p.shape != nxt.shape] + [later[-1]]
-    chosen = {p.name: p for p in ends[-count:]}
-    step = (len(later) - 1) / max(count - 1, 1)
-    for i in range(count):
-        if len(chosen) >= count:
-            break
-        point = later[round(len(later) - 1 - i * step)]
-        chosen.setdefault(point.name, point)
+    if len(points) <= count:
+        return list(points)
+    ends = [p for p, nxt in zip(points, points[1:]) if p.shape != nxt.shape] + [points[-1]]
+    chosen: dict[str, Point] = {}
+    for pool in (ends, points):
+        step = (len(pool) - 1) / max(count - 1, 1)
+        for i in range(count):
+            if len(chosen) >= count:
+                break
+            point = pool[round(len(pool) - 1 - i * step)]
+            chosen.setdefault(point.name, point)
     return sorted(chosen.values(), key=lambda p: p.index)
 
 

@@ -29,3 +29,14 @@ def test_indistinguishable_cloned_classes_pass_about_as_often_as_the_budget() ->
     features, labels = data(shift=0.0)
     bound = linear_bound(features, labels, torch.ones(len(labels), dtype=torch.bool), NUM_OLD, budget=0.01)
     assert all(rate <= 0.05 for rate in bound["pass_rate"].values()), bound
+
+
+def test_out_of_fold_scores_do_not_reward_features_that_only_memorise() -> None:
+    """Noise columns let an in-sample probe pass cloned images it cannot tell apart; out of fold they cannot."""
+    features, labels = data(shift=0.0)
+    noisy = torch.cat([features, torch.randn(len(labels), 400, generator=torch.Generator().manual_seed(2))], dim=1)
+    everyone_right = torch.ones(len(labels), dtype=torch.bool)
+    in_sample = linear_bound(noisy, labels, everyone_right, NUM_OLD, budget=0.01, strengths=(100.0,), folds=0)
+    out_of_fold = linear_bound(noisy, labels, everyone_right, NUM_OLD, budget=0.01, strengths=(100.0,), folds=5)
+    assert min(in_sample["pass_rate"].values()) > 0.05, in_sample
+    assert max(out_of_fold["pass_rate"].values()) < 0.04, out_of_fold

@@ -1,0 +1,86 @@
+"""Specification of the (cut, insertion) search's building blocks: which points are searched and how every
+candidate adapter starts.
+
+* ``spread_points`` spans a model's whole depth (its first stage end and its last point included), takes stage
+  ends before other points, and never returns more points than asked.
+* ``Adapter.fit_least_squares`` starts an adapter from the best linear map between the two features, across
+  layouts and grid sizes, so that a short search round ranks a shallow pair by what it can do rather than by how
+  far a random start is from it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pnc_surgery.adapters import Adapter, FeatureSpec
+from pnc_surgery.points import Point
+from pnc_surgery.search import spread_points
+
+
+def _cnn_points() -> list[Point]:
+    """A resnet-like model at 16 px: a stem, stages that halve the grid down to 1x1, then global pooling."""
+    shapes = [(16, 8, 8)] * 3 + [(16, 4, 4)] * 3 + [(32, 2, 2)] * 2 + [(64, 1, 1)] * 2 + [(128, 1, 1)] * 3
+    names = ["conv1", "bn1", "act1", "maxpool", "layer1.0", "layer1", "layer2.0", "layer2", "layer3.0", "layer3",
+             "layer4.0", "layer4", "global_pool"]
+    return [Point(n, i, s, "NCHW", 16 // s[1], s[0]) for i, (n, s) in enumerate(zip(names, shapes))]
+
+
+def _isotropic_points(blocks: int = 8) -> list[Point]:
+    """A ViT-like model: one patch embedding, then blocks that all keep the token shape."""
+    embedding = [Point("patch_embed", 0, (17, 32), "NLC", 4, 32)]
+    return embedding + [Point(f"blocks.{i}", i + 1, (17, 32), "NLC", 4, 32) for i in range(blocks)]
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_the_search_spans_the_whole_depth_and_prefers_stage_ends(count):
+    points = _cnn_points()
+    chosen = [p.name for p in spread_points(points, count)]
+    stage_ends = {"act1", "layer1", "layer2", "layer3", "global_pool"}
+    assert len(chosen) == count
+    assert chosen[0] == "act1", "the earliest stage end is searched: a late insertion may have lost what the classes need"
+    assert chosen[-1] == "global_pool", "the last point is always searched"
+    assert set(chosen) <= stage_ends
+    assert chosen == sorted(chosen, key=[p.name for p in points].index)
+
+
+def test_isotropic_models_are_searched_at_evenly_spaced_blocks():
+    chosen = [p.name for p in spread_points(_isotropic_points(), 3)]
+    assert chosen == ["patch_embed", "blocks.3", "blocks.7"]
+
+
+def test_a_model_with_few_points_is_searched_everywhere():
+    points = _cnn_points()[:2]
+    assert spread_points(points, 3) == points
+
+
+def _random_map(channels_in: int, channels_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(channels_out, channels_in, generator=generator), torch.randn(channels_out, generator=generator)
+
+
+def test_the_least_squares_start_recovers_a_linear_map_across_grid_sizes():
+    weight, bias = _random_map(6, 4)
+    inputs = torch.randn(64, 6, 8, 8)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(inputs, (4, 4))
+    targets = torch.einsum("oc,bchw->bohw", weight, pooled) + bias[:, None, None]
+    adapter = Adapter(FeatureSpec("NCHW", (6, 8, 8), 6, (8, 8)), FeatureSpec("NCHW", (4, 4, 4), 4, (4, 4)), hidden=8)
+    adapter.fit_least_squares(inputs, targets, ridge=1e-9)
+    assert torch.allclose(adapter(inputs), targets, atol=1e-3)
+
+
+def test_the_least_squares_start_maps_a_cnn_feature_to_vit_tokens_with_their_cls_token():
+    weight, bias = _random_map(6, 4)
+    inputs = torch.randn(64, 6, 2, 2)
+    cls = torch.randn(4)
+    tokens = (torch.einsum("oc,bchw->bhwo", weight, inputs) + bias).flatten(1, 2)
+    targets = torch.cat([cls.expand(64, 1, 4), tokens], dim=1)
+    adapter = Adapter(FeatureSpec("NCHW", (6, 2, 2), 6, (2, 2)), FeatureSpec("NLC", (5, 4), 4, (2, 2), prefix=1))
+    adapter.fit_least_squares(inputs, targets, ridge=1e-9)
+    assert torch.allclose(adapter(inputs), targets, atol=1e-3)
+
+
+def test_the_least_squares_start_leaves_text_of_other_lengths_alone():
+    adapter = Adapter(FeatureSpec("NLC", (7, 6), 6, None), FeatureSpec("NLC", (9, 4), 4, None))
+    before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    adapter.fit_least_squares(torch.randn(8, 7, 6), torch.randn(8, 9, 4))
+    assert all(torch.equal(before[k], v) for k, v in adapter.state_dict().items())
