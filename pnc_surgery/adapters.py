@@ -149,9 +149,10 @@ class Adapter(nn.Module):
         """
         grid, _ = self.to_grid(inputs)
         wanted, prefix = _as_grid(targets, self.dest)
-        if self.resample(grid[:1]).shape[-2:] != wanted.shape[-2:]:
+        resampled = self.resample(grid.double())
+        if resampled.shape[-2:] != wanted.shape[-2:]:
             return  # text of different lengths: positions do not correspond
-        x = self.resample(grid.double()).permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
+        x = resampled.permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
         y = wanted.double().permute(0, 2, 3, 1).reshape(-1, wanted.shape[1])
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
         gram = x.T @ x
