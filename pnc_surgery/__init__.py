@@ -4,6 +4,7 @@ Copy the classes a *source* classifier knows into a *target* classifier as a sma
 forward hooks; the target's own parameters are never written.
 """
 from .errors import (
+    CloneError,
     InvalidInputError,
     PatchFormatError,
     PatchMismatchError,
@@ -33,4 +34,5 @@ __all__ = [
     "PatchMismatchError",
     "PatchFormatError",
     "PatchStateError",
+    "CloneError",
 ]

@@ -12,6 +12,7 @@ __all__ = [
     "PatchMismatchError",
     "PatchFormatError",
     "PatchStateError",
+    "CloneError",
 ]
 
 
@@ -37,3 +38,7 @@ class PatchFormatError(PncError):
 
 class PatchStateError(PncError):
     """A patch is used in a state that does not allow it (attached twice, detached model, ...)."""
+
+
+class CloneError(PncError):
+    """``clone()`` could not make a usable patch from valid inputs (its training diverged); the message says why."""
