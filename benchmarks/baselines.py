@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pnc_surgery.training import logits_of, train_classifier
+from .training import logits_of, train_classifier
 
 from .metrics import safetensors_bytes
 from .models import count_parameters, head_name

@@ -26,9 +26,9 @@ from typing import Any, Sequence
 
 import torch
 
-from pnc_surgery.datasets import ClassSplit, ImageDataset, class_split, load_digits, load_fashion_mnist, load_mnist
-from pnc_surgery.datasets import select_classes, subsample
-from pnc_surgery.training import accuracy, predict_logits, torch_threads
+from .datasets import ClassSplit, ImageDataset, class_split, load_digits, load_fashion_mnist, load_mnist
+from .datasets import select_classes, subsample
+from .training import accuracy, predict_logits, torch_threads
 
 from . import report
 from .baselines import BASELINES, Ensemble

@@ -1,18 +1,18 @@
 """A timm CNN source cloned into a transformers ViT target: layouts (NCHW -> tokens + cls) are adapted for you.
 
-Run: python examples/timm_into_transformers.py   (no network: both models are built from configs)
+Run: python examples/timm_into_transformers.py   (no network: both models are built from configs; needs pnc_surgery[demo])
 """
+
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 import pnc_surgery
 from pnc_surgery.backends.timm import create_model
-from pnc_surgery.datasets import class_split, load_digits
-from pnc_surgery.training import predict_logits, train_classifier
+from pnc_surgery.demo import digits_split, train_classifier
 
 torch.manual_seed(0)
-train, test = load_digits(image_size=16)
-split = class_split(train, test)
+split = digits_split()  # target: digits 0-4; source: 5-9; clone: 5, 6, 7
+images, labels = split.test.tensors
 
 target = ViTForImageClassification(
     ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=4,
@@ -32,14 +32,15 @@ patches = {
 }
 print(patches[0.01].summary())
 with patches[0.01].attached(target):
-    output = target(pixel_values=split.test.images[:4])   # the same ImageClassifierOutput, wider logits
+    output = target(pixel_values=images[:4])   # the same ImageClassifierOutput, wider logits
 print(type(output).__name__, tuple(output.logits.shape))
 
-original = predict_logits(target, split.test).argmax(-1)
-new, old = split.test.labels >= 5, split.test.labels < 5
+with torch.no_grad():
+    original = target(pixel_values=images).logits.argmax(-1)
+new, old = labels >= 5, labels < 5
 for budget, patch in patches.items():
-    with patch.attached(target):
-        prediction = predict_logits(target, split.test).argmax(-1)
-    accuracy = (prediction[new] == split.test.labels[new]).float().mean()
+    with patch.attached(target), torch.no_grad():
+        prediction = target(pixel_values=images).logits.argmax(-1)
+    accuracy = (prediction[new] == labels[new]).float().mean()
     kept = (prediction[old] == original[old]).float().mean()
     print(f"max_false_positive_rate={budget}: accuracy on the cloned classes {accuracy:.3f}, target's answers kept {kept:.3f}")

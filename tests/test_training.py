@@ -1,12 +1,12 @@
-"""Tests of pnc_surgery.training: the shared training loop, prediction and logits extraction."""
+"""Tests of benchmarks.training: the shared training loop, prediction and logits extraction."""
 import pytest
 import timm
 import torch
 from torch import nn
 
-from pnc_surgery.datasets import class_split, load_digits, select_classes
+from benchmarks.datasets import class_split, load_digits, select_classes
 from pnc_surgery.errors import UnsupportedModelError
-from pnc_surgery.training import accuracy, logits_of, predict_logits, train_classifier
+from benchmarks.training import accuracy, logits_of, predict_logits, train_classifier
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Small offline image datasets and the class-split protocol used by the tests, examples and benchmarks.
+"""Small offline image datasets and the class-split protocol (benchmarks/README.md) of the benchmarks and tests.
 
 Everything here returns :class:`ImageDataset`, a :class:`torch.utils.data.TensorDataset` of float32 images
 ``(C, H, W)`` scaled to roughly zero mean and unit std, and int64 labels, that also records where its images
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 
-from .errors import InvalidInputError
+from pnc_surgery.errors import InvalidInputError
 
 __all__ = [
     "ImageDataset",
@@ -258,7 +258,7 @@ def load_fashion_mnist(
     Looks for the IDX files in ``root`` (flat, or torchvision's ``FashionMNIST/raw``), or, without ``root``, in
     :data:`DEBIAN_FASHION_MNIST_DIR` (Debian's ``dataset-fashion-mnist``); else asks torchvision, downloading
     into ``root`` (default ``~/.cache/pnc_surgery/datasets``) when ``download``. ``dataset.source`` and the
-    ``pnc_surgery.datasets`` logger say which was used.
+    ``benchmarks.datasets`` logger say which was used.
 
     Returns:
         ``(train, test)``, standardized with the train split's mean and std.

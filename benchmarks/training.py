@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backends.base import logits_of
+from pnc_surgery.backends.base import logits_of
 from .datasets import as_loader, labels_of, split_batch
-from .errors import InvalidInputError
+from pnc_surgery.errors import InvalidInputError
 
 __all__ = ["logits_of", "train_classifier", "predict_logits", "accuracy", "torch_threads", "ExtraLoss"]
 
@@ -88,7 +88,7 @@ def train_classifier(
         progress: show a tqdm bar.
         label_map: maps dataset labels to output indices (e.g. ``{5: 0, 6: 1}``), when they differ.
         extra_loss: ``f(x, logits) -> scalar`` added to each batch's loss (distillation, penalties).
-        balanced: sample class-balanced batches (see :func:`~pnc_surgery.datasets.as_loader`).
+        balanced: sample class-balanced batches (see :func:`~benchmarks.datasets.as_loader`).
         description: the progress bar's label.
 
     Returns:
