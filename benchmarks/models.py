@@ -20,6 +20,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from pnc_surgery.backends.timm import create_model
+
 from .datasets import ImageDataset, subsample
 from .training import accuracy, train_classifier
 

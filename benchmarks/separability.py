@@ -28,7 +28,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .datasets import class_split, subsample
-
 from .models import PAIRS, head_name, trained_model
 from .run import LOADERS, RunConfig
 

@@ -6,11 +6,12 @@ pass it as ``extra_loss``; baselines that freeze weights (LoRA) just set ``requi
 parameters are optimized. :func:`logits_of` reads logits from timm (tensor) and transformers (``ModelOutput``)
 models alike, so nothing else needs to know which family a model is from.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pnc_surgery.backends.base import logits_of
-from .datasets import as_loader, labels_of, split_batch
 from pnc_surgery.errors import InvalidInputError
+
+from .datasets import as_loader, labels_of, split_batch
 
 __all__ = ["logits_of", "train_classifier", "predict_logits", "accuracy", "torch_threads", "ExtraLoss"]
 
@@ -135,9 +137,7 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict_logits(
-    model: nn.Module, data: Dataset | DataLoader | Iterable, batch_size: int = 256
-) -> torch.Tensor:
+def predict_logits(model: nn.Module, data: Dataset | DataLoader | Iterable, batch_size: int = 256) -> torch.Tensor:
     """The model's logits for every example of ``data`` (dataset, loader or iterable of ``x``/``(x, y)``).
 
     Runs in eval mode without gradients and restores the model's previous mode.

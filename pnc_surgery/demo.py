@@ -126,7 +126,9 @@ def _select(data: TensorDataset, classes: tuple[int, ...]) -> TensorDataset:
     return TensorDataset(images[keep], lookup[labels[keep]])
 
 
-def _stratified(data: TensorDataset, seed: int, *, fraction: float = 1.0, per_class: int | None = None) -> TensorDataset:
+def _stratified(
+    data: TensorDataset, seed: int, *, fraction: float = 1.0, per_class: int | None = None
+) -> TensorDataset:
     """A seeded random subset: ``per_class`` images of each class, else ``fraction`` of each; original order kept."""
     images, labels = data.tensors
     generator = torch.Generator().manual_seed(seed)
@@ -153,7 +155,9 @@ def digits_split(seed: int = 0) -> DigitsSplit:
     )
 
 
-def train_classifier(model: nn.Module, data: TensorDataset, epochs: int = 8, seed: int = 0, progress: bool = True) -> nn.Module:
+def train_classifier(
+    model: nn.Module, data: TensorDataset, epochs: int = 8, seed: int = 0, progress: bool = True
+) -> nn.Module:
     """Train a small classifier with cross-entropy, as the demo and the examples do.
 
     AdamW (lr 3e-3, weight decay 0.05) on shuffled batches of 64, 5% linear warm-up then cosine decay to 0.
@@ -255,8 +259,14 @@ def _run_demo(out_dir: str | Path | None, seed: int, epochs: int, progress: bool
     before_digest = parameter_digest(target)
     original = _logits(target, images)
     patch = clone(
-        source, target, split.clone, classes=CLONE_SOURCE_IDS, replay=split.replay, config=DEMO_CLONE_CONFIG,
-        seed=seed, progress=progress,
+        source,
+        target,
+        split.clone,
+        classes=CLONE_SOURCE_IDS,
+        replay=split.replay,
+        config=DEMO_CLONE_CONFIG,
+        seed=seed,
+        progress=progress,
     )
     with patch.attached(target):
         patched = _logits(target, images)

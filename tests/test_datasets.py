@@ -1,4 +1,5 @@
 """Tests of benchmarks.datasets: offline loaders, stratified subsets, and the benchmark's class split."""
+
 import gzip
 import struct
 
