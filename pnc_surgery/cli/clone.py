@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..backends import backend_for
-from ..clone import CloneConfig, clone, expected_image
+from ..clone import CloneConfig, clone
 from ..errors import InvalidInputError
 from .models import load_model
 
@@ -63,7 +63,7 @@ def image_folder(
     root = Path(folder)
     if not root.is_dir():
         raise InvalidInputError(f"{root} is not a folder of class sub-folders")
-    expected = expected_image(model)
+    expected = backend_for(model).expected_image(model)
     if expected is None:
         raise InvalidInputError(f"{type(model).__name__} does not take images; image folders cannot feed it")
     channels, size = expected
