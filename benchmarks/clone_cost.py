@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from pnc_surgery.clone import CloneConfig, clone
-from pnc_surgery.datasets import ClassSplit, class_split, load_digits
-from pnc_surgery.training import predict_logits, torch_threads
+from .datasets import ClassSplit, class_split, load_digits
+from .training import predict_logits, torch_threads
 
 from .baselines import lwf
 from .metrics import accuracy_metrics, safetensors_bytes

@@ -35,8 +35,9 @@ from .errors import CloneError, InvalidInputError, UnsupportedModelError
 from .gate import GATE_KINDS
 from .localize import branch_parameters, local_accuracy, localize
 from .patch import Patch
-from .points import Point, classifier_names, eval_mode, find_points, trace_model
+from .points import Point, find_points
 from .search import Candidate, FitData, evaluate, spread_points, successive_halving, train_candidate
+from .tracing import classifier_names, eval_mode, trace_model
 
 __all__ = ["BUDGETS", "Budget", "CloneConfig", "CloneRun", "clone"]
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .backends import Backend, ModelInputs
 from .errors import InvalidInputError
-from .points import eval_mode
+from .tracing import eval_mode
 
 MIN_EXAMPLES_PER_CLASS = 2
 """A cloned class needs at least this many examples: with one, nothing is left to check the training on."""

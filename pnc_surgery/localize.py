@@ -21,11 +21,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .branch import SourceTail
 from tqdm.auto import tqdm
 
-from .points import trace_model
+from .branch import SourceTail
+from .tracing import trace_model
 
 __all__ = [
     "PruneGroup", "find_prune_groups", "unit_importance", "keep_indices", "masked", "prune", "branch_parameters",
