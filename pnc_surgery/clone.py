@@ -332,7 +332,7 @@ def clone(
         )
     patch.metrics["clone_seconds"] = round(time.perf_counter() - started, 2)
     patch.metrics["seed"] = seed
-    patch.config["clone_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+    patch.update_config(clone_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()})
     return patch
 
 
@@ -447,7 +447,7 @@ def _clone(
     metrics["heldout_local_accuracy"] = round(accuracy, 4)
 
     kind = config.gate if config.gate != "auto" else ("learned" if replay is not None else "energy")
-    patch = Patch.compose(
+    patch = Patch.from_parts(
         source, target, winner.cut, winner.insertion, branch, winner.adapter, kind,
         target_input=target_sample, source_kwargs=config.source_kwargs or None,
     )
@@ -463,7 +463,7 @@ def _clone(
         positives, labels, negatives, negative_groups, negative_sources=negative_sources,
         max_false_positive_rate=config.max_false_positive_rate, seed=int(torch.randint(2**31, (), generator=generator)),
     ))
-    patch.config["search"] = ranking
+    patch.update_config(search=tuple(ranking))
     patch.metrics.update(metrics)
     return patch
 
@@ -471,8 +471,8 @@ def _clone(
 @torch.no_grad()
 def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate evidence rows of ``examples`` as the attached patch would see them, and the target's logits."""
-    insertion = patch.config["insertion"]["name"]
-    classifiers = patch.config["target"]["classifiers"]
+    insertion = patch.config.insertion.name
+    classifiers = list(patch.config.target.classifiers)
     features, logits, pre_logits = _extract(
         target, [insertion], examples, config.feature_batch_size, None, "pnc: gate evidence", progress, classifiers
     )

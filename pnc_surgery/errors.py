@@ -6,12 +6,13 @@ complaints apart from bugs. Errors about the caller's arguments also derive from
 from __future__ import annotations
 
 __all__ = [
-    "PncError",
+    "HubTimeoutError",
     "InvalidInputError",
-    "UnsupportedModelError",
-    "PatchMismatchError",
     "PatchFormatError",
+    "PatchMismatchError",
     "PatchStateError",
+    "PncError",
+    "UnsupportedModelError",
 ]
 
 
@@ -37,3 +38,7 @@ class PatchFormatError(PncError):
 
 class PatchStateError(PncError):
     """A patch is used in a state that does not allow it (attached twice, detached model, ...)."""
+
+
+class HubTimeoutError(PncError, TimeoutError):
+    """The Hugging Face Hub did not answer in time; the message says what was being waited for."""

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pnc_surgery.backends.timm import create_model
 from pnc_surgery.cli import main
-from pnc_surgery.files import write_tensors
+from safetensors.torch import save_file
 
 TINY_RESNET = json.dumps({"num_classes": 3, "in_chans": 1, "channels": [8, 16, 32, 64]})
 
@@ -52,7 +52,7 @@ def test_clone_from_image_folders_writes_a_patch(tmp_path, capsys):
     kwargs = {"num_classes": 3, "in_chans": 1, "channels": [8, 16, 32, 64]}
     for role in ("source", "target"):
         model = create_model("resnet18", **kwargs)
-        write_tensors(tmp_path / f"{role}.safetensors", model.state_dict())
+        save_file(model.state_dict(), tmp_path / f"{role}.safetensors")
     data = _image_folder(tmp_path / "data", {"1": 1, "2": 2})
     replay = _image_folder(tmp_path / "replay", {"any": 0})
     config = json.dumps({"max_cuts": 1, "max_insertions": 1, "train_steps": 10})

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InvalidInputError
-from ..files import read_tensors
+from ..patch.serialization import read_tensors
 
 __all__ = ["load_model"]
 
