@@ -3,6 +3,7 @@
 Every error the library raises on purpose derives from :class:`PncError`, so callers can catch the library's
 complaints apart from bugs. Errors about the caller's arguments also derive from :class:`ValueError`.
 """
+
 from __future__ import annotations
 
 __all__ = [

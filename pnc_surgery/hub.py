@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -78,12 +78,12 @@ CARD_TEMPLATE = """---
 
 # pnc_surgery patch: {{ summary }}
 
-This patch adds {{ rows | length }} classes of the source model {{ source_code }} to the target model {{ target_code }} \
-by Partial Network Cloning. It copies the part of the source that carries those classes (a pruned copy of its blocks \
-after the cut point, their head rows, a small adapter from the target's features, and a gate that tells whether an \
-input is one of the new classes) and hooks it onto the target. No parameter of the target is changed: attached, the \
-target scores its own classes followed by the cloned ones; detached, it is exactly the original model again. Loading \
-needs this patch and the target only, never the source model.
+This patch adds {{ rows | length }} classes of the source model {{ source_code }} to the target model \
+{{ target_code }} by Partial Network Cloning. It copies the part of the source that carries those classes \
+(a pruned copy of its blocks after the cut point, their head rows, a small adapter from the target's features, and \
+a gate that tells whether an input is one of the new classes) and hooks it onto the target. No parameter of the \
+target is changed: attached, the target scores its own classes followed by the cloned ones; detached, it is exactly \
+the original model again. Loading needs this patch and the target only, never the source model.
 
 ## Usage
 
@@ -185,7 +185,7 @@ def resolve_patch_folder(
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     force_download: bool = False,
 ) -> Path:
@@ -237,16 +237,21 @@ def resolve_patch_folder(
         raise InvalidInputError(f"force_download=True needs the network, but {why}")
     with _deadline(f"downloading the patch {repo_id}"):
         return _download_patch(
-            repo_id, parts, revision=revision, token=token, cache_dir=cache_dir,
-            local_files_only=local_files_only, force_download=force_download,
+            repo_id,
+            parts,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
         )
 
 
-def _client_info() -> dict[str, str]:
-    """How the Hub client names this library in its user agent (imported late: the package imports us)."""
+def _version() -> str:
+    """This library's version, for the Hub client's user agent (imported late: the package imports us)."""
     from . import __version__
 
-    return {"library_name": "pnc_surgery", "library_version": __version__}
+    return __version__
 
 
 def _subfolder_parts(subfolder: str | None) -> tuple[str, ...]:
@@ -305,7 +310,9 @@ def _check_links(folder: Path, names: Sequence[str]) -> None:
             try:
                 target = path.resolve(strict=True)
             except (OSError, RuntimeError) as exc:
-                raise PatchFormatError(f"{path} is a link that cannot be followed ({exc}); refusing to use it") from None
+                raise PatchFormatError(
+                    f"{path} is a link that cannot be followed ({exc}); refusing to use it"
+                ) from None
             if not any(_is_within(target, root) for root in roots):
                 raise PatchFormatError(f"{path} is a link to {target}, outside the patch folder; refusing to use it")
 
@@ -337,22 +344,34 @@ def _download_patch(
     *,
     revision: str | None,
     token: str | bool | None,
-    cache_dir: str | os.PathLike | None,
+    cache_dir: str | Path | None,
     local_files_only: bool,
     force_download: bool,
 ) -> Path:
     """Download the patch files from one commit of a Hub repo into the cache; return their snapshot folder."""
     subfolder = "/".join(parts) or None
-    where = repo_id + (f" (subfolder {subfolder!r})" if subfolder else "") + (f" at revision {revision!r}" if revision else "")
+    where = (
+        repo_id
+        + (f" (subfolder {subfolder!r})" if subfolder else "")
+        + (f" at revision {revision!r}" if revision else "")
+    )
 
     def download(filename: str, rev: str | None) -> Path:
         """One file into the cache; a file the repo lacks raises RemoteEntryNotFoundError, the rest ours."""
         try:
             return Path(
                 hf_hub_download(
-                    repo_id, filename, subfolder=subfolder, revision=rev, token=token, cache_dir=cache_dir,
-                    local_files_only=local_files_only, force_download=force_download,
-                    etag_timeout=constants.HF_HUB_ETAG_TIMEOUT, **_client_info(),
+                    repo_id,
+                    filename,
+                    subfolder=subfolder,
+                    revision=rev,
+                    token=token,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    force_download=force_download,
+                    etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
+                    library_name="pnc_surgery",
+                    library_version=_version(),
                 )
             )
         except RemoteEntryNotFoundError:
@@ -376,10 +395,8 @@ def _download_patch(
         weights_path = download(WEIGHTS_NAME, pinned)
     except RemoteEntryNotFoundError as exc:
         raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}") from exc
-    try:
+    with suppress(RemoteEntryNotFoundError, PatchFormatError):  # the card is documentation: a patch loads without it
         download(CARD_NAME, pinned)
-    except (RemoteEntryNotFoundError, PatchFormatError):
-        pass  # the card is documentation: a patch without one (or offline without it cached) still loads
     if weights_path.parent != folder:
         raise PatchFormatError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} resolved to different commits; retry")
     return folder
@@ -388,7 +405,9 @@ def _download_patch(
 def _remote_names(repo_id: str, parts: tuple[str, ...], revision: str | None, token: str | bool | None) -> list[str]:
     """Names of the files directly in the repo's (sub)folder, or ``[]`` when the Hub cannot be asked."""
     try:
-        info = HfApi(**_client_info()).model_info(repo_id, revision=revision, token=token)
+        info = HfApi(library_name="pnc_surgery", library_version=_version()).model_info(
+            repo_id, revision=revision, token=token
+        )
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
         return []
     prefix = "/".join(parts) + "/" if parts else ""
@@ -461,7 +480,7 @@ def push_folder(
     local_card = _load_card(folder / CARD_NAME) if (folder / CARD_NAME).is_file() else None
     card = build_model_card(config, repo_id)
 
-    api = HfApi(token=token, **_client_info())
+    api = HfApi(token=token, library_name="pnc_surgery", library_version=_version())
     with _deadline(f"pushing to {repo_id}"):
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and not create_pr:
@@ -475,8 +494,12 @@ def push_folder(
                 shutil.copyfile(folder / name, stage / name)
             (stage / CARD_NAME).write_text(str(card), encoding="utf-8")
             info = api.upload_folder(
-                repo_id=repo_id, folder_path=stage, allow_patterns=list(PATCH_FILES), revision=revision,
-                create_pr=create_pr, commit_message=commit_message or f"Upload pnc_surgery patch: {_summary(config)}",
+                repo_id=repo_id,
+                folder_path=stage,
+                allow_patterns=list(PATCH_FILES),
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or f"Upload pnc_surgery patch: {_summary(config)}",
             )
     return info.pr_url if create_pr and info.pr_url else info.commit_url
 
@@ -510,7 +533,8 @@ def build_model_card(config: PatchConfig, repo_id_or_dir: str = "<repo_or_dir>")
         data["base_model_relation"] = "adapter"  # the patch plugs into the target; not a merge of the two
     num_own = config.target.num_classes
     rows = [
-        (num_own + i, class_id, _cell(name)) for i, (class_id, name) in enumerate(zip(config.class_ids, config.class_names))
+        (num_own + i, class_id, _cell(name))
+        for i, (class_id, name) in enumerate(zip(config.class_ids, config.class_names))
     ]
     return ModelCard.from_template(
         data,
@@ -561,13 +585,13 @@ def _load_card(path: Path) -> ModelCard:
 def _merge_cards(existing: ModelCard, fresh: ModelCard) -> ModelCard:
     """``existing`` with ``fresh``'s metadata merged in and its generated part (if marked) replaced."""
     data = existing.data
-    data["library_name"] = fresh.data.library_name
-    if fresh.data.base_model:
-        data["base_model"] = fresh.data.base_model
+    data["library_name"] = fresh.data.get("library_name")
+    if fresh.data.get("base_model"):
+        data["base_model"] = fresh.data.get("base_model")
         data["base_model_relation"] = fresh.data.get("base_model_relation")
     tags = data.get("tags") or []
     tags = [tags] if isinstance(tags, str) else list(tags)
-    data["tags"] = tags + [tag for tag in fresh.data.tags or [] if tag not in tags]
+    data["tags"] = tags + [tag for tag in fresh.data.get("tags") or [] if tag not in tags]
     start, end = existing.text.find(_CARD_START_PREFIX), existing.text.find(_CARD_END)
     if 0 <= start < end:
         generated = fresh.text[fresh.text.index(_CARD_START_PREFIX) : fresh.text.index(_CARD_END) + len(_CARD_END)]

@@ -56,7 +56,9 @@ def make_config(
     data["source"]["id"], data["target"]["id"], data["target"]["num_classes"] = source_id, target_id, 1000
     data["insertion"]["name"] = "vit.encoder.layer.5"
     data["classes"]["names"] = list(names)
-    data["metrics"] = {"clone_accuracy": 0.9375, "target_agreement": 1.0, "calibration": "logit"} if metrics is None else metrics
+    data["metrics"] = (
+        {"clone_accuracy": 0.9375, "target_agreement": 1.0, "calibration": "logit"} if metrics is None else metrics
+    )
     data["versions"] = {"pnc_surgery": "0.1.0"}
     return PatchConfig.from_dict(PatchConfig.from_dict(data).to_dict())  # as written now: the current format
 
@@ -65,7 +67,7 @@ TENSORS = {"adapter.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4)
 
 
 def make_patch(folder: Path, config: PatchConfig | None = None) -> Path:
-    """Write a patch folder the way ``Patch.save_pretrained`` does (its tensors are stand-ins: nothing here builds it)."""
+    """Write a patch folder as ``Patch.save_pretrained`` does (its tensors are stand-ins: nothing here builds it)."""
     config = config or make_config()
     card = card_for_folder(folder, config)
     write_folder(

@@ -18,6 +18,7 @@ ViT and BERT; no training, no network). For every target family:
 
 The loader fuzzing lives in ``test_patch_fuzz.py``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,7 +69,12 @@ def hf_vit(seed: int, num_classes: int = TARGET_CLASSES) -> nn.Module:
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
         num_labels=num_classes,
     )
     return ViTForImageClassification(config).eval()
@@ -79,8 +85,13 @@ def hf_bert(seed: int, num_classes: int = TARGET_CLASSES, hidden: int = 32) -> n
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=num_classes,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_classes,
     )
     return BertForSequenceClassification(config).eval()
 
@@ -140,25 +151,41 @@ def _build_case(name: str) -> Case:
     if name == "timm_cnn":  # CNN -> CNN, different widths at cut (32 x 2 x 2) and insertion (16 x 4 x 4)
         source, target = timm_resnet(0, SOURCE_CLASSES), timm_resnet(1)
         inputs = [images(2, 0), images(3, 1), images(1, 2)]
-        patch = Patch.assemble(source, target, "layer3", "layer2", [1, 3], source_input=inputs[0], target_input=inputs[0])
+        patch = Patch.assemble(
+            source, target, "layer3", "layer2", [1, 3], source_input=inputs[0], target_input=inputs[0]
+        )
         return Case(name, source, target, patch, inputs, "layer2")
     if name == "timm_vit":  # CNN source -> ViT target: tokens (17, 32) with a cls token -> feature map (32, 2, 2)
         source, target = timm_resnet(0, SOURCE_CLASSES), timm_vit(1)
         inputs = [images(2, 0), images(3, 1), images(1, 2)]
-        patch = Patch.assemble(source, target, "layer3", "blocks.0", [0, 2, 4], source_input=inputs[0], target_input=inputs[0])
+        patch = Patch.assemble(
+            source, target, "layer3", "blocks.0", [0, 2, 4], source_input=inputs[0], target_input=inputs[0]
+        )
         return Case(name, source, target, patch, inputs, "blocks.0")
     if name == "hf_vit":  # timm ViT source -> transformers ViT target
         source, target = timm_vit(0, SOURCE_CLASSES), hf_vit(1)
         inputs = [{"pixel_values": images(2, 0)}, {"pixel_values": images(3, 1)}, {"pixel_values": images(1, 2)}]
         patch = Patch.assemble(
-            source, target, "blocks.0", "vit.layers.0", [1, 2], source_input=inputs[0]["pixel_values"], target_input=inputs[0]
+            source,
+            target,
+            "blocks.0",
+            "vit.layers.0",
+            [1, 2],
+            source_input=inputs[0]["pixel_values"],
+            target_input=inputs[0],
         )
         return Case(name, source, target, patch, inputs, "vit.layers.0")
     if name == "hf_bert":  # BERT -> BERT with attention masks and padding, other batch sizes and lengths
         source, target = hf_bert(0, SOURCE_CLASSES), hf_bert(1)
         inputs = [text(2, 0), text(3, 1), text(4, 2, length=9)]
         patch = Patch.assemble(
-            source, target, "bert.encoder.layer.0", "bert.encoder.layer.0", [0, 3], source_input=inputs[0], target_input=inputs[0]
+            source,
+            target,
+            "bert.encoder.layer.0",
+            "bert.encoder.layer.0",
+            [0, 3],
+            source_input=inputs[0],
+            target_input=inputs[0],
         )
         return Case(name, source, target, patch, inputs, "bert.encoder.layer.0")
     raise KeyError(name)
@@ -190,8 +217,14 @@ def sha256_of_tensors(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...],
 
 
 HOOK_DICTS = (
-    "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_always_called", "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_always_called",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
     "_load_state_dict_pre_hooks",
 )
 
@@ -251,7 +284,7 @@ def test_attached_output_is_the_target_logits_followed_by_the_new_classes(case: 
             after = [run_model(target, x) for x in case.inputs]
     finally:
         patch.detach()
-    for x, old, new in zip(case.inputs, before, after):
+    for old, new in zip(before, after, strict=True):
         assert type(new) is type(old)  # a tensor for timm, the same ModelOutput class for transformers
         if case.name.startswith("hf"):
             assert isinstance(new.logits, torch.Tensor) and new.logits is new[0]
@@ -393,7 +426,9 @@ def test_padding_tokens_do_not_change_the_new_columns() -> None:
 def test_save_pretrained_then_from_pretrained_attaches_with_the_same_outputs(case: Case, tmp_path: Path) -> None:
     expected = new_columns(case)
     folder = case.patch.save_pretrained(tmp_path / "patch")
-    assert sorted(p.name for p in folder.iterdir()) == sorted([serialization.CONFIG_NAME, serialization.WEIGHTS_NAME, serialization.CARD_NAME])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [serialization.CONFIG_NAME, serialization.WEIGHTS_NAME, serialization.CARD_NAME]
+    )
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "patch_config.json", "patch_model.safetensors"]
     loaded = Patch.from_pretrained(folder)
     assert loaded is not case.patch and not loaded.is_attached
@@ -446,7 +481,13 @@ def _second_patch(name: str) -> Patch:
         patch = Patch.assemble(case.source, case.target, "layer2", "layer3", [0, 2, 4], source_input=x, target_input=x)
     else:
         patch = Patch.assemble(
-            case.source, case.target, "bert.encoder.layer.1", "bert.encoder.layer.1", [4, 1, 2], source_input=x, target_input=x
+            case.source,
+            case.target,
+            "bert.encoder.layer.1",
+            "bert.encoder.layer.1",
+            [4, 1, 2],
+            source_input=x,
+            target_input=x,
         )
     _EXTRA_PATCHES[name] = patch
     return patch
@@ -497,11 +538,10 @@ def test_stacking_in_the_other_order_swaps_the_blocks() -> None:
 def test_attached_context_detaches_even_when_the_block_raises() -> None:
     case = make_case("timm_cnn")
     before = outputs(case.target, case.inputs)
-    with pytest.raises(KeyError, match="boom"):
-        with case.patch.attached(case.target) as model:
-            assert model is case.target and case.patch.is_attached
-            outputs(model, case.inputs)
-            raise KeyError("boom")
+    with pytest.raises(KeyError, match="boom"), case.patch.attached(case.target) as model:
+        assert model is case.target and case.patch.is_attached
+        outputs(model, case.inputs)
+        raise KeyError("boom")
     assert not case.patch.is_attached
     assert_no_hooks(case.target, case.insertion)
     assert_all_equal(outputs(case.target, case.inputs), before)
@@ -586,7 +626,12 @@ def test_a_patch_for_another_architecture_is_refused() -> None:
     _refused(bert.patch, timm_resnet(1), PatchMismatchError, r"no module 'bert\.encoder\.layer\.0'")
     _refused(bert.patch, hf_vit(1), PatchMismatchError, r"no module 'bert\.encoder\.layer\.0'")
     # ResNet-34 has a layer2 of the same widths, but it is another model
-    _refused(cnn.patch, timm_resnet(1, name="resnet34"), PatchMismatchError, r"another target.*resnet34.*resnet18.*strict=False")
+    _refused(
+        cnn.patch,
+        timm_resnet(1, name="resnet34"),
+        PatchMismatchError,
+        r"another target.*resnet34.*resnet18.*strict=False",
+    )
     # the patch still fits its own target afterwards
     assert new_columns(cnn)[0].shape[1] == cnn.new
 
@@ -602,7 +647,9 @@ def test_a_shape_mismatch_names_the_module_and_both_shapes() -> None:
     cnn, bert = make_case("timm_cnn"), make_case("hf_bert")
     wide = timm_resnet(1, channels=(8, 24, 32, 64))
     _refused(cnn.patch, wide, PatchMismatchError, r"module 'layer2'.*\(24, 8, 3, 3\).*expects \(16, 8, 3, 3\)")
-    _refused(cnn.patch, wide, PatchMismatchError, r"module 'layer2'", strict=False)  # strict=False never lets shapes through
+    _refused(
+        cnn.patch, wide, PatchMismatchError, r"module 'layer2'", strict=False
+    )  # strict=False never lets shapes through
     _refused(bert.patch, hf_bert(1, hidden=48), PatchMismatchError, r"'bert\.encoder\.layer\.0'.*48.*32")
     _refused(cnn.patch, timm_resnet(1, num_classes=9), PatchMismatchError, r"scores 9 classes.*made for 7")
 
@@ -639,9 +686,8 @@ def test_strict_false_lets_another_target_id_through_with_a_warning_when_shapes_
     renamed = copy.deepcopy(bert.target)
     renamed.config._name_or_path = "someone/another-bert"
     _refused(bert.patch, renamed, PatchMismatchError, r"someone/another-bert")
-    with pytest.warns(UserWarning, match="someone/another-bert"):
-        with bert.patch.attached(renamed, strict=False):
-            assert outputs(renamed, bert.inputs[:1])[0].shape[1] == TARGET_CLASSES + bert.new
+    with pytest.warns(UserWarning, match="someone/another-bert"), bert.patch.attached(renamed, strict=False):
+        assert outputs(renamed, bert.inputs[:1])[0].shape[1] == TARGET_CLASSES + bert.new
     assert_no_hooks(renamed, bert.insertion)
 
 
@@ -685,7 +731,9 @@ def test_a_truncated_safetensors_file_is_a_format_error(saved: dict[str, Path], 
     folder = _copy_folder(saved["folder"], tmp_path / "folder")
     weights = folder / serialization.WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:-100])
-    assert_format_error(Patch.from_pretrained, folder, "truncated weights in a folder", match=serialization.WEIGHTS_NAME)
+    assert_format_error(
+        Patch.from_pretrained, folder, "truncated weights in a folder", match=serialization.WEIGHTS_NAME
+    )
 
 
 def test_corrupted_bytes_are_a_format_error(saved: dict[str, Path], tmp_path: Path) -> None:
@@ -710,7 +758,9 @@ def test_corrupted_bytes_are_a_format_error(saved: dict[str, Path], tmp_path: Pa
 
 
 def test_a_config_with_missing_keys_is_a_format_error(saved: dict[str, Path], tmp_path: Path) -> None:
-    for i, key in enumerate(("format_version", "source", "cut", "target", "insertion", "classes", "adapter", "gate", "branch")):
+    for i, key in enumerate(
+        ("format_version", "source", "cut", "target", "insertion", "classes", "adapter", "gate", "branch")
+    ):
         folder = _copy_folder(saved["folder"], tmp_path / f"missing{i}")
         config = json.loads((folder / serialization.CONFIG_NAME).read_text())
         del config[key]
@@ -724,7 +774,9 @@ def test_a_config_with_missing_keys_is_a_format_error(saved: dict[str, Path], tm
         with pytest.raises(PatchFormatError):
             Patch.from_pretrained(folder)
     # nested sections the rebuild needs
-    for i, (section, key) in enumerate([("adapter", "source"), ("branch", "cut"), ("source", "architecture"), ("gate", "kind")]):
+    for i, (section, key) in enumerate(
+        [("adapter", "source"), ("branch", "cut"), ("source", "architecture"), ("gate", "kind")]
+    ):
         folder = _copy_folder(saved["folder"], tmp_path / f"nested{i}")
         config = json.loads((folder / serialization.CONFIG_NAME).read_text())
         del config[section][key]
@@ -800,7 +852,10 @@ def test_tensors_that_do_not_fit_the_config_are_a_format_error(saved: dict[str, 
     wrong = {**tensors, "adapter.proj.weight": torch.zeros(3, 3, 1, 1)}
     pruned = {**tensors, "gate.weight": tensors["gate.weight"][:-1]}
     for label, changed, match in [
-        ("missing", missing, "missing"), ("extra", extra, "unexpected"), ("wrong", wrong, "adapter.proj.weight"), ("gate", pruned, "gate.weight")
+        ("missing", missing, "missing"),
+        ("extra", extra, "unexpected"),
+        ("wrong", wrong, "adapter.proj.weight"),
+        ("gate", pruned, "gate.weight"),
     ]:
         save_file(changed, path, metadata)
         assert_format_error(Patch.load, path, label, match=match)

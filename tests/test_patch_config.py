@@ -3,6 +3,7 @@
 The config is the one door through which a patch file enters the library, so every field is checked here:
 types, sizes against caps, architecture options against the family's allowlist, and fields that must agree.
 """
+
 from __future__ import annotations
 
 import copy
@@ -133,9 +134,9 @@ def test_a_field_of_the_wrong_type_or_size_is_named(path: str, value: Any, messa
 
 
 def test_fields_that_must_agree_are_checked() -> None:
-    with pytest.raises(PatchFormatError, match="branch.cut must equal cut.name"):
+    with pytest.raises(PatchFormatError, match=r"branch\.cut must equal cut\.name"):
         PatchConfig.from_dict(changed("cut.name", "layer4"))
-    with pytest.raises(PatchFormatError, match="adapter.source.shape must equal target.feature_shape"):
+    with pytest.raises(PatchFormatError, match=r"adapter\.source\.shape must equal target\.feature_shape"):
         PatchConfig.from_dict(changed("target.feature_shape", [16, 2, 2]))
 
 
@@ -159,7 +160,15 @@ def test_the_max_feature_size_cap_is_what_the_self_test_may_allocate() -> None:
 
 @pytest.mark.parametrize(
     "option",
-    ["checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "no_such_option"],
+    [
+        "checkpoint_path",
+        "pretrained",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "cache_dir",
+        "features_only",
+        "no_such_option",
+    ],
 )
 def test_timm_options_outside_the_allowlist_are_refused(option: str) -> None:
     architecture = current_config()["source"]["architecture"]
@@ -168,7 +177,9 @@ def test_timm_options_outside_the_allowlist_are_refused(option: str) -> None:
         check_architecture(architecture)
 
 
-@pytest.mark.parametrize("option", ["auto_map", "_attn_implementation", "trust_remote_code", "quantization_config", "no_such"])
+@pytest.mark.parametrize(
+    "option", ["auto_map", "_attn_implementation", "trust_remote_code", "quantization_config", "no_such"]
+)
 def test_transformers_options_outside_the_allowlist_are_refused(option: str) -> None:
     architecture = {"family": "transformers", "class": "BertForSequenceClassification", "config": {"hidden_size": 32}}
     check_architecture(architecture)  # an architecture field is fine

@@ -10,6 +10,7 @@ out, and nothing is unpickled.
 Integers written into configs stay small: sizes taken from a config are not bounded before modules are built, so
 a config asking for 2**40 channels or 2**62 layers tests the machine's memory, not the loader's checks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,13 @@ def _bert_patch() -> tuple[Patch, torch.nn.Module, Any]:
     def bert(seed: int, labels: int) -> Any:
         torch.manual_seed(seed)
         config = BertConfig(
-            vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32, num_labels=labels,
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            num_labels=labels,
         )
         return BertForSequenceClassification(config).eval()
 
@@ -64,7 +70,9 @@ def _bert_patch() -> tuple[Patch, torch.nn.Module, Any]:
     mask[1, 5:] = 0
     x = {"input_ids": ids, "attention_mask": mask}
     target = bert(1, 6)
-    patch = Patch.assemble(bert(0, 4), target, "bert.encoder.layer.0", "bert.encoder.layer.0", [0, 3], source_input=x, target_input=x)
+    patch = Patch.assemble(
+        bert(0, 4), target, "bert.encoder.layer.0", "bert.encoder.layer.0", [0, 3], source_input=x, target_input=x
+    )
     return patch, target, x
 
 
@@ -174,7 +182,9 @@ def test_mutated_folder_files_load_or_raise_a_pnc_error(saved: dict, name: str) 
         which=st.sampled_from([serialization.WEIGHTS_NAME, serialization.CONFIG_NAME, serialization.CARD_NAME]),
         weight_edits=byte_edits(len(weights), _header_end(weights)),
         config_edits=byte_edits(len(config), len(config)),
-        drop=st.sampled_from([None, None, None, serialization.CONFIG_NAME, serialization.WEIGHTS_NAME, serialization.CARD_NAME]),
+        drop=st.sampled_from(
+            [None, None, None, serialization.CONFIG_NAME, serialization.WEIGHTS_NAME, serialization.CARD_NAME]
+        ),
     )
     def check(which: str, weight_edits: list[tuple], config_edits: list[tuple], drop: str | None) -> None:
         contents = dict(original)
@@ -194,7 +204,9 @@ JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-3, 64)
-    | st.sampled_from([0, 1, -1, 300, 1e308, float("nan"), float("inf"), "", "meta", "NCHW", "NLC", "float16", "__init__"])
+    | st.sampled_from(
+        [0, 1, -1, 300, 1e308, float("nan"), float("inf"), "", "meta", "NCHW", "NLC", "float16", "__init__"]
+    )
     | st.floats(-1e3, 1e3)
     | st.text(max_size=8),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),

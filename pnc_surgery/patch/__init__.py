@@ -1,4 +1,4 @@
-"""The patch: cloned classes for a target, as an ``nn.Module`` that attaches through hooks and saves as safetensors + JSON.
+"""The patch: cloned classes for a target, an ``nn.Module`` that attaches through hooks and saves as safetensors + JSON.
 
 Modules, in the order a patch lives through them:
 
@@ -8,6 +8,7 @@ Modules, in the order a patch lives through them:
 * :mod:`.serialization`: reading, writing and rebuilding patch files;
 * :mod:`.module`: :class:`Patch`, the public front over all of them (Hub methods through ``huggingface_hub``).
 """
+
 from .build import target_fingerprint
 from .config import FORMAT_VERSION, PatchConfig
 from .module import Patch

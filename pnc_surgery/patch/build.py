@@ -1,8 +1,9 @@
-"""Making a patch from live models: :func:`from_parts` (ready parts, what ``clone`` uses) and :func:`assemble` (by hand).
+"""Making a patch from live models: :func:`from_parts` (ready parts, what ``clone`` uses), :func:`assemble` (by hand).
 
 Both record what the file format needs (the source architecture, the cut and insertion points, the target's
 fingerprint) while the models are at hand; after this a patch needs neither model again.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -49,10 +50,17 @@ def _versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return {"pnc_surgery": __version__, "torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__}
+    return {
+        "pnc_surgery": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
-def target_fingerprint(target: nn.Module, insertion: Point, example_input: ModelInputs | None = None) -> TargetFingerprint:
+def target_fingerprint(
+    target: nn.Module, insertion: Point, example_input: ModelInputs | None = None
+) -> TargetFingerprint:
     """What a patch checks on attach: the target's identity, insertion module, shapes, and a sample of its weights.
 
     Args:
@@ -120,7 +128,9 @@ def from_parts(
     fingerprint = target_fingerprint(target, insertion, target_input)
     if isinstance(gate, str):
         gate = Gate(gate, evidence_width(fingerprint.num_classes, len(classes), fingerprint.pre_logits_width))
-    architecture = check_architecture(clean_architecture(source_backend.architecture(source, **dict(source_kwargs or {}))))
+    architecture = check_architecture(
+        clean_architecture(source_backend.architecture(source, **dict(source_kwargs or {})))
+    )
     config = PatchConfig(
         source=SourceSpec(source_backend.identity(source), architecture),
         cut=_point(cut),
@@ -184,7 +194,9 @@ def assemble(
     classes = list(all_classes if classes is None else classes)
     unknown = [c for c in classes if c not in all_classes]
     if not classes or unknown:
-        raise InvalidInputError(f"classes {unknown[:10] or classes[:10]} are not classes of the source (it has {len(all_classes)})")
+        raise InvalidInputError(
+            f"classes {unknown[:10] or classes[:10]} are not classes of the source (it has {len(all_classes)})"
+        )
     branch.keep_classes(classes)
     adapter = _adapters.Adapter(
         _adapters.feature_spec(insertion_point, image_size(target_input)),
@@ -192,8 +204,17 @@ def assemble(
         hidden=adapter_hidden,
     )
     return from_parts(
-        patch_class, source, target, cut_point, insertion_point, branch, adapter, gate,
-        class_names=class_names, target_input=target_input, source_kwargs=source_kwargs,
+        patch_class,
+        source,
+        target,
+        cut_point,
+        insertion_point,
+        branch,
+        adapter,
+        gate,
+        class_names=class_names,
+        target_input=target_input,
+        source_kwargs=source_kwargs,
     )
 
 
@@ -204,7 +225,9 @@ def _as_point(model: nn.Module, point: Point | str, inputs: ModelInputs, find: A
     for candidate in points:
         if candidate.name == point:
             return candidate
-    raise InvalidInputError(f"{point!r} is not a cut point of {type(model).__name__}; points: {[p.name for p in points]}")
+    raise InvalidInputError(
+        f"{point!r} is not a cut point of {type(model).__name__}; points: {[p.name for p in points]}"
+    )
 
 
 def _class_names(names: list[str] | None, classes: Sequence[int]) -> list[str]:

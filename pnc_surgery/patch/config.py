@@ -6,6 +6,7 @@ option against an allowlist before anything is built from it, and raises :class:
 field. ``to_dict`` writes the JSON back (``from_dict(to_dict(c)) == c``). Format 1 files (before the typed
 config) load through the same validator; the fields they lack are left unset. docs/format.md documents the format.
 """
+
 from __future__ import annotations
 
 import functools
@@ -214,7 +215,9 @@ def check_architecture(architecture: Any, where: str = "source.architecture") ->
     else:
         name = _str(data.get("class"), f"{where}.class")
         if not name.endswith(("ForImageClassification", "ForSequenceClassification")):
-            raise _fail(f"{where}.class", "must be a transformers *ForImageClassification / *ForSequenceClassification", name)
+            raise _fail(
+                f"{where}.class", "must be a transformers *ForImageClassification / *ForSequenceClassification", name
+            )
         options = dict(_obj(data.get("config"), f"{where}.config"))
         allowed = _transformers_options(name)
         result = {"family": family, "class": name, "config": options}
@@ -222,8 +225,9 @@ def check_architecture(architecture: Any, where: str = "source.architecture") ->
     refused = sorted(k for k in options if _refused(k) or k not in allowed)
     if refused:
         raise _fail(
-            f"{where}.{key}", f"has options a patch may not set (not architecture fields, or they read files, download "
-            f"or select code): {refused[:10]}"
+            f"{where}.{key}",
+            f"has options a patch may not set (not architecture fields, or they read files, download "
+            f"or select code): {refused[:10]}",
         )
     result[key] = _json(options, f"{where}.{key}")
     return result
@@ -259,8 +263,11 @@ class FeatureSpec:
 
     def to_dict(self) -> dict:
         return {
-            "layout": self.layout, "shape": list(self.shape), "channels": self.channels,
-            "grid": list(self.grid) if self.grid else None, "prefix": self.prefix,
+            "layout": self.layout,
+            "shape": list(self.shape),
+            "channels": self.channels,
+            "grid": list(self.grid) if self.grid else None,
+            "prefix": self.prefix,
         }
 
     @classmethod
@@ -293,8 +300,12 @@ class PointSpec:
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "index": self.index, "shape": list(self.shape), "layout": self.layout,
-            "reduction": self.reduction, "width": self.width,
+            "name": self.name,
+            "index": self.index,
+            "shape": list(self.shape),
+            "layout": self.layout,
+            "reduction": self.reduction,
+            "width": self.width,
         }
 
     @classmethod
@@ -329,7 +340,9 @@ class SourceSpec:
     @classmethod
     def from_dict(cls, data: Any, where: str = "source") -> SourceSpec:
         data = _obj(data, where)
-        return cls(_str(data.get("id"), f"{where}.id"), check_architecture(data.get("architecture"), f"{where}.architecture"))
+        return cls(
+            _str(data.get("id"), f"{where}.id"), check_architecture(data.get("architecture"), f"{where}.architecture")
+        )
 
 
 @dataclass(frozen=True)
@@ -363,10 +376,14 @@ class TargetFingerprint:
 
     def to_dict(self) -> dict:
         return {
-            "id": self.id, "family": self.family, "class": self.class_name, "num_classes": self.num_classes,
+            "id": self.id,
+            "family": self.family,
+            "class": self.class_name,
+            "num_classes": self.num_classes,
             "insertion_type": self.insertion_type,
             "parameter_shapes": {k: list(v) for k, v in self.parameter_shapes.items()},
-            "feature_shape": list(self.feature_shape), "classifiers": list(self.classifiers),
+            "feature_shape": list(self.feature_shape),
+            "classifiers": list(self.classifiers),
             "pre_logits_width": self.pre_logits_width,
             "weights_sample": None if self.weights_sample is None else list(self.weights_sample),
         }
@@ -385,7 +402,8 @@ class TargetFingerprint:
             insertion_type=_str(data.get("insertion_type"), f"{where}.insertion_type"),
             parameter_shapes={
                 _str(k, f"{where}.parameter_shapes"): tuple(
-                    _int(d, f"{where}.parameter_shapes.{k}", 0, MAX_COUNT) for d in _list(v, f"{where}.parameter_shapes.{k}", MAX_DIMS)
+                    _int(d, f"{where}.parameter_shapes.{k}", 0, MAX_COUNT)
+                    for d in _list(v, f"{where}.parameter_shapes.{k}", MAX_DIMS)
                 )
                 for k, v in shapes.items()
             },
@@ -446,11 +464,17 @@ class BranchSpec:
 
     def to_dict(self) -> dict:
         return {
-            "family": self.family, "cut": self.cut, "cut_shape": list(self.cut_shape),
-            "main_input_name": self.main_input_name, "context_keys": list(self.context_keys),
-            "input_shape": list(self.input_shape), "input_dtype": self.input_dtype,
-            "stubs": {k: dict(v) for k, v in self.stubs.items()}, "classifiers": list(self.classifiers),
-            "classes": list(self.classes), "overrides": {k: dict(v) for k, v in self.overrides.items()},
+            "family": self.family,
+            "cut": self.cut,
+            "cut_shape": list(self.cut_shape),
+            "main_input_name": self.main_input_name,
+            "context_keys": list(self.context_keys),
+            "input_shape": list(self.input_shape),
+            "input_dtype": self.input_dtype,
+            "stubs": {k: dict(v) for k, v in self.stubs.items()},
+            "classifiers": list(self.classifiers),
+            "classes": list(self.classes),
+            "overrides": {k: dict(v) for k, v in self.overrides.items()},
         }
 
     @classmethod
@@ -474,7 +498,8 @@ class BranchSpec:
                 spot = f"{where}.overrides.{name}.{attr}"
                 values[attr] = (
                     [_int(v, spot, 0, MAX_DIM) for v in _list(value, spot, MAX_DIMS)]
-                    if isinstance(value, (list, tuple)) else _int(value, spot, 0, MAX_DIM)
+                    if isinstance(value, (list, tuple))
+                    else _int(value, spot, 0, MAX_DIM)
                 )
             overrides[name] = values
         input_shape = _list(data.get("input_shape"), f"{where}.input_shape", MAX_DIMS)
@@ -488,7 +513,10 @@ class BranchSpec:
             context_keys=_names(data.get("context_keys", []), f"{where}.context_keys", 16),
             stubs=stubs,
             classifiers=_names(data.get("classifiers", []), f"{where}.classifiers", 64),
-            classes=tuple(_int(c, f"{where}.classes", 0, MAX_COUNT) for c in _list(data.get("classes", []), f"{where}.classes", MAX_CLASSES)),
+            classes=tuple(
+                _int(c, f"{where}.classes", 0, MAX_COUNT)
+                for c in _list(data.get("classes", []), f"{where}.classes", MAX_CLASSES)
+            ),
             overrides=overrides,
         )
 
@@ -504,7 +532,9 @@ class GateSpec:
 
     def to_dict(self) -> dict:
         return {
-            "kind": self.kind, "num_features": self.num_features, "num_components": self.num_components,
+            "kind": self.kind,
+            "num_features": self.num_features,
+            "num_components": self.num_components,
             "num_positive": self.num_positive,
         }
 
@@ -601,7 +631,11 @@ class PatchConfig:
     def _from_dict(cls, data: Any) -> PatchConfig:
         if not isinstance(data, Mapping):
             raise PatchFormatError(f"expected a JSON object, got {type(data).__name__}")
-        missing = [k for k in ("format_version", "source", "cut", "target", "insertion", "classes", "adapter", "gate") if k not in data]
+        missing = [
+            k
+            for k in ("format_version", "source", "cut", "target", "insertion", "classes", "adapter", "gate")
+            if k not in data
+        ]
         if missing:
             raise PatchFormatError(f"missing keys {missing}; is this a pnc_surgery patch?")
         version = data["format_version"]
@@ -618,7 +652,9 @@ class PatchConfig:
         ids = tuple(_int(c, "classes.ids", 0, MAX_COUNT) for c in _list(classes.get("ids"), "classes.ids", MAX_CLASSES))
         names = _names(classes.get("names", []), "classes.names")
         if not ids or len(names) != len(ids) or len(set(ids)) != len(ids):
-            raise _fail("classes", f"needs as many names as ids ({len(ids)} ids, {len(names)} names), at least one, no repeats")
+            raise _fail(
+                "classes", f"needs as many names as ids ({len(ids)} ids, {len(names)} names), at least one, no repeats"
+            )
         search = data.get("search", [])
         config = cls(
             source=SourceSpec.from_dict(data["source"]),
@@ -645,17 +681,29 @@ class PatchConfig:
         """Fields that describe the same thing must agree (the loader relies on it before building anything)."""
         target, adapter, branch = self.target, self.adapter, self.branch
         checks: list[tuple[bool, str]] = [
-            (adapter.source.shape == target.feature_shape or adapter.source.layout == "NLC" and adapter.source.grid is None,
-             "adapter.source.shape must equal target.feature_shape"),
+            (
+                adapter.source.shape == target.feature_shape
+                or (adapter.source.layout == "NLC" and adapter.source.grid is None),
+                "adapter.source.shape must equal target.feature_shape",
+            ),
             (adapter.dest.shape == branch.cut_shape, "adapter.dest.shape must equal branch.cut_shape"),
-            (adapter.source.shape == self.insertion.shape or adapter.source.grid is None, "adapter.source.shape must equal insertion.shape"),
+            (
+                adapter.source.shape == self.insertion.shape or adapter.source.grid is None,
+                "adapter.source.shape must equal insertion.shape",
+            ),
             (branch.cut == self.cut.name, "branch.cut must equal cut.name"),
-            (branch.family == self.source.architecture["family"], "branch.family must equal source.architecture.family"),
+            (
+                branch.family == self.source.architecture["family"],
+                "branch.family must equal source.architecture.family",
+            ),
             (tuple(branch.classes) == self.class_ids, "branch.classes must equal classes.ids"),
-            (self.gate.kind == "none" or self.gate.num_positive <= len(self.class_ids) or self.gate.num_positive == 1,
-             "gate.num_positive cannot exceed the cloned classes"),
+            (
+                self.gate.kind == "none"
+                or self.gate.num_positive <= len(self.class_ids)
+                or self.gate.num_positive == 1,
+                "gate.num_positive cannot exceed the cloned classes",
+            ),
         ]
         bad = [message for ok, message in checks if not ok]
         if bad:
             raise PatchFormatError("inconsistent config: " + "; ".join(bad))
-

@@ -11,6 +11,7 @@ attached model gives a copy with its own working attachment (and its own copy of
 (``torch.save(model)``) raises :class:`PatchStateError` saying what to save instead. Hooks present when a model is
 compiled with ``torch.compile`` are traced in; attach before compiling.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -49,7 +50,9 @@ def weights_sample(model: nn.Module) -> tuple[float, ...] | None:
     if not params or any(p.device.type == "meta" for p in params):
         return None
     total = sum(p.numel() for p in params)
-    positions = torch.randint(0, total, (WEIGHTS_SAMPLE_SIZE,), generator=torch.Generator().manual_seed(0)).sort().values
+    positions = (
+        torch.randint(0, total, (WEIGHTS_SAMPLE_SIZE,), generator=torch.Generator().manual_seed(0)).sort().values
+    )
     values, start = [], 0
     for p in params:
         inside = positions[(positions >= start) & (positions < start + p.numel())] - start
@@ -81,10 +84,14 @@ def check_fits(config: PatchConfig, model: nn.Module, strict: bool = True) -> No
     modules = dict(model.named_modules())
     missing = [name for name in fingerprint.classifiers if name not in modules]
     if missing:
-        raise PatchMismatchError(f"{type(model).__name__} has no classifier modules {missing}; the patch reads their inputs")
+        raise PatchMismatchError(
+            f"{type(model).__name__} has no classifier modules {missing}; the patch reads their inputs"
+        )
     problems = []
     if type(module).__name__ != fingerprint.insertion_type:
-        problems.append(f"module {insertion!r} is a {type(module).__name__}, the patch expects a {fingerprint.insertion_type}")
+        problems.append(
+            f"module {insertion!r} is a {type(module).__name__}, the patch expects a {fingerprint.insertion_type}"
+        )
     shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
     for name, shape in fingerprint.parameter_shapes.items():
         if shapes.get(name) != tuple(shape):
@@ -111,7 +118,9 @@ def check_fits(config: PatchConfig, model: nn.Module, strict: bool = True) -> No
     if fingerprint.weights_sample is not None:
         sample = weights_sample(model)
         if sample is not None and _distance(sample, fingerprint.weights_sample) > WEIGHTS_TOLERANCE:
-            others.append("the target's weights differ from those the patch was made for (retrained or another checkpoint)")
+            others.append(
+                "the target's weights differ from those the patch was made for (retrained or another checkpoint)"
+            )
     if others:
         message = "patch was made for another target: " + "; ".join(others)
         if strict:
@@ -185,12 +194,15 @@ class Attachment:
         if not stack or "branch_logits" in stack[-1]:
             return  # a call of the module outside the target's forward, or a second call of a shared module
         if not isinstance(output, torch.Tensor):
-            raise PatchMismatchError(f"insertion module {self.insertion!r} returned {type(output).__name__}, not a tensor")
+            raise PatchMismatchError(
+                f"insertion module {self.insertion!r} returned {type(output).__name__}, not a tensor"
+            )
         got = tuple(output.shape[1:])
         text = self.patch.adapter.source.grid is None and self.patch.adapter.source.layout == "NLC"
         if got != self.feature_shape and not (text and len(got) == 2 and got[1] == self.feature_shape[1]):
             raise PatchMismatchError(
-                f"insertion module {self.insertion!r} produced features of shape {got}; the patch expects {self.feature_shape}"
+                f"insertion module {self.insertion!r} produced features of shape {got}; "
+                f"the patch expects {self.feature_shape}"
             )
         feature = self.patch.receive(output.detach())
         stack[-1]["branch_logits"] = self.patch.branch(self.patch.adapter(feature), **stack[-1]["context"])
@@ -207,7 +219,8 @@ class Attachment:
             return None  # the forward raised; its state is gone with it
         if "branch_logits" not in state:
             raise PatchMismatchError(
-                f"insertion module {self.insertion!r} was not called during the forward; the patch cannot add its classes"
+                f"insertion module {self.insertion!r} was not called during the forward; "
+                "the patch cannot add its classes"
             )
         logits = self.backend.logits(output)
         own = logits[..., : self.num_classes].detach()
@@ -215,7 +228,8 @@ class Attachment:
         pre_logits = torch.cat(parts, dim=1) if parts else own.new_zeros(own.shape[0], 0)
         if pre_logits.shape[1] != self.pre_logits_width:
             raise PatchMismatchError(
-                f"the target's classifier input has {pre_logits.shape[1]} features; the patch expects {self.pre_logits_width}"
+                f"the target's classifier input has {pre_logits.shape[1]} features; "
+                f"the patch expects {self.pre_logits_width}"
             )
         scores = self.patch.gate(self.patch.receive(own), state["branch_logits"], self.patch.receive(pre_logits))
         return self.backend.with_logits(output, torch.cat([logits, scores.to(logits.dtype)], dim=-1))

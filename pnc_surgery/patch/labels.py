@@ -7,6 +7,7 @@ are kept on the model under :data:`SAVED_ATTR` while any patch is attached; para
 ``state_dict`` are not touched. timm models carry no such map; :func:`target_labels` reads their
 ``pretrained_cfg`` label names where present.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,12 +24,11 @@ def target_labels(model: nn.Module, num_classes: int) -> list[str]:
     """Names of the target's own ``num_classes`` outputs (``class_<i>`` where the model has none)."""
     saved = model.__dict__.get(SAVED_ATTR)
     config = getattr(model, "config", None)
-    id2label = saved[0] if saved is not None else getattr(config, "id2label", None)
+    id2label: dict[Any, Any] = dict(saved[0] if saved is not None else getattr(config, "id2label", None) or {})
     if not id2label:
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        names = cfg.get("label_names") or _imagenet_names(model, num_classes)
-        id2label = dict(enumerate(names or []))
-    return [str(id2label.get(i, id2label.get(str(i), f"class_{i}"))) for i in range(num_classes)]  # type: ignore[union-attr]
+        id2label = dict(enumerate(cfg.get("label_names") or _imagenet_names(model, num_classes) or []))
+    return [str(id2label.get(i, id2label.get(str(i), f"class_{i}"))) for i in range(num_classes)]
 
 
 def _imagenet_names(model: nn.Module, num_classes: int) -> list[str] | None:
@@ -61,11 +61,8 @@ def attached_patches(model: nn.Module) -> list[Any]:
     """The patches attached to ``model``, in attach order (read from its hooks)."""
     from .hooks import Attachment
 
-    return [
-        hook.__self__.patch
-        for hook in model._forward_hooks.values()
-        if isinstance(getattr(hook, "__self__", None), Attachment)
-    ]
+    owners = [getattr(hook, "__self__", None) for hook in model._forward_hooks.values()]
+    return [owner.patch for owner in owners if isinstance(owner, Attachment)]
 
 
 def refresh(model: nn.Module, num_classes: int) -> None:

@@ -1,5 +1,6 @@
 """Patch: the public front. A thin ``nn.Module`` holding branch, adapter and gate, with its config, attach/detach,
-and save/load/Hub methods that delegate to :mod:`.build`, :mod:`.hooks`, :mod:`.serialization` and :mod:`pnc_surgery.hub`.
+and save/load/Hub methods that delegate to :mod:`.build`, :mod:`.hooks`, :mod:`.serialization` and
+:mod:`pnc_surgery.hub`.
 
 While attached, ``target(x)`` returns the target's own logits followed by the cloned classes' logits (a tensor
 for timm models, the same ``ModelOutput`` with wider ``logits`` for transformers models). The patch is never
@@ -7,6 +8,7 @@ registered as a submodule of the target, so the target's ``state_dict()``, param
 detaching removes the hooks and the target is exactly the model it was. The patch keeps its own precision: a
 target in another dtype has its features cast for the patch and the patch's scores cast back.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import ModelHubMixin
@@ -29,6 +31,9 @@ from ..points import Point
 from . import build, labels, serialization
 from .config import FORMAT_VERSION, PatchConfig
 from .hooks import Attachment, check_fits
+
+if TYPE_CHECKING:
+    from ..adapters import Adapter
 
 __all__ = ["Patch"]
 
@@ -47,7 +52,11 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
             whenever :attr:`config` is read.
     """
 
-    def __init__(self, branch: SourceTail, adapter: nn.Module, gate: Gate, config: PatchConfig) -> None:
+    branch: SourceTail
+    adapter: Adapter
+    gate: Gate
+
+    def __init__(self, branch: SourceTail, adapter: Adapter, gate: Gate, config: PatchConfig) -> None:
         super().__init__()
         self.branch, self.adapter, self.gate = branch, adapter, gate
         self._config = config
@@ -64,7 +73,7 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         cut: Point,
         insertion: Point,
         branch: SourceTail,
-        adapter: nn.Module,
+        adapter: Adapter,
         gate: Gate | str,
         *,
         class_names: Sequence[str] | None = None,
@@ -76,8 +85,17 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         See :func:`pnc_surgery.patch.build.from_parts` for the arguments.
         """
         return build.from_parts(
-            cls, source, target, cut, insertion, branch, adapter, gate,  # type: ignore[arg-type]
-            class_names=class_names, target_input=target_input, source_kwargs=source_kwargs,
+            cls,
+            source,
+            target,
+            cut,
+            insertion,
+            branch,
+            adapter,
+            gate,
+            class_names=class_names,
+            target_input=target_input,
+            source_kwargs=source_kwargs,
         )
 
     @classmethod
@@ -101,8 +119,11 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
     def config(self) -> PatchConfig:
         """The config :meth:`save_pretrained` writes (module shapes and metrics as they are now)."""
         return replace(
-            self._config, **build.module_specs(self.branch, self.adapter, self.gate),  # type: ignore[arg-type]
-            metrics=dict(self.metrics), num_parameters=self.num_parameters, format_version=FORMAT_VERSION,
+            self._config,
+            **build.module_specs(self.branch, self.adapter, self.gate),
+            metrics=dict(self.metrics),
+            num_parameters=self.num_parameters,
+            format_version=FORMAT_VERSION,
         )
 
     def update_config(self, **changes: Any) -> None:
@@ -134,7 +155,7 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         return None if self._attachment is None else self._attachment.model
 
     def labels(self, target: nn.Module) -> list[str]:
-        """Names of every output of ``target`` with this patch attached: the target's own classes, then the cloned ones."""
+        """Names of ``target``'s outputs with this patch attached: the target's own classes, then the cloned ones."""
         own = labels.target_labels(target, self._config.target.num_classes)
         return own + labels.unique_names(self.class_names, own)
 
@@ -155,7 +176,9 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         return "\n".join(lines)
 
     def extra_repr(self) -> str:
-        return f"classes={self.class_names[:20]}, cut={self._config.cut.name!r}, insertion={self._config.insertion.name!r}"
+        return (
+            f"classes={self.class_names[:20]}, cut={self._config.cut.name!r}, insertion={self._config.insertion.name!r}"
+        )
 
     # ------------------------------------------------------------------ attach / detach
     def check(self, model: nn.Module, strict: bool = True) -> None:
@@ -171,7 +194,9 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
                 ``False``, a warning); shapes are always checked.
         """
         if self._attachment is not None:
-            raise PatchStateError(f"this patch is already attached to a {type(self._model).__name__}; detach() it first")
+            raise PatchStateError(
+                f"this patch is already attached to a {type(self._model).__name__}; detach() it first"
+            )
         self.check(model, strict=strict)
         try:
             serialization.check_finite(dict(self.named_parameters()), "cannot attach a patch with")
@@ -219,7 +244,7 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
     def forward(
         self, feature: torch.Tensor, target_logits: torch.Tensor, pre_logits: torch.Tensor, **context: torch.Tensor
     ) -> torch.Tensor:
-        """Cloned-class logits from the target's feature at the insertion point, its logits and pre-logits (what the hooks compute)."""
+        """Cloned-class logits from the target's insertion feature, logits and pre-logits (what the hooks compute)."""
         branch_logits = self.branch(self.adapter(feature), **context)
         return self.gate(target_logits, branch_logits, pre_logits)
 
@@ -233,7 +258,7 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer (non-persistent ones too), as the file stores them."""
-        named = dict(self.named_parameters(remove_duplicate=False))
+        named: dict[str, torch.Tensor] = dict(self.named_parameters(remove_duplicate=False))
         named.update(self.named_buffers(remove_duplicate=False))
         return {name: tensor.detach().cpu().clone().contiguous() for name, tensor in named.items()}
 
@@ -272,7 +297,11 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
         serialization.write_folder(
             save_directory,
-            {serialization.WEIGHTS_NAME: weights, serialization.CONFIG_NAME: text.encode(), serialization.CARD_NAME: card.encode()},
+            {
+                serialization.WEIGHTS_NAME: weights,
+                serialization.CONFIG_NAME: text.encode(),
+                serialization.CARD_NAME: card.encode(),
+            },
         )
 
     def push_to_hub(  # type: ignore[override]
@@ -294,7 +323,12 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
             return hub.push_folder(
-                Path(tmp), repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
+                Path(tmp),
+                repo_id,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
                 commit_message=commit_message,
             )
 
@@ -315,12 +349,17 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         See :func:`pnc_surgery.hub.resolve_patch_folder` for the arguments.
         """
         return cls._from_pretrained(
-            model_id=repo_id_or_dir, revision=revision, cache_dir=cache_dir, force_download=force_download,
-            local_files_only=local_files_only, token=token, subfolder=subfolder,
+            model_id=repo_id_or_dir,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            subfolder=subfolder,
         )
 
     @classmethod
-    def _from_pretrained(  # type: ignore[override]
+    def _from_pretrained(
         cls,
         *,
         model_id: str | Path,
@@ -336,8 +375,13 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         from .. import hub
 
         folder = hub.resolve_patch_folder(
-            model_id, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
-            local_files_only=local_files_only, force_download=force_download,
+            model_id,
+            revision=revision,
+            subfolder=subfolder,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
         )
         config = serialization.read_config(folder / serialization.CONFIG_NAME)
         tensors, _ = serialization.read_tensors(folder / serialization.WEIGHTS_NAME)
@@ -353,7 +397,9 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         """Load the single-file form written by :meth:`save`."""
         tensors, metadata = serialization.read_tensors(path)
         if serialization.METADATA_KEY not in metadata:
-            raise PatchFormatError(f"{path}: no '{serialization.METADATA_KEY}' in the safetensors metadata; not a single-file patch")
+            raise PatchFormatError(
+                f"{path}: no '{serialization.METADATA_KEY}' in the safetensors metadata; not a single-file patch"
+            )
         data = serialization.decode_json(metadata[serialization.METADATA_KEY], str(path))
         return serialization.rebuild(cls, PatchConfig.from_dict(data, str(path)), tensors, str(path))
 

@@ -14,6 +14,7 @@ under :data:`METADATA_KEY`. Every byte read from disk goes through this module:
   rather than loaded with another save's class ids. Files are never written through links, and all three get
   the same permissions (those of a new file under the process umask).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -139,7 +140,11 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     """Raise :class:`PatchFormatError` (``what`` + the tensor names) if a floating tensor holds NaN or infinity."""
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
+    bad = [
+        name
+        for name, t in tensors.items()
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
+    ]
     if bad:
         raise PatchFormatError(f"{what} non-finite values (NaN or infinity) in {len(bad)} tensors: {bad[:5]}")
 
@@ -254,7 +259,7 @@ def rebuild(patch_class: type[Patch], config: PatchConfig, tensors: dict[str, to
         return _rebuild(patch_class, config, tensors)
     except PncError as exc:
         raise PatchFormatError(f"{where}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001  (untrusted file: every failure becomes the library's own error)
+    except Exception as exc:
         raise PatchFormatError(f"{where}: the patch does not load ({type(exc).__name__}: {exc})") from None
 
 
@@ -275,13 +280,15 @@ def _rebuild(patch_class: type[Patch], config: PatchConfig, tensors: dict[str, t
     return patch
 
 
-def _assign(patch: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Put loaded tensors into the rebuilt modules (the branch may be pruned: parameters are replaced, not copied into)."""
-    expected = dict(patch.named_parameters(remove_duplicate=False))
+def _assign(patch: Patch, tensors: dict[str, torch.Tensor]) -> None:
+    """Put loaded tensors into the rebuilt modules (a pruned branch's parameters are replaced, not copied into)."""
+    expected: dict[str, torch.Tensor] = dict(patch.named_parameters(remove_duplicate=False))
     expected.update(patch.named_buffers(remove_duplicate=False))
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise PatchFormatError(f"tensors do not match the recorded architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise PatchFormatError(
+            f"tensors do not match the recorded architecture (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     for name, tensor in tensors.items():
         owner_name, _, attr = name.rpartition(".")
         owner = patch.get_submodule(owner_name)
