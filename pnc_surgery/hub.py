@@ -8,10 +8,11 @@ them through ``huggingface_hub``'s cache, so revisions, tokens, ``HF_HUB_OFFLINE
 for transformers and timm. A folder or repo holding pickle weights instead of a patch is refused, and so is any path
 that leads out of the folder it names.
 
-Every network call has a timeout: downloads use ``HF_HUB_ETAG_TIMEOUT`` / ``HF_HUB_DOWNLOAD_TIMEOUT`` as
-``huggingface_hub`` does, and API calls (create a repo, commit, list files), which ``huggingface_hub`` lets wait
-forever, wait at most ``HF_HUB_DOWNLOAD_TIMEOUT`` seconds (default 10) for each answer; a Hub that does not answer
-raises :class:`HubTimeoutError` saying what was being waited for.
+Every network call has a timeout: no request waits longer than the larger of ``HF_HUB_ETAG_TIMEOUT`` and
+``HF_HUB_DOWNLOAD_TIMEOUT`` (default 10 s) for an answer, including the API calls (create a repo, commit, list files)
+that ``huggingface_hub`` lets wait forever and its 60 s metadata retries; its own retries and back-off still apply,
+so a Hub that never answers fails within about six timeouts plus 23 s. The error is :class:`HubTimeoutError`,
+saying what was being waited for.
 
 The card is rendered from :data:`CARD_TEMPLATE`; its generated part sits between two HTML-comment markers and is the
 only text rewritten on the next save or push. Outside the markers, and in a card without them, the text is kept and
@@ -131,19 +132,25 @@ Attached, outputs 0 to {{ num_own - 1 }} of the target are its own classes, unch
 
 
 def _request_timeout(request: Any) -> None:
-    """httpx request hook: inside :func:`_deadline`, give requests without a timeout one."""
+    """httpx request hook: inside :func:`_deadline`, no request waits longer than :func:`hub_timeout` for an answer."""
     seconds = _TIMEOUT.get()
     if seconds is not None:
         current = request.extensions.get("timeout") or {}
-        request.extensions["timeout"] = {k: current.get(k) or seconds for k in ("connect", "read", "write", "pool")}
+        request.extensions["timeout"] = {
+            k: min(current.get(k) or seconds, seconds) for k in ("connect", "read", "write", "pool")
+        }
 
 
-def api_timeout() -> float:
-    """Seconds an API call may wait for each answer: ``HF_HUB_DOWNLOAD_TIMEOUT``, else :data:`DEFAULT_TIMEOUT`."""
-    try:
-        return float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or DEFAULT_TIMEOUT)
-    except ValueError:
-        return DEFAULT_TIMEOUT
+def hub_timeout() -> float:
+    """Seconds any Hub request may wait for an answer: the larger of ``HF_HUB_ETAG_TIMEOUT`` and
+    ``HF_HUB_DOWNLOAD_TIMEOUT`` (read now from the environment, else as ``huggingface_hub`` read them; default 10)."""
+    values = []
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        try:
+            values.append(float(os.environ.get(name) or getattr(constants, name)))
+        except (TypeError, ValueError):
+            values.append(DEFAULT_TIMEOUT)
+    return max(values)
 
 
 @contextmanager
@@ -152,13 +159,15 @@ def _deadline(doing: str) -> Iterator[None]:
     hooks = get_session().event_hooks["request"]
     if _request_timeout not in hooks:
         hooks.append(_request_timeout)
-    token = _TIMEOUT.set(api_timeout())
+    token = _TIMEOUT.set(hub_timeout())
     try:
         yield
+    except HubTimeoutError:
+        raise
     except Exception as exc:
         if _timed_out(exc):
             raise HubTimeoutError(
-                f"the Hub at {constants.ENDPOINT} did not answer within {api_timeout():g} s while {doing} "
+                f"the Hub at {constants.ENDPOINT} did not answer within {hub_timeout():g} s while {doing} "
                 "(set HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT to wait longer)"
             ) from None
         raise
@@ -376,13 +385,15 @@ def _download_patch(
             )
         except RemoteEntryNotFoundError:
             raise
-        except (HfHubHTTPError, OSError) as exc:  # LocalEntryNotFoundError is an OSError too
+        except Exception as exc:
             if _timed_out(exc):
                 raise HubTimeoutError(
-                    f"{where}: the Hub did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT) "
-                    f"while looking up {filename}, and it is not in the local cache"
+                    f"{where}: the Hub did not answer within {hub_timeout():g} s while looking up {filename}, and it "
+                    "is not in the local cache (set HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT to wait longer)"
                 ) from None
-            raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
+            if isinstance(exc, (HfHubHTTPError, OSError)):  # LocalEntryNotFoundError is an OSError too
+                raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
+            raise
 
     try:
         config_path = download(CONFIG_NAME, revision)

@@ -183,6 +183,11 @@ class Attachment:
         return stack
 
     def on_call(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.jit.is_tracing() and any(p.requires_grad for p in self.patch.parameters()):
+            raise PatchStateError(
+                "torch.jit.trace stores the patch's weights as constants and refuses ones that require grad: call "
+                "patch.requires_grad_(False) before tracing (or export with torch.export, which needs nothing)"
+            )
         context: dict[str, Any] = {}
         if self.signature is not None:
             bound = self.signature.bind_partial(*args, **kwargs).arguments
