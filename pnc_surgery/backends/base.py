@@ -93,15 +93,35 @@ class Backend:
         )
 
     def second_input(self, model: nn.Module, inputs: ModelInputs, seed: int = 1) -> ModelInputs:
-        """Another input of the same shape and kind with different data (masks kept)."""
+        """Another input of the same shape and kind with different data.
+
+        Masks are kept, and so are token ids at masked and pad positions: a model that pools the last
+        non-pad token (GPT-2 style) must pool the same position in both inputs. New ids are drawn from the
+        vocabulary without the pad id, or, when the vocabulary size is unknown, from the ids the input holds.
+        """
         x = main_tensor(inputs, self.main_input_name(model))
         gen = torch.Generator().manual_seed(seed)
         if x.is_floating_point():
             other = torch.randn(x.shape, generator=gen).to(x) * (x.std().clamp_min(1.0)) + x.mean()
+            return self.replace_main(model, inputs, other)
+        pad = self.pad_token_id(model)
+        kept = x == pad if pad is not None else torch.zeros_like(x, dtype=torch.bool)
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        if isinstance(mask, torch.Tensor) and mask.shape == x.shape:
+            kept |= mask == 0
+        vocab = self.vocab_size(model)
+        if vocab:
+            drawn = torch.randint(0, max(int(vocab) - (pad is not None), 1), x.shape, generator=gen)
+            if pad is not None:
+                drawn += (drawn >= pad).long()
         else:
-            high = int(self.vocab_size(model) or int(x.max()) + 2)
-            other = torch.randint(0, max(high, 2), x.shape, generator=gen).to(x)
-        return self.replace_main(model, inputs, other)
+            seen = x[~kept] if (~kept).any() else x.flatten()
+            drawn = seen.flatten()[torch.randint(0, seen.numel(), x.shape, generator=gen)]
+        return self.replace_main(model, inputs, torch.where(kept, x, drawn.to(x)))
+
+    def call_inputs(self, model: nn.Module, inputs: ModelInputs) -> ModelInputs:
+        """``inputs`` in the form the model is called with (a lone tensor becomes the main keyword where needed)."""
+        return inputs
 
     def replace_main(self, model: nn.Module, inputs: ModelInputs, tensor: torch.Tensor) -> ModelInputs:
         """``inputs`` with the data tensor replaced (masks and other keywords kept)."""
@@ -111,6 +131,10 @@ class Backend:
 
     def vocab_size(self, model: nn.Module) -> int | None:
         """Size of the token vocabulary for text models."""
+        return None
+
+    def pad_token_id(self, model: nn.Module) -> int | None:
+        """The token id that marks padding for text models, where the model says so."""
         return None
 
     def check_input(self, model: nn.Module, inputs: ModelInputs) -> None:

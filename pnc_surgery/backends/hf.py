@@ -36,6 +36,10 @@ class TransformersBackend(Backend):
     def vocab_size(self, model: nn.Module) -> int | None:
         return getattr(model.config, "vocab_size", None)
 
+    def pad_token_id(self, model: nn.Module) -> int | None:
+        pad = getattr(model.config, "pad_token_id", None)
+        return pad if isinstance(pad, int) else None
+
     def example_input(self, model: nn.Module, batch_size: int = 2, seed: int = 0) -> ModelInputs:
         config, gen = model.config, torch.Generator().manual_seed(seed)
         main = self.main_input_name(model)
@@ -49,15 +53,24 @@ class TransformersBackend(Backend):
             ids = torch.randint(1, max(int(config.vocab_size), 2), (batch_size, length), generator=gen)
             mask = torch.ones(batch_size, length, dtype=torch.long)
             mask[1:, length - length // 4 :] = 0  # a padded row, so the mask matters
+            pad = self.pad_token_id(model)
+            if pad is not None:
+                ids[ids == pad] = (pad + 1) % max(int(config.vocab_size), 2)
+                ids[mask == 0] = pad  # as a tokenizer pads: pad ids under the masked positions
             return {main: ids, "attention_mask": mask}
         raise UnsupportedModelError(f"cannot build an example {main!r} for {type(model).__name__}; pass example_input")
+
+    def call_inputs(self, model: nn.Module, inputs: ModelInputs) -> ModelInputs:
+        if isinstance(inputs, torch.Tensor):
+            return {self.main_input_name(model): inputs}
+        return inputs
 
     def check_input(self, model: nn.Module, inputs: ModelInputs) -> None:
         main = self.main_input_name(model)
         if not isinstance(inputs, Mapping):
             raise InvalidInputError(
-                f"transformers models take keyword inputs: pass a dict like {{'{main}': tensor, ...}}, "
-                f"got {type(inputs).__name__}"
+                f"transformers models take a tensor (their {main!r}) or keyword inputs such as "
+                f"{{'{main}': tensor, ...}}, got {type(inputs).__name__}"
             )
         if main not in inputs:
             raise InvalidInputError(f"example input needs {main!r} for {type(model).__name__}; got keys {sorted(inputs)}")
