@@ -25,6 +25,7 @@ Run:  python -m benchmarks.reach                       (everything; about an hou
       python -m benchmarks.reach --part 1/4 --timeout 120
       python -m benchmarks.reach --only timm:inception_v3,hf:GPT2ForSequenceClassification --fresh
       python -m benchmarks.reach --table                (rewrite the table from the results file)
+      python -m benchmarks.reach --clone                (clone() end to end on one pair per family group)
 """
 from __future__ import annotations
 
@@ -344,6 +345,117 @@ def run_one(key: str) -> dict[str, Any]:
     return row
 
 
+# ---------------------------------------------------------------------------------------- clone end to end
+def _timm_pair(source: tuple[str, dict], target: tuple[str, dict]) -> tuple[nn.Module, nn.Module]:
+    from pnc_surgery.backends.timm import create_model
+
+    torch.manual_seed(0)
+    return tuple(create_model(name, num_classes=5, **kwargs).eval() for name, kwargs in (source, target))
+
+
+def _hf_text_pair(decoder: bool) -> tuple[nn.Module, nn.Module]:
+    import transformers as hf
+
+    torch.manual_seed(0)
+    if decoder:
+        config = {"vocab_size": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 32, "num_labels": 5,
+                  "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
+        return hf.GPT2ForSequenceClassification(hf.GPT2Config(**config)).eval(), hf.GPT2ForSequenceClassification(
+            hf.GPT2Config(**{**config, "n_layer": 3})).eval()
+    source = hf.BertForSequenceClassification(hf.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=5,
+    ))
+    target = hf.DistilBertForSequenceClassification(hf.DistilBertConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=32, num_labels=5,
+    ))
+    return source.eval(), target.eval()
+
+
+_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+CLONE_PAIRS = {
+    "CNN": lambda: _timm_pair(("resnet18", {"channels": (8, 16, 32, 64), "stem_width": 8}), ("mobilenetv3_small_050", {})),
+    "ViT": lambda: _timm_pair(("vit_tiny_patch16_224", _VIT), ("deit_tiny_patch16_224", _VIT)),
+    "hybrid": lambda: _timm_pair(("test_coatnet", {"img_size": 32}), ("resnet18", {"channels": (8, 16, 32, 64)})),
+    "MLP": lambda: _timm_pair(("mixer_s16_224", {"img_size": 32}), ("resmlp_12_224", {"img_size": 32})),
+    "Swin-like": lambda: _timm_pair(
+        ("swin_tiny_patch4_window7_224", {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16,
+                                          "depths": (1, 1, 2, 1), "num_heads": (1, 2, 2, 4)}),
+        ("vit_tiny_patch16_224", _VIT),
+    ),
+    "text encoder": lambda: _hf_text_pair(decoder=False),
+    "text decoder": lambda: _hf_text_pair(decoder=True),
+}
+"""One (source, target) pair per family group, small and random-init: the run checks mechanics, not accuracy."""
+
+
+def _clone_data(text: bool, count: int, seed: int) -> tuple[Any, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 3
+    if not text:
+        return torch.randn(count, 3, 32, 32, generator=gen) + labels[:, None, None, None].float(), labels
+    ids = torch.randint(10, 64, (count, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[:, 0] = 2 + labels  # a marker token per class
+    mask[1::2, 8:] = 0
+    ids[1::2, 8:] = 0
+    ids[torch.arange(count), mask.sum(1) - 1] = 1  # an eos ends each text, as a tokenizer writes it
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def run_clone(group: str, directory: Path) -> dict[str, Any]:
+    """Clone three classes for one pair with small budgets; check width, exact detach and save/load."""
+    from pnc_surgery import CloneConfig, Patch, clone
+    from pnc_surgery.demo import parameter_digest
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    source, target = CLONE_PAIRS[group]()
+    text = group.startswith("text")
+    inputs, labels = _clone_data(text, 48, seed=0)
+    probe, _ = _clone_data(text, 8, seed=1)
+    rows = [({k: v[i] for k, v in inputs.items()} if text else inputs[i], int(labels[i])) for i in range(len(labels))]
+    config = CloneConfig(max_cuts=2, max_insertions=2, search_steps=5, train_steps=10, keep_ratio=0.5, batch_size=16)
+
+    def logits(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            out = model(**probe) if text else model(probe)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    before, digest = logits(target), parameter_digest(target)
+    try:
+        patch = clone(source, target, rows, config=config, seed=0, progress=False)
+        with patch.attached(target):
+            patched = logits(target)
+        patch.save_pretrained(directory / group.replace(" ", "_"))
+        loaded = Patch.from_pretrained(directory / group.replace(" ", "_"))
+        with loaded.attached(target):
+            reloaded = logits(target)
+    except Exception as exc:  # noqa: BLE001 - reported in the table with its reason
+        return {"group": group, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
+                "seconds": round(time.perf_counter() - start, 1)}
+    checks = {
+        "width": tuple(patched.shape) == (len(before), before.shape[1] + 3),
+        "exact_detach": torch.equal(logits(target), before) and parameter_digest(target) == digest,
+        "own_logits_kept": torch.equal(patched[:, : before.shape[1]], before),
+        "save_load_equal": torch.allclose(reloaded, patched, atol=1e-5),
+    }
+    return {"group": group, "status": "ok" if all(checks.values()) else "failed", **checks,
+            "cut": patch.metrics.get("cut"), "insertion": patch.metrics.get("insertion"),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def clone_table(rows: list[dict]) -> str:
+    lines = ["| group | status | cut -> insertion | width | exact detach | save/load | seconds | reason |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['group']} | {r['status']} | {r.get('cut', '')} -> {r.get('insertion', '')} | {r.get('width', '')} | "
+            f"{r.get('exact_detach', '')} | {r.get('save_load_equal', '')} | {r['seconds']} | {r.get('reason', '')[:160]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def _load(path: Path) -> dict[str, dict]:
     rows = {}
@@ -416,7 +528,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "reach.jsonl")
     parser.add_argument("--fresh", action="store_true", help="rerun models already in the results file")
     parser.add_argument("--table", action="store_true", help="only rewrite the table from the results file")
+    parser.add_argument("--clone", action="store_true", help="clone() end to end on one pair per family group instead")
     args = parser.parse_args(argv)
+    if args.clone:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as directory:
+            results = []
+            for group in CLONE_PAIRS:
+                results.append(run_clone(group, Path(directory)))
+                print(json.dumps(results[-1]), flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "reach_clone.md").write_text(clone_table(results))
+        print(clone_table(results))
+        return
     if args.children:
         for key in args.children.split(","):
             print(json.dumps(run_one(key)), flush=True)
