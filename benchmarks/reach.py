@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -155,10 +157,15 @@ def build_timm(name: str) -> tuple[nn.Module, torch.Tensor, str]:
 
 
 def _shrink(config: Any, overrides: dict[str, Any]) -> None:
+    layers = getattr(config, "num_hidden_layers", None)
     for key, value in overrides.items():
         current = getattr(config, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
             setattr(config, key, value)
+    if isinstance(layers, int) and layers > config.num_hidden_layers:
+        for key, value in list(vars(config).items()):  # per-layer lists (layer_types, ...) follow the depth
+            if isinstance(value, list) and len(value) == layers:
+                setattr(config, key, value[: config.num_hidden_layers])
     for key in ("depths", "num_layers_per_stage", "block_repeats"):
         current = getattr(config, key, None)
         if isinstance(current, (list, tuple)) and all(isinstance(v, int) for v in current):
@@ -168,7 +175,7 @@ def _shrink(config: Any, overrides: dict[str, Any]) -> None:
 def _text_example(config: Any) -> dict[str, torch.Tensor]:
     from pnc_surgery.backends.base import ordinary_tokens
 
-    vocab = int(config.vocab_size)
+    vocab = int(getattr(config, "vocab_size", None) or 256)  # character models (CANINE) take code points
     special = {
         v for k in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id")
         for v in ([getattr(config, k, None)] if not isinstance(getattr(config, k, None), list) else getattr(config, k))
@@ -178,7 +185,8 @@ def _text_example(config: Any) -> dict[str, torch.Tensor]:
     mask = torch.ones(2, TEXT_LENGTH, dtype=torch.long)
     mask[1, -TEXT_LENGTH // 4 :] = 0
     eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, int):
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    if isinstance(eos, int) and 0 <= eos < vocab:
         ids[torch.arange(2), mask.sum(1) - 1] = eos
     ids[mask == 0] = config.pad_token_id
     return {"input_ids": ids, "attention_mask": mask}
@@ -303,6 +311,30 @@ def check_points(model: nn.Module, example: Any, names: list[str]) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------- one model
+class _Verdicts(logging.Handler):
+    """Collects ``find_points``' DEBUG reasons for the candidates it did not offer."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.reasons: list[str] = []
+        self.logger = logging.getLogger("pnc_surgery.points")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "not a point: " in message:
+            reason = message.split("not a point: ", 1)[1]
+            self.reasons.append(re.sub(r"\([^)]*\d[^)]*\)|'[^']*'|\d+(\.\d+)?(e-?\d+)?", "_", reason))
+
+    def __enter__(self) -> None:
+        self.logger.addHandler(self)
+        self.level_before, _ = self.logger.level, self.logger.setLevel(logging.DEBUG)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+
+    def summary(self) -> str:
+        return "; ".join(f"{count}x {reason}" for reason, count in Counter(self.reasons).most_common(2))
 def run_one(key: str) -> dict[str, Any]:
     from pnc_surgery import find_points
     from pnc_surgery.errors import PncError
@@ -319,8 +351,10 @@ def run_one(key: str) -> dict[str, Any]:
     row["setting"] = setting
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     found = time.perf_counter()
+    verdicts = _Verdicts()
     try:
-        points = find_points(model, example)
+        with verdicts:
+            points = find_points(model, example)
     except PncError as exc:
         return {**row, "status": "refused", "reason": f"{type(exc).__name__}: {exc}",
                 "seconds": round(time.perf_counter() - start, 2)}
@@ -341,6 +375,8 @@ def run_one(key: str) -> dict[str, Any]:
         depths=[round(checked[p.name]["depth"], 3) for p in points], names=[p.name for p in points],
     )
     row["status"] = "invalid" if invalid else "ok" if len(valid) >= 3 and len(thirds) == 3 else "few"
+    if row["status"] == "few":
+        row["reason"] = verdicts.summary()
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 

@@ -59,11 +59,12 @@ class TransformersBackend(Backend):
             length = min(TEXT_EXAMPLE_LENGTH, int(getattr(config, "max_position_embeddings", TEXT_EXAMPLE_LENGTH)))
             mask = torch.ones(batch_size, length, dtype=torch.long)
             mask[1:, length - length // 4 :] = 0  # a padded row, so the mask matters
-            vocab = max(int(config.vocab_size), 2)
+            vocab = max(int(getattr(config, "vocab_size", None) or 256), 2)  # character models take code points
             special = [i for i in self.special_token_ids(model) if i < vocab]
             ids = ordinary_tokens(vocab, special, (batch_size, length), gen) if vocab > len(special) + 1 else mask.clone()
             eos, pad = getattr(config, "eos_token_id", None), self.pad_token_id(model)
-            if isinstance(eos, int):  # as a tokenizer ends each text (BART-style heads pool the last eos)
+            eos = eos[0] if isinstance(eos, list) and eos else eos
+            if isinstance(eos, int) and 0 <= eos < vocab:  # as a tokenizer ends each text (BART-style heads pool the last eos)
                 ids[torch.arange(batch_size), mask.sum(1) - 1] = eos
             if pad is not None:  # and pads the masked positions
                 ids[mask == 0] = pad
