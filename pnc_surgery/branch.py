@@ -21,7 +21,8 @@ from torch import nn
 from .backends import ModelInputs, backend_for, backend_named
 from .backends.base import call_model, logits_of, main_tensor
 from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
-from .points import Point, check_cut, classifier_names, eval_mode, resolve_example_input, trace_model
+from .points import Point, check_cut, resolve_example_input
+from .tracing import classifier_names, eval_mode, trace_model
 
 __all__ = ["SourceTail", "capture_features", "STUB_VALUE_BUFFER"]
 

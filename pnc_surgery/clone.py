@@ -27,8 +27,9 @@ from .errors import InvalidInputError, UnsupportedModelError
 from .gate import GATE_KINDS
 from .localize import branch_parameters, find_prune_groups, keep_indices, masked, prune, unit_importance
 from .patch import Patch
-from .points import Point, classifier_names, eval_mode, find_points, trace_model
+from .points import Point, find_points
 from .search import Candidate, FitData, evaluate, spread_points, successive_halving, train_candidate
+from .tracing import classifier_names, eval_mode, trace_model
 
 __all__ = ["CloneConfig", "clone", "expected_image"]
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .branch import SourceTail
-from .points import trace_model
+from .tracing import trace_model
 
 __all__ = ["PruneGroup", "find_prune_groups", "unit_importance", "keep_indices", "masked", "prune", "branch_parameters"]
 

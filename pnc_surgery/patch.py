@@ -31,7 +31,8 @@ from .backends.base import image_size
 from .branch import SourceTail
 from .errors import InvalidInputError, PatchFormatError, PatchMismatchError, PatchStateError, PncError, UnsupportedModelError
 from .gate import Gate, evidence_width, gate_evidence
-from .points import Point, classifier_names, eval_mode, resolve_example_input, trace_model
+from .points import Point, resolve_example_input
+from .tracing import classifier_names, eval_mode, trace_model
 
 __all__ = ["Patch", "target_fingerprint"]
 
