@@ -98,7 +98,7 @@ def test_load_model_is_public_and_cache_dir_works(hub_models, monkeypatch, tmp_p
 
 
 def test_a_repo_that_is_not_cached_offline_says_which(tmp_path):
-    with pytest.raises(LocalEntryNotFoundError, match="someone/not-cached: config.json is not in the Hub cache"):
+    with pytest.raises(LocalEntryNotFoundError, match=r"someone/not-cached: config\.json is not in the Hub cache"):
         load_model("someone/not-cached")
 
 
