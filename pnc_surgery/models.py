@@ -124,8 +124,8 @@ def _from_hub(repo: str, pretrained: bool, hub: dict[str, Any], kwargs: dict[str
     if _family(config, repo) == "timm":
         if pretrained:
             _download(repo, _WEIGHTS, hub)  # next to config.json in the same cache snapshot
-        model = _timm_from_folder(config_path.parent, config, pretrained, kwargs)
-        model.pretrained_cfg = {**model.pretrained_cfg, "hf_hub_id": repo, "source": "hf-hub"}
+        model: Any = _timm_from_folder(config_path.parent, config, pretrained, kwargs)
+        model.pretrained_cfg = {**model.pretrained_cfg, "hf_hub_id": repo, "source": "hf-hub"}  # the id a patch records
         return model
     return _transformers(repo, config, pretrained, hub, kwargs)
 
@@ -157,7 +157,7 @@ def _timm_by_name(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Mod
 
 def _timm_from_folder(folder: Path, config: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     """A timm model from a folder holding timm's ``config.json`` (and ``model.safetensors`` when ``pretrained``)."""
-    model_args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+    model_args: dict[str, Any] = config["model_args"] if isinstance(config.get("model_args"), dict) else {}
     recorded = {**model_args, **({"num_classes": config["num_classes"]} if "num_classes" in config else {}), **kwargs}
     if not pretrained:
         return _create_timm(config["architecture"], False, recorded, recorded)
