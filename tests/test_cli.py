@@ -262,3 +262,13 @@ def test_a_hub_that_cannot_be_reached_is_exit_code_4(capsys, monkeypatch, tmp_pa
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     assert main(["points", "someone/some-model"]) == NETWORK
     assert "someone/some-model" in error_line(capsys)
+
+
+def test_image_folders_are_normalised_with_the_target_models_own_statistics(tmp_path):
+    (tmp_path / "data" / "1").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(tmp_path / "data" / "1" / "grey.png")
+    model = create_model("resnet18", num_classes=3)  # timm's data config: ImageNet mean and std
+    [(image, label)] = cli_clone.image_folder(tmp_path / "data", model)
+    mean, std = torch.tensor(model.pretrained_cfg["mean"]), torch.tensor(model.pretrained_cfg["std"])
+    assert label == 1
+    assert torch.allclose(image[:, 0, 0], (128 / 255 - mean) / std, atol=1e-5)

@@ -165,7 +165,7 @@ def image_folder(
     steps: list[Any] = [transforms.Resize(size)]
     if channels == 1:
         steps.append(transforms.Grayscale(1))
-    steps += [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
+    steps += [transforms.ToTensor(), transforms.Normalize(*_normalization(model, channels))]
     transform = transforms.Compose(steps)
     try:
         dataset = datasets.ImageFolder(str(root))
@@ -182,6 +182,15 @@ def image_folder(
             raise CommandError(f"{path}: not a readable image ({exc})", UNUSABLE) from None
         pairs.append((image, to_id[label]) if labelled else (image,))
     return pairs
+
+
+def _normalization(model: nn.Module, channels: int) -> tuple[list[float], list[float]]:
+    """The mean and std a timm model's data config asks for; 0.5 and 0.5 for models that record none."""
+    config = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = config.get("mean"), config.get("std")
+    if isinstance(mean, (tuple, list)) and isinstance(std, (tuple, list)) and len(mean) == len(std) == channels:
+        return [float(m) for m in mean], [float(s) for s in std]
+    return [0.5] * channels, [0.5] * channels
 
 
 def _class_id(name: str, class_ids: dict[str, int] | None, root: Path) -> int:
