@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..backends import backend_for
-from ..clone import CloneConfig, clone, expected_image
+from ..clone import CloneConfig, clone
 from ..models import load_model
 from .errors import UNUSABLE, CommandError
 
@@ -158,7 +158,7 @@ def image_folder(
     from torchvision import datasets, transforms
 
     root = Path(folder)
-    expected = expected_image(model)
+    expected = backend_for(model).expected_image(model)
     if expected is None:
         raise CommandError(f"{type(model).__name__} does not take images; image folders cannot feed it")
     channels, size = expected
