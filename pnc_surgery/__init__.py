@@ -16,6 +16,7 @@ from .errors import (
     PncError,
     UnsupportedModelError,
 )
+from .models import load_model
 from .patch import Patch
 from .points import Point, find_points
 
@@ -31,6 +32,7 @@ __all__ = [
     "Patch",
     "Point",
     "find_points",
+    "load_model",
     "SourceTail",
     "capture_features",
     "PncError",
