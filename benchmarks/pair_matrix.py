@@ -1,0 +1,246 @@
+"""The gate across architecture pairs: ``python -m benchmarks.pair_matrix``.
+
+For every (source -> target) pair of :data:`MATRIX_PAIRS` (timm CNNs, ViTs, hybrids and MLPs, transformers image
+and text models; none of them in the tests' zoo) it trains a target on classes A = 0-4 and a source on B = 5-9
+(cached like the main benchmark's models), clones K = 5, 6, 7 with all of K's train images and a replay set of 20
+images per class of A, and measures on the test split:
+
+* ``source_acc_k``: the source's accuracy on K among K (what the branch starts from);
+* ``branch_acc_k``: the branch alone (adapter + pruned source tail) among K, on K's test inputs;
+* ``pass_rate_k``: share of K's test inputs that the patched target answers with a cloned class;
+* ``acc_k``: share of K's test inputs that the patched target answers right (the gate's cost shows as
+  ``acc_k / branch_acc_k``);
+* ``locality``: share of A's test inputs whose answer the patch leaves unchanged, and ``false_positive_rate``
+  (share of them sent to a cloned class; with the target's logits untouched the two add up to 1);
+* ``gate_share``: the gate's share of the patched forward's wall time.
+
+Images are scikit-learn's digits at 32 px; text models get generated token sentences (:func:`token_sentences`).
+``--dump DIR`` also saves each pair's gate evidence (clone data, replay set with its shifted copies, test split)
+for offline study of gates::
+
+    python -m benchmarks.pair_matrix --out results/pair_matrix
+    python -m benchmarks.pair_matrix --pairs "resnet18->mobilenetv3" --dump results/evidence
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from pnc_surgery.clone import CloneConfig, clone
+from pnc_surgery.data import collect, with_shifted_copies
+from pnc_surgery.datasets import ClassSplit, ImageDataset, class_split, load_digits, select_classes
+from pnc_surgery.gate import gate_evidence
+from pnc_surgery.patch import Patch
+from pnc_surgery.training import predict_logits, torch_threads
+
+from .models import MATRIX_ARCHS, trained_model
+
+__all__ = ["MATRIX_PAIRS", "CLONE_CONFIG", "token_sentences", "gate_inputs", "pair_row", "main"]
+
+logger = logging.getLogger("benchmarks.pair_matrix")
+
+MATRIX_PAIRS: dict[str, tuple[str, str]] = {
+    "resnet18->mobilenetv3": ("resnet18", "mobilenetv3"),
+    "mobilenetv3->convnext_atto": ("mobilenetv3", "convnext_atto"),
+    "convnext_atto->resnet18": ("convnext_atto", "resnet18"),
+    "deit_tiny->resnet18": ("deit_tiny", "resnet18"),
+    "resnet18->deit_tiny": ("resnet18", "deit_tiny"),
+    "mixer->mobilenetv3": ("mixer", "mobilenetv3"),
+    "convnext_atto->mixer": ("convnext_atto", "mixer"),
+    "mobilevit->deit_tiny": ("mobilevit", "deit_tiny"),
+    "levit->mobilevit": ("levit", "mobilevit"),
+    "deit_tiny->levit": ("deit_tiny", "levit"),
+    "hf_vit_small->resnet18": ("hf_vit_small", "resnet18"),
+    "mobilenetv3->hf_vit_small": ("mobilenetv3", "hf_vit_small"),
+    "bert->distilbert": ("bert", "distilbert"),
+    "distilbert->bert": ("distilbert", "bert"),
+}
+"""``"source->target"``: CNN to CNN across families, ViT and CNN both ways, MLP-Mixer both ways, hybrids
+(MobileViT, LeViT), transformers ViT and timm both ways, and transformers text models both ways."""
+
+CLONE_CONFIG: dict[str, Any] = {"search_steps": 15, "train_steps": 150, "max_cuts": 2, "max_insertions": 2}
+"""``CloneConfig`` budgets of every pair (those of the main benchmark)."""
+
+IMAGE_SIZE = 32
+MODEL_STEPS = 150
+
+
+def token_sentences(
+    num_classes: int = 10, per_class: int = 180, length: int = 24, vocab: int = 256, seed: int = 0
+) -> tuple[ImageDataset, ImageDataset]:
+    """A generated 10-class text task: each class owns 8 keyword tokens; a sentence holds 3 of its class's keywords
+    and 1 of another class's among random filler tokens. Two thirds of every class go to the train split.
+
+    Returns:
+        ``(train, test)`` with token ids of shape ``(N, length)`` as the "images".
+    """
+    gen = torch.Generator().manual_seed(seed)
+    filler = 8 * num_classes
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    ids = torch.randint(filler, vocab, (len(labels), length), generator=gen)
+    for row, label in enumerate(labels.tolist()):
+        other = (label + int(torch.randint(1, num_classes, (), generator=gen))) % num_classes
+        words = torch.cat([8 * label + torch.randint(8, (3,), generator=gen), 8 * other + torch.randint(8, (1,), generator=gen)])
+        ids[row, torch.randperm(length, generator=gen)[:4]] = words
+    order = torch.randperm(len(labels), generator=gen)
+    ids, labels = ids[order], labels[order]
+    train = torch.zeros(len(labels), dtype=torch.bool)
+    for value in range(num_classes):
+        index = (labels == value).nonzero().flatten()
+        train[index[: 2 * len(index) // 3]] = True
+    names = [str(i) for i in range(num_classes)]
+    return (ImageDataset(ids[train], labels[train], "generated", names), ImageDataset(ids[~train], labels[~train], "generated", names))
+
+
+@torch.no_grad()
+def gate_inputs(patch: Patch, target: nn.Module, data: Any, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """What the gate of ``patch`` sees and answers on ``data`` with the patch attached to ``target``.
+
+    Returns:
+        ``target_logits``, ``branch_logits``, ``pre_logits`` (the gate's inputs), ``logits`` (the patched
+        target's whole output) and ``gate_seconds`` / ``seconds`` (time in the gate, time of the forwards).
+    """
+    captured: dict[str, list[torch.Tensor]] = {"target_logits": [], "branch_logits": [], "pre_logits": []}
+    clock = {"gate": 0.0, "started": 0.0}
+
+    def before(_module: nn.Module, _args: tuple) -> None:
+        clock["started"] = time.perf_counter()
+
+    def after(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        clock["gate"] += time.perf_counter() - clock["started"]
+        for key, value in zip(captured, args):
+            captured[key].append(value.detach().float())
+
+    hooks = [patch.gate.register_forward_pre_hook(before), patch.gate.register_forward_hook(after)]
+    try:
+        with patch.attached(target):
+            start = time.perf_counter()
+            logits = predict_logits(target, data, batch_size=batch_size)
+            seconds = time.perf_counter() - start
+    finally:
+        for hook in hooks:
+            hook.remove()
+    result = {key: torch.cat(parts) for key, parts in captured.items()}
+    result.update(logits=logits, gate_seconds=torch.tensor(clock["gate"]), seconds=torch.tensor(seconds))
+    return result
+
+
+def _evidence(seen: dict[str, torch.Tensor]) -> torch.Tensor:
+    return gate_evidence(seen["target_logits"], seen["branch_logits"], seen["pre_logits"])
+
+
+def _split(pair: str, seed: int) -> ClassSplit:
+    source_arch, target_arch = MATRIX_PAIRS[pair]
+    text = MATRIX_ARCHS[source_arch].family == "transformers-text"
+    train, test = token_sentences(seed=0) if text else load_digits(image_size=IMAGE_SIZE)
+    return class_split(train, test, clone_level=1.0, replay_per_class=20, seed=seed)
+
+
+def pair_row(
+    pair: str, seed: int, cache: Path, clone_config: dict[str, Any], dump: Path | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """Train (or load) the pair's models, clone, and measure the gate (see the module docstring)."""
+    source_arch, target_arch = MATRIX_PAIRS[pair]
+    split = _split(pair, seed)
+    dataset_name = "tokens" if split.test.source == "generated" else "digits"
+    common = dict(dataset_name=dataset_name, image_size=IMAGE_SIZE, steps=MODEL_STEPS, seed=seed, cache_dir=cache, progress=progress)
+    source, _ = trained_model(source_arch, "source", split.source_train, split.source_classes, **common)
+    target, _ = trained_model(target_arch, "target", split.target_train, split.target_classes, **common)
+    num_old, clone_ids = split.num_old, list(split.clone_source_ids)
+    test_k = select_classes(split.test, range(num_old, num_old + len(clone_ids)))
+    source_k = predict_logits(source, test_k)[:, clone_ids].argmax(1)
+
+    start = time.perf_counter()
+    patch = clone(
+        source, target, split.clone, classes=clone_ids, replay=split.replay, config=CloneConfig(**clone_config),
+        seed=seed, progress=progress,
+    )
+    clone_seconds = time.perf_counter() - start
+    seen = gate_inputs(patch, target, split.test)
+    labels, predictions = split.test.labels, seen["logits"].argmax(1)
+    is_k = labels >= num_old
+    own = seen["target_logits"].argmax(1)
+    row = {
+        "pair": pair, "seed": seed, "cut": patch.metrics.get("cut"), "insertion": patch.metrics.get("insertion"),
+        "source_acc_k": (source_k == test_k.labels - num_old).float().mean().item(),
+        "target_acc_a": (own[~is_k] == labels[~is_k]).float().mean().item(),
+        "branch_acc_k": (seen["branch_logits"][is_k].argmax(1) == labels[is_k] - num_old).float().mean().item(),
+        "pass_rate_k": (predictions[is_k] >= num_old).float().mean().item(),
+        "acc_k": (predictions[is_k] == labels[is_k]).float().mean().item(),
+        "acc_all": (predictions == labels).float().mean().item(),
+        "locality": (predictions[~is_k] == own[~is_k]).float().mean().item(),
+        "false_positive_rate": (predictions[~is_k] >= num_old).float().mean().item(),
+        "gate_share": (seen["gate_seconds"] / seen["seconds"]).item(),
+        "clone_seconds": clone_seconds,
+        "gate_fit": {k: v for k, v in patch.metrics.items() if k.startswith("gate")},
+    }
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        replay, sources = with_shifted_copies(collect(split.replay, "replay"))
+        clone_seen = gate_inputs(patch, target, split.clone)
+        replay_seen = gate_inputs(patch, target, split.replay.with_tensors(replay.inputs, replay.labels))
+        torch.save({
+            "positives": _evidence(clone_seen), "positive_groups": split.clone.labels.clone(),
+            "negatives": _evidence(replay_seen), "negative_groups": replay.labels, "negative_sources": sources,
+            "test": _evidence(seen), "test_labels": labels, "num_old": num_old, "num_new": len(clone_ids),
+            "clone_ids": torch.tensor(clone_ids), "row": row,
+        }, dump / f"{pair.replace('->', '__')}_seed{seed}.pt")
+    return row
+
+
+TABLE_COLUMNS = (
+    "source_acc_k", "branch_acc_k", "pass_rate_k", "acc_k", "acc_all", "locality", "false_positive_rate", "gate_share",
+)
+
+
+def markdown(rows: Sequence[dict[str, Any]], budget: float) -> str:
+    """The pair-matrix table, with whether each pair meets the gate's targets."""
+    lines = [
+        "| pair | " + " | ".join(TABLE_COLUMNS) + " | acc_k / branch | met |",
+        "|---|" + "---|" * (len(TABLE_COLUMNS) + 2),
+    ]
+    for row in rows:
+        ratio = row["acc_k"] / max(row["branch_acc_k"], 1e-9)
+        met = ratio >= 0.9 and row["locality"] >= 0.99 and row["false_positive_rate"] <= 1.5 * budget
+        cells = [f"{100 * row[c]:.1f}" for c in TABLE_COLUMNS]
+        lines.append(f"| {row['pair']} | " + " | ".join(cells) + f" | {ratio:.2f} | {'yes' if met else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pair_matrix", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", nargs="+", choices=sorted(MATRIX_PAIRS), default=list(MATRIX_PAIRS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clone-config", help="JSON of CloneConfig settings (default: CLONE_CONFIG)")
+    parser.add_argument("--out", type=Path, default=Path("results/pair_matrix"))
+    parser.add_argument("--cache", type=Path, default=Path("results/cache"))
+    parser.add_argument("--dump", type=Path, default=None, help="also save every pair's gate evidence here")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    clone_config = {**CLONE_CONFIG, **json.loads(args.clone_config or "{}")}
+    budget = CloneConfig(**clone_config).max_false_positive_rate
+    rows: list[dict[str, Any]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with torch_threads(args.threads):
+        for pair in args.pairs:
+            logger.info("pair %s", pair)
+            rows.append(pair_row(pair, args.seed, args.cache, clone_config, args.dump))
+            document = {"clone_config": clone_config, "rows": rows, "wall_seconds": time.perf_counter() - started}
+            (args.out / "pair_matrix.json").write_text(json.dumps(document, indent=1))
+            (args.out / "pair_matrix.md").write_text(markdown(rows, budget) + "\n")
+    print(markdown(rows, budget))
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
