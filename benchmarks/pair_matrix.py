@@ -12,7 +12,9 @@ images per class of A, and measures on the test split:
   ``acc_k / branch_acc_k``);
 * ``locality``: share of A's test inputs whose answer the patch leaves unchanged, and ``false_positive_rate``
   (share of them sent to a cloned class; with the target's logits untouched the two add up to 1);
-* ``gate_share``: the gate's share of the patched forward's wall time.
+* ``gate_share``: the gate's share of the patched forward's wall time;
+* the same answers with other gates (``--compare``, default the former ``"learned"`` gate) fitted on the same
+  patch and the same evidence.
 
 Images are scikit-learn's digits at 32 px; text models get generated token sentences (:func:`token_sentences`).
 ``--dump DIR`` also saves each pair's gate evidence (clone data, replay set with its shifted copies, test split)
@@ -28,7 +30,8 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,13 +39,14 @@ from torch import nn
 from pnc_surgery.clone import CloneConfig, clone
 from pnc_surgery.data import collect, with_shifted_copies
 from pnc_surgery.datasets import ClassSplit, ImageDataset, class_split, load_digits, select_classes
-from pnc_surgery.gate import gate_evidence
+from pnc_surgery.evidence import GateInputs
+from pnc_surgery.gate import Gate
 from pnc_surgery.patch import Patch
 from pnc_surgery.training import predict_logits, torch_threads
 
 from .models import MATRIX_ARCHS, trained_model
 
-__all__ = ["MATRIX_PAIRS", "CLONE_CONFIG", "token_sentences", "gate_inputs", "pair_row", "main"]
+__all__ = ["CLONE_CONFIG", "MATRIX_PAIRS", "gate_inputs", "gate_outcome", "main", "markdown", "pair_row", "token_sentences"]
 
 logger = logging.getLogger("benchmarks.pair_matrix")
 
@@ -100,14 +104,10 @@ def token_sentences(
 
 
 @torch.no_grad()
-def gate_inputs(patch: Patch, target: nn.Module, data: Any, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """What the gate of ``patch`` sees and answers on ``data`` with the patch attached to ``target``.
-
-    Returns:
-        ``target_logits``, ``branch_logits``, ``pre_logits`` (the gate's inputs), ``logits`` (the patched
-        target's whole output) and ``gate_seconds`` / ``seconds`` (time in the gate, time of the forwards).
-    """
-    captured: dict[str, list[torch.Tensor]] = {"target_logits": [], "branch_logits": [], "pre_logits": []}
+def gate_inputs(patch: Patch, target: nn.Module, data: Any, batch_size: int = 256) -> tuple[GateInputs, float]:
+    """What the gate of ``patch`` sees on ``data`` with the patch attached to ``target``, and the gate's share of
+    the patched forward's wall time."""
+    captured: list[GateInputs] = []
     clock = {"gate": 0.0, "started": 0.0}
 
     def before(_module: nn.Module, _args: tuple) -> None:
@@ -115,42 +115,58 @@ def gate_inputs(patch: Patch, target: nn.Module, data: Any, batch_size: int = 25
 
     def after(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
         clock["gate"] += time.perf_counter() - clock["started"]
-        for key, value in zip(captured, args):
-            captured[key].append(value.detach().float())
+        captured.append(GateInputs(*(value.detach().float() for value in args)))
 
     hooks = [patch.gate.register_forward_pre_hook(before), patch.gate.register_forward_hook(after)]
     try:
         with patch.attached(target):
             start = time.perf_counter()
-            logits = predict_logits(target, data, batch_size=batch_size)
+            predict_logits(target, data, batch_size=batch_size)
             seconds = time.perf_counter() - start
     finally:
         for hook in hooks:
             hook.remove()
-    result = {key: torch.cat(parts) for key, parts in captured.items()}
-    result.update(logits=logits, gate_seconds=torch.tensor(clock["gate"]), seconds=torch.tensor(seconds))
-    return result
+    return GateInputs.cat(captured), clock["gate"] / seconds
 
 
-def _evidence(seen: dict[str, torch.Tensor]) -> torch.Tensor:
-    return gate_evidence(seen["target_logits"], seen["branch_logits"], seen["pre_logits"])
+@torch.no_grad()
+def gate_outcome(gate: Gate, seen: GateInputs, labels: torch.Tensor, num_old: int) -> dict[str, float]:
+    """The patched target's answers on inputs whose gate inputs are ``seen`` (labels in the A then K space)."""
+    predictions = torch.cat([seen.target_logits, gate(*seen).float()], dim=1).argmax(1)
+    is_k = labels >= num_old
+    own = seen.target_logits.argmax(1)
+    return {
+        "pass_rate_k": (predictions[is_k] >= num_old).float().mean().item(),
+        "acc_k": (predictions[is_k] == labels[is_k]).float().mean().item(),
+        "acc_all": (predictions == labels).float().mean().item(),
+        "locality": (predictions[~is_k] == own[~is_k]).float().mean().item(),
+        "false_positive_rate": (predictions[~is_k] >= num_old).float().mean().item(),
+    }
 
 
 def _split(pair: str, seed: int) -> ClassSplit:
-    source_arch, target_arch = MATRIX_PAIRS[pair]
+    source_arch = MATRIX_PAIRS[pair][0]
     text = MATRIX_ARCHS[source_arch].family == "transformers-text"
     train, test = token_sentences(seed=0) if text else load_digits(image_size=IMAGE_SIZE)
     return class_split(train, test, clone_level=1.0, replay_per_class=20, seed=seed)
 
 
 def pair_row(
-    pair: str, seed: int, cache: Path, clone_config: dict[str, Any], dump: Path | None = None, progress: bool = False
+    pair: str, seed: int, cache: Path, clone_config: dict[str, Any], compare: Sequence[str] = ("learned",),
+    dump: Path | None = None, progress: bool = False,
 ) -> dict[str, Any]:
-    """Train (or load) the pair's models, clone, and measure the gate (see the module docstring)."""
+    """Train (or load) the pair's models, clone, and measure the gate (see the module docstring).
+
+    Args:
+        compare: other gate kinds to fit on the same patch and the same evidence (``"learned"``: the former
+            default), reported under ``compare``.
+        dump: folder for the pair's gate inputs (clone data, replay set with shifted copies, test split).
+    """
     source_arch, target_arch = MATRIX_PAIRS[pair]
     split = _split(pair, seed)
     dataset_name = "tokens" if split.test.source == "generated" else "digits"
-    common = dict(dataset_name=dataset_name, image_size=IMAGE_SIZE, steps=MODEL_STEPS, seed=seed, cache_dir=cache, progress=progress)
+    common = {"dataset_name": dataset_name, "image_size": IMAGE_SIZE, "steps": MODEL_STEPS, "seed": seed,
+              "cache_dir": cache, "progress": progress}
     source, _ = trained_model(source_arch, "source", split.source_train, split.source_classes, **common)
     target, _ = trained_model(target_arch, "target", split.target_train, split.target_classes, **common)
     num_old, clone_ids = split.num_old, list(split.clone_source_ids)
@@ -163,35 +179,36 @@ def pair_row(
         seed=seed, progress=progress,
     )
     clone_seconds = time.perf_counter() - start
-    seen = gate_inputs(patch, target, split.test)
-    labels, predictions = split.test.labels, seen["logits"].argmax(1)
-    is_k = labels >= num_old
-    own = seen["target_logits"].argmax(1)
+    seen, gate_share = gate_inputs(patch, target, split.test)
+    labels, is_k = split.test.labels, split.test.labels >= num_old
     row = {
         "pair": pair, "seed": seed, "cut": patch.metrics.get("cut"), "insertion": patch.metrics.get("insertion"),
+        "gate": patch.gate.kind,
         "source_acc_k": (source_k == test_k.labels - num_old).float().mean().item(),
-        "target_acc_a": (own[~is_k] == labels[~is_k]).float().mean().item(),
-        "branch_acc_k": (seen["branch_logits"][is_k].argmax(1) == labels[is_k] - num_old).float().mean().item(),
-        "pass_rate_k": (predictions[is_k] >= num_old).float().mean().item(),
-        "acc_k": (predictions[is_k] == labels[is_k]).float().mean().item(),
-        "acc_all": (predictions == labels).float().mean().item(),
-        "locality": (predictions[~is_k] == own[~is_k]).float().mean().item(),
-        "false_positive_rate": (predictions[~is_k] >= num_old).float().mean().item(),
-        "gate_share": (seen["gate_seconds"] / seen["seconds"]).item(),
+        "target_acc_a": (seen.target_logits[~is_k].argmax(1) == labels[~is_k]).float().mean().item(),
+        "branch_acc_k": (seen.branch_logits[is_k].argmax(1) == labels[is_k] - num_old).float().mean().item(),
+        **gate_outcome(patch.gate, seen, labels, num_old),
+        "gate_share": gate_share,
         "clone_seconds": clone_seconds,
         "gate_fit": {k: v for k, v in patch.metrics.items() if k.startswith("gate")},
+        "compare": {},
     }
-    if dump is not None:
-        dump.mkdir(parents=True, exist_ok=True)
+    if compare or dump is not None:
         replay, sources = with_shifted_copies(collect(split.replay, "replay"))
-        clone_seen = gate_inputs(patch, target, split.clone)
-        replay_seen = gate_inputs(patch, target, split.replay.with_tensors(replay.inputs, replay.labels))
-        torch.save({
-            "positives": _evidence(clone_seen), "positive_groups": split.clone.labels.clone(),
-            "negatives": _evidence(replay_seen), "negative_groups": replay.labels, "negative_sources": sources,
-            "test": _evidence(seen), "test_labels": labels, "num_old": num_old, "num_new": len(clone_ids),
-            "clone_ids": torch.tensor(clone_ids), "row": row,
-        }, dump / f"{pair.replace('->', '__')}_seed{seed}.pt")
+        positives, _ = gate_inputs(patch, target, split.clone)
+        negatives, _ = gate_inputs(patch, target, split.replay.with_tensors(replay.inputs, replay.labels))
+        for kind in compare:
+            gate = Gate.unfitted(kind, num_old, len(clone_ids), seen.pre_logits.shape[1])
+            fit = gate.fit(positives, split.clone.labels, negatives, replay.labels, negative_sources=sources,
+                           max_false_positive_rate=CloneConfig(**clone_config).max_false_positive_rate, seed=seed)
+            row["compare"][kind] = {**gate_outcome(gate, seen, labels, num_old), "gate_fit": fit}
+        if dump is not None:
+            dump.mkdir(parents=True, exist_ok=True)
+            torch.save({
+                "positives": positives._asdict(), "positive_groups": split.clone.labels.clone(),
+                "negatives": negatives._asdict(), "negative_groups": replay.labels, "negative_sources": sources,
+                "test": seen._asdict(), "test_labels": labels, "num_old": num_old, "row": row,
+            }, dump / f"{pair.replace('->', '__')}_seed{seed}.pt")
     return row
 
 
@@ -201,17 +218,25 @@ TABLE_COLUMNS = (
 
 
 def markdown(rows: Sequence[dict[str, Any]], budget: float) -> str:
-    """The pair-matrix table, with whether each pair meets the gate's targets."""
+    """The pair-matrix table (percentages), with whether each pair meets the gate's targets: ``acc_k`` at least
+    0.9x ``branch_acc_k``, locality at least 99%, false positives at most 1.5x the budget. The compared gates'
+    ``acc_k`` / locality follow."""
+    compared = sorted({kind for row in rows for kind in row["compare"]})
     lines = [
-        "| pair | " + " | ".join(TABLE_COLUMNS) + " | acc_k / branch | met |",
-        "|---|" + "---|" * (len(TABLE_COLUMNS) + 2),
+        "| pair | " + " | ".join(TABLE_COLUMNS) + " | acc_k / branch | met | "
+        + "".join(f"{kind} gate: acc_k / locality | " for kind in compared),
+        "|---|" + "---|" * (len(TABLE_COLUMNS) + 2 + len(compared)),
     ]
     for row in rows:
         ratio = row["acc_k"] / max(row["branch_acc_k"], 1e-9)
         met = ratio >= 0.9 and row["locality"] >= 0.99 and row["false_positive_rate"] <= 1.5 * budget
         cells = [f"{100 * row[c]:.1f}" for c in TABLE_COLUMNS]
-        lines.append(f"| {row['pair']} | " + " | ".join(cells) + f" | {ratio:.2f} | {'yes' if met else 'NO'} |")
-    return "\n".join(lines)
+        others = "".join(
+            f"{100 * row['compare'][k]['acc_k']:.1f} / {100 * row['compare'][k]['locality']:.1f} | " if k in row["compare"] else "| "
+            for k in compared
+        )
+        lines.append(f"| {row['pair']} | " + " | ".join(cells) + f" | {ratio:.2f} | {'yes' if met else 'NO'} | " + others)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -222,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path, default=Path("results/pair_matrix"))
     parser.add_argument("--cache", type=Path, default=Path("results/cache"))
     parser.add_argument("--dump", type=Path, default=None, help="also save every pair's gate evidence here")
+    parser.add_argument("--compare", nargs="*", default=["learned"], help="other gate kinds fitted on the same patches")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -233,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     with torch_threads(args.threads):
         for pair in args.pairs:
             logger.info("pair %s", pair)
-            rows.append(pair_row(pair, args.seed, args.cache, clone_config, args.dump))
+            rows.append(pair_row(pair, args.seed, args.cache, clone_config, args.compare, args.dump))
             document = {"clone_config": clone_config, "rows": rows, "wall_seconds": time.perf_counter() - started}
             (args.out / "pair_matrix.json").write_text(json.dumps(document, indent=1))
             (args.out / "pair_matrix.md").write_text(markdown(rows, budget) + "\n")

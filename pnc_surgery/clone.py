@@ -24,6 +24,7 @@ from .backends.base import ModelInputs, image_size, main_tensor
 from .branch import SourceTail
 from .data import Examples, batches, collect, to_view, with_shifted_copies
 from .errors import InvalidInputError, UnsupportedModelError
+from .evidence import GateInputs, patch_gate_inputs
 from .gate import GATE_KINDS
 from .localize import branch_parameters, find_prune_groups, keep_indices, masked, prune, unit_importance
 from .patch import Patch
@@ -74,7 +75,8 @@ class CloneConfig:
     feature_weight: float = 1.0
     """Weight of feature matching (adapter output vs the source's own feature at the cut)."""
     gate: str = "auto"
-    """``"auto"`` (learned with replay data, energy threshold without), ``"learned"``, ``"energy"`` or ``"none"`` (ablation)."""
+    """``"auto"`` (``"novelty"`` with replay data, ``"energy"`` without), or one of ``pnc_surgery.gate.GATE_KINDS``:
+    ``"learned"`` (the former default) and ``"none"`` are ablations."""
     max_false_positive_rate: float = 0.01
     """Share of target-domain inputs the gate may send to a cloned class, estimated from the tail of the
     out-of-fold replay margins (an exponential fit to their top tenth). The estimate is as good as the replay set
@@ -446,7 +448,7 @@ def _clone(
     accuracy, _ = evaluate(winner, rows(winner, held_index), config.temperature, config.feature_weight)
     metrics["heldout_local_accuracy"] = round(accuracy, 4)
 
-    kind = config.gate if config.gate != "auto" else ("learned" if replay is not None else "energy")
+    kind = config.gate if config.gate != "auto" else ("novelty" if replay is not None else "energy")
     patch = Patch.compose(
         source, target, winner.cut, winner.insertion, branch, winner.adapter, kind,
         target_input=target_sample, source_kwargs=config.source_kwargs or None,
@@ -469,8 +471,8 @@ def _clone(
 
 
 @torch.no_grad()
-def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate evidence rows of ``examples`` as the attached patch would see them, and the target's logits."""
+def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool) -> tuple[GateInputs, torch.Tensor]:
+    """What the gate of the attached patch would see for ``examples``, and the target's logits."""
     insertion = patch.config["insertion"]["name"]
     classifiers = patch.config["target"]["classifiers"]
     features, logits, pre_logits = _extract(
@@ -481,8 +483,8 @@ def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: Clone
     context = {k: v for k, v in examples.inputs.items() if k == "attention_mask"} if isinstance(examples.inputs, dict) else {}
     rows = []
     for index in torch.arange(len(logits)).split(256):
-        rows.append(patch.evidence(features[insertion][index], logits[index], pre_logits[index], **{k: v[index] for k, v in context.items()}))
-    return torch.cat(rows), logits
+        rows.append(patch_gate_inputs(patch, features[insertion][index], logits[index], pre_logits[index], **{k: v[index] for k, v in context.items()}))
+    return GateInputs.cat(rows), logits
 
 
 @torch.no_grad()

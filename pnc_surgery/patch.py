@@ -30,7 +30,8 @@ from .backends import ModelInputs, backend_for
 from .backends.base import image_size
 from .branch import SourceTail
 from .errors import InvalidInputError, PatchFormatError, PatchMismatchError, PatchStateError, PncError, UnsupportedModelError
-from .gate import Gate, evidence_width, gate_evidence
+from .evidence import branch_outputs, patch_gate_inputs
+from .gate import Gate
 from .points import Point, classifier_names, eval_mode, resolve_example_input, trace_model
 
 __all__ = ["Patch", "target_fingerprint"]
@@ -166,7 +167,7 @@ class Patch(nn.Module):
         names = list(class_names) if class_names is not None else _class_names(source_backend.class_names(source), classes)
         fingerprint = target_fingerprint(target, insertion, target_input)
         if isinstance(gate, str):
-            gate = Gate(gate, evidence_width(fingerprint["num_classes"], len(classes), fingerprint["pre_logits_width"]))
+            gate = Gate.unfitted(gate, fingerprint["num_classes"], len(classes), fingerprint["pre_logits_width"])
         config = {
             "format_version": files.FORMAT_VERSION,
             "source": {"id": source_backend.identity(source), "architecture": source_backend.architecture(source, **dict(source_kwargs or {}))},
@@ -216,8 +217,7 @@ class Patch(nn.Module):
             format_version=files.FORMAT_VERSION,
             branch=self.branch.spec(),
             adapter=self.adapter.spec(),
-            gate={"kind": self.gate.kind, "num_features": int(self.gate.weight.shape[1]),
-                  "num_components": self.gate.num_components, "num_positive": self.gate.num_positive},
+            gate=self.gate.spec(),
             num_parameters=self.num_parameters,
         )
         return config
@@ -353,7 +353,7 @@ class Patch(nn.Module):
         feature = output.detach()
         self._follow(feature)
         context = {k: v for k, v in state["context"].items()}
-        state["branch_logits"] = self.branch(self.adapter(feature), **context)
+        state["branch_logits"], state["branch_features"] = branch_outputs(self.branch, self.adapter(feature), **context)
 
     def _on_classifier(self, module: nn.Module, args: tuple) -> None:
         if "context" in self._state and args and isinstance(args[0], torch.Tensor):
@@ -379,7 +379,7 @@ class Patch(nn.Module):
         logits = backend.logits(output)
         own = logits[..., : self.config["target"]["num_classes"]].detach()
         pre_logits = self._pre_logits(state, own.shape[0], own)
-        scores = self.gate(own, state["branch_logits"], pre_logits)
+        scores = self.gate(own, state["branch_logits"], pre_logits, state["branch_features"])
         return backend.with_logits(output, torch.cat([logits, scores.to(logits.dtype)], dim=-1))
 
     def _follow(self, feature: torch.Tensor) -> None:
@@ -392,15 +392,7 @@ class Patch(nn.Module):
         self, feature: torch.Tensor, target_logits: torch.Tensor, pre_logits: torch.Tensor, **context: torch.Tensor
     ) -> torch.Tensor:
         """Cloned-class logits from the target's feature at the insertion point, its logits and pre-logits (what the hooks compute)."""
-        branch_logits = self.branch(self.adapter(feature), **context)
-        return self.gate(target_logits, branch_logits, pre_logits)
-
-    def evidence(
-        self, feature: torch.Tensor, target_logits: torch.Tensor, pre_logits: torch.Tensor, **context: torch.Tensor
-    ) -> torch.Tensor:
-        """The gate's evidence rows for a batch (used to fit the gate)."""
-        branch_logits = self.branch(self.adapter(feature), **context)
-        return gate_evidence(target_logits, branch_logits, pre_logits)
+        return self.gate(*patch_gate_inputs(self, feature, target_logits, pre_logits, **context))
 
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -509,8 +501,7 @@ class Patch(nn.Module):
         branch = SourceTail.from_spec(config["branch"], config["source"]["architecture"])
         with torch.device("meta"):  # sizes come from the untrusted config: allocate only what the file holds
             adapter = Adapter.from_spec(config["adapter"])
-            spec = config["gate"]
-            gate = Gate(str(spec["kind"]), int(spec["num_features"]), int(spec["num_components"]), int(spec["num_positive"]))
+            gate = Gate.from_spec(config["gate"])
         patch = cls(branch, adapter, gate, {k: v for k, v in config.items() if k not in ("branch", "adapter", "gate", "num_parameters")})
         _assign(patch, tensors)
         patch._self_test()
