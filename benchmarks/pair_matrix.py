@@ -46,7 +46,8 @@ from pnc_surgery.training import predict_logits, torch_threads
 
 from .models import MATRIX_ARCHS, trained_model
 
-__all__ = ["CLONE_CONFIG", "MATRIX_PAIRS", "gate_inputs", "gate_outcome", "main", "markdown", "pair_row", "token_sentences"]
+__all__ = ["CLONE_CONFIG", "MATRIX_PAIRS", "fit_evidence", "gate_inputs", "gate_outcome", "main", "markdown",
+           "pair_row", "refit_gate", "token_sentences"]
 
 logger = logging.getLogger("benchmarks.pair_matrix")
 
@@ -194,22 +195,38 @@ def pair_row(
         "compare": {},
     }
     if compare or dump is not None:
-        replay, sources = with_shifted_copies(collect(split.replay, "replay"))
-        positives, _ = gate_inputs(patch, target, split.clone)
-        negatives, _ = gate_inputs(patch, target, split.replay.with_tensors(replay.inputs, replay.labels))
+        evidence = fit_evidence(patch, target, split)
+        budget = CloneConfig(**clone_config).max_false_positive_rate
         for kind in compare:
-            gate = Gate.unfitted(kind, num_old, len(clone_ids), seen.pre_logits.shape[1])
-            fit = gate.fit(positives, split.clone.labels, negatives, replay.labels, negative_sources=sources,
-                           max_false_positive_rate=CloneConfig(**clone_config).max_false_positive_rate, seed=seed)
+            gate, fit = refit_gate(kind, evidence, budget, seed)
             row["compare"][kind] = {**gate_outcome(gate, seen, labels, num_old), "gate_fit": fit}
         if dump is not None:
             dump.mkdir(parents=True, exist_ok=True)
             torch.save({
-                "positives": positives._asdict(), "positive_groups": split.clone.labels.clone(),
-                "negatives": negatives._asdict(), "negative_groups": replay.labels, "negative_sources": sources,
+                "evidence": {k: v._asdict() if isinstance(v, GateInputs) else v for k, v in evidence.items()},
                 "test": seen._asdict(), "test_labels": labels, "num_old": num_old, "row": row,
             }, dump / f"{pair.replace('->', '__')}_seed{seed}.pt")
     return row
+
+
+def fit_evidence(patch: Patch, target: nn.Module, split: ClassSplit) -> dict[str, Any]:
+    """What ``clone`` fits its gate on: the gate inputs of the clone data (with their classes) and of the replay
+    set with its shifted copies (with their classes and the replay image each row comes from)."""
+    replay, sources = with_shifted_copies(collect(split.replay, "replay"))
+    positives, _ = gate_inputs(patch, target, split.clone)
+    negatives, _ = gate_inputs(patch, target, split.replay.with_tensors(replay.inputs, replay.labels))
+    groups = torch.as_tensor([split.clone_source_ids.index(int(c)) for c in split.clone.labels])
+    return {"positives": positives, "positive_groups": groups, "negatives": negatives,
+            "negative_groups": replay.labels, "negative_sources": sources}
+
+
+def refit_gate(kind: str, evidence: dict[str, Any], budget: float, seed: int) -> tuple[Gate, dict]:
+    """A gate of ``kind`` fitted on :func:`fit_evidence` with false-positive budget ``budget``, and its fit metrics."""
+    positives: GateInputs = evidence["positives"]
+    gate = Gate.unfitted(kind, positives.target_logits.shape[1], positives.branch_logits.shape[1], positives.pre_logits.shape[1])
+    fit = gate.fit(positives, evidence["positive_groups"], evidence["negatives"], evidence["negative_groups"],
+                   negative_sources=evidence["negative_sources"], max_false_positive_rate=budget, seed=seed)
+    return gate, fit
 
 
 TABLE_COLUMNS = (

@@ -13,9 +13,10 @@ from pnc_surgery.gate import Gate, _tail_quantile, evidence_width, gate_evidence
 
 NUM_OLD, NUM_NEW, PRE_LOGITS, BRANCH_FEATURES = 5, 3, 16, 12
 
-TOLERANCE = 2.0
-"""Out of sample, a gate fitted against 100 replay inputs sends at most ``TOLERANCE`` x its budget of fresh
-target-domain inputs to a cloned class (the budget is a tail quantile estimated from 100 inputs)."""
+TOLERANCE = 3.0
+"""Out of sample, a gate fitted against 100 replay inputs sends on average at most its budget of fresh
+target-domain inputs to a cloned class, and in single fits at most ``TOLERANCE`` x its budget (the budget is a
+tail quantile estimated from 100 inputs)."""
 
 
 def domain(count: int, classes: torch.Tensor, cloned: bool, seed: int) -> tuple[GateInputs, torch.Tensor]:
@@ -66,17 +67,20 @@ def test_evidence_rows_have_the_documented_width() -> None:
     assert gate_evidence(*inputs[:3]).shape == (4, evidence_width(NUM_OLD, NUM_NEW, PRE_LOGITS))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_on_separable_features_the_novelty_gate_passes_the_cloned_classes_within_its_budget(seed: int) -> None:
-    gate, metrics = fitted("novelty", positives=600, negatives=100, seed=seed)
-    assert metrics["gate"] == "novelty" and metrics["gate_components"] == [NUM_NEW, NUM_OLD]
-    assert gate.space_widths == (PRE_LOGITS, BRANCH_FEATURES)
-    fresh_target, _ = target_domain(20000, seed=100 + seed)
-    fresh_cloned, _ = cloned(2000, seed=200 + seed)
-    assert changed_answers(gate, fresh_target).float().mean() <= TOLERANCE * 0.01
-    passed = changed_answers(gate, fresh_cloned).float().mean().item()
-    assert passed >= 0.9
-    assert metrics["gate_positive_rate_heldout"] == pytest.approx(passed, abs=0.05), "the reported rate is what happens"
+def test_on_separable_features_the_novelty_gate_passes_the_cloned_classes_within_its_budget() -> None:
+    fresh_target, _ = target_domain(20000, seed=100)
+    fresh_cloned, _ = cloned(2000, seed=200)
+    false_positives = []
+    for seed in range(10):
+        gate, metrics = fitted("novelty", positives=600, negatives=100, seed=seed)
+        assert metrics["gate"] == "novelty" and metrics["gate_components"] == [NUM_NEW, NUM_OLD]
+        assert gate.space_widths == (PRE_LOGITS, BRANCH_FEATURES)
+        passed = changed_answers(gate, fresh_cloned).float().mean().item()
+        assert passed >= 0.9
+        assert metrics["gate_positive_rate_heldout"] == pytest.approx(passed, abs=0.05), "the reported rate is what happens"
+        false_positives.append(changed_answers(gate, fresh_target).float().mean().item())
+    assert max(false_positives) <= TOLERANCE * 0.01
+    assert sum(false_positives) / len(false_positives) <= 0.01
 
 
 def test_where_no_hyperplane_separates_the_domains_the_novelty_gate_passes_what_the_linear_one_cannot() -> None:
@@ -91,8 +95,10 @@ def test_a_larger_budget_opens_the_gate_wider(kind: str) -> None:
     strict, strict_metrics = fitted(kind, positives=600, negatives=100, budget=0.001)
     loose, loose_metrics = fitted(kind, positives=600, negatives=100, budget=0.2)
     fresh_cloned, _ = cloned(2000, seed=9)
-    assert loose_metrics["gate_positive_rate_heldout"] > strict_metrics["gate_positive_rate_heldout"]
-    assert changed_answers(loose, fresh_cloned).sum() > changed_answers(strict, fresh_cloned).sum()
+    fresh_target, _ = target_domain(5000, seed=10)
+    assert loose_metrics["gate_false_positive_rate_heldout"] > strict_metrics["gate_false_positive_rate_heldout"]
+    assert changed_answers(loose, fresh_target).sum() > changed_answers(strict, fresh_target).sum()
+    assert changed_answers(loose, fresh_cloned).sum() >= changed_answers(strict, fresh_cloned).sum()
 
 
 def test_with_few_rows_against_the_features_the_gate_still_keeps_the_budget() -> None:
