@@ -11,6 +11,7 @@ Writes ``frontier.json``, ``frontier.md`` and ``frontier.png`` to ``--out`` afte
     python -m benchmarks.frontier --out results/frontier
     python -m benchmarks.frontier --pairs "resnet->resnet" --seeds 0 --out results/frontier_quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,19 +24,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pnc_surgery.clone import CloneConfig, clone
-from pnc_surgery.datasets import class_split, select_classes, subsample
-from pnc_surgery.training import predict_logits, torch_threads
 
 from . import report
 from .baselines import BASELINES
+from .datasets import class_split, select_classes, subsample
 from .metrics import accuracy_metrics
 from .models import PAIRS, trained_model
 from .pair_matrix import fit_evidence, gate_inputs, gate_outcome, refit_gate
 from .protocol import Context
 from .run import LOADERS, RunConfig
+from .training import predict_logits, torch_threads
 
 __all__ = ["BUDGETS", "BASELINE_ROWS", "cell_rows", "markdown", "main"]
 
@@ -48,13 +47,27 @@ BASELINE_ROWS = ("finetune", "lwf", "ewc")
 
 
 def cell_rows(
-    config: RunConfig, train: Any, test: Any, pair: str, seed: int, level: float | int, cache: Path,
-    budgets: Sequence[float], progress: bool = False,
+    config: RunConfig,
+    train: Any,
+    test: Any,
+    pair: str,
+    seed: int,
+    level: float | int,
+    cache: Path,
+    budgets: Sequence[float],
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Every row of one (pair, seed) cell: PNC at each budget, the baselines and the oracle."""
     split = class_split(train, test, clone_level=level, replay_per_class=config.replay_per_class, seed=seed)
-    common = {"dataset_name": config.dataset, "image_size": config.image_size, "steps": config.model_steps, "seed": seed,
-              "cache_dir": cache, "train_per_class": config.train_per_class, "progress": progress}
+    common = {
+        "dataset_name": config.dataset,
+        "image_size": config.image_size,
+        "steps": config.model_steps,
+        "seed": seed,
+        "cache_dir": cache,
+        "train_per_class": config.train_per_class,
+        "progress": progress,
+    }
     source_arch, target_arch = PAIRS[pair]
     source, _ = trained_model(source_arch, "source", split.source_train, split.source_classes, **common)
     target, _ = trained_model(target_arch, "target", split.target_train, split.target_classes, **common)
@@ -67,22 +80,51 @@ def cell_rows(
 
     rows = []
     start = time.perf_counter()
-    patch = clone(source, target, split.clone, classes=list(split.clone_source_ids), replay=split.replay,
-                  config=CloneConfig(**config.clone), seed=seed, progress=progress)
+    patch = clone(
+        source,
+        target,
+        split.clone,
+        classes=list(split.clone_source_ids),
+        replay=split.replay,
+        config=CloneConfig(**config.clone),
+        seed=seed,
+        progress=progress,
+    )
     clone_seconds = time.perf_counter() - start
     seen, _ = gate_inputs(patch, target, split.test)
     evidence = fit_evidence(patch, target, split)
     for budget in budgets:
         gate, fit = refit_gate(patch.gate.kind, evidence, budget, seed)
-        rows.append({**base, "method": "pnc", "budget": budget, "gate": gate.kind, "clone_seconds": clone_seconds,
-                     **gate_outcome(gate, seen, labels, num_old), "gate_fit": fit})
+        rows.append(
+            {
+                **base,
+                "method": "pnc",
+                "budget": budget,
+                "gate": gate.kind,
+                "clone_seconds": clone_seconds,
+                **gate_outcome(gate, seen, labels, num_old),
+                "gate_fit": fit,
+            }
+        )
     gate, _ = refit_gate("learned", evidence, CloneConfig().max_false_positive_rate, seed)
-    rows.append({**base, "method": "pnc_learned_gate", "budget": CloneConfig().max_false_positive_rate,
-                 **gate_outcome(gate, seen, labels, num_old)})
+    rows.append(
+        {
+            **base,
+            "method": "pnc_learned_gate",
+            "budget": CloneConfig().max_false_positive_rate,
+            **gate_outcome(gate, seen, labels, num_old),
+        }
+    )
     for name in BASELINE_ROWS:
         ctx = Context(source, copy.deepcopy(target), target, split, config.hyper, seed, progress)
         outcome = BASELINES[name](ctx)
-        rows.append({**base, "method": name, **accuracy_metrics(predict_logits(outcome.model, split.test), labels, num_old, reference)})
+        rows.append(
+            {
+                **base,
+                "method": name,
+                **accuracy_metrics(predict_logits(outcome.model, split.test), labels, num_old, reference),
+            }
+        )
     oracle_logits = predict_logits(oracle, split.test)
     rows.append({**base, "method": "oracle", **accuracy_metrics(oracle_logits, labels, num_old, reference)})
     return rows
@@ -98,8 +140,12 @@ def markdown(document: dict[str, Any]) -> str:
     rows = document["rows"]
     cells = sorted({(r["pair"], r["seed"]) for r in rows if r["method"] == "oracle"})
     done = [r for r in rows if (r["pair"], r["seed"]) in cells]
-    lines = [f"{len(cells)} cells ({', '.join(f'{p} seed {s}' for p, s in cells)})", "",
-             "| method | budget | acc_all | locality | acc_new | acc_old |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"{len(cells)} cells ({', '.join(f'{p} seed {s}' for p, s in cells)})",
+        "",
+        "| method | budget | acc_all | locality | acc_new | acc_old |",
+        "|---|---|---|---|---|---|",
+    ]
     curve = []
     for budget in sorted({r["budget"] for r in done if r["method"] == "pnc"}):
         chosen = [r for r in done if r["method"] == "pnc" and r["budget"] == budget]
@@ -112,19 +158,26 @@ def markdown(document: dict[str, Any]) -> str:
             new = "acc_k" if method.startswith("pnc") else "acc_new"
             summary[method] = (_mean(chosen, "acc_all"), _mean(chosen, "locality"))
             old = "" if method.startswith("pnc") else f"{_mean(chosen, 'acc_old'):.1f}"
-            lines.append(f"| {method} | {chosen[0].get('budget', '')} | {summary[method][0]:.1f} | {summary[method][1]:.2f} "
-                         f"| {_mean(chosen, new):.1f} | {old} |")
+            lines.append(
+                f"| {method} | {chosen[0].get('budget', '')} | {summary[method][0]:.1f} | {summary[method][1]:.2f} "
+                f"| {_mean(chosen, new):.1f} | {old} |"
+            )
     baselines = [summary[m] for m in BASELINE_ROWS if m in summary]
     if curve and baselines:
         best = max(acc for acc, _ in baselines)
         their_locality = sum(loc for _, loc in baselines) / len(baselines)
         local = [acc for _, acc, loc in curve if loc >= 99.0]
         at_theirs = max((acc for _, acc, loc in curve if loc >= their_locality), default=None)
-        lines += ["", f"Best of fine-tuning / LwF / EWC: acc_all {best:.1f}; their mean locality {their_locality:.1f}.",
-                  f"PNC at locality >= 99: acc_all {max(local):.1f} ({max(local) - best:+.1f}; target +3.5)." if local
-                  else "PNC reaches locality >= 99 at no budget.",
-                  f"PNC at locality >= {their_locality:.1f}: acc_all {at_theirs:.1f} ({at_theirs - best:+.1f}; target +5)."
-                  if at_theirs is not None else ""]
+        lines += [
+            "",
+            f"Best of fine-tuning / LwF / EWC: acc_all {best:.1f}; their mean locality {their_locality:.1f}.",
+            f"PNC at locality >= 99: acc_all {max(local):.1f} ({max(local) - best:+.1f}; target +3.5)."
+            if local
+            else "PNC reaches locality >= 99 at no budget.",
+            f"PNC at locality >= {their_locality:.1f}: acc_all {at_theirs:.1f} ({at_theirs - best:+.1f}; target +5)."
+            if at_theirs is not None
+            else "",
+        ]
     return "\n".join(lines)
 
 

@@ -20,8 +20,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from pnc_surgery.backends.timm import create_model
-from pnc_surgery.datasets import ImageDataset, subsample
-from pnc_surgery.training import accuracy, train_classifier
+
+from .datasets import ImageDataset, subsample
+from .training import accuracy, train_classifier
 
 __all__ = ["Arch", "ARCHS", "MATRIX_ARCHS", "PAIRS", "build_model", "head_name", "count_parameters", "trained_model"]
 

@@ -23,14 +23,15 @@ for offline study of gates::
     python -m benchmarks.pair_matrix --out results/pair_matrix
     python -m benchmarks.pair_matrix --pairs "resnet18->mobilenetv3" --dump results/evidence
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,16 +39,26 @@ from torch import nn
 
 from pnc_surgery.clone import CloneConfig, clone
 from pnc_surgery.data import collect, with_shifted_copies
-from pnc_surgery.datasets import ClassSplit, ImageDataset, class_split, load_digits, select_classes
 from pnc_surgery.evidence import GateInputs
 from pnc_surgery.gate import Gate
 from pnc_surgery.patch import Patch
-from pnc_surgery.training import predict_logits, torch_threads
 
+from .datasets import ClassSplit, ImageDataset, class_split, load_digits, select_classes
 from .models import MATRIX_ARCHS, trained_model
+from .training import predict_logits, torch_threads
 
-__all__ = ["CLONE_CONFIG", "MATRIX_PAIRS", "fit_evidence", "gate_inputs", "gate_outcome", "main", "markdown",
-           "pair_row", "refit_gate", "token_sentences"]
+__all__ = [
+    "CLONE_CONFIG",
+    "MATRIX_PAIRS",
+    "fit_evidence",
+    "gate_inputs",
+    "gate_outcome",
+    "main",
+    "markdown",
+    "pair_row",
+    "refit_gate",
+    "token_sentences",
+]
 
 logger = logging.getLogger("benchmarks.pair_matrix")
 
@@ -92,7 +103,9 @@ def token_sentences(
     ids = torch.randint(filler, vocab, (len(labels), length), generator=gen)
     for row, label in enumerate(labels.tolist()):
         other = (label + int(torch.randint(1, num_classes, (), generator=gen))) % num_classes
-        words = torch.cat([8 * label + torch.randint(8, (3,), generator=gen), 8 * other + torch.randint(8, (1,), generator=gen)])
+        words = torch.cat(
+            [8 * label + torch.randint(8, (3,), generator=gen), 8 * other + torch.randint(8, (1,), generator=gen)]
+        )
         ids[row, torch.randperm(length, generator=gen)[:4]] = words
     order = torch.randperm(len(labels), generator=gen)
     ids, labels = ids[order], labels[order]
@@ -101,7 +114,10 @@ def token_sentences(
         index = (labels == value).nonzero().flatten()
         train[index[: 2 * len(index) // 3]] = True
     names = [str(i) for i in range(num_classes)]
-    return (ImageDataset(ids[train], labels[train], "generated", names), ImageDataset(ids[~train], labels[~train], "generated", names))
+    return (
+        ImageDataset(ids[train], labels[train], "generated", names),
+        ImageDataset(ids[~train], labels[~train], "generated", names),
+    )
 
 
 @torch.no_grad()
@@ -153,8 +169,13 @@ def _split(pair: str, seed: int) -> ClassSplit:
 
 
 def pair_row(
-    pair: str, seed: int, cache: Path, clone_config: dict[str, Any], compare: Sequence[str] = ("learned",),
-    dump: Path | None = None, progress: bool = False,
+    pair: str,
+    seed: int,
+    cache: Path,
+    clone_config: dict[str, Any],
+    compare: Sequence[str] = ("learned",),
+    dump: Path | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Train (or load) the pair's models, clone, and measure the gate (see the module docstring).
 
@@ -166,8 +187,14 @@ def pair_row(
     source_arch, target_arch = MATRIX_PAIRS[pair]
     split = _split(pair, seed)
     dataset_name = "tokens" if split.test.source == "generated" else "digits"
-    common = {"dataset_name": dataset_name, "image_size": IMAGE_SIZE, "steps": MODEL_STEPS, "seed": seed,
-              "cache_dir": cache, "progress": progress}
+    common = {
+        "dataset_name": dataset_name,
+        "image_size": IMAGE_SIZE,
+        "steps": MODEL_STEPS,
+        "seed": seed,
+        "cache_dir": cache,
+        "progress": progress,
+    }
     source, _ = trained_model(source_arch, "source", split.source_train, split.source_classes, **common)
     target, _ = trained_model(target_arch, "target", split.target_train, split.target_classes, **common)
     num_old, clone_ids = split.num_old, list(split.clone_source_ids)
@@ -176,14 +203,23 @@ def pair_row(
 
     start = time.perf_counter()
     patch = clone(
-        source, target, split.clone, classes=clone_ids, replay=split.replay, config=CloneConfig(**clone_config),
-        seed=seed, progress=progress,
+        source,
+        target,
+        split.clone,
+        classes=clone_ids,
+        replay=split.replay,
+        config=CloneConfig(**clone_config),
+        seed=seed,
+        progress=progress,
     )
     clone_seconds = time.perf_counter() - start
     seen, gate_share = gate_inputs(patch, target, split.test)
     labels, is_k = split.test.labels, split.test.labels >= num_old
     row = {
-        "pair": pair, "seed": seed, "cut": patch.metrics.get("cut"), "insertion": patch.metrics.get("insertion"),
+        "pair": pair,
+        "seed": seed,
+        "cut": patch.metrics.get("cut"),
+        "insertion": patch.metrics.get("insertion"),
         "gate": patch.gate.kind,
         "source_acc_k": (source_k == test_k.labels - num_old).float().mean().item(),
         "target_acc_a": (seen.target_logits[~is_k].argmax(1) == labels[~is_k]).float().mean().item(),
@@ -202,10 +238,16 @@ def pair_row(
             row["compare"][kind] = {**gate_outcome(gate, seen, labels, num_old), "gate_fit": fit}
         if dump is not None:
             dump.mkdir(parents=True, exist_ok=True)
-            torch.save({
-                "evidence": {k: v._asdict() if isinstance(v, GateInputs) else v for k, v in evidence.items()},
-                "test": seen._asdict(), "test_labels": labels, "num_old": num_old, "row": row,
-            }, dump / f"{pair.replace('->', '__')}_seed{seed}.pt")
+            torch.save(
+                {
+                    "evidence": {k: v._asdict() if isinstance(v, GateInputs) else v for k, v in evidence.items()},
+                    "test": seen._asdict(),
+                    "test_labels": labels,
+                    "num_old": num_old,
+                    "row": row,
+                },
+                dump / f"{pair.replace('->', '__')}_seed{seed}.pt",
+            )
     return row
 
 
@@ -216,21 +258,42 @@ def fit_evidence(patch: Patch, target: nn.Module, split: ClassSplit) -> dict[str
     positives, _ = gate_inputs(patch, target, split.clone)
     negatives, _ = gate_inputs(patch, target, split.replay.with_tensors(replay.inputs, replay.labels))
     groups = torch.as_tensor([split.clone_source_ids.index(int(c)) for c in split.clone.labels])
-    return {"positives": positives, "positive_groups": groups, "negatives": negatives,
-            "negative_groups": replay.labels, "negative_sources": sources}
+    return {
+        "positives": positives,
+        "positive_groups": groups,
+        "negatives": negatives,
+        "negative_groups": replay.labels,
+        "negative_sources": sources,
+    }
 
 
 def refit_gate(kind: str, evidence: dict[str, Any], budget: float, seed: int) -> tuple[Gate, dict]:
     """A gate of ``kind`` fitted on :func:`fit_evidence` with false-positive budget ``budget``, and its fit metrics."""
     positives: GateInputs = evidence["positives"]
-    gate = Gate.unfitted(kind, positives.target_logits.shape[1], positives.branch_logits.shape[1], positives.pre_logits.shape[1])
-    fit = gate.fit(positives, evidence["positive_groups"], evidence["negatives"], evidence["negative_groups"],
-                   negative_sources=evidence["negative_sources"], max_false_positive_rate=budget, seed=seed)
+    gate = Gate.unfitted(
+        kind, positives.target_logits.shape[1], positives.branch_logits.shape[1], positives.pre_logits.shape[1]
+    )
+    fit = gate.fit(
+        positives,
+        evidence["positive_groups"],
+        evidence["negatives"],
+        evidence["negative_groups"],
+        negative_sources=evidence["negative_sources"],
+        max_false_positive_rate=budget,
+        seed=seed,
+    )
     return gate, fit
 
 
 TABLE_COLUMNS = (
-    "source_acc_k", "branch_acc_k", "pass_rate_k", "acc_k", "acc_all", "locality", "false_positive_rate", "gate_share",
+    "source_acc_k",
+    "branch_acc_k",
+    "pass_rate_k",
+    "acc_k",
+    "acc_all",
+    "locality",
+    "false_positive_rate",
+    "gate_share",
 )
 
 
@@ -240,7 +303,9 @@ def markdown(rows: Sequence[dict[str, Any]], budget: float) -> str:
     ``acc_k`` / locality follow."""
     compared = sorted({kind for row in rows for kind in row["compare"]})
     lines = [
-        "| pair | " + " | ".join(TABLE_COLUMNS) + " | acc_k / branch | met | "
+        "| pair | "
+        + " | ".join(TABLE_COLUMNS)
+        + " | acc_k / branch | met | "
         + "".join(f"{kind} gate: acc_k / locality | " for kind in compared),
         "|---|" + "---|" * (len(TABLE_COLUMNS) + 2 + len(compared)),
     ]
@@ -249,10 +314,14 @@ def markdown(rows: Sequence[dict[str, Any]], budget: float) -> str:
         met = ratio >= 0.9 and row["locality"] >= 0.99 and row["false_positive_rate"] <= 1.5 * budget
         cells = [f"{100 * row[c]:.1f}" for c in TABLE_COLUMNS]
         others = "".join(
-            f"{100 * row['compare'][k]['acc_k']:.1f} / {100 * row['compare'][k]['locality']:.1f} | " if k in row["compare"] else "| "
+            f"{100 * row['compare'][k]['acc_k']:.1f} / {100 * row['compare'][k]['locality']:.1f} | "
+            if k in row["compare"]
+            else "| "
             for k in compared
         )
-        lines.append(f"| {row['pair']} | " + " | ".join(cells) + f" | {ratio:.2f} | {'yes' if met else 'NO'} | " + others)
+        lines.append(
+            f"| {row['pair']} | " + " | ".join(cells) + f" | {ratio:.2f} | {'yes' if met else 'NO'} | " + others
+        )
     return "\n".join(line.rstrip() for line in lines)
 
 

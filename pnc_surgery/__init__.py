@@ -3,6 +3,11 @@
 Copy the classes a *source* classifier knows into a *target* classifier as a small patch attached through
 forward hooks; the target's own parameters are never written.
 """
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .branch import SourceTail, capture_features
+from .clone import CloneConfig, clone
 from .errors import (
     InvalidInputError,
     PatchFormatError,
@@ -11,12 +16,13 @@ from .errors import (
     PncError,
     UnsupportedModelError,
 )
-from .branch import SourceTail, capture_features
-from .clone import CloneConfig, clone
 from .patch import Patch
 from .points import Point, find_points
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("pnc_surgery")  # the one version: pyproject.toml's, as installed
+except PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "__version__",

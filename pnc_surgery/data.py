@@ -1,4 +1,4 @@
-"""Clone data: turn what the user passes into tensors, check it before any training starts.
+"""Clone data: turn what the user passes into tensors, and check it against both models before any training.
 
 ``data`` may be a ``Dataset``, a ``DataLoader`` or any iterable of ``(x, y)`` pairs or batches; ``x`` is an
 image tensor or (for text models) a mapping of keyword tensors such as ``input_ids`` and
@@ -13,10 +13,16 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from .backends import ModelInputs
-from .errors import InvalidInputError
+from torch import nn
 
-__all__ = ["Examples", "collect", "batches", "to_view", "with_shifted_copies"]
+from .backends import Backend, ModelInputs
+from .errors import InvalidInputError
+from .tracing import eval_mode
+
+__all__ = [
+    "Examples", "collect", "batches", "to_view", "with_shifted_copies", "runs_on", "check_target_input",
+    "source_view", "select_classes",
+]
 
 
 @dataclass
@@ -147,3 +153,77 @@ def with_shifted_copies(examples: Examples, fraction: float = 1 / 16) -> tuple[E
     ]
     labels = None if examples.labels is None else examples.labels.repeat(5)
     return Examples(torch.cat([inputs, *copies]), labels), sources.repeat(5)
+
+
+def runs_on(model: nn.Module, backend: Backend, inputs: ModelInputs) -> str | None:
+    """``None`` when ``model`` computes logits on ``inputs`` (in the model's call form); else what went wrong."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            call = backend.call_inputs(model, inputs)
+            backend.logits(model(**call) if isinstance(call, Mapping) else model(call))
+    except Exception as exc:  # any failure here means "this model cannot take these inputs"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _shape(inputs: ModelInputs) -> tuple[int, ...]:
+    """Shape (without batch) of the data tensor, for error messages."""
+    return tuple(_first(inputs).shape[1:])
+
+
+def check_target_input(target: nn.Module, backend: Backend, sample: ModelInputs) -> None:
+    """Raise :class:`InvalidInputError` unless the target runs on the clone data as given."""
+    error = runs_on(target, backend, sample)
+    if error:
+        raise InvalidInputError(
+            f"the target ({type(target).__name__}) cannot run on the clone data (inputs of shape {_shape(sample)}): {error}"
+        )
+
+
+def source_view(source: nn.Module, backend: Backend, sample: ModelInputs) -> tuple[int, tuple[int, int]] | None:
+    """How clone images must be resized for the source (``None``: they fit as they are).
+
+    Raises:
+        InvalidInputError: the source runs neither on the data nor on the data resized to the size it expects.
+    """
+    error = runs_on(source, backend, sample)
+    if error is None:
+        return None
+    expected = backend.expected_image(source)
+    if expected is not None and runs_on(source, backend, to_view(sample, *expected)) is None:
+        return expected
+    raise InvalidInputError(
+        f"the source ({type(source).__name__}) cannot run on the clone data (inputs of shape {_shape(sample)}"
+        + (f"; it expects {expected}" if expected else "")
+        + f"): {error}"
+    )
+
+
+def select_classes(labels: torch.Tensor, classes: Sequence[int] | None, num_source_classes: int) -> list[int]:
+    """The source classes to clone, checked against the labels present and the source's class count.
+
+    Args:
+        labels: the clone data's labels (source class ids).
+        classes: what the user asked for (``None``: every class present in ``labels``).
+        num_source_classes: how many classes the source scores.
+
+    Raises:
+        InvalidInputError: labels outside the source, empty or duplicate classes, classes without examples.
+    """
+    bad = labels[(labels < 0) | (labels >= num_source_classes)].unique().tolist()
+    if bad:
+        raise InvalidInputError(f"labels {bad} are not classes of the source, which has {num_source_classes} classes")
+    present = sorted(labels.unique().tolist())
+    chosen = list(present if classes is None else classes)
+    if not chosen:
+        raise InvalidInputError("classes is empty: name at least one source class to clone")
+    if len(set(chosen)) != len(chosen):
+        raise InvalidInputError(f"classes has duplicates: {chosen}")
+    outside = [c for c in chosen if not 0 <= int(c) < num_source_classes]
+    missing = [c for c in chosen if c not in present]
+    if outside or missing:
+        raise InvalidInputError(
+            f"classes {outside or missing} "
+            + ("are not classes of the source" if outside else f"have no examples in data (it has {present})")
+        )
+    return chosen

@@ -5,6 +5,7 @@ logits and the input of its classifier (its pre-logits), and the branch's logits
 classifier (the source's own pre-logits for the cloned classes). :func:`branch_outputs` runs the branch and
 keeps the latter; :func:`patch_gate_inputs` is what the attached patch hands its gate for a batch.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
@@ -28,17 +29,19 @@ class GateInputs(NamedTuple):
     branch_features: torch.Tensor
     """Input of the branch's classifier layers (flattened, concatenated; width 0 where it has none)."""
 
-    def select(self, index: torch.Tensor) -> "GateInputs":
+    def select(self, index: torch.Tensor) -> GateInputs:
         """The rows ``index`` of every part."""
         return GateInputs(*(part[index] for part in self))
 
     @staticmethod
-    def cat(parts: list["GateInputs"]) -> "GateInputs":
+    def cat(parts: list[GateInputs]) -> GateInputs:
         """Rows of several batches, in order."""
         return GateInputs(*(torch.cat(column) for column in zip(*parts)))
 
 
-def branch_outputs(branch: "SourceTail", adapted: torch.Tensor, **context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def branch_outputs(
+    branch: SourceTail, adapted: torch.Tensor, **context: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The branch's logits for an adapted feature, and the input of its classifier layers.
 
     Returns:
@@ -46,7 +49,9 @@ def branch_outputs(branch: "SourceTail", adapted: torch.Tensor, **context: torch
     """
     captured: list[torch.Tensor] = []
     hooks = [
-        branch.model.get_submodule(name).register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(1)))
+        branch.model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args: captured.append(args[0].detach().flatten(1))
+        )
         for name in branch.classifiers
     ]
     try:
@@ -59,7 +64,7 @@ def branch_outputs(branch: "SourceTail", adapted: torch.Tensor, **context: torch
 
 
 def patch_gate_inputs(
-    patch: "Patch", feature: torch.Tensor, target_logits: torch.Tensor, pre_logits: torch.Tensor, **context: torch.Tensor
+    patch: Patch, feature: torch.Tensor, target_logits: torch.Tensor, pre_logits: torch.Tensor, **context: torch.Tensor
 ) -> GateInputs:
     """What ``patch``'s gate sees for a batch, from the target's feature at the insertion point, its logits and
     pre-logits (as the attached patch computes them)."""

@@ -30,6 +30,7 @@ The kinds differ in ``f``:
 The threshold is the ``1 - CALIBRATION * max_false_positive_rate`` quantile of the out-of-fold replay margins,
 extrapolated from their tail (see :func:`_tail_quantile`).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,16 @@ def gate_evidence(target_logits: torch.Tensor, branch_logits: torch.Tensor, pre_
     confidence_t = target_logits.softmax(-1).amax(-1, keepdim=True)
     confidence_b = branch_logits.softmax(-1).amax(-1, keepdim=True)
     return torch.cat(
-        [energy_b - energy_t, energy_t, energy_b, confidence_t, confidence_b, target_logits, branch_logits, pre_logits.float()],
+        [
+            energy_b - energy_t,
+            energy_t,
+            energy_b,
+            confidence_t,
+            confidence_b,
+            target_logits,
+            branch_logits,
+            pre_logits.float(),
+        ],
         dim=-1,
     )
 
@@ -84,14 +94,21 @@ class Gate(nn.Module):
     """
 
     def __init__(
-        self, kind: str, num_features: int, num_components: int = 2, num_positive: int = 1, shrinkage: float = 0.1,
+        self,
+        kind: str,
+        num_features: int,
+        num_components: int = 2,
+        num_positive: int = 1,
+        shrinkage: float = 0.1,
         space_widths: tuple[int, ...] = (0, 0),
     ) -> None:
         super().__init__()
         if kind not in GATE_KINDS:
             raise InvalidInputError(f"gate kind must be one of {GATE_KINDS}, got {kind!r}")
         if not 0 < num_positive < num_components:
-            raise InvalidInputError(f"a gate needs cloned-class and target components, got {num_positive} of {num_components}")
+            raise InvalidInputError(
+                f"a gate needs cloned-class and target components, got {num_positive} of {num_components}"
+            )
         if len(space_widths) != len(SPACES) or min(space_widths) < 0:
             raise InvalidInputError(f"space_widths must be {len(SPACES)} non-negative widths, got {space_widths}")
         self.kind = kind
@@ -102,13 +119,16 @@ class Gate(nn.Module):
         self.register_buffer("mean", torch.zeros(num_features))
         self.register_buffer("std", torch.ones(num_features))
         if kind == "novelty":
-            self._set_spaces({
-                space: (torch.zeros(width, width), torch.zeros(num_components, width))
-                for space, width in zip(SPACES, space_widths) if width
-            })
+            self._set_spaces(
+                {
+                    space: (torch.zeros(width, width), torch.zeros(num_components, width))
+                    for space, width in zip(SPACES, space_widths)
+                    if width
+                }
+            )
 
     @classmethod
-    def unfitted(cls, kind: str, num_old: int, num_new: int, pre_logits_width: int) -> "Gate":
+    def unfitted(cls, kind: str, num_old: int, num_new: int, pre_logits_width: int) -> Gate:
         """A gate of ``kind`` for a target with ``num_old`` classes and pre-logits of ``pre_logits_width``, and
         ``num_new`` cloned classes, to be fitted (:meth:`fit`) before use."""
         return cls(kind, 0 if kind == "novelty" else evidence_width(num_old, num_new, pre_logits_width))
@@ -127,42 +147,64 @@ class Gate(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         """What a patch file records to rebuild the gate (:meth:`from_spec`)."""
-        spec = {"kind": self.kind, "num_features": int(self.weight.shape[1]), "num_components": self.num_components,
-                "num_positive": self.num_positive}
+        spec = {
+            "kind": self.kind,
+            "num_features": int(self.weight.shape[1]),
+            "num_components": self.num_components,
+            "num_positive": self.num_positive,
+        }
         if self.kind == "novelty":
             spec["space_widths"] = list(self.space_widths)
         return spec
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "Gate":
+    def from_spec(cls, spec: dict[str, Any]) -> Gate:
         """An unfitted gate of the recorded kind and sizes (the patch's tensors are loaded into it)."""
         widths = spec.get("space_widths", [0] * len(SPACES))
         numbers = [spec.get(k) for k in ("num_features", "num_components", "num_positive")] + list(widths)
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
             raise InvalidInputError(f"gate spec sizes must be non-negative integers, got {spec}")
-        return cls(str(spec.get("kind")), spec["num_features"], spec["num_components"], spec["num_positive"],
-                   space_widths=tuple(widths))
+        return cls(
+            str(spec.get("kind")),
+            spec["num_features"],
+            spec["num_components"],
+            spec["num_positive"],
+            space_widths=tuple(widths),
+        )
 
     def features(self, inputs: GateInputs) -> torch.Tensor:
         """The discriminant's feature rows for a batch of gate inputs."""
         if self.kind != "novelty":
             return gate_evidence(inputs.target_logits, inputs.branch_logits, inputs.pre_logits)
-        spaces = {space: (self._buffers[f"{space}_precision"], self._buffers[f"{space}_means"])
-                  for space, width in zip(SPACES, self.space_widths) if width}
+        spaces = {
+            space: (self._buffers[f"{space}_precision"], self._buffers[f"{space}_means"])
+            for space, width in zip(SPACES, self.space_widths)
+            if width
+        }
         return _space_features(spaces, inputs, self.num_positive)
 
     def log_odds(self, inputs: GateInputs) -> torch.Tensor:
         """``g(x)`` per input."""
-        return _log_odds(self.features(inputs).to(self.mean.dtype), self.weight, self.bias, self.num_positive, self.mean, self.std)
+        return _log_odds(
+            self.features(inputs).to(self.mean.dtype), self.weight, self.bias, self.num_positive, self.mean, self.std
+        )
 
     def forward(
-        self, target_logits: torch.Tensor, branch_logits: torch.Tensor, pre_logits: torch.Tensor, branch_features: torch.Tensor
+        self,
+        target_logits: torch.Tensor,
+        branch_logits: torch.Tensor,
+        pre_logits: torch.Tensor,
+        branch_features: torch.Tensor,
     ) -> torch.Tensor:
         """Logits of the cloned classes, on the target's scale (see the module docstring)."""
         if self.kind == "none":
             return branch_logits.to(target_logits.dtype)
         g = self.log_odds(GateInputs(target_logits, branch_logits, pre_logits, branch_features))
-        z = target_logits.float().logsumexp(-1, keepdim=True) + g.float().unsqueeze(-1) + branch_logits.float().log_softmax(-1)
+        z = (
+            target_logits.float().logsumexp(-1, keepdim=True)
+            + g.float().unsqueeze(-1)
+            + branch_logits.float().log_softmax(-1)
+        )
         return z.to(target_logits.dtype)
 
     @torch.no_grad()
@@ -211,12 +253,22 @@ class Gate(nn.Module):
         sources, source_of = negative_sources.unique(return_inverse=True)
         neg_fold = (torch.randperm(len(sources), generator=gen) % folds)[source_of]  # copies of one input share a fold
         if self.kind == "novelty":
-            pos_features, neg_features = self._fit_spaces(positives, positive_groups, negatives, negative_groups, pos_fold, neg_fold, folds)
+            pos_features, neg_features = self._fit_spaces(
+                positives, positive_groups, negatives, negative_groups, pos_fold, neg_fold, folds
+            )
         else:
             pos_features, neg_features = self.features(positives), self.features(negatives)
         metrics = self._fit_discriminant(
-            pos_features, positive_groups, neg_features, negative_groups, pos_fold, neg_fold, folds,
-            _confidence_gap(positives), _confidence_gap(negatives), max_false_positive_rate,
+            pos_features,
+            positive_groups,
+            neg_features,
+            negative_groups,
+            pos_fold,
+            neg_fold,
+            folds,
+            _confidence_gap(positives),
+            _confidence_gap(negatives),
+            max_false_positive_rate,
         )
         metrics["locality_protection"] = f"gate fitted against {len(sources)} replay inputs of the target's domain" + (
             f" ({len(negative_groups)} rows with their shifted copies)" if len(negative_groups) > len(sources) else ""
@@ -232,7 +284,9 @@ class Gate(nn.Module):
             self.register_buffer(f"{space}_precision", precision.float())
             self.register_buffer(f"{space}_means", means.float())
 
-    def _load(self, weight: torch.Tensor, bias: torch.Tensor, num_positive: int, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def _load(
+        self, weight: torch.Tensor, bias: torch.Tensor, num_positive: int, mean: torch.Tensor, std: torch.Tensor
+    ) -> None:
         self.weight = nn.Parameter(weight.to(self.weight))
         self.bias = nn.Parameter(bias.to(self.bias))
         self.num_positive = num_positive
@@ -249,19 +303,34 @@ class Gate(nn.Module):
         bias = torch.tensor([float(-4.0 * threshold / spread), 0.0])
         self._load(weight, bias, 1, torch.zeros(positives.shape[1]), torch.ones(positives.shape[1]))
         accepted = (_log_odds(positives, self.weight, self.bias, 1, self.mean, self.std) > 0).float().mean().item()
-        return {"gate": "energy", "gate_positive_rate_clone": accepted, "locality_protection": "one-class threshold on the branch/target energy gap (no replay data)"}
+        return {
+            "gate": "energy",
+            "gate_positive_rate_clone": accepted,
+            "locality_protection": "one-class threshold on the branch/target energy gap (no replay data)",
+        }
 
     def _fit_spaces(
-        self, positives: GateInputs, positive_groups: torch.Tensor, negatives: GateInputs, negative_groups: torch.Tensor,
-        pos_fold: torch.Tensor, neg_fold: torch.Tensor, folds: int,
+        self,
+        positives: GateInputs,
+        positive_groups: torch.Tensor,
+        negatives: GateInputs,
+        negative_groups: torch.Tensor,
+        pos_fold: torch.Tensor,
+        neg_fold: torch.Tensor,
+        folds: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fit the novelty spaces on all rows; return every row's distance features from spaces fitted without its fold."""
+        """Fit the novelty spaces on all rows; return each row's distance features from spaces fitted without its fold."""
         used = [space for space in SPACES if getattr(positives, space).shape[1]]
 
         def spaces_of(p_rows: torch.Tensor, n_rows: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             return {
-                space: _mahalanobis(getattr(positives, space)[p_rows], positive_groups[p_rows],
-                                    getattr(negatives, space)[n_rows], negative_groups[n_rows], self.shrinkage)
+                space: _mahalanobis(
+                    getattr(positives, space)[p_rows],
+                    positive_groups[p_rows],
+                    getattr(negatives, space)[n_rows],
+                    negative_groups[n_rows],
+                    self.shrinkage,
+                )
                 for space in used
             }
 
@@ -273,19 +342,34 @@ class Gate(nn.Module):
             positive_count = len(positive_groups[~p_held].unique())
             pos_features[p_held] = _space_features(spaces, positives.select(p_held), positive_count)
             neg_features[n_held] = _space_features(spaces, negatives.select(n_held), positive_count)
-        self._set_spaces(spaces_of(torch.ones_like(pos_fold, dtype=torch.bool), torch.ones_like(neg_fold, dtype=torch.bool)))
+        self._set_spaces(
+            spaces_of(torch.ones_like(pos_fold, dtype=torch.bool), torch.ones_like(neg_fold, dtype=torch.bool))
+        )
         return pos_features, neg_features
 
     def _fit_discriminant(
-        self, positives: torch.Tensor, positive_groups: torch.Tensor, negatives: torch.Tensor, negative_groups: torch.Tensor,
-        pos_fold: torch.Tensor, neg_fold: torch.Tensor, folds: int, pos_gap: torch.Tensor, neg_gap: torch.Tensor, max_fpr: float,
+        self,
+        positives: torch.Tensor,
+        positive_groups: torch.Tensor,
+        negatives: torch.Tensor,
+        negative_groups: torch.Tensor,
+        pos_fold: torch.Tensor,
+        neg_fold: torch.Tensor,
+        folds: int,
+        pos_gap: torch.Tensor,
+        neg_gap: torch.Tensor,
+        max_fpr: float,
     ) -> dict:
         """The discriminant over feature rows, thresholded on the tail of its out-of-fold replay margins."""
         pos_oof, neg_oof = torch.empty(len(positives)), torch.empty(len(negatives))
         for fold in range(folds):
             p_train, n_train = pos_fold != fold, neg_fold != fold
             fitted = _discriminant(
-                positives[p_train], positive_groups[p_train], negatives[n_train], negative_groups[n_train], self.shrinkage
+                positives[p_train],
+                positive_groups[p_train],
+                negatives[n_train],
+                negative_groups[n_train],
+                self.shrinkage,
             )
             pos_oof[~p_train] = _log_odds(positives[~p_train], *fitted)
             neg_oof[~n_train] = _log_odds(negatives[~n_train], *fitted)
@@ -294,7 +378,9 @@ class Gate(nn.Module):
         # of itself, a moderately open gate still leaves its answer alone.
         pos_margin, neg_margin = pos_oof + pos_gap, neg_oof + neg_gap
         threshold = _tail_quantile(neg_margin, 1.0 - CALIBRATION * max_fpr)
-        weight, bias, num_positive, mean, std = _discriminant(positives, positive_groups, negatives, negative_groups, self.shrinkage)
+        weight, bias, num_positive, mean, std = _discriminant(
+            positives, positive_groups, negatives, negative_groups, self.shrinkage
+        )
         bias[:num_positive] -= threshold
         self._load(weight, bias, num_positive, mean, std)
         return {
@@ -338,7 +424,10 @@ def _group_means(data: torch.Tensor, groups: torch.Tensor, min_size: int) -> tup
 
 
 def _components(
-    positives: torch.Tensor, positive_groups: torch.Tensor, negatives: torch.Tensor, negative_groups: torch.Tensor,
+    positives: torch.Tensor,
+    positive_groups: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_groups: torch.Tensor,
     min_negative_group: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The Gaussian components' means (cloned classes first), the rows' residuals from their component's mean, and
@@ -350,14 +439,19 @@ def _components(
 
 
 def _discriminant(
-    positives: torch.Tensor, positive_groups: torch.Tensor, negatives: torch.Tensor, negative_groups: torch.Tensor,
+    positives: torch.Tensor,
+    positive_groups: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_groups: torch.Tensor,
     shrinkage: float,
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """Linear discriminant components (weight, bias), how many are positive, and the standardisation."""
     data = torch.cat([positives, negatives]).double()
     mean, std = data.mean(0), data.std(0).clamp_min(1e-4)
     standard = (data - mean) / std
-    means, residual, num_positive = _components(standard[: len(positives)], positive_groups, standard[len(positives) :], negative_groups)
+    means, residual, num_positive = _components(
+        standard[: len(positives)], positive_groups, standard[len(positives) :], negative_groups
+    )
     covariance = _shrunk_covariance(residual, shrinkage)
     weight = torch.cholesky_solve(means.T, torch.linalg.cholesky(covariance)).T  # rows: precision @ mean
     bias = -0.5 * (weight * means).sum(-1)
@@ -365,7 +459,10 @@ def _discriminant(
 
 
 def _mahalanobis(
-    positives: torch.Tensor, positive_groups: torch.Tensor, negatives: torch.Tensor, negative_groups: torch.Tensor,
+    positives: torch.Tensor,
+    positive_groups: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_groups: torch.Tensor,
     shrinkage: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One novelty space: the shrunk precision matrix of the within-component residuals, and the components' means."""
@@ -382,7 +479,9 @@ def _space_features(
     for space, (precision, means) in spaces.items():
         x = getattr(inputs, space).float()
         projected = x @ precision
-        squared = (projected * x).sum(-1, keepdim=True) - 2 * projected @ means.T + ((means @ precision) * means).sum(-1)
+        squared = (
+            (projected * x).sum(-1, keepdim=True) - 2 * projected @ means.T + ((means @ precision) * means).sum(-1)
+        )
         squared = squared.clamp_min(1e-6)
         columns += [squared[:, :num_positive].amin(-1).log(), squared[:, num_positive:].amin(-1).log()]
     return torch.stack(columns, dim=-1)
@@ -396,7 +495,12 @@ def _shrunk_covariance(residual: torch.Tensor, shrinkage: float) -> torch.Tensor
 
 
 def _log_odds(
-    evidence: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_positive: int, mean: torch.Tensor, std: torch.Tensor
+    evidence: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_positive: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
 ) -> torch.Tensor:
     """logsumexp of the cloned-class components minus logsumexp of the target's."""
     scores = ((evidence - mean) / std).to(weight.dtype) @ weight.T + bias

@@ -32,7 +32,8 @@ from .branch import SourceTail
 from .errors import InvalidInputError, PatchFormatError, PatchMismatchError, PatchStateError, PncError, UnsupportedModelError
 from .evidence import branch_outputs, patch_gate_inputs
 from .gate import Gate
-from .points import Point, classifier_names, eval_mode, resolve_example_input, trace_model
+from .points import Point, resolve_example_input
+from .tracing import classifier_names, eval_mode, trace_model
 
 __all__ = ["Patch", "target_fingerprint"]
 

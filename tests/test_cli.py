@@ -1,10 +1,10 @@
 """Specification of the ``pnc-surgery`` command line (points, clone, demo; push/info live in test_hub.py)."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image
 
@@ -57,10 +57,28 @@ def test_clone_from_image_folders_writes_a_patch(tmp_path, capsys):
     replay = _image_folder(tmp_path / "replay", {"any": 0})
     config = json.dumps({"max_cuts": 1, "max_insertions": 1, "train_steps": 10})
     argv = [
-        "clone", "--source", "resnet18", "--target", "resnet18",
-        "--source-kwargs", json.dumps(kwargs), "--target-kwargs", json.dumps(kwargs),
-        "--source-checkpoint", str(tmp_path / "source.safetensors"), "--target-checkpoint", str(tmp_path / "target.safetensors"),
-        "--data", str(data), "--replay", str(replay), "--out", str(tmp_path / "patch"), "--config", config, "--no-progress",
+        "clone",
+        "--source",
+        "resnet18",
+        "--target",
+        "resnet18",
+        "--source-kwargs",
+        json.dumps(kwargs),
+        "--target-kwargs",
+        json.dumps(kwargs),
+        "--source-checkpoint",
+        str(tmp_path / "source.safetensors"),
+        "--target-checkpoint",
+        str(tmp_path / "target.safetensors"),
+        "--data",
+        str(data),
+        "--replay",
+        str(replay),
+        "--out",
+        str(tmp_path / "patch"),
+        "--config",
+        config,
+        "--no-progress",
     ]
     assert main(argv) == 0
     assert "saved to" in capsys.readouterr().out
@@ -70,8 +88,22 @@ def test_clone_from_image_folders_writes_a_patch(tmp_path, capsys):
 
 def test_clone_with_a_folder_that_is_not_a_class_is_a_clear_error(tmp_path, capsys):
     data = _image_folder(tmp_path / "data", {"cats": 1})
-    argv = ["clone", "--source", "resnet18", "--target", "resnet18", "--source-kwargs", TINY_RESNET, "--target-kwargs", TINY_RESNET,
-            "--data", str(data), "--out", str(tmp_path / "patch"), "--no-progress"]
+    argv = [
+        "clone",
+        "--source",
+        "resnet18",
+        "--target",
+        "resnet18",
+        "--source-kwargs",
+        TINY_RESNET,
+        "--target-kwargs",
+        TINY_RESNET,
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "patch"),
+        "--no-progress",
+    ]
     assert main(argv) == 2
     assert "'cats'" in capsys.readouterr().err
 

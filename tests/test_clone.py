@@ -10,9 +10,9 @@ from torch.utils.data import TensorDataset
 import pnc_surgery
 from pnc_surgery import CloneConfig, InvalidInputError, clone, find_points
 from pnc_surgery.backends.timm import create_model
-from pnc_surgery.datasets import class_split, load_digits
+from benchmarks.datasets import class_split, load_digits
 from pnc_surgery.demo import DEMO_CLONE_CONFIG, parameter_digest
-from pnc_surgery.training import predict_logits, train_classifier
+from benchmarks.training import predict_logits, train_classifier
 
 FAST = DEMO_CLONE_CONFIG
 

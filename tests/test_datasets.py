@@ -1,4 +1,5 @@
-"""Tests of pnc_surgery.datasets: offline loaders, stratified subsets, and the benchmark's class split."""
+"""Tests of benchmarks.datasets: offline loaders, stratified subsets, and the benchmark's class split."""
+
 import gzip
 import struct
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from pnc_surgery.datasets import (
+from benchmarks.datasets import (
     ImageDataset,
     as_loader,
     class_split,

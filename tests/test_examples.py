@@ -1,4 +1,5 @@
 """Every script in ``examples/`` runs to the end (they are what users copy from)."""
+
 import subprocess
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Specification of the gate: which inputs reach the cloned classes, and how often target-domain inputs do."""
+
 from __future__ import annotations
 
 import math
@@ -77,7 +78,9 @@ def test_on_separable_features_the_novelty_gate_passes_the_cloned_classes_within
         assert gate.space_widths == (PRE_LOGITS, BRANCH_FEATURES)
         passed = changed_answers(gate, fresh_cloned).float().mean().item()
         assert passed >= 0.9
-        assert metrics["gate_positive_rate_heldout"] == pytest.approx(passed, abs=0.05), "the reported rate is what happens"
+        assert metrics["gate_positive_rate_heldout"] == pytest.approx(passed, abs=0.05), (
+            "the reported rate is what happens"
+        )
         false_positives.append(changed_answers(gate, fresh_target).float().mean().item())
     assert max(false_positives) <= TOLERANCE * 0.01
     assert sum(false_positives) / len(false_positives) <= 0.01
@@ -87,7 +90,10 @@ def test_where_no_hyperplane_separates_the_domains_the_novelty_gate_passes_what_
     novelty, _ = fitted("novelty", positives=600, negatives=100)
     linear, _ = fitted("learned", positives=600, negatives=100)
     fresh_cloned, _ = cloned(2000, seed=9)
-    assert changed_answers(novelty, fresh_cloned).float().mean() >= changed_answers(linear, fresh_cloned).float().mean() + 0.2
+    assert (
+        changed_answers(novelty, fresh_cloned).float().mean()
+        >= changed_answers(linear, fresh_cloned).float().mean() + 0.2
+    )
 
 
 @pytest.mark.parametrize("kind", ["novelty", "learned"])
@@ -115,7 +121,12 @@ def test_without_features_to_measure_distances_in_the_novelty_gate_is_the_linear
     no_features = [GateInputs(*x[:2], x.pre_logits[:, :0], x.branch_features[:, :0]) for x in (pos, neg)]
     gate = Gate.unfitted("novelty", NUM_OLD, NUM_NEW, 0)
     assert gate.fit(no_features[0], groups, no_features[1], neg_groups)["gate"] == "learned"
-    assert gate.spec() == {"kind": "learned", "num_features": evidence_width(NUM_OLD, NUM_NEW, 0), "num_components": 8, "num_positive": 3}
+    assert gate.spec() == {
+        "kind": "learned",
+        "num_features": evidence_width(NUM_OLD, NUM_NEW, 0),
+        "num_components": 8,
+        "num_positive": 3,
+    }
 
 
 @pytest.mark.parametrize("kind", ["novelty", "learned"])
@@ -136,7 +147,9 @@ def test_a_gate_without_both_kinds_of_components_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="gate kind"):
         Gate("sigmoid", 10)
     with pytest.raises(InvalidInputError, match="sizes"):
-        Gate.from_spec({"kind": "novelty", "num_features": 4, "num_components": 8, "num_positive": 3, "space_widths": [-1, 2]})
+        Gate.from_spec(
+            {"kind": "novelty", "num_features": 4, "num_components": 8, "num_positive": 3, "space_widths": [-1, 2]}
+        )
 
 
 def test_tail_quantile_is_the_empirical_quantile_inside_the_data() -> None:
@@ -157,10 +170,14 @@ def test_tail_quantile_extrapolates_an_exponential_tail_past_the_largest_value()
 def test_a_fitted_gate_survives_save_and_load(tmp_path, kind: str) -> None:
     """The gate's components (their number, which are the cloned classes', the novelty spaces) are part of the file."""
     torch.manual_seed(0)
-    source = create_model("resnet18", num_classes=NUM_OLD + NUM_NEW, in_chans=1, channels=(8, 8, 16, BRANCH_FEATURES)).eval()
+    source = create_model(
+        "resnet18", num_classes=NUM_OLD + NUM_NEW, in_chans=1, channels=(8, 8, 16, BRANCH_FEATURES)
+    ).eval()
     target = create_model("resnet18", num_classes=NUM_OLD, in_chans=1, channels=(8, 8, 16, PRE_LOGITS)).eval()
     x = torch.randn(6, 1, 32, 32)
-    patch = Patch.assemble(source, target, "layer3", "layer3", [5, 6, 7], source_input=x[:2], target_input=x[:2], gate=kind)
+    patch = Patch.assemble(
+        source, target, "layer3", "layer3", [5, 6, 7], source_input=x[:2], target_input=x[:2], gate=kind
+    )
     pos, pos_groups = cloned(600, seed=0)
     neg, neg_groups = target_domain(100, seed=1)
     assert patch.gate.fit(pos, pos_groups, neg, neg_groups)["gate"] == kind

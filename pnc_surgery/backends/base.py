@@ -113,6 +113,20 @@ class Backend:
         """Size of the token vocabulary for text models."""
         return None
 
+    def call_inputs(self, model: nn.Module, inputs: ModelInputs) -> ModelInputs:
+        """``inputs`` in the form the model is called with: a data tensor as it is (keyword families wrap it)."""
+        return inputs
+
+    def expected_image(self, model: nn.Module) -> tuple[int, tuple[int, int]] | None:
+        """``(channels, (H, W))`` of the images ``model`` expects by its own config; ``None`` for text models."""
+        try:
+            example = main_tensor(self.example_input(model, batch_size=1), self.main_input_name(model))
+        except (UnsupportedModelError, InvalidInputError):
+            return None
+        if example.dim() != 4 or not example.is_floating_point():
+            return None
+        return int(example.shape[1]), (int(example.shape[2]), int(example.shape[3]))
+
     def check_input(self, model: nn.Module, inputs: ModelInputs) -> None:
         """Raise :class:`InvalidInputError` if ``inputs`` cannot be what the model takes (cheap checks only)."""
         if not isinstance(inputs, (torch.Tensor, Mapping)):

@@ -52,6 +52,12 @@ class TransformersBackend(Backend):
             return {main: ids, "attention_mask": mask}
         raise UnsupportedModelError(f"cannot build an example {main!r} for {type(model).__name__}; pass example_input")
 
+    def call_inputs(self, model: nn.Module, inputs: ModelInputs) -> ModelInputs:
+        """transformers models take keywords: a bare data tensor becomes ``{main_input_name: tensor}``."""
+        if isinstance(inputs, torch.Tensor):
+            return {self.main_input_name(model): inputs}
+        return inputs
+
     def check_input(self, model: nn.Module, inputs: ModelInputs) -> None:
         main = self.main_input_name(model)
         if not isinstance(inputs, Mapping):

@@ -3,6 +3,7 @@
 Each command group lives in its own module and registers itself on the parser; this module only wires them
 and turns the library's errors into one-line messages and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
         prog="pnc-surgery",
-        description="Partial Network Cloning: copy classes from a source classifier into a target as a detachable patch.",
+        description="Partial Network Cloning: copy classes of a source classifier into a target as a detachable patch.",
     )
     from .. import __version__
 

@@ -1,4 +1,5 @@
 """Load the models the CLI is pointed at: timm names or local transformers folders."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ from ..files import read_tensors
 __all__ = ["load_model"]
 
 
-def load_model(spec: str, *, pretrained: bool = False, kwargs: str | None = None, checkpoint: str | None = None) -> nn.Module:
+def load_model(
+    spec: str, *, pretrained: bool = False, kwargs: str | None = None, checkpoint: str | None = None
+) -> nn.Module:
     """A model from a timm name (``resnet18``) or a local transformers folder (``config.json`` [+ weights]).
 
     Args:
@@ -34,7 +37,9 @@ def load_model(spec: str, *, pretrained: bool = False, kwargs: str | None = None
         from ..backends.timm import create_model
 
         if spec not in timm.list_models():
-            raise InvalidInputError(f"{spec!r} is neither a timm model name nor a folder with a transformers config.json")
+            raise InvalidInputError(
+                f"{spec!r} is neither a timm model name nor a folder with a transformers config.json"
+            )
         model = create_model(spec, pretrained=pretrained, **extra)
     if checkpoint:
         tensors, _ = read_tensors(checkpoint)

@@ -1,4 +1,5 @@
 """``pnc-surgery points MODEL``: the cut / insertion points of a model, as a table."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("points", help="list where a model can be cut or tapped", description=__doc__)
     parser.add_argument("model", help="a timm model name (e.g. resnet18) or a local transformers model folder")
     parser.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs network)")
-    parser.add_argument("--kwargs", help='timm create_model kwargs as JSON, e.g. \'{"img_size": 64}\'')
+    parser.add_argument("--kwargs", help="timm create_model kwargs as JSON, e.g. '{\"img_size\": 64}'")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=_run)
 
@@ -22,7 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def format_points(points: list) -> str:
     """A fixed-width table of points."""
     rows = [("#", "name", "shape", "layout", "reduction", "width")]
-    rows += [(str(p.index), p.name, "x".join(map(str, p.shape)), p.layout, str(p.reduction or "-"), str(p.width)) for p in points]
+    rows += [
+        (str(p.index), p.name, "x".join(map(str, p.shape)), p.layout, str(p.reduction or "-"), str(p.width))
+        for p in points
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 

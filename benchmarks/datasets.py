@@ -1,4 +1,4 @@
-"""Small offline image datasets and the class-split protocol used by the tests, examples and benchmarks.
+"""Small offline image datasets and the class-split protocol (benchmarks/README.md) of the benchmarks and tests.
 
 Everything here returns :class:`ImageDataset`, a :class:`torch.utils.data.TensorDataset` of float32 images
 ``(C, H, W)`` scaled to roughly zero mean and unit std, and int64 labels, that also records where its images
@@ -14,20 +14,22 @@ Helpers: :func:`select_classes`, :func:`subsample`, :func:`class_split` (the BEN
 :func:`as_loader`/:func:`split_batch`, which let every training and evaluation loop accept a dataset, a
 DataLoader or any iterable of batches.
 """
+
 from __future__ import annotations
 
 import gzip
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 
-from .errors import InvalidInputError
+from pnc_surgery.errors import InvalidInputError
 
 __all__ = [
     "ImageDataset",
@@ -50,7 +52,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _IDX_FILES = {
@@ -83,7 +94,7 @@ class ImageDataset(TensorDataset):
 
     def with_tensors(
         self, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str] | None = None
-    ) -> "ImageDataset":
+    ) -> ImageDataset:
         """A new dataset from the same source (used by the helpers below to keep the metadata)."""
         return ImageDataset(images, labels, self.source, self.class_names if class_names is None else class_names)
 
@@ -124,14 +135,19 @@ def _resize(images: torch.Tensor, image_size: int, chunk: int = 8192) -> torch.T
     x = images.float().unsqueeze(1)
     if x.shape[-2:] == (image_size, image_size):
         return x
-    return torch.cat([
-        F.interpolate(x[i:i + chunk], size=(image_size, image_size), mode="bilinear", align_corners=False)
-        for i in range(0, x.shape[0], chunk)
-    ])
+    return torch.cat(
+        [
+            F.interpolate(x[i : i + chunk], size=(image_size, image_size), mode="bilinear", align_corners=False)
+            for i in range(0, x.shape[0], chunk)
+        ]
+    )
 
 
 def _standardized_splits(
-    splits: Sequence[tuple[torch.Tensor, torch.Tensor]], image_size: int, channels: int, source: str,
+    splits: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    image_size: int,
+    channels: int,
+    source: str,
     class_names: Sequence[str],
 ) -> tuple[ImageDataset, ...]:
     """Resize every split, then standardize all with the first (train) split's mean and std."""
@@ -178,7 +194,7 @@ def _read_idx(path: Path) -> np.ndarray:
     zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
     if zero != 0 or dtype_code != 0x08:
         raise InvalidInputError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -198,9 +214,7 @@ def _idx_splits(folders: Iterable[Path]) -> tuple[Path, dict[str, tuple[np.ndarr
     return None
 
 
-def _torchvision_splits(
-    name: str, root: Path, download: bool
-) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def _torchvision_splits(name: str, root: Path, download: bool) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     import torchvision.datasets  # optional dependency; imported only when the IDX files are missing
 
     cls = getattr(torchvision.datasets, name)
@@ -258,7 +272,7 @@ def load_fashion_mnist(
     Looks for the IDX files in ``root`` (flat, or torchvision's ``FashionMNIST/raw``), or, without ``root``, in
     :data:`DEBIAN_FASHION_MNIST_DIR` (Debian's ``dataset-fashion-mnist``); else asks torchvision, downloading
     into ``root`` (default ``~/.cache/pnc_surgery/datasets``) when ``download``. ``dataset.source`` and the
-    ``pnc_surgery.datasets`` logger say which was used.
+    ``benchmarks.datasets`` logger say which was used.
 
     Returns:
         ``(train, test)``, standardized with the train split's mean and std.
@@ -425,8 +439,12 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def as_loader(
-    data: Dataset | DataLoader | Iterable, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
-    drop_last: bool = False, balanced: bool = False,
+    data: Dataset | DataLoader | Iterable,
+    batch_size: int = 256,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    balanced: bool = False,
 ) -> Iterable:
     """Batches of ``data``: a Dataset is wrapped in a DataLoader, anything else is used as is.
 

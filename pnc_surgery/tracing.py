@@ -1,0 +1,142 @@
+"""Trace a model: one forward with hooks on every module, recording what each module did and in which order.
+
+The rest of the library reads a :class:`Trace` to find cut points, capture features, and find the classifier
+modules whose inputs (pre-logits) carry what the logits of a random-init head hide.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends import Backend, ModelInputs, backend_for
+from .backends.base import call_model
+
+__all__ = ["ModuleCall", "Trace", "classifier_names", "eval_mode", "trace_model"]
+
+
+@dataclass
+class ModuleCall:
+    """What one module did during a traced forward."""
+
+    name: str
+    module: nn.Module
+    pre: int
+    post: int = -1
+    calls: int = 0
+    output: torch.Tensor | None = None
+    output_id: int | None = None
+
+
+@dataclass
+class Trace:
+    """The record of one forward: module calls in order, the output, and the classifier modules."""
+
+    calls: dict[str, ModuleCall]
+    output: Any
+    logits: torch.Tensor
+    classifiers: list[str] = field(default_factory=list)
+    pre_logits: torch.Tensor | None = None
+
+    def completed_before(self, name: str) -> Callable[[ModuleCall], bool]:
+        start = self.calls[name].pre
+        return lambda call: call.post >= 0 and call.post < start
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run in eval mode (BatchNorm statistics move in train mode even under no_grad) and restore each module's mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _single_tensor(output: Any) -> torch.Tensor | None:
+    return output if isinstance(output, torch.Tensor) else None
+
+
+def trace_model(
+    model: nn.Module,
+    inputs: ModelInputs,
+    backend: Backend | None = None,
+    keep: Callable[[str], bool] = lambda name: False,
+    classifiers: tuple[str, ...] | list[str] = (),
+) -> Trace:
+    """Run one forward with hooks on every module and record what each did.
+
+    Args:
+        model: the model (put it in eval mode first).
+        inputs: what to call it with.
+        backend: the model's backend (found if not given).
+        keep: names of modules whose (cloned) tensor outputs to keep.
+        classifiers: names of the classifier modules whose inputs to record as pre-logits.
+
+    Returns:
+        The :class:`Trace`.
+    """
+    backend = backend or backend_for(model)
+    calls: dict[str, ModuleCall] = {}
+    counter = iter(range(10**9))
+    handles = []
+    pre_logits: list[torch.Tensor] = []
+
+    def pre_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            call = calls.get(name)
+            if call is None:
+                calls[name] = ModuleCall(name, module, pre=next(counter))
+            calls[name].calls += 1
+            if name in classifiers and args and isinstance(args[0], torch.Tensor):
+                pre_logits.append(args[0].detach().flatten(1).clone())
+
+        return hook
+
+    def post_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            call = calls[name]
+            if call.post < 0:
+                call.post = next(counter)
+                tensor = _single_tensor(output)
+                call.output_id = id(tensor) if tensor is not None else None
+                if tensor is not None and keep(name):
+                    call.output = tensor.detach().clone()
+            return None
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(pre_hook(name)))
+            handles.append(module.register_forward_hook(post_hook(name)))
+        with torch.no_grad():
+            output = call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logits = backend.logits(output)
+    return Trace(
+        calls=calls,
+        output=output,
+        logits=logits.detach(),
+        classifiers=list(classifiers),
+        pre_logits=torch.cat(pre_logits, dim=1) if pre_logits else None,
+    )
+
+
+def classifier_names(trace: Trace, num_classes: int, after: int) -> list[str]:
+    """Linear / 1x1-conv modules that produce class scores (several for distilled heads)."""
+    names = []
+    for call in trace.calls.values():
+        module = call.module
+        width = getattr(module, "out_features", None) or getattr(module, "out_channels", None)
+        if call.pre > after and width == num_classes and isinstance(module, (nn.Linear, nn.Conv2d)):
+            names.append(call.name)
+    return names
