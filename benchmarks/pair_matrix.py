@@ -335,7 +335,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--dump", type=Path, default=None, help="also save every pair's gate evidence here")
     parser.add_argument("--compare", nargs="*", default=["learned"], help="other gate kinds fitted on the same patches")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", nargs="+", type=Path, help="only print the table of these pair_matrix.json files")
     args = parser.parse_args(argv)
+    if args.report:
+        documents = [json.loads(path.read_text()) for path in args.report]
+        rows = list({row["pair"]: row for document in documents for row in document["rows"]}.values())
+        rows.sort(key=lambda row: list(MATRIX_PAIRS).index(row["pair"]))
+        budget = CloneConfig(**documents[0]["clone_config"]).max_false_positive_rate
+        print(markdown(rows, budget))
+        return rows
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     clone_config = {**CLONE_CONFIG, **json.loads(args.clone_config or "{}")}
     budget = CloneConfig(**clone_config).max_false_positive_rate
