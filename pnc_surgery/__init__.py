@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .branch import SourceTail, capture_features
 from .clone import CloneConfig, clone
 from .errors import (
+    CloneError,
     InvalidInputError,
     PatchFormatError,
     PatchMismatchError,
@@ -16,6 +17,7 @@ from .errors import (
     PncError,
     UnsupportedModelError,
 )
+from .models import load_model
 from .patch import Patch
 from .points import Point, find_points
 
@@ -31,6 +33,7 @@ __all__ = [
     "Patch",
     "Point",
     "find_points",
+    "load_model",
     "SourceTail",
     "capture_features",
     "PncError",
@@ -39,4 +42,5 @@ __all__ = [
     "PatchMismatchError",
     "PatchFormatError",
     "PatchStateError",
+    "CloneError",
 ]

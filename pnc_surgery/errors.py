@@ -12,6 +12,7 @@ __all__ = [
     "PatchFormatError",
     "PatchMismatchError",
     "PatchStateError",
+    "CloneError",
     "PncError",
     "UnsupportedModelError",
 ]
@@ -43,3 +44,7 @@ class PatchStateError(PncError):
 
 class HubTimeoutError(PncError, TimeoutError):
     """The Hugging Face Hub did not answer in time; the message says what was being waited for."""
+
+
+class CloneError(PncError):
+    """``clone()`` could not make a usable patch from valid inputs (its training diverged); the message says why."""

@@ -9,14 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub.errors import HfHubHTTPError
 from safetensors import SafetensorError, safe_open
 
-from ..errors import PatchFormatError, PncError
+from ..errors import PatchFormatError
 from ..hub import push_folder, resolve_patch_folder
 from ..patch.serialization import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config
 
@@ -110,29 +108,21 @@ def _tensor_table(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _push(args: argparse.Namespace) -> int:
-    try:
-        url = push_folder(
-            args.dir,
-            args.repo_id,
-            private=args.private,
-            token=args.token,
-            revision=args.revision,
-            create_pr=args.create_pr,
-            commit_message=args.message,
-        )
-    except (PncError, HfHubHTTPError) as exc:
-        print(f"pnc-surgery push: error: {exc}", file=sys.stderr)
-        return 1
+    url = push_folder(
+        args.dir,
+        args.repo_id,
+        private=args.private,
+        token=args.token,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.message,
+    )
     print(url)
     return 0
 
 
-def _info(args: argparse.Namespace) -> int:
-    try:
-        info = patch_info(resolve_patch_folder(args.patch, revision=args.revision))
-    except PncError as exc:
-        print(f"pnc-surgery info: error: {exc}", file=sys.stderr)
-        return 1
+def _info(args: argparse.Namespace) -> int:  # errors go through cli.errors.report, like every command's
+    info = patch_info(resolve_patch_folder(args.patch, revision=args.revision))
     print(json.dumps(info, indent=2) if args.as_json else _format_info(info))
     return 0
 

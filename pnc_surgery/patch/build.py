@@ -17,7 +17,7 @@ from ..backends import ModelInputs, backend_for
 from ..backends.base import image_size
 from ..branch import SourceTail
 from ..errors import InvalidInputError
-from ..gate import Gate, evidence_width
+from ..gate import Gate
 from ..points import (
     Point,
     classifier_names,
@@ -127,7 +127,7 @@ def from_parts(
         raise InvalidInputError(f"class_names has {len(names)} names for {len(classes)} classes")
     fingerprint = target_fingerprint(target, insertion, target_input)
     if isinstance(gate, str):
-        gate = Gate(gate, evidence_width(fingerprint.num_classes, len(classes), fingerprint.pre_logits_width))
+        gate = Gate.unfitted(gate, fingerprint.num_classes, len(classes), fingerprint.pre_logits_width)
     architecture = check_architecture(
         clean_architecture(source_backend.architecture(source, **dict(source_kwargs or {})))
     )
@@ -149,7 +149,7 @@ def module_specs(branch: SourceTail, adapter: _adapters.Adapter, gate: Gate) -> 
     return {
         "adapter": AdapterSpec.from_dict(adapter.spec()),
         "branch": BranchSpec.from_dict(branch.spec()),
-        "gate": GateSpec(gate.kind, int(gate.weight.shape[1]), gate.num_components, gate.num_positive),  # type: ignore[arg-type]
+        "gate": GateSpec.from_dict(gate.spec()),
     }
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from ..errors import PatchFormatError
+from ..gate import SPACES
 
 __all__ = [
     "FORMAT_VERSION",
@@ -39,7 +40,7 @@ __all__ = [
 
 FORMAT_VERSION = 2
 Layout = Literal["NCHW", "NHWC", "NLC"]
-GateKind = Literal["learned", "energy", "none"]
+GateKind = Literal["novelty", "learned", "energy", "none"]
 Family = Literal["timm", "transformers"]
 
 MAX_CLASSES = 100_000
@@ -529,14 +530,19 @@ class GateSpec:
     num_features: int
     num_components: int = 2
     num_positive: int = 1
+    space_widths: tuple[int, ...] = ()
+    """For ``"novelty"`` gates: the width of each space the gate measures distances in (0: unused)."""
 
     def to_dict(self) -> dict:
-        return {
+        data: dict[str, Any] = {
             "kind": self.kind,
             "num_features": self.num_features,
             "num_components": self.num_components,
             "num_positive": self.num_positive,
         }
+        if self.kind == "novelty":
+            data["space_widths"] = list(self.space_widths)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "gate") -> GateSpec:
@@ -546,7 +552,13 @@ class GateSpec:
             num_features=_int(data.get("num_features"), f"{where}.num_features", 0, MAX_DIM),
             num_components=_int(data.get("num_components", 2), f"{where}.num_components", 2, MAX_CLASSES),
             num_positive=_int(data.get("num_positive", 1), f"{where}.num_positive", 1, MAX_CLASSES),
+            space_widths=tuple(
+                _int(w, f"{where}.space_widths[{i}]", 0, MAX_DIM)
+                for i, w in enumerate(_list(data.get("space_widths", []), f"{where}.space_widths", len(SPACES)))
+            ),
         )
+        if spec.kind == "novelty" and len(spec.space_widths) != len(SPACES):
+            raise _fail(f"{where}.space_widths", f"a novelty gate records {len(SPACES)} widths", spec.space_widths)
         if spec.num_positive >= spec.num_components:
             raise _fail(f"{where}.num_positive", "must be below num_components", spec.num_positive)
         return spec

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..backends import backend_for
 from ..errors import InvalidInputError, PatchMismatchError, PatchStateError
+from ..evidence import branch_outputs
 from .config import PatchConfig
 from .labels import SAVED_ATTR
 
@@ -210,7 +211,9 @@ class Attachment:
                 f"the patch expects {self.feature_shape}"
             )
         feature = self.patch.receive(output.detach())
-        stack[-1]["branch_logits"] = self.patch.branch(self.patch.adapter(feature), **stack[-1]["context"])
+        stack[-1]["branch_logits"], stack[-1]["branch_features"] = branch_outputs(
+            self.patch.branch, self.patch.adapter(feature), **stack[-1]["context"]
+        )
 
     def on_classifier(self, module: nn.Module, args: tuple) -> None:
         stack = self._stack()
@@ -236,7 +239,9 @@ class Attachment:
                 f"the target's classifier input has {pre_logits.shape[1]} features; "
                 f"the patch expects {self.pre_logits_width}"
             )
-        scores = self.patch.gate(self.patch.receive(own), state["branch_logits"], self.patch.receive(pre_logits))
+        scores = self.patch.gate(
+            self.patch.receive(own), state["branch_logits"], self.patch.receive(pre_logits), state["branch_features"]
+        )
         return self.backend.with_logits(output, torch.cat([logits, scores.to(logits.dtype)], dim=-1))
 
     # ------------------------------------------------------------------ copies

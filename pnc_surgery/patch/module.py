@@ -26,7 +26,8 @@ from torch import nn
 from ..backends import ModelInputs
 from ..branch import SourceTail
 from ..errors import InvalidInputError, PatchFormatError, PatchStateError
-from ..gate import Gate, gate_evidence
+from ..evidence import patch_gate_inputs
+from ..gate import Gate
 from ..points import Point
 from . import build, labels, serialization
 from .config import FORMAT_VERSION, PatchConfig
@@ -245,15 +246,7 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         self, feature: torch.Tensor, target_logits: torch.Tensor, pre_logits: torch.Tensor, **context: torch.Tensor
     ) -> torch.Tensor:
         """Cloned-class logits from the target's insertion feature, logits and pre-logits (what the hooks compute)."""
-        branch_logits = self.branch(self.adapter(feature), **context)
-        return self.gate(target_logits, branch_logits, pre_logits)
-
-    def evidence(
-        self, feature: torch.Tensor, target_logits: torch.Tensor, pre_logits: torch.Tensor, **context: torch.Tensor
-    ) -> torch.Tensor:
-        """The gate's evidence rows for a batch (used to fit the gate)."""
-        branch_logits = self.branch(self.adapter(feature), **context)
-        return gate_evidence(target_logits, branch_logits, pre_logits)
+        return self.gate(*patch_gate_inputs(self, feature, target_logits, pre_logits, **context))
 
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:

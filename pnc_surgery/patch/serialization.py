@@ -268,7 +268,7 @@ def _rebuild(patch_class: type[Patch], config: PatchConfig, tensors: dict[str, t
     with torch.device("meta"):  # sizes come from the untrusted config: allocate only what the file holds
         adapter = _adapters.Adapter.from_spec(config.adapter.to_dict())
         spec = config.gate
-        gate = Gate(spec.kind, spec.num_features, spec.num_components, spec.num_positive)
+        gate = Gate.from_spec(spec.to_dict())
     patch = patch_class(branch, adapter, gate, config)
     _assign(patch, tensors)
     if config.tensors_sha256 is not None and tensors_digest(tensors) != config.tensors_sha256:
