@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pnc_surgery.training import logits_of, train_classifier
-
 from .metrics import safetensors_bytes
 from .models import count_parameters, head_name
 from .protocol import Context, Method, Outcome, grow_head
+from .training import logits_of, train_classifier
 
 __all__ = ["BASELINES", "finetune", "lwf", "ewc", "lora", "ensemble", "Ensemble"]
 

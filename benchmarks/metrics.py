@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from pnc_surgery.training import logits_of
+from .training import logits_of
 
 __all__ = [
     "snapshot",

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pnc_surgery.datasets import ClassSplit, ImageDataset
+from .datasets import ClassSplit, ImageDataset
 
 __all__ = ["Hyper", "Context", "Outcome", "Method", "grow_head"]
 

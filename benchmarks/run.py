@@ -26,16 +26,23 @@ from typing import Any, Sequence
 
 import torch
 
-from pnc_surgery.datasets import ClassSplit, ImageDataset, class_split, load_digits, load_fashion_mnist, load_mnist
-from pnc_surgery.datasets import select_classes, subsample
-from pnc_surgery.training import accuracy, predict_logits, torch_threads
-
 from . import report
 from .baselines import BASELINES, Ensemble
 from .cloning import pnc_methods
+from .datasets import (
+    ClassSplit,
+    ImageDataset,
+    class_split,
+    load_digits,
+    load_fashion_mnist,
+    load_mnist,
+    select_classes,
+    subsample,
+)
 from .metrics import accuracy_metrics, count_changed, max_abs_diff, median_latencies, safetensors_bytes, snapshot
 from .models import PAIRS, count_parameters, trained_model
 from .protocol import Context, Hyper, Method
+from .training import accuracy, predict_logits, torch_threads
 
 __all__ = ["RunConfig", "SMOKE", "run", "main"]
 

@@ -27,8 +27,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pnc_surgery.datasets import class_split, subsample
-
+from .datasets import class_split, subsample
 from .models import PAIRS, head_name, trained_model
 from .run import LOADERS, RunConfig
 

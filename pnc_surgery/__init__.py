@@ -3,7 +3,13 @@
 Copy the classes a *source* classifier knows into a *target* classifier as a small patch attached through
 forward hooks; the target's own parameters are never written.
 """
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .branch import SourceTail, capture_features
+from .clone import CloneConfig, clone
 from .errors import (
+    CloneError,
     InvalidInputError,
     PatchFormatError,
     PatchMismatchError,
@@ -11,12 +17,14 @@ from .errors import (
     PncError,
     UnsupportedModelError,
 )
-from .branch import SourceTail, capture_features
-from .clone import CloneConfig, clone
+from .models import load_model
 from .patch import Patch
 from .points import Point, find_points
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("pnc_surgery")  # the one version: pyproject.toml's, as installed
+except PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "__version__",
@@ -25,6 +33,7 @@ __all__ = [
     "Patch",
     "Point",
     "find_points",
+    "load_model",
     "SourceTail",
     "capture_features",
     "PncError",
@@ -33,4 +42,5 @@ __all__ = [
     "PatchMismatchError",
     "PatchFormatError",
     "PatchStateError",
+    "CloneError",
 ]

@@ -122,6 +122,7 @@ class SourceTail(nn.Module):
         super().__init__()
         self.model = model.eval()
         self.family = str(spec["family"])
+        self.backend = backend_named(self.family)
         self.cut = str(spec["cut"])
         self.cut_shape = tuple(int(s) for s in spec["cut_shape"])
         self.main_input_name = str(spec["main_input_name"])
@@ -318,7 +319,9 @@ class SourceTail(nn.Module):
         self.live.feature = feature
         try:
             dummy = self._dummy_input(feature)
-            inputs: ModelInputs = {self.main_input_name: dummy, **context} if self.family == "transformers" else dummy
+            inputs = self.backend.call_inputs(self.model, dummy)
+            if context:
+                inputs = {**inputs, **context}
             return logits_of(call_model(self.model, inputs))
         finally:
             self.live.feature = None

@@ -1,11 +1,15 @@
-"""``clone(source, target, data)``: Partial Network Cloning, end to end.
+"""``clone(source, target, data)``: Partial Network Cloning, end to end, as stages over one :class:`CloneRun`.
 
-1. Check the inputs (models, data, classes) before any training.
-2. Find the source's cut points and the target's insertion points; precompute features at the candidates.
-3. Search (cut, insertion) pairs jointly with successive halving (:mod:`pnc_surgery.search`).
-4. Localize: prune the winning branch to what the cloned classes need (:mod:`pnc_surgery.localize`).
-5. Train adapter and branch: feature matching to the source, distillation of its cloned-class logits.
-6. Fit the gate for locality (:mod:`pnc_surgery.gate`) and package everything as a :class:`Patch`.
+0. Check the inputs (models, data, classes) before any training (:mod:`pnc_surgery.data`).
+1. ``prepare``: find the source's cut points and the target's insertion points; extract features at the candidates
+   once; start an adapter for every compatible pair.
+2. ``search``: rank (cut, insertion) pairs jointly with successive halving (:mod:`pnc_surgery.search`).
+3. ``localize``: prune the winning branch to what the cloned classes need (:mod:`pnc_surgery.localize`).
+4. ``train``: adapter and branch, by feature matching to the source and distillation of its cloned-class logits.
+5. ``fit_gate``: the gate that keeps the target's answers (:mod:`pnc_surgery.gate`).
+6. ``package``: everything as a :class:`Patch` with the run's metrics.
+
+Each stage reads the run state, sets what it produces on it, and returns its metrics.
 """
 from __future__ import annotations
 
@@ -16,28 +20,66 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .adapters import Adapter, feature_spec
-from .backends import backend_for
-from .backends.base import ModelInputs, image_size, main_tensor
+from .adapters import Adapter, FeatureSpec, feature_spec
+from .backends import Backend, backend_for
+from .backends.base import ModelInputs, image_size
 from .branch import SourceTail
-from .data import Examples, batches, collect, to_view, with_shifted_copies
-from .errors import InvalidInputError, UnsupportedModelError
+from .data import (
+    Examples, batches, check_replay, check_target_input, collect, select_classes, source_view, to_view,
+    short, with_shifted_copies,
+)
+from .errors import CloneError, InvalidInputError, UnsupportedModelError
+from .evidence import GateInputs, patch_gate_inputs
 from .gate import GATE_KINDS
-from .localize import branch_parameters, find_prune_groups, keep_indices, masked, prune, unit_importance
+from .localize import branch_parameters, local_accuracy, localize
 from .patch import Patch
 from .points import Point, find_points
 from .search import Candidate, FitData, evaluate, spread_points, successive_halving, train_candidate
 from .tracing import classifier_names, eval_mode, trace_model
 
-__all__ = ["CloneConfig", "clone", "expected_image"]
+__all__ = ["BUDGETS", "Budget", "CloneConfig", "CloneRun", "clone"]
+
+
+MIN_EVAL_STEPS = 10
+"""The final training scores its held-out data every pass over the data, but never more often than this."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much work one :data:`BUDGETS` level spends, in passes over the clone data (so it scales with the data).
+
+    Attributes:
+        search_epochs: training of each surviving pair in the search's first round (doubled each later round).
+        survivors: pairs that round zero (every pair scored untrained, from its least-squares start) keeps.
+        train_epochs: most passes of the final training (it stops early when held-out accuracy stalls).
+        patience: held-out evaluations (one a pass) without improvement before the final training stops.
+    """
+
+    search_epochs: float
+    survivors: int
+    train_epochs: float
+    patience: int
+
+
+BUDGETS: dict[str, Budget] = {
+    "fast": Budget(search_epochs=1, survivors=2, train_epochs=10, patience=2),
+    "default": Budget(search_epochs=2, survivors=3, train_epochs=30, patience=4),
+    "thorough": Budget(search_epochs=6, survivors=6, train_epochs=100, patience=8),
+}
+"""The levels of ``CloneConfig.budget``."""
 
 
 @dataclass
 class CloneConfig:
     """How :func:`clone` spends its budget. Defaults suit tens to hundreds of images per class on a CPU."""
 
+    budget: str = "default"
+    """Overall effort, one of :data:`BUDGETS` (``"fast"``, ``"default"``, ``"thorough"``): how long the search trains
+    each pair, how many pairs survive its first look, and how long the final training may run. ``search_steps`` and
+    ``train_steps``, when set, override it."""
     search_positions: bool = True
     """Search (cut, insertion) pairs jointly; ``False`` cuts at the source's last stage and inserts at the target's (ablation)."""
     max_cuts: int = 3
@@ -48,8 +90,14 @@ class CloneConfig:
     """Force this source cut point (a module name from ``find_points``)."""
     insertion: str | None = None
     """Force this target insertion point."""
-    search_steps: int = 30
-    """Adapter training steps per pair in the first search round (doubled each round for the survivors)."""
+    search_steps: int | None = None
+    """Adapter training steps per pair in the first search round (doubled each round for the survivors); ``None``:
+    from ``budget`` and the data size."""
+    cost_weight: float = 0.02
+    """What the search gives up for a cheaper patch: a pair's score is its held-out local accuracy (less 0.01 times
+    its held-out loss) less ``cost_weight`` times its cost, the share of the source its branch copies (mean of the
+    parameter share and the FLOP share). At 0.02 a branch that copies the whole source must be 2 points more
+    accurate than one that copies none of it; ``0`` ranks by accuracy alone."""
     localize: bool = True
     """Prune the branch to what the cloned classes need; ``False`` keeps the full source tail (ablation)."""
     keep_ratio: float | None = None
@@ -60,8 +108,9 @@ class CloneConfig:
     """Local accuracy (on the clone data) that pruning may cost."""
     adapter_hidden: int = 64
     """Width of the adapter's residual bottleneck (0: a single 1x1 projection)."""
-    train_steps: int = 400
-    """Final training steps of the adapter (and branch)."""
+    train_steps: int | None = None
+    """Most final training steps of the adapter (and branch); ``None``: from ``budget`` and the data size. The
+    training stops earlier when held-out local accuracy stops improving."""
     finetune_branch: bool = True
     """Also fine-tune the (pruned) branch in the final training, by distillation from the source."""
     lr: float = 3e-3
@@ -75,17 +124,17 @@ class CloneConfig:
     feature_weight: float = 1.0
     """Weight of feature matching (adapter output vs the source's own feature at the cut)."""
     gate: str = "auto"
-    """``"auto"`` (learned with replay data, energy threshold without), ``"learned"``, ``"energy"`` or ``"none"`` (ablation)."""
+    """``"auto"`` (``"novelty"`` with replay data, ``"energy"`` without), or one of ``pnc_surgery.gate.GATE_KINDS``:
+    ``"learned"`` (the former default) and ``"none"`` are ablations."""
     max_false_positive_rate: float = 0.01
-    """Share of target-domain inputs the gate may send to a cloned class, estimated from the tail of the
-    out-of-fold replay margins (an exponential fit to their top tenth). The estimate is as good as the replay set
-    is large: with 100 replay images, on Fashion-MNIST, 0.01 changed 1.0% of the target's answers on average and
-    0.2-3.3% in single runs. Lower it for more locality, raise it for more new-class accuracy."""
+    """Share of target-domain inputs the gate may send to a cloned class. The gate aims at half of it
+    (``pnc_surgery.gate.CALIBRATION``), from the tail of its out-of-fold replay margins: a quantile estimated from
+    a hundred replay images misses by up to a factor of two in single runs. Lower it for more locality, raise it
+    for more new-class accuracy (the README's frontier shows the trade-off)."""
     shift_replay: bool = True
     """Also calibrate the gate on copies of the replay images shifted by 1/16 of their size: the target has usually
     trained on its replay images and is surer of them than of new inputs, so a gate calibrated on them alone lets
-    more new target-domain inputs through than its budget (measured on digits, 6 seeds: locality 97.4% without,
-    99.3% with; new-class accuracy 76% without, 70% with)."""
+    more new target-domain inputs through than its budget."""
     heldout_fraction: float = 0.2
     """Share of the clone data kept out of training to score the search and report accuracy."""
     feature_batch_size: int = 128
@@ -97,79 +146,63 @@ class CloneConfig:
     """timm ``create_model`` kwargs of the source when they cannot be inferred (see ``backends.timm.create_model``)."""
 
     def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            raise InvalidInputError(f"budget must be one of {sorted(BUDGETS)}, got {self.budget!r}")
         if self.gate not in ("auto", *GATE_KINDS):
             raise InvalidInputError(f"gate must be 'auto' or one of {GATE_KINDS}, got {self.gate!r}")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise InvalidInputError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if not 0 < self.max_false_positive_rate < 1:
-            raise InvalidInputError(f"max_false_positive_rate must be in (0, 1), got {self.max_false_positive_rate}")
-        if not 0 < self.heldout_fraction < 1:
-            raise InvalidInputError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.feature_memory_gb <= 0:
-            raise InvalidInputError(f"feature_memory_gb must be positive, got {self.feature_memory_gb}")
-        for name in ("max_cuts", "max_insertions", "batch_size", "train_steps", "search_steps"):
-            if getattr(self, name) < 1:
-                raise InvalidInputError(f"{name} must be at least 1")
+        for name in ("search_positions", "localize", "finetune_branch", "shift_replay"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("cut", "insertion"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidInputError(f"{name} must be a module name or None, got {getattr(self, name)!r}")
+        if not isinstance(self.source_kwargs, dict):
+            raise InvalidInputError(f"source_kwargs must be a dict, got {type(self.source_kwargs).__name__}")
+        for name, minimum in _INT_FIELDS.items():
+            value = getattr(self, name)
+            if value is None and name in ("search_steps", "train_steps"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise InvalidInputError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+        for name, (low, high, closed_low, closed_high) in _REAL_FIELDS.items():
+            _check_real(name, getattr(self, name), low, high, closed_low, closed_high)
+        if self.keep_ratio is not None:
+            _check_real("keep_ratio", self.keep_ratio, 0, 1, False, True)
+        if not isinstance(self.keep_ratios, (tuple, list)) or not self.keep_ratios:
+            raise InvalidInputError(f"keep_ratios must be a non-empty sequence of ratios, got {self.keep_ratios!r}")
+        for ratio in self.keep_ratios:
+            _check_real("keep_ratios", ratio, 0, 1, False, True)
 
 
-def _num_classes(model: nn.Module, inputs: ModelInputs) -> int:
-    backend = backend_for(model)
-    count = backend.num_classes(model)
-    if count is None:
-        with eval_mode(model):
-            count = int(trace_model(model, inputs, backend).logits.shape[-1])
-    return count
+_INT_FIELDS = {
+    "max_cuts": 1, "max_insertions": 1, "search_steps": 1, "train_steps": 1, "batch_size": 1, "adapter_hidden": 0,
+    "feature_batch_size": 1,
+}
+"""Integer fields of :class:`CloneConfig` and their smallest value."""
+
+_REAL_FIELDS = {
+    "lr": (0.0, math.inf, False, False),
+    "branch_lr": (0.0, math.inf, True, False),
+    "temperature": (0.0, math.inf, False, False),
+    "feature_weight": (0.0, math.inf, True, False),
+    "cost_weight": (0.0, math.inf, True, False),
+    "accuracy_tolerance": (0.0, 1.0, True, True),
+    "max_false_positive_rate": (0.0, 1.0, False, False),
+    "heldout_fraction": (0.0, 1.0, False, False),
+    "feature_memory_gb": (0.0, math.inf, False, False),
+}
+"""Real fields of :class:`CloneConfig`: ``(low, high, low allowed, high allowed)``; all must be finite."""
 
 
-def expected_image(model: nn.Module) -> tuple[int, tuple[int, int]] | None:
-    """``(channels, (H, W))`` of the images ``model`` expects by its own config; ``None`` for text models."""
-    backend = backend_for(model)
-    try:
-        example = main_tensor(backend.example_input(model, batch_size=1), backend.main_input_name(model))
-    except (UnsupportedModelError, InvalidInputError):
-        return None
-    if example.dim() != 4 or not example.is_floating_point():
-        return None
-    return int(example.shape[1]), (int(example.shape[2]), int(example.shape[3]))
-
-
-def _call_inputs(model: nn.Module, inputs: ModelInputs) -> ModelInputs:
-    """Data inputs in the form the model is called with (transformers take keywords)."""
-    backend = backend_for(model)
-    if backend.family == "transformers" and isinstance(inputs, torch.Tensor):
-        return {backend.main_input_name(model): inputs}
-    return inputs
-
-
-def _runs_on(model: nn.Module, inputs: ModelInputs) -> str | None:
-    try:
-        with eval_mode(model), torch.no_grad():
-            backend = backend_for(model)
-            backend.logits(model(**inputs) if isinstance(inputs, dict) else model(inputs))
-    except Exception as exc:  # any failure here means "this model cannot take these inputs"
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def _input_shape(inputs: ModelInputs) -> tuple[int, ...]:
-    """Shape (without batch) of the data tensor, for error messages."""
-    first = inputs if isinstance(inputs, torch.Tensor) else next(iter(inputs.values()))
-    return tuple(first.shape[1:])
-
-
-def _source_view(source: nn.Module, sample: ModelInputs) -> tuple[int, tuple[int, int]] | None:
-    """How clone images must be resized for the source (``None``: they fit as they are)."""
-    if _runs_on(source, _call_inputs(source, sample)) is None:
-        return None
-    expected = expected_image(source)
-    if expected is not None and _runs_on(source, _call_inputs(source, to_view(sample, *expected))) is None:
-        return expected
-    shape = _input_shape(sample)
-    raise InvalidInputError(
-        f"the source ({type(source).__name__}) cannot run on the clone data (inputs of shape {shape}"
-        + (f"; it expects {expected}" if expected else "")
-        + f"): {_runs_on(source, _call_inputs(source, sample))}"
-    )
+def _check_real(name: str, value: Any, low: float, high: float, closed_low: bool, closed_high: bool) -> None:
+    """Raise :class:`InvalidInputError` unless ``value`` is a finite real number in the given interval."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+    above = value >= low if closed_low else value > low
+    below = value <= high if closed_high else value < high
+    if not (above and below):
+        interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+        raise InvalidInputError(f"{name} must be in {interval}, got {value!r}")
 
 
 @torch.no_grad()
@@ -182,16 +215,17 @@ def _extract(
     desc: str,
     progress: bool,
     classifiers: Sequence[str] = (),
+    backend: Backend | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """Features at ``names``, logits and (with ``classifiers``) pre-logits for every example (eval mode, batched)."""
-    backend = backend_for(model)
+    backend = backend or backend_for(model)
     wanted = set(names)
     features: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     logits, pre_logits = [], []
     total = (len(examples) + batch_size - 1) // batch_size
     with eval_mode(model):
         for batch in tqdm(batches(examples, batch_size), total=total, desc=desc, disable=not progress, leave=False):
-            inputs = _call_inputs(model, to_view(batch.inputs, *view) if view else batch.inputs)
+            inputs = backend.call_inputs(model, to_view(batch.inputs, *view) if view else batch.inputs)
             trace = trace_model(model, inputs, backend, keep=wanted.__contains__, classifiers=classifiers)
             for name in names:
                 features[name].append(trace.calls[name].output)
@@ -205,12 +239,13 @@ def _extract(
     )
 
 
-def _with_blocks_after(model: nn.Module, points: list[Point], inputs: ModelInputs, min_share: float = 0.02) -> list[Point]:
+def _with_blocks_after(
+    model: nn.Module, backend: Backend, points: list[Point], inputs: ModelInputs, min_share: float = 0.02
+) -> list[Point]:
     """Points that leave source blocks in the branch: a cut after the last block would clone only head rows.
 
     A tail must hold at least ``min_share`` of the model's parameters besides the classifier.
     """
-    backend = backend_for(model)
     with eval_mode(model):
         trace = trace_model(model, inputs, backend)
     head = set(classifier_names(trace, int(trace.logits.shape[-1]), after=-1))
@@ -260,6 +295,68 @@ def _stratified_split(labels: torch.Tensor, fraction: float, generator: torch.Ge
     return torch.cat(fit).sort().values, torch.cat(held).sort().values
 
 
+@dataclass
+class CloneRun:
+    """The state one :func:`clone` call passes from stage to stage.
+
+    The checked inputs come first; each stage fills in what it produces (features, candidates, the winner).
+    """
+
+    source: nn.Module
+    target: nn.Module
+    source_backend: Backend
+    target_backend: Backend
+    examples: Examples
+    """Clone data of the cloned classes only, in the target's input format."""
+    labels: torch.Tensor
+    """Label of each example as an index into ``classes``."""
+    classes: list[int]
+    replay: Examples | None
+    view: tuple[int, tuple[int, int]] | None
+    """How images are resized for the source (``None``: as they are)."""
+    source_sample: ModelInputs
+    target_sample: ModelInputs
+    config: CloneConfig
+    generator: torch.Generator
+    progress: bool
+    target_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    source_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher: torch.Tensor | None = None
+    """The source's logits of the cloned classes on every example."""
+    context: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Keyword inputs the branch needs besides the feature (``attention_mask``)."""
+    fit_index: torch.Tensor | None = None
+    held_index: torch.Tensor | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    winner: Candidate | None = None
+    ranking: list[dict] = field(default_factory=list)
+
+    def rows(self, candidate: Candidate, index: torch.Tensor) -> FitData:
+        """Training rows of ``candidate`` (its insertion's and cut's features) for the examples in ``index``."""
+        assert self.teacher is not None, "prepare() first"
+        return FitData(
+            self.target_features[candidate.insertion.name][index],
+            self.source_features[candidate.cut.name][index],
+            self.teacher[index],
+            self.labels[index],
+            {k: v[index] for k, v in self.context.items()},
+        )
+
+    @property
+    def budget(self) -> Budget:
+        return BUDGETS[self.config.budget]
+
+    def epoch_steps(self, epochs: float) -> int:
+        """Mini-batch steps for ``epochs`` passes over the training part of the clone data."""
+        assert self.fit_index is not None, "prepare() first"
+        return max(1, math.ceil(epochs * len(self.fit_index) / self.config.batch_size))
+
+    def train_kwargs(self) -> dict[str, Any]:
+        """The loss and optimiser settings every adapter training of the run shares."""
+        config = self.config
+        return dict(lr=config.lr, batch_size=config.batch_size, temperature=config.temperature, feature_weight=config.feature_weight)
+
+
 def clone(
     source: nn.Module,
     target: nn.Module,
@@ -291,74 +388,79 @@ def clone(
     """
     config = config or CloneConfig()
     started = time.perf_counter()
-    for role, model in (("source", source), ("target", target)):
-        if not isinstance(model, nn.Module):
-            raise InvalidInputError(f"{role} must be a torch.nn.Module classifier, got {type(model).__name__}")
-    examples = collect(data, "data")
-    sample = examples.select(torch.arange(min(2, len(examples))))
-    target_error = _runs_on(target, _call_inputs(target, sample.inputs))
-    if target_error:
-        shape = _input_shape(sample.inputs)
-        raise InvalidInputError(f"the target ({type(target).__name__}) cannot run on the clone data (inputs of shape {shape}): {target_error}")
-    view = _source_view(source, sample.inputs)
-    source_sample = _call_inputs(source, to_view(sample.inputs, *view) if view else sample.inputs)
-    num_source_classes = _num_classes(source, source_sample)
-    labels = examples.labels
-    bad = labels[(labels < 0) | (labels >= num_source_classes)].unique().tolist()
-    if bad:
-        raise InvalidInputError(f"labels {bad} are not classes of the source, which has {num_source_classes} classes")
-    present = sorted(labels.unique().tolist())
-    classes = list(present if classes is None else classes)
-    if not classes:
-        raise InvalidInputError("classes is empty: name at least one source class to clone")
-    if len(set(classes)) != len(classes):
-        raise InvalidInputError(f"classes has duplicates: {classes}")
-    outside = [c for c in classes if not 0 <= int(c) < num_source_classes]
-    missing = [c for c in classes if c not in present]
-    if outside or missing:
-        raise InvalidInputError(
-            f"classes {outside or missing} " + ("are not classes of the source" if outside else f"have no examples in data (it has {present})")
-        )
-    keep = torch.isin(labels, torch.tensor(classes))
-    examples = examples.select(keep.nonzero().flatten())
-    local_labels = torch.tensor([classes.index(int(y)) for y in examples.labels])
-    replay_examples = collect(replay, "replay", labelled=False) if replay is not None else None
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        patch = _clone(
-            source, target, examples, local_labels, classes, replay_examples, view, source_sample,
-            _call_inputs(target, sample.inputs), config, generator, progress,
-        )
-    patch.metrics["clone_seconds"] = round(time.perf_counter() - started, 2)
-    patch.metrics["seed"] = seed
-    patch.config["clone_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
-    return patch
+        run = _checked_run(source, target, data, classes, replay, config, torch.Generator().manual_seed(seed), progress)
+        metrics: dict[str, Any] = {"clone_examples": len(run.examples), "cloned_classes": len(run.classes)}
+        seconds: dict[str, float] = {}
+        for stage in (prepare, search, localize_branch, train):
+            begun = time.perf_counter()
+            metrics.update(stage(run))
+            seconds[stage.__name__] = round(time.perf_counter() - begun, 2)
+        begun = time.perf_counter()
+        patch = _build(run)
+        metrics.update(fit_gate(run, patch))
+        seconds["fit_gate"] = round(time.perf_counter() - begun, 2)
+    metrics["stage_seconds"] = seconds
+    metrics["clone_seconds"] = round(time.perf_counter() - started, 2)
+    metrics["seed"] = seed
+    return package(run, patch, metrics)
 
 
-def _clone(
+def _checked_run(
     source: nn.Module,
     target: nn.Module,
-    examples: Examples,
-    labels: torch.Tensor,
-    classes: list[int],
-    replay: Examples | None,
-    view: Any,
-    source_sample: ModelInputs,
-    target_sample: ModelInputs,
+    data: Any,
+    classes: Sequence[int] | None,
+    replay: Any,
     config: CloneConfig,
     generator: torch.Generator,
     progress: bool,
-) -> Patch:
-    metrics: dict[str, Any] = {"clone_examples": len(examples), "cloned_classes": len(classes)}
-    source_points = _with_blocks_after(source, find_points(source, source_sample), source_sample)
-    target_points = find_points(target, target_sample)
-    source_size = image_size(source_sample)
-    target_size = image_size(target_sample)
+) -> CloneRun:
+    """Check models, data, classes and replay against each other; the run state every stage starts from."""
+    for role, model in (("source", source), ("target", target)):
+        if not isinstance(model, nn.Module):
+            raise InvalidInputError(f"{role} must be a torch.nn.Module classifier, got {type(model).__name__}")
+    source_backend, target_backend = backend_for(source), backend_for(target)
+    examples = collect(data, "data")
+    sample = examples.select(torch.arange(min(2, len(examples)))).inputs
+    check_target_input(target, target_backend, sample)
+    view = source_view(source, source_backend, sample)
+    source_sample = source_backend.call_inputs(source, to_view(sample, *view) if view else sample)
+    assert examples.labels is not None
+    chosen = select_classes(
+        examples.labels, classes, _num_classes(source, source_backend, source_sample), source_backend.class_names(source)
+    )
+    examples = examples.select(torch.isin(examples.labels, torch.tensor(chosen)).nonzero().flatten())
+    assert examples.labels is not None
+    local_labels = torch.tensor([chosen.index(int(y)) for y in examples.labels])
+    replay_examples = collect(replay, "replay", labelled=False) if replay is not None else None
+    if replay_examples is not None:
+        check_replay(replay_examples, examples, target, target_backend)
+    return CloneRun(
+        source, target, source_backend, target_backend, examples, local_labels, chosen, replay_examples, view,
+        source_sample, target_backend.call_inputs(target, sample), config, generator, progress,
+    )
+
+
+def _num_classes(model: nn.Module, backend: Backend, inputs: ModelInputs) -> int:
+    count = backend.num_classes(model)
+    if count is None:
+        with eval_mode(model):
+            count = int(trace_model(model, inputs, backend).logits.shape[-1])
+    return count
+
+
+def _pairs(run: CloneRun) -> list[tuple[Point, Point]]:
+    """The (cut, insertion) pairs to search: the config's forced points, or both models' spread candidates."""
+    config, source_size, target_size = run.config, image_size(run.source_sample), image_size(run.target_sample)
+    source_points = _with_blocks_after(
+        run.source, run.source_backend, find_points(run.source, run.source_sample), run.source_sample
+    )
+    target_points = find_points(run.target, run.target_sample)
     budget = config.feature_memory_gb * 2**30
-    searched_cuts = spread_points(_affordable(source_points, len(examples), budget), config.max_cuts)
-    searched_insertions = spread_points(_affordable(target_points, len(examples), budget), config.max_insertions)
+    searched_cuts = spread_points(_affordable(source_points, len(run.examples), budget), config.max_cuts)
+    searched_insertions = spread_points(_affordable(target_points, len(run.examples), budget), config.max_insertions)
     if config.cut or config.insertion:
         cuts = [_named(source_points, config.cut, "source")] if config.cut else searched_cuts
         insertions = [_named(target_points, config.insertion, "target")] if config.insertion else searched_insertions
@@ -372,108 +474,200 @@ def _clone(
     ]
     if not pairs:
         raise UnsupportedModelError("no (cut, insertion) pair is compatible: one model works on images and the other on text")
+    detailed = [(c, p) for c, p in pairs if not _coarser(feature_spec(p, target_size), feature_spec(c, source_size))]
+    return detailed or pairs
 
-    target_features, target_logits, _ = _extract(
-        target, sorted({p.name for _, p in pairs}), examples, config.feature_batch_size, None, "pnc: target features", progress
+
+def _coarser(insertion: FeatureSpec, cut: FeatureSpec) -> bool:
+    """Whether the insertion's grid is coarser than the cut's: an adapter cannot invent the spatial detail the branch
+    expects (a pooled 1x1 feature stretched to a 4x4 grid is the same vector everywhere), so such pairs are searched
+    only when no other pair is compatible."""
+    if insertion.grid is None or cut.grid is None:
+        return False
+    return insertion.grid[0] < cut.grid[0] or insertion.grid[1] < cut.grid[1]
+
+
+def prepare(run: CloneRun) -> dict[str, Any]:
+    """Features at every candidate point (once), the held-out split, and an adapter started by least squares
+    for every compatible (cut, insertion) pair."""
+    config = run.config
+    pairs = _pairs(run)
+    run.target_features, _, _ = _extract(
+        run.target, sorted({p.name for _, p in pairs}), run.examples, config.feature_batch_size, None,
+        "pnc: target features", run.progress, backend=run.target_backend,
     )
-    source_features, source_logits, _ = _extract(
-        source, sorted({c.name for c, _ in pairs}), examples, config.feature_batch_size, view, "pnc: source features", progress
+    run.source_features, source_logits, _ = _extract(
+        run.source, sorted({c.name for c, _ in pairs}), run.examples, config.feature_batch_size, run.view,
+        "pnc: source features", run.progress, backend=run.source_backend,
     )
-    teacher = source_logits[:, classes]
-    metrics["source_local_accuracy"] = round(float((teacher.argmax(-1) == labels).float().mean()), 4)
-    context = {}
-    if isinstance(examples.inputs, dict):
-        context = {k: v for k, v in examples.inputs.items() if k == "attention_mask"}
-    fit_index, held_index = _stratified_split(labels, config.heldout_fraction, generator)
-    if len(held_index) == 0:
-        held_index = fit_index
+    run.teacher = source_logits[:, run.classes]
+    inputs = run.examples.inputs
+    run.context = {k: v for k, v in inputs.items() if k == "attention_mask"} if isinstance(inputs, dict) else {}
+    run.fit_index, run.held_index = _stratified_split(run.labels, config.heldout_fraction, run.generator)
+    if len(run.held_index) == 0:
+        run.held_index = run.fit_index
 
     branches: dict[str, SourceTail] = {}
     for cut in {c.name: c for c, _ in pairs}.values():
-        branch = SourceTail.from_model(source, cut, source_sample)
-        branch.keep_classes(classes)
+        branch = SourceTail.from_model(run.source, cut, run.source_sample)
+        branch.keep_classes(run.classes)
         for parameter in branch.parameters():
             parameter.requires_grad_(False)
         branches[cut.name] = branch
-    candidates = [
-        Candidate(c, p, branches[c.name], Adapter(feature_spec(p, target_size), feature_spec(c, source_size), config.adapter_hidden))
+    source_size, target_size = image_size(run.source_sample), image_size(run.target_sample)
+    costs = _branch_costs(run, branches)
+    run.candidates = [
+        Candidate(
+            c, p, branches[c.name], Adapter(feature_spec(p, target_size), feature_spec(c, source_size), config.adapter_hidden),
+            cost=costs[c.name], cost_weight=config.cost_weight,
+        )
         for c, p in pairs
     ]
-    for candidate in candidates:
-        sample = _least_squares_rows(fit_index, candidate.insertion, generator)
-        candidate.adapter.fit_least_squares(target_features[candidate.insertion.name][sample], source_features[candidate.cut.name][sample])
-
-    def rows(candidate: Candidate, index: torch.Tensor) -> FitData:
-        return FitData(
-            target_features[candidate.insertion.name][index],
-            source_features[candidate.cut.name][index],
-            teacher[index],
-            labels[index],
-            {k: v[index] for k, v in context.items()},
+    for candidate in run.candidates:
+        sample = _least_squares_rows(run.fit_index, candidate.insertion, run.generator)
+        candidate.adapter.fit_least_squares(
+            run.target_features[candidate.insertion.name][sample], run.source_features[candidate.cut.name][sample]
         )
+    return {"source_local_accuracy": round(float((run.teacher.argmax(-1) == run.labels).float().mean()), 4)}
 
-    train_kwargs = dict(lr=config.lr, batch_size=config.batch_size, temperature=config.temperature, feature_weight=config.feature_weight)
-    if len(candidates) > 1:
-        winner, ranking = successive_halving(
-            candidates, lambda c: rows(c, fit_index), lambda c: rows(c, held_index),
-            first_steps=config.search_steps, generator=generator, progress=progress, **train_kwargs,
+
+def _flops(model: nn.Module, *args: Any, **kwargs: Any) -> float:
+    """Floating-point operations of one call of ``model``."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*args, **kwargs)
+    return float(counter.get_total_flops())
+
+
+def _branch_costs(run: CloneRun, branches: dict[str, SourceTail]) -> dict[str, float]:
+    """Each cut's cost: the mean of its branch's share of the source's parameters and of its FLOPs per example."""
+    source_params = sum(p.numel() for p in run.source.parameters())
+    sample = {k: v[:1] for k, v in run.source_sample.items()} if isinstance(run.source_sample, dict) else run.source_sample[:1]
+    with eval_mode(run.source):
+        source_flops = _flops(run.source, **sample) if isinstance(sample, dict) else _flops(run.source, sample)
+    costs = {}
+    for name, branch in branches.items():
+        feature = run.source_features[name][:1]
+        context = {k: v[:1] for k, v in run.context.items()}
+        param_share = branch_parameters(branch) / max(source_params, 1)
+        flop_share = _flops(branch, feature, **context) / source_flops if source_flops > 0 else param_share
+        costs[name] = min(1.0, (param_share + flop_share) / 2)
+    return costs
+
+
+def search(run: CloneRun) -> dict[str, Any]:
+    """The winning (cut, insertion) pair by successive halving, and the ranking of all pairs."""
+    assert run.fit_index is not None and run.held_index is not None, "prepare() first"
+    fit_index, held_index = run.fit_index, run.held_index
+    if len(run.candidates) > 1:
+        run.winner, run.ranking = successive_halving(
+            run.candidates, lambda c: run.rows(c, fit_index), lambda c: run.rows(c, held_index),
+            first_steps=run.config.search_steps or run.epoch_steps(run.budget.search_epochs),
+            survivors=run.budget.survivors, generator=run.generator, progress=run.progress, **run.train_kwargs(),
         )
     else:
-        winner, ranking = candidates[0], [candidates[0].record()]
-    metrics.update(cut=winner.cut.name, insertion=winner.insertion.name, pairs_searched=len(candidates))
+        run.winner, run.ranking = run.candidates[0], [run.candidates[0].record()]
+    return {"cut": run.winner.cut.name, "insertion": run.winner.insertion.name, "pairs_searched": len(run.candidates)}
 
-    branch = winner.branch
+
+def localize_branch(run: CloneRun) -> dict[str, Any]:
+    """Prune the winner's branch in place to what the cloned classes need (:func:`pnc_surgery.localize.localize`)."""
+    assert run.winner is not None, "search() first"
+    config, branch = run.config, run.winner.branch
     full_params = branch_parameters(branch)
-    cut_features = source_features[winner.cut.name]
-    branch_data = [
-        (cut_features[b], labels[b], {k: v[b] for k, v in context.items()})
-        for b in torch.arange(len(labels)).split(config.batch_size)
+    cut_features = run.source_features[run.winner.cut.name]
+    data = [
+        (cut_features[b], run.labels[b], {k: v[b] for k, v in run.context.items()})
+        for b in torch.arange(len(run.labels)).split(config.batch_size)
     ]
-    metrics["branch_local_accuracy"] = round(_branch_accuracy(branch, branch_data), 4)
+    metrics: dict[str, Any] = {"branch_local_accuracy": round(local_accuracy(branch, data), 4)}
     ratio = 1.0
     if config.localize:
-        ratio = _localize(branch, branch_data, config, metrics, progress)
-    metrics["kept_ratio"] = round(branch_parameters(branch) / max(full_params, 1), 4)
-    metrics["branch_parameters"] = branch_parameters(branch)
-    metrics["unpruned_branch_parameters"] = full_params
-    metrics["prune_keep_ratio"] = ratio
-
-    fit = rows(winner, fit_index)
-    with tqdm(total=config.train_steps, desc="pnc: train adapter + branch", disable=not progress, leave=False) as bar:
-        train_candidate(
-            winner, fit, config.train_steps, generator=generator, progress=bar.update,
-            branch_lr=config.branch_lr if config.finetune_branch else 0.0, **train_kwargs,
+        ratio, found = localize(
+            branch, data, keep_ratio=config.keep_ratio, keep_ratios=config.keep_ratios,
+            tolerance=config.accuracy_tolerance, progress=run.progress,
         )
-    accuracy, _ = evaluate(winner, rows(winner, held_index), config.temperature, config.feature_weight)
-    metrics["heldout_local_accuracy"] = round(accuracy, 4)
-
-    kind = config.gate if config.gate != "auto" else ("learned" if replay is not None else "energy")
-    patch = Patch.compose(
-        source, target, winner.cut, winner.insertion, branch, winner.adapter, kind,
-        target_input=target_sample, source_kwargs=config.source_kwargs or None,
+        metrics.update(found)
+    metrics.update(
+        kept_ratio=round(branch_parameters(branch) / max(full_params, 1), 4),
+        branch_parameters=branch_parameters(branch),
+        unpruned_branch_parameters=full_params,
+        prune_keep_ratio=ratio,
     )
-    patch.eval()
-    positives, _ = _evidence(patch, target, examples, config, progress)
+    return metrics
+
+
+def train(run: CloneRun) -> dict[str, Any]:
+    """The final training of the winner's adapter (and, with ``finetune_branch``, its branch)."""
+    assert run.winner is not None and run.fit_index is not None and run.held_index is not None, "search() first"
+    config, winner = run.config, run.winner
+    steps = config.train_steps or run.epoch_steps(run.budget.train_epochs)
+    before = winner.steps
+    heldout = run.rows(winner, run.held_index)
+    with tqdm(total=steps, desc="pnc: train adapter + branch", disable=not run.progress, leave=False) as bar:
+        train_candidate(
+            winner, run.rows(winner, run.fit_index), steps, generator=run.generator, progress=bar.update,
+            branch_lr=config.branch_lr if config.finetune_branch else 0.0, heldout=heldout,
+            eval_every=max(run.epoch_steps(1), MIN_EVAL_STEPS), patience=run.budget.patience, **run.train_kwargs(),
+        )
+    accuracy, _ = evaluate(winner, heldout, config.temperature, config.feature_weight)
+    return {"heldout_local_accuracy": round(accuracy, 4), "train_steps": winner.steps - before}
+
+
+def _build(run: CloneRun) -> Patch:
+    """The winner as a patch with an unfitted gate of the configured kind."""
+    assert run.winner is not None, "search() first"
+    config, winner = run.config, run.winner
+    kind = config.gate if config.gate != "auto" else ("novelty" if run.replay is not None else "energy")
+    patch = Patch.from_parts(
+        run.source, run.target, winner.cut, winner.insertion, winner.branch, winner.adapter, kind,
+        target_input=run.target_sample, source_kwargs=config.source_kwargs or None,
+    )
+    return patch.eval()
+
+
+def fit_gate(run: CloneRun, patch: Patch) -> dict[str, Any]:
+    """Fit ``patch``'s gate on the clone data (positives) and the replay data (negatives, when given)."""
+    config, target, replay = run.config, run.target, run.replay
+    positives, _ = _evidence(patch, target, run.examples, config, run.progress)
     negatives = negative_groups = negative_sources = None
     if replay is not None:
         replay, negative_sources = with_shifted_copies(replay) if config.shift_replay else (replay, None)
-        negatives, replay_logits = _evidence(patch, target, replay, config, progress)
+        negatives, replay_logits = _evidence(patch, target, replay, config, run.progress)
         labels_given = replay.labels is not None and bool(((replay.labels >= 0) & (replay.labels < replay_logits.shape[1])).all())
         negative_groups = replay.labels if labels_given else replay_logits.argmax(-1)
-    metrics.update(patch.gate.fit(
-        positives, labels, negatives, negative_groups, negative_sources=negative_sources,
-        max_false_positive_rate=config.max_false_positive_rate, seed=int(torch.randint(2**31, (), generator=generator)),
-    ))
-    patch.config["search"] = ranking
+    return patch.gate.fit(
+        positives, run.labels, negatives, negative_groups, negative_sources=negative_sources,
+        max_false_positive_rate=config.max_false_positive_rate, seed=int(torch.randint(2**31, (), generator=run.generator)),
+    )
+
+
+def package(run: CloneRun, patch: Patch, metrics: dict[str, Any]) -> Patch:
+    """Record the run on ``patch``: its metrics, the search ranking and the configuration it ran with.
+
+    Raises:
+        CloneError: a tensor of the patch is not finite (the training diverged); nothing is returned.
+    """
+    broken = [
+        name for name, tensor in {**dict(patch.named_parameters()), **dict(patch.named_buffers())}.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if broken:
+        raise CloneError(
+            f"the clone diverged: {len(broken)} tensors of the patch hold NaN or infinite values ({short(broken, 3)}); "
+            "lower lr / branch_lr or check the data's scale"
+        )
+    patch.update_config(search=tuple(run.ranking))
     patch.metrics.update(metrics)
+    patch.update_config(clone_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(run.config).items()})
     return patch
 
-
 @torch.no_grad()
-def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate evidence rows of ``examples`` as the attached patch would see them, and the target's logits."""
-    insertion = patch.config["insertion"]["name"]
-    classifiers = patch.config["target"]["classifiers"]
+def _evidence(
+    patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool
+) -> tuple[GateInputs, torch.Tensor]:
+    """What the gate of the attached patch would see for ``examples``, and the target's logits."""
+    insertion = patch.config.insertion.name
+    classifiers = list(patch.config.target.classifiers)
     features, logits, pre_logits = _extract(
         target, [insertion], examples, config.feature_batch_size, None, "pnc: gate evidence", progress, classifiers
     )
@@ -482,42 +676,9 @@ def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: Clone
     context = {k: v for k, v in examples.inputs.items() if k == "attention_mask"} if isinstance(examples.inputs, dict) else {}
     rows = []
     for index in torch.arange(len(logits)).split(256):
-        rows.append(patch.evidence(features[insertion][index], logits[index], pre_logits[index], **{k: v[index] for k, v in context.items()}))
-    return torch.cat(rows), logits
-
-
-@torch.no_grad()
-def _branch_accuracy(branch: SourceTail, data: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> float:
-    correct = sum(int((branch(f, **c).argmax(-1) == y).sum()) for f, y, c in data)
-    return correct / max(sum(len(y) for _, y, _ in data), 1)
-
-
-def _localize(branch: SourceTail, data: list, config: CloneConfig, metrics: dict, progress: bool) -> float:
-    """Prune ``branch`` in place; returns the keep ratio used."""
-    probe_feature, _, probe_context = data[0]
-    groups = find_prune_groups(branch, probe_feature[:8], {k: v[:8] for k, v in probe_context.items()})
-    metrics["prune_groups"] = len(groups)
-    if not groups:
-        return 1.0
-    for parameter in branch.parameters():
-        parameter.requires_grad_(True)
-    scores = unit_importance(branch, groups, data)
-    for parameter in branch.parameters():
-        parameter.requires_grad_(False)
-    baseline = _branch_accuracy(branch, data)
-    ratio = config.keep_ratio
-    if ratio is None:
-        ratio = 1.0
-        for candidate in tqdm(sorted(config.keep_ratios), desc="pnc: localize", disable=not progress, leave=False):
-            with masked(branch, keep_indices(groups, scores, candidate)):
-                accuracy = _branch_accuracy(branch, data)
-            if accuracy >= baseline - config.accuracy_tolerance:
-                ratio = candidate
-                break
-    if ratio < 1.0:
-        prune(branch, groups, keep_indices(groups, scores, ratio))
-    metrics["pruned_branch_local_accuracy"] = round(_branch_accuracy(branch, data), 4)
-    return ratio
+        batch_context = {k: v[index] for k, v in context.items()}
+        rows.append(patch_gate_inputs(patch, features[insertion][index], logits[index], pre_logits[index], **batch_context))
+    return GateInputs.cat(rows), logits
 
 
 def _named(points: Sequence[Point], name: str, role: str) -> Point:

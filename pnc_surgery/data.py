@@ -1,4 +1,4 @@
-"""Clone data: turn what the user passes into tensors, check it before any training starts.
+"""Clone data: turn what the user passes into tensors, and check it against both models before any training.
 
 ``data`` may be a ``Dataset``, a ``DataLoader`` or any iterable of ``(x, y)`` pairs or batches; ``x`` is an
 image tensor or (for text models) a mapping of keyword tensors such as ``input_ids`` and
@@ -6,6 +6,7 @@ image tensor or (for text models) a mapping of keyword tensors such as ``input_i
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -13,10 +14,19 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from .backends import ModelInputs
-from .errors import InvalidInputError
+from torch import nn
 
-__all__ = ["Examples", "collect", "batches", "to_view", "with_shifted_copies"]
+from .backends import Backend, ModelInputs
+from .errors import InvalidInputError
+from .tracing import eval_mode
+
+MIN_EXAMPLES_PER_CLASS = 2
+"""A cloned class needs at least this many examples: with one, nothing is left to check the training on."""
+
+__all__ = [
+    "Examples", "collect", "batches", "to_view", "with_shifted_copies", "runs_on", "check_target_input",
+    "source_view", "select_classes", "check_replay", "short",
+]
 
 
 @dataclass
@@ -76,7 +86,7 @@ def collect(data: Any, what: str = "data", labelled: bool = True) -> Examples:
         else:
             x, y = (item[0] if isinstance(item, (tuple, list)) else item), None
         xs.append(_as_batch(x))
-        ys.append(None if y is None else torch.as_tensor(y))
+        ys.append(None if y is None else _as_labels(y, what))
     if not xs:
         raise InvalidInputError(f"{what} is empty")
     single = _first(xs[0]).dim() in (1, 3) if isinstance(xs[0], torch.Tensor) else _first(xs[0]).dim() == 1
@@ -95,7 +105,32 @@ def collect(data: Any, what: str = "data", labelled: bool = True) -> Examples:
         labels = labels.long()
     if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
         inputs = inputs.float()
+    for name, tensor in ({"inputs": inputs} if isinstance(inputs, torch.Tensor) else inputs).items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).flatten(1).any(1).sum())
+            raise InvalidInputError(f"{what} {name} hold NaN or infinite values (in {bad} of {len(tensor)} examples)")
     return Examples(inputs, labels)
+
+
+def _as_labels(y: Any, what: str) -> torch.Tensor:
+    """A label (or a batch of labels) as an integer tensor."""
+    try:
+        labels = torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError):
+        raise InvalidInputError(
+            f"{what} labels must be integer class ids of the source, got {short(y) if isinstance(y, list) else repr(y)[:80]}"
+        ) from None
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise InvalidInputError(f"{what} labels must be integer class ids, got {labels.dtype}")
+    return labels
+
+
+def short(values: Sequence[Any], limit: int = 8) -> str:
+    """``values`` for an error message: the first ``limit`` items, and how many there are when there are more."""
+    items = list(values[: limit + 1]) if isinstance(values, Sequence) else list(values)
+    if len(values) <= limit:
+        return repr(items)
+    return f"[{', '.join(repr(v)[:40] for v in items[:limit])}, ...] ({len(values)} items)"
 
 
 def batches(examples: Examples, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Examples]:
@@ -147,3 +182,127 @@ def with_shifted_copies(examples: Examples, fraction: float = 1 / 16) -> tuple[E
     ]
     labels = None if examples.labels is None else examples.labels.repeat(5)
     return Examples(torch.cat([inputs, *copies]), labels), sources.repeat(5)
+
+
+def runs_on(model: nn.Module, backend: Backend, inputs: ModelInputs) -> str | None:
+    """``None`` when ``model`` computes logits on ``inputs`` (in the model's call form); else what went wrong."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            call = backend.call_inputs(model, inputs)
+            backend.logits(model(**call) if isinstance(call, Mapping) else model(call))
+    except Exception as exc:  # any failure here means "this model cannot take these inputs"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _shape(inputs: ModelInputs) -> tuple[int, ...]:
+    """Shape (without batch) of the data tensor, for error messages."""
+    return tuple(_first(inputs).shape[1:])
+
+
+def check_target_input(target: nn.Module, backend: Backend, sample: ModelInputs) -> None:
+    """Raise :class:`InvalidInputError` unless the target runs on the clone data as given."""
+    error = runs_on(target, backend, sample)
+    if error:
+        raise InvalidInputError(
+            f"the target ({type(target).__name__}) cannot run on the clone data (inputs of shape {_shape(sample)}): {error}"
+        )
+
+
+def source_view(source: nn.Module, backend: Backend, sample: ModelInputs) -> tuple[int, tuple[int, int]] | None:
+    """How clone images must be resized for the source (``None``: they fit as they are).
+
+    Raises:
+        InvalidInputError: the source runs neither on the data nor on the data resized to the size it expects.
+    """
+    error = runs_on(source, backend, sample)
+    if error is None:
+        return None
+    expected = backend.expected_image(source)
+    if expected is not None and runs_on(source, backend, to_view(sample, *expected)) is None:
+        return expected
+    raise InvalidInputError(
+        f"the source ({type(source).__name__}) cannot run on the clone data (inputs of shape {_shape(sample)}"
+        + (f"; it expects {expected}" if expected else "")
+        + f"): {error}"
+    )
+
+
+def select_classes(
+    labels: torch.Tensor,
+    classes: Sequence[int | str] | None,
+    num_source_classes: int,
+    names: Sequence[str] | None = None,
+) -> list[int]:
+    """The source classes to clone, checked against the labels present and the source's class count.
+
+    Args:
+        labels: the clone data's labels (source class ids).
+        classes: what the user asked for, as source class ids or label names (``None``: every class in ``labels``).
+        num_source_classes: how many classes the source scores.
+        names: the source's label names by class id, where it has them.
+
+    Raises:
+        InvalidInputError: labels outside the source, unknown names, empty or duplicate classes, classes without
+            enough examples.
+    """
+    bad = labels[(labels < 0) | (labels >= num_source_classes)].unique().tolist()
+    if bad:
+        raise InvalidInputError(f"labels {short(bad)} are not classes of the source, which has {num_source_classes} classes")
+    present = sorted(labels.unique().tolist())
+    if classes is not None and (isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable)):
+        raise InvalidInputError(f"classes must be a sequence of source class ids, got {type(classes).__name__}")
+    asked = list(present if classes is None else classes)
+    if not asked:
+        raise InvalidInputError("classes is empty: name at least one source class to clone")
+    chosen = [_class_id(c, names) for c in asked]
+    if len(set(chosen)) != len(chosen):
+        raise InvalidInputError(f"classes has duplicates: {short(sorted({c for c in chosen if chosen.count(c) > 1}))}")
+    outside = [c for c in chosen if not 0 <= c < num_source_classes]
+    missing = [c for c in chosen if c not in present]
+    if outside or missing:
+        raise InvalidInputError(
+            f"classes {short(outside or missing)} "
+            + ("are not classes of the source" if outside else f"have no examples in data (it has {short(present)})")
+        )
+    few = [c for c in chosen if int((labels == c).sum()) < MIN_EXAMPLES_PER_CLASS]
+    if few:
+        raise InvalidInputError(
+            f"classes {short(few)} have fewer than {MIN_EXAMPLES_PER_CLASS} examples in data; a clone needs at least "
+            f"{MIN_EXAMPLES_PER_CLASS} of each class (some to train on, some to check on)"
+        )
+    return chosen
+
+
+def _class_id(value: Any, names: Sequence[str] | None) -> int:
+    """A class given by id or by the source's label name, as an id."""
+    if isinstance(value, str):
+        if names is None:
+            raise InvalidInputError(f"class {value[:80]!r} is a name, but the source has no label names: pass class ids")
+        if value not in names:
+            raise InvalidInputError(f"{value[:80]!r} is not a label name of the source; its names: {short(list(names))}")
+        return list(names).index(value)
+    if isinstance(value, bool):
+        raise InvalidInputError(f"classes must be source class ids or label names, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidInputError(f"classes must be source class ids or label names, got {repr(value)[:80]}") from None
+
+
+def check_replay(replay: Examples, data: Examples, target: nn.Module, backend: Backend) -> None:
+    """Raise :class:`InvalidInputError` unless the target runs on ``replay`` and its images are shaped like the data's.
+
+    The gate compares the target's features on both, so replay images must have the clone images' size and channels.
+    """
+    inputs, reference = replay.inputs, data.inputs
+    if isinstance(inputs, torch.Tensor) != isinstance(reference, torch.Tensor):
+        raise InvalidInputError("replay must be of the same kind as data (image tensors, or keyword text tensors)")
+    if isinstance(inputs, torch.Tensor) and isinstance(reference, torch.Tensor) and inputs.shape[1:] != reference.shape[1:]:
+        raise InvalidInputError(
+            f"replay inputs have shape {tuple(inputs.shape[1:])}; the clone data's are {tuple(reference.shape[1:])} "
+            "(both are fed to the target, in its input format)"
+        )
+    error = runs_on(target, backend, replay.select(torch.arange(min(2, len(replay)))).inputs)
+    if error:
+        raise InvalidInputError(f"the target ({type(target).__name__}) cannot run on the replay data: {error}")

@@ -16,16 +16,23 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .branch import SourceTail
 from .tracing import trace_model
 
-__all__ = ["PruneGroup", "find_prune_groups", "unit_importance", "keep_indices", "masked", "prune", "branch_parameters"]
+__all__ = [
+    "PruneGroup", "find_prune_groups", "unit_importance", "keep_indices", "masked", "prune", "branch_parameters",
+    "local_accuracy", "localize",
+]
+
+BranchBatch = tuple[torch.Tensor, torch.Tensor, dict]
+"""``(feature at the cut, label index among the cloned classes, context)``."""
 
 
 @dataclass
@@ -241,3 +248,57 @@ def prune(branch: SourceTail, groups: Sequence[PruneGroup], kept: dict[str, torc
     """Apply :func:`keep_indices`' choice to ``branch`` in place."""
     for group in groups:
         _slice_group(branch, group, kept[group.consumer])
+
+
+@torch.no_grad()
+def local_accuracy(branch: SourceTail, data: Sequence[BranchBatch]) -> float:
+    """Share of ``data`` whose argmax among the cloned classes is the label."""
+    correct = sum(int((branch(f, **c).argmax(-1) == y).sum()) for f, y, c in data)
+    return correct / max(sum(len(y) for _, y, _ in data), 1)
+
+
+def localize(
+    branch: SourceTail,
+    data: Sequence[BranchBatch],
+    *,
+    keep_ratio: float | None,
+    keep_ratios: Sequence[float],
+    tolerance: float,
+    progress: bool = False,
+) -> tuple[float, dict[str, Any]]:
+    """Prune ``branch`` in place to what the local task on ``data`` needs.
+
+    Args:
+        branch: the branch (classifier rows already selected).
+        data: the clone data's features at the cut, in batches.
+        keep_ratio: the fraction of units to keep; ``None`` picks the smallest of ``keep_ratios`` whose local
+            accuracy is within ``tolerance`` of the unpruned branch's.
+        progress: show a progress bar over the ratios tried.
+
+    Returns:
+        The keep ratio used and the stage's metrics (groups found, local accuracy after pruning).
+    """
+    probe_feature, _, probe_context = data[0]
+    groups = find_prune_groups(branch, probe_feature[:8], {k: v[:8] for k, v in probe_context.items()})
+    metrics: dict[str, Any] = {"prune_groups": len(groups)}
+    if not groups:
+        return 1.0, metrics
+    for parameter in branch.parameters():
+        parameter.requires_grad_(True)
+    scores = unit_importance(branch, groups, data)
+    for parameter in branch.parameters():
+        parameter.requires_grad_(False)
+    baseline = local_accuracy(branch, data)
+    ratio = keep_ratio
+    if ratio is None:
+        ratio = 1.0
+        for candidate in tqdm(sorted(keep_ratios), desc="pnc: localize", disable=not progress, leave=False):
+            with masked(branch, keep_indices(groups, scores, candidate)):
+                accuracy = local_accuracy(branch, data)
+            if accuracy >= baseline - tolerance:
+                ratio = candidate
+                break
+    if ratio < 1.0:
+        prune(branch, groups, keep_indices(groups, scores, ratio))
+    metrics["pruned_branch_local_accuracy"] = round(local_accuracy(branch, data), 4)
+    return ratio, metrics

@@ -1,4 +1,5 @@
 """The benchmark's smoke configuration runs end to end and writes a sane report."""
+
 import json
 import math
 

@@ -1,4 +1,5 @@
-"""Tests of pnc_surgery.datasets: offline loaders, stratified subsets, and the benchmark's class split."""
+"""Tests of benchmarks.datasets: offline loaders, stratified subsets, and the benchmark's class split."""
+
 import gzip
 import struct
 
@@ -7,12 +8,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from pnc_surgery.datasets import (
+from benchmarks.datasets import (
     ImageDataset,
     as_loader,
     class_split,
     load_digits,
     load_fashion_mnist,
+    load_fashion_mnist_pixels,
     load_mnist,
     select_classes,
     split_batch,
@@ -59,6 +61,9 @@ def test_idx_loader_reads_a_folder_and_says_so(tmp_path):
     assert train.source == str(tmp_path) and train.labels.tolist()[:3] == [0, 1, 2]
     train, _ = load_fashion_mnist(root=tmp_path, download=False)
     assert train.class_names[0] == "T-shirt/top"
+    pixels, _ = load_fashion_mnist_pixels(root=tmp_path, download=False)
+    assert pixels.images.dtype == torch.uint8 and pixels.images.shape == (30, 28, 28)
+    assert pixels.images.float().max() > 200, "raw pixels: neither resized nor standardized"
 
 
 def test_missing_data_gives_advice(tmp_path):

@@ -1,4 +1,5 @@
 """The linear-gate ceiling of ``benchmarks.separability``: what it reports on data whose answer is known."""
+
 import torch
 
 from benchmarks.separability import linear_bound
@@ -21,7 +22,9 @@ def test_separable_cloned_classes_all_pass_and_the_ceiling_counts_them_right() -
     bound = linear_bound(features, labels, target_correct, NUM_OLD, budget=0.01)
     assert bound["pass_rate"] == {2: 1.0, 3: 1.0}
     old = labels < NUM_OLD
-    expected = ((target_correct & old).sum().item() - round(0.01 * old.sum().item()) + (~old).sum().item()) / len(labels)
+    expected = ((target_correct & old).sum().item() - round(0.01 * old.sum().item()) + (~old).sum().item()) / len(
+        labels
+    )
     assert abs(bound["acc_all_ceiling"] - expected) <= 2 / len(labels)  # up to rounding of the 1% that pass
 
 

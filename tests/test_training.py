@@ -1,12 +1,13 @@
-"""Tests of pnc_surgery.training: the shared training loop, prediction and logits extraction."""
+"""Tests of benchmarks.training: the shared training loop, prediction and logits extraction."""
+
 import pytest
 import timm
 import torch
 from torch import nn
 
-from pnc_surgery.datasets import class_split, load_digits, select_classes
+from benchmarks.datasets import class_split, load_digits, select_classes
+from benchmarks.training import accuracy, logits_of, predict_logits, train_classifier
 from pnc_surgery.errors import UnsupportedModelError
-from pnc_surgery.training import accuracy, logits_of, predict_logits, train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,11 @@ def test_predict_logits_restores_mode(split):
 def test_steps_budget_cycles_small_data(split):
     seen = []
     train_classifier(
-        _tiny_resnet(5), split.replay, steps=7, batch_size=32, progress=False,
+        _tiny_resnet(5),
+        split.replay,
+        steps=7,
+        batch_size=32,
+        progress=False,
         extra_loss=lambda x, logits: seen.append(1) or logits.sum() * 0.0,
     )
     assert len(seen) == 7

@@ -126,10 +126,6 @@ class Backend:
             drawn = seen.flatten()[torch.randint(0, seen.numel(), x.shape, generator=gen)]
         return self.replace_main(model, inputs, torch.where(kept, x, drawn.to(x)))
 
-    def call_inputs(self, model: nn.Module, inputs: ModelInputs) -> ModelInputs:
-        """``inputs`` in the form the model is called with (a lone tensor becomes the main keyword where needed)."""
-        return inputs
-
     def replace_main(self, model: nn.Module, inputs: ModelInputs, tensor: torch.Tensor) -> ModelInputs:
         """``inputs`` with the data tensor replaced (masks and other keywords kept)."""
         if isinstance(inputs, Mapping):
@@ -139,6 +135,20 @@ class Backend:
     def vocab_size(self, model: nn.Module) -> int | None:
         """Size of the token vocabulary for text models."""
         return None
+
+    def call_inputs(self, model: nn.Module, inputs: ModelInputs) -> ModelInputs:
+        """``inputs`` in the form the model is called with: a data tensor as it is (keyword families wrap it)."""
+        return inputs
+
+    def expected_image(self, model: nn.Module) -> tuple[int, tuple[int, int]] | None:
+        """``(channels, (H, W))`` of the images ``model`` expects by its own config; ``None`` for text models."""
+        try:
+            example = main_tensor(self.example_input(model, batch_size=1), self.main_input_name(model))
+        except (UnsupportedModelError, InvalidInputError):
+            return None
+        if example.dim() != 4 or not example.is_floating_point():
+            return None
+        return int(example.shape[1]), (int(example.shape[2]), int(example.shape[3]))
 
     def pad_token_id(self, model: nn.Module) -> int | None:
         """The token id that marks padding for text models, where the model says so."""

@@ -72,6 +72,7 @@ class TransformersBackend(Backend):
         raise UnsupportedModelError(f"cannot build an example {main!r} for {type(model).__name__}; pass example_input")
 
     def call_inputs(self, model: nn.Module, inputs: ModelInputs) -> ModelInputs:
+        """transformers models take keywords: a bare data tensor becomes ``{main_input_name: tensor}``."""
         if isinstance(inputs, torch.Tensor):
             return {self.main_input_name(model): inputs}
         return inputs

@@ -163,9 +163,9 @@ class TimmBackend(Backend):
             raise UnsupportedModelError(f"timm has no model named {name!r} (timm {timm.__version__})")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
         try:
-            with torch.device("meta"):
+            with torch.device("meta"):  # never on the CPU: the sizes may come from an untrusted patch file
                 return timm.create_model(name, pretrained=False, **kwargs)
-        except (RuntimeError, NotImplementedError):  # some constructors call .item() / .tolist() on tensors
-            return timm.create_model(name, pretrained=False, **kwargs)
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            raise UnsupportedModelError(f"timm.create_model({name!r}) cannot be built on the meta device: {exc}") from None
         except TypeError as exc:
             raise UnsupportedModelError(f"timm.create_model({name!r}) rejected the recorded kwargs: {exc}") from None

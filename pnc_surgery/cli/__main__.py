@@ -1,4 +1,5 @@
 """``python -m pnc_surgery.cli``."""
+
 import sys
 
 from . import main

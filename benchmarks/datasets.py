@@ -1,4 +1,4 @@
-"""Small offline image datasets and the class-split protocol used by the tests, examples and benchmarks.
+"""Small offline image datasets and the class-split protocol (benchmarks/README.md) of the benchmarks and tests.
 
 Everything here returns :class:`ImageDataset`, a :class:`torch.utils.data.TensorDataset` of float32 images
 ``(C, H, W)`` scaled to roughly zero mean and unit std, and int64 labels, that also records where its images
@@ -14,20 +14,22 @@ Helpers: :func:`select_classes`, :func:`subsample`, :func:`class_split` (the BEN
 :func:`as_loader`/:func:`split_batch`, which let every training and evaluation loop accept a dataset, a
 DataLoader or any iterable of batches.
 """
+
 from __future__ import annotations
 
 import gzip
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 
-from .errors import InvalidInputError
+from pnc_surgery.errors import InvalidInputError
 
 __all__ = [
     "ImageDataset",
@@ -36,6 +38,7 @@ __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",
     "load_digits",
     "load_fashion_mnist",
+    "load_fashion_mnist_pixels",
     "load_mnist",
     "tensors_of",
     "labels_of",
@@ -50,7 +53,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _IDX_FILES = {
@@ -83,7 +95,7 @@ class ImageDataset(TensorDataset):
 
     def with_tensors(
         self, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str] | None = None
-    ) -> "ImageDataset":
+    ) -> ImageDataset:
         """A new dataset from the same source (used by the helpers below to keep the metadata)."""
         return ImageDataset(images, labels, self.source, self.class_names if class_names is None else class_names)
 
@@ -124,14 +136,19 @@ def _resize(images: torch.Tensor, image_size: int, chunk: int = 8192) -> torch.T
     x = images.float().unsqueeze(1)
     if x.shape[-2:] == (image_size, image_size):
         return x
-    return torch.cat([
-        F.interpolate(x[i:i + chunk], size=(image_size, image_size), mode="bilinear", align_corners=False)
-        for i in range(0, x.shape[0], chunk)
-    ])
+    return torch.cat(
+        [
+            F.interpolate(x[i : i + chunk], size=(image_size, image_size), mode="bilinear", align_corners=False)
+            for i in range(0, x.shape[0], chunk)
+        ]
+    )
 
 
 def _standardized_splits(
-    splits: Sequence[tuple[torch.Tensor, torch.Tensor]], image_size: int, channels: int, source: str,
+    splits: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    image_size: int,
+    channels: int,
+    source: str,
     class_names: Sequence[str],
 ) -> tuple[ImageDataset, ...]:
     """Resize every split, then standardize all with the first (train) split's mean and std."""
@@ -178,7 +195,7 @@ def _read_idx(path: Path) -> np.ndarray:
     zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
     if zero != 0 or dtype_code != 0x08:
         raise InvalidInputError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -198,9 +215,7 @@ def _idx_splits(folders: Iterable[Path]) -> tuple[Path, dict[str, tuple[np.ndarr
     return None
 
 
-def _torchvision_splits(
-    name: str, root: Path, download: bool
-) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def _torchvision_splits(name: str, root: Path, download: bool) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     import torchvision.datasets  # optional dependency; imported only when the IDX files are missing
 
     cls = getattr(torchvision.datasets, name)
@@ -211,17 +226,11 @@ def _torchvision_splits(
     return f"torchvision:{root}", splits
 
 
-def _load_idx_dataset(
-    name: str,
-    folders: list[Path],
-    root: str | Path | None,
-    download: bool,
-    image_size: int,
-    channels: int,
-    class_names: Sequence[str],
-    how_to_get: str,
-) -> tuple[ImageDataset, ImageDataset]:
-    """Shared body of the MNIST-family loaders: IDX files first, torchvision second, a clear error last."""
+def _idx_tensors(
+    name: str, folders: list[Path], root: str | Path | None, download: bool, how_to_get: str
+) -> tuple[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Where an MNIST-family dataset was found and its raw ``[(images, labels)]`` for train then test: IDX files
+    first, torchvision second, a clear error last."""
     found = _idx_splits(folders)
     if found is not None:
         source, splits = str(found[0]), found[1]
@@ -236,11 +245,16 @@ def _load_idx_dataset(
                 f"could not provide it ({type(exc).__name__}: {exc}). {how_to_get}"
             ) from exc
     logger.info("%s loaded from %s", name, source)
-    tensors = [
+    return source, [
         (torch.from_numpy(np.array(images)), torch.from_numpy(np.array(labels).astype(np.int64)))
         for images, labels in (splits["train"], splits["test"])
     ]
-    return _standardized_splits(tensors, image_size, channels, source, class_names)  # type: ignore[return-value]
+
+
+_FASHION_HOW_TO_GET = (
+    "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or `pip install torchvision` "
+    "with network access, or pass root= a folder holding the four IDX files."
+)
 
 
 def _candidate_folders(root: str | Path | None, name: str, defaults: Sequence[Path]) -> list[Path]:
@@ -258,22 +272,30 @@ def load_fashion_mnist(
     Looks for the IDX files in ``root`` (flat, or torchvision's ``FashionMNIST/raw``), or, without ``root``, in
     :data:`DEBIAN_FASHION_MNIST_DIR` (Debian's ``dataset-fashion-mnist``); else asks torchvision, downloading
     into ``root`` (default ``~/.cache/pnc_surgery/datasets``) when ``download``. ``dataset.source`` and the
-    ``pnc_surgery.datasets`` logger say which was used.
+    ``benchmarks.datasets`` logger say which was used.
 
     Returns:
         ``(train, test)``, standardized with the train split's mean and std.
     """
-    return _load_idx_dataset(
-        "FashionMNIST",
-        _candidate_folders(root, "FashionMNIST", [DEBIAN_FASHION_MNIST_DIR]),
-        root,
-        download,
-        image_size,
-        channels,
-        FASHION_MNIST_CLASSES,
-        "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or `pip install torchvision` "
-        "with network access, or pass root= a folder holding the four IDX files.",
-    )
+    folders = _candidate_folders(root, "FashionMNIST", [DEBIAN_FASHION_MNIST_DIR])
+    source, tensors = _idx_tensors("FashionMNIST", folders, root, download, _FASHION_HOW_TO_GET)
+    return _standardized_splits(tensors, image_size, channels, source, FASHION_MNIST_CLASSES)  # type: ignore[return-value]
+
+
+def load_fashion_mnist_pixels(
+    root: str | Path | None = None, download: bool = True
+) -> tuple[ImageDataset, ImageDataset]:
+    """Fashion-MNIST as the files store it: uint8 images ``(N, 28, 28)``, neither resized nor standardized.
+
+    For pipelines that preprocess each model its own way (``timm.data.create_transform`` on
+    ``PIL.Image.fromarray(image.numpy())``). Found as :func:`load_fashion_mnist` finds it.
+
+    Returns:
+        ``(train, test)``.
+    """
+    folders = _candidate_folders(root, "FashionMNIST", [DEBIAN_FASHION_MNIST_DIR])
+    source, tensors = _idx_tensors("FashionMNIST", folders, root, download, _FASHION_HOW_TO_GET)
+    return tuple(ImageDataset(images, labels, source, FASHION_MNIST_CLASSES) for images, labels in tensors)  # type: ignore[return-value]
 
 
 def load_mnist(
@@ -288,16 +310,12 @@ def load_mnist(
     Returns:
         ``(train, test)``, standardized with the train split's mean and std.
     """
-    return _load_idx_dataset(
-        "MNIST",
-        _candidate_folders(root, "MNIST", []),
-        root,
-        download,
-        image_size,
-        channels,
-        [str(i) for i in range(10)],
-        "Install torchvision and run once with network access, or pass root= a folder holding the four IDX files.",
+    folders = _candidate_folders(root, "MNIST", [])
+    how_to_get = (
+        "Install torchvision and run once with network access, or pass root= a folder holding the four IDX files."
     )
+    source, tensors = _idx_tensors("MNIST", folders, root, download, how_to_get)
+    return _standardized_splits(tensors, image_size, channels, source, [str(i) for i in range(10)])  # type: ignore[return-value]
 
 
 def tensors_of(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,8 +443,12 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def as_loader(
-    data: Dataset | DataLoader | Iterable, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
-    drop_last: bool = False, balanced: bool = False,
+    data: Dataset | DataLoader | Iterable,
+    batch_size: int = 256,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    balanced: bool = False,
 ) -> Iterable:
     """Batches of ``data``: a Dataset is wrapped in a DataLoader, anything else is used as is.
 

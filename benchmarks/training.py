@@ -6,11 +6,12 @@ pass it as ``extra_loss``; baselines that freeze weights (LoRA) just set ``requi
 parameters are optimized. :func:`logits_of` reads logits from timm (tensor) and transformers (``ModelOutput``)
 models alike, so nothing else needs to know which family a model is from.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backends.base import logits_of
+from pnc_surgery.backends.base import logits_of
+from pnc_surgery.errors import InvalidInputError
+
 from .datasets import as_loader, labels_of, split_batch
-from .errors import InvalidInputError
 
 __all__ = ["logits_of", "train_classifier", "predict_logits", "accuracy", "torch_threads", "ExtraLoss"]
 
@@ -88,7 +90,7 @@ def train_classifier(
         progress: show a tqdm bar.
         label_map: maps dataset labels to output indices (e.g. ``{5: 0, 6: 1}``), when they differ.
         extra_loss: ``f(x, logits) -> scalar`` added to each batch's loss (distillation, penalties).
-        balanced: sample class-balanced batches (see :func:`~pnc_surgery.datasets.as_loader`).
+        balanced: sample class-balanced batches (see :func:`~benchmarks.datasets.as_loader`).
         description: the progress bar's label.
 
     Returns:
@@ -135,9 +137,7 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict_logits(
-    model: nn.Module, data: Dataset | DataLoader | Iterable, batch_size: int = 256
-) -> torch.Tensor:
+def predict_logits(model: nn.Module, data: Dataset | DataLoader | Iterable, batch_size: int = 256) -> torch.Tensor:
     """The model's logits for every example of ``data`` (dataset, loader or iterable of ``x``/``(x, y)``).
 
     Runs in eval mode without gradients and restores the model's previous mode.
