@@ -38,6 +38,7 @@ __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",
     "load_digits",
     "load_fashion_mnist",
+    "load_fashion_mnist_pixels",
     "load_mnist",
     "tensors_of",
     "labels_of",
@@ -225,17 +226,11 @@ def _torchvision_splits(name: str, root: Path, download: bool) -> tuple[str, dic
     return f"torchvision:{root}", splits
 
 
-def _load_idx_dataset(
-    name: str,
-    folders: list[Path],
-    root: str | Path | None,
-    download: bool,
-    image_size: int,
-    channels: int,
-    class_names: Sequence[str],
-    how_to_get: str,
-) -> tuple[ImageDataset, ImageDataset]:
-    """Shared body of the MNIST-family loaders: IDX files first, torchvision second, a clear error last."""
+def _idx_tensors(
+    name: str, folders: list[Path], root: str | Path | None, download: bool, how_to_get: str
+) -> tuple[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Where an MNIST-family dataset was found and its raw ``[(images, labels)]`` for train then test: IDX files
+    first, torchvision second, a clear error last."""
     found = _idx_splits(folders)
     if found is not None:
         source, splits = str(found[0]), found[1]
@@ -250,11 +245,16 @@ def _load_idx_dataset(
                 f"could not provide it ({type(exc).__name__}: {exc}). {how_to_get}"
             ) from exc
     logger.info("%s loaded from %s", name, source)
-    tensors = [
+    return source, [
         (torch.from_numpy(np.array(images)), torch.from_numpy(np.array(labels).astype(np.int64)))
         for images, labels in (splits["train"], splits["test"])
     ]
-    return _standardized_splits(tensors, image_size, channels, source, class_names)  # type: ignore[return-value]
+
+
+_FASHION_HOW_TO_GET = (
+    "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or `pip install torchvision` "
+    "with network access, or pass root= a folder holding the four IDX files."
+)
 
 
 def _candidate_folders(root: str | Path | None, name: str, defaults: Sequence[Path]) -> list[Path]:
@@ -277,17 +277,25 @@ def load_fashion_mnist(
     Returns:
         ``(train, test)``, standardized with the train split's mean and std.
     """
-    return _load_idx_dataset(
-        "FashionMNIST",
-        _candidate_folders(root, "FashionMNIST", [DEBIAN_FASHION_MNIST_DIR]),
-        root,
-        download,
-        image_size,
-        channels,
-        FASHION_MNIST_CLASSES,
-        "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or `pip install torchvision` "
-        "with network access, or pass root= a folder holding the four IDX files.",
-    )
+    folders = _candidate_folders(root, "FashionMNIST", [DEBIAN_FASHION_MNIST_DIR])
+    source, tensors = _idx_tensors("FashionMNIST", folders, root, download, _FASHION_HOW_TO_GET)
+    return _standardized_splits(tensors, image_size, channels, source, FASHION_MNIST_CLASSES)  # type: ignore[return-value]
+
+
+def load_fashion_mnist_pixels(
+    root: str | Path | None = None, download: bool = True
+) -> tuple[ImageDataset, ImageDataset]:
+    """Fashion-MNIST as the files store it: uint8 images ``(N, 28, 28)``, neither resized nor standardized.
+
+    For pipelines that preprocess each model its own way (``timm.data.create_transform`` on
+    ``PIL.Image.fromarray(image.numpy())``). Found as :func:`load_fashion_mnist` finds it.
+
+    Returns:
+        ``(train, test)``.
+    """
+    folders = _candidate_folders(root, "FashionMNIST", [DEBIAN_FASHION_MNIST_DIR])
+    source, tensors = _idx_tensors("FashionMNIST", folders, root, download, _FASHION_HOW_TO_GET)
+    return tuple(ImageDataset(images, labels, source, FASHION_MNIST_CLASSES) for images, labels in tensors)  # type: ignore[return-value]
 
 
 def load_mnist(
@@ -302,16 +310,12 @@ def load_mnist(
     Returns:
         ``(train, test)``, standardized with the train split's mean and std.
     """
-    return _load_idx_dataset(
-        "MNIST",
-        _candidate_folders(root, "MNIST", []),
-        root,
-        download,
-        image_size,
-        channels,
-        [str(i) for i in range(10)],
-        "Install torchvision and run once with network access, or pass root= a folder holding the four IDX files.",
+    folders = _candidate_folders(root, "MNIST", [])
+    how_to_get = (
+        "Install torchvision and run once with network access, or pass root= a folder holding the four IDX files."
     )
+    source, tensors = _idx_tensors("MNIST", folders, root, download, how_to_get)
+    return _standardized_splits(tensors, image_size, channels, source, [str(i) for i in range(10)])  # type: ignore[return-value]
 
 
 def tensors_of(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

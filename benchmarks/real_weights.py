@@ -72,13 +72,16 @@ def _timm_names(weights: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
     return renamed
 
 
-def load_efficientnet_lite(variant: int, num_classes: int) -> nn.Module:
+def load_efficientnet_lite(variant: int, num_classes: int, image_size: int | None = None) -> nn.Module:
     """timm's ``tf_efficientnet_lite{variant}`` with the real ImageNet weights, in eval mode.
 
     Args:
         variant: 0, 1 or 2.
         num_classes: 1000 keeps the ImageNet classifier; any other number gives a new, randomly initialised head
             (to fine-tune) on the pretrained features.
+        image_size: the side of the images the model will be fed (the networks are fully convolutional), recorded
+            as ``pretrained_cfg["input_size"]`` so that ``timm.data.resolve_model_data_config`` and pnc_surgery
+            size its inputs to it; default: the size it was trained at (224, 240, 260).
 
     Returns:
         The model, built with :func:`pnc_surgery.backends.timm.create_model` so a patch can rebuild it.
@@ -91,4 +94,6 @@ def load_efficientnet_lite(variant: int, num_classes: int) -> nn.Module:
     new_head = {"classifier.weight", "classifier.bias"} if num_classes != 1000 else set()
     if set(missing) != new_head or unexpected:
         raise RuntimeError(f"EfficientNet-Lite{variant} weights do not fit: missing {missing}, unexpected {unexpected}")
+    if image_size is not None:
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, image_size, image_size)}
     return model.eval()

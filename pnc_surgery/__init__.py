@@ -17,6 +17,7 @@ from .errors import (
     PncError,
     UnsupportedModelError,
 )
+from .models import load_model
 from .patch import Patch
 from .points import Point, find_points
 
@@ -32,6 +33,7 @@ __all__ = [
     "Patch",
     "Point",
     "find_points",
+    "load_model",
     "SourceTail",
     "capture_features",
     "PncError",

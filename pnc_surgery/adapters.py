@@ -18,44 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
+from .patch.config import FeatureSpec
 from .points import Point
 
 __all__ = ["FeatureSpec", "Adapter", "feature_spec"]
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """Shape facts about one feature, enough to convert it.
-
-    Attributes:
-        layout: ``"NCHW"``, ``"NHWC"`` or ``"NLC"``.
-        shape: shape without the batch dimension.
-        channels: width (channels or hidden size).
-        grid: spatial grid ``(H, W)`` for maps and image tokens; ``None`` for text tokens.
-        prefix: number of leading non-grid tokens (``NLC`` only).
-    """
-
-    layout: str
-    shape: tuple[int, ...]
-    channels: int
-    grid: tuple[int, int] | None
-    prefix: int = 0
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["shape"] = list(self.shape)
-        data["grid"] = list(self.grid) if self.grid else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FeatureSpec":
-        return cls(
-            layout=str(data["layout"]),
-            shape=tuple(int(s) for s in data["shape"]),
-            channels=int(data["channels"]),
-            grid=tuple(int(g) for g in data["grid"]) if data.get("grid") else None,
-            prefix=int(data.get("prefix", 0)),
-        )
 
 
 def feature_spec(point: Point, input_size: tuple[int, int] | None) -> FeatureSpec:

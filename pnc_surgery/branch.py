@@ -12,6 +12,7 @@ tables) the value it recorded.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,12 +32,19 @@ OVERRIDABLE_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_cha
 EXACT_ATOL = 1e-5
 
 
-class _LiveFeature:
-    """The feature of the current tail call, shared by the feed and the stubs (not a module: never saved)."""
+class _LiveFeature(threading.local):
+    """The feature of the current tail call, shared by the feed and the stubs (per thread: concurrent calls of one
+    tail each see their own; not a module: never saved)."""
 
     def __init__(self, cut_shape: Sequence[int]) -> None:
         self.cut_shape = tuple(cut_shape)
         self.feature: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> _LiveFeature:
+        return _LiveFeature(self.cut_shape)
+
+    def __reduce__(self) -> tuple:
+        return (_LiveFeature, (self.cut_shape,))
 
     def shape_like(self, recorded: Sequence[int]) -> tuple[int, ...]:
         """``recorded`` (batch excluded) with the batch, and dims shared with the cut, taken from the live feature."""

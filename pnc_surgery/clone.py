@@ -33,6 +33,7 @@ from .data import (
     model_device, short, to_device, with_shifted_copies,
 )
 from .errors import CloneError, InvalidInputError, UnsupportedModelError
+from .evidence import GateInputs, patch_gate_inputs
 from .gate import GATE_KINDS
 from .localize import branch_parameters, local_accuracy, localize
 from .patch import Patch
@@ -127,17 +128,17 @@ class CloneConfig:
     feature_weight: float = 1.0
     """Weight of feature matching (adapter output vs the source's own feature at the cut)."""
     gate: str = "auto"
-    """``"auto"`` (learned with replay data, energy threshold without), ``"learned"``, ``"energy"`` or ``"none"`` (ablation)."""
+    """``"auto"`` (``"novelty"`` with replay data, ``"energy"`` without), or one of ``pnc_surgery.gate.GATE_KINDS``:
+    ``"learned"`` (the former default) and ``"none"`` are ablations."""
     max_false_positive_rate: float = 0.01
-    """Share of target-domain inputs the gate may send to a cloned class, estimated from the tail of the
-    out-of-fold replay margins (an exponential fit to their top tenth). The estimate is as good as the replay set
-    is large: with 100 replay images, on Fashion-MNIST, 0.01 changed 1.0% of the target's answers on average and
-    0.2-3.3% in single runs. Lower it for more locality, raise it for more new-class accuracy."""
+    """Share of target-domain inputs the gate may send to a cloned class. The gate aims at half of it
+    (``pnc_surgery.gate.CALIBRATION``), from the tail of its out-of-fold replay margins: a quantile estimated from
+    a hundred replay images misses by up to a factor of two in single runs. Lower it for more locality, raise it
+    for more new-class accuracy (the README's frontier shows the trade-off)."""
     shift_replay: bool = True
     """Also calibrate the gate on copies of the replay images shifted by 1/16 of their size: the target has usually
     trained on its replay images and is surer of them than of new inputs, so a gate calibrated on them alone lets
-    more new target-domain inputs through than its budget (measured on digits, 6 seeds: locality 97.4% without,
-    99.3% with; new-class accuracy 76% without, 70% with)."""
+    more new target-domain inputs through than its budget."""
     heldout_fraction: float = 0.2
     """Share of the clone data kept out of training to score the search and report accuracy."""
     feature_batch_size: int = 128
@@ -674,8 +675,8 @@ def _build(run: CloneRun) -> Patch:
     """The winner as a patch with an unfitted gate of the configured kind."""
     assert run.winner is not None, "search() first"
     config, winner = run.config, run.winner
-    kind = config.gate if config.gate != "auto" else ("learned" if run.replay is not None else "energy")
-    patch = Patch.compose(
+    kind = config.gate if config.gate != "auto" else ("novelty" if run.replay is not None else "energy")
+    patch = Patch.from_parts(
         run.source, run.target, winner.cut, winner.insertion, winner.branch, winner.adapter, kind,
         target_input=run.target_sample, source_kwargs=config.source_kwargs or None,
     )
@@ -713,16 +714,18 @@ def package(run: CloneRun, patch: Patch, metrics: dict[str, Any]) -> Patch:
             f"the clone diverged: {len(broken)} tensors of the patch hold NaN or infinite values ({short(broken, 3)}); "
             "lower lr / branch_lr or check the data's scale"
         )
-    patch.config["search"] = run.ranking
+    patch.update_config(search=tuple(run.ranking))
     patch.metrics.update(metrics)
-    patch.config["clone_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(run.config).items()}
+    patch.update_config(clone_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(run.config).items()})
     return patch
 
 @torch.no_grad()
-def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate evidence rows of ``examples`` as the attached patch would see them, and the target's logits."""
-    insertion = patch.config["insertion"]["name"]
-    classifiers = patch.config["target"]["classifiers"]
+def _evidence(
+    patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool
+) -> tuple[GateInputs, torch.Tensor]:
+    """What the gate of the attached patch would see for ``examples``, and the target's logits."""
+    insertion = patch.config.insertion.name
+    classifiers = list(patch.config.target.classifiers)
     features, logits, pre_logits = _extract(
         target, [insertion], examples, config.feature_batch_size, None, "pnc: gate evidence", progress, classifiers
     )
@@ -731,8 +734,9 @@ def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: Clone
     context = {k: v for k, v in examples.inputs.items() if k == "attention_mask"} if isinstance(examples.inputs, dict) else {}
     rows = []
     for index in torch.arange(len(logits)).split(256):
-        rows.append(patch.evidence(features[insertion][index], logits[index], pre_logits[index], **{k: v[index] for k, v in context.items()}))
-    return torch.cat(rows), logits
+        batch_context = {k: v[index] for k, v in context.items()}
+        rows.append(patch_gate_inputs(patch, features[insertion][index], logits[index], pre_logits[index], **batch_context))
+    return GateInputs.cat(rows), logits
 
 
 def _named(points: Sequence[Point], name: str, role: str) -> Point:

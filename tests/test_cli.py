@@ -1,18 +1,33 @@
-"""Specification of the ``pnc-surgery`` command line (points, clone, demo; push/info live in test_hub.py)."""
+"""Specification of the ``pnc-surgery`` command line (points, clone, demo; push/info live in test_hub.py).
+
+Every user error is one line on stderr, with the exit code of its kind (``pnc-surgery --help`` lists them): 2 for a
+wrong argument or input, 3 for a file or model that cannot be used, 4 for the Hub or the network.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
+import pnc_surgery.cli.clone as cli_clone
 from pnc_surgery.backends.timm import create_model
 from pnc_surgery.cli import main
-from pnc_surgery.files import write_tensors
 
-TINY_RESNET = json.dumps({"num_classes": 3, "in_chans": 1, "channels": [8, 16, 32, 64]})
+TINY = {"num_classes": 3, "in_chans": 1, "channels": [8, 16, 32, 64]}
+TINY_RESNET = json.dumps(TINY)
+USAGE, UNUSABLE, NETWORK = 2, 3, 4
+
+
+def error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line a failed command writes to stderr."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, f"an error is one line on stderr, got {lines}"
+    return lines[0]
 
 
 def test_points_prints_a_table_of_the_models_points(capsys):
@@ -33,8 +48,8 @@ def test_points_json_is_machine_readable(capsys):
 
 
 def test_a_model_that_is_neither_timm_nor_a_folder_is_a_clear_error(capsys):
-    assert main(["points", "no-such-model"]) == 2
-    assert "neither a timm model name nor a folder" in capsys.readouterr().err
+    assert main(["points", "no-such-model"]) == USAGE
+    assert "neither a timm model name, a Hub id (namespace/name) nor a folder" in error_line(capsys)
 
 
 def _image_folder(root: Path, classes: dict[str, int], per_class: int = 12) -> Path:
@@ -48,11 +63,19 @@ def _image_folder(root: Path, classes: dict[str, int], per_class: int = 12) -> P
     return root
 
 
+def _clone_argv(tmp_path: Path, data: Path, *extra: str) -> list[str]:
+    return [
+        "clone", "--source", "resnet18", "--target", "resnet18", "--source-kwargs", TINY_RESNET,
+        "--target-kwargs", TINY_RESNET, "--data", str(data), "--out", str(tmp_path / "patch"), "--no-progress",
+        "--config", json.dumps({"max_cuts": 1, "max_insertions": 1, "train_steps": 10}), *extra,
+    ]  # fmt: skip
+
+
 def test_clone_from_image_folders_writes_a_patch(tmp_path, capsys):
     kwargs = {"num_classes": 3, "in_chans": 1, "channels": [8, 16, 32, 64]}
     for role in ("source", "target"):
         model = create_model("resnet18", **kwargs)
-        write_tensors(tmp_path / f"{role}.safetensors", model.state_dict())
+        save_file(model.state_dict(), tmp_path / f"{role}.safetensors")
     data = _image_folder(tmp_path / "data", {"1": 1, "2": 2})
     replay = _image_folder(tmp_path / "replay", {"any": 0})
     config = json.dumps({"max_cuts": 1, "max_insertions": 1, "train_steps": 10})
@@ -117,3 +140,135 @@ def test_demo_tells_the_whole_story(tmp_path, capsys):
     assert float(values["acc_old"]) > 0.9 and float(values["locality"]) >= 0.97
     assert float(values["acc_new"]) > 0.6
     assert (tmp_path / "demo" / "patch_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ user errors
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if the command builds a model: the error must be found before any model work."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli_clone, "load_model", refuse)
+
+
+def test_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit codes" in out
+    for code in ("2", "3", "4", "5"):
+        assert f"\n  {code} " in out
+
+
+def test_a_bad_command_line_is_one_line_and_exit_code_2(capsys):
+    assert main(["clone", "--source", "resnet18"]) == USAGE
+    assert "required" in error_line(capsys)
+
+
+def test_unknown_kwargs_are_a_one_line_usage_error(capsys):
+    assert main(["points", "resnet18", "--kwargs", json.dumps({**TINY, "no_such_kwarg": 1})]) == USAGE
+    assert "no_such_kwarg" in error_line(capsys)
+
+
+def test_kwargs_that_are_not_a_json_object_are_a_usage_error(capsys):
+    assert main(["points", "resnet18", "--kwargs", "[1, 2]"]) == USAGE
+    assert "--kwargs must be a JSON object" in error_line(capsys)
+
+
+def test_a_folder_with_an_invalid_config_json_is_an_unusable_model(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"architectures": ["ViTForImageClassification"], ')
+    assert main(["points", str(tmp_path / "model")]) == UNUSABLE
+    assert "config.json" in error_line(capsys)
+
+
+def test_an_empty_data_folder_is_a_usage_error_before_any_model_is_loaded(tmp_path, capsys, no_model_loading):
+    (tmp_path / "data").mkdir()
+    assert main(_clone_argv(tmp_path, tmp_path / "data")) == USAGE
+    assert "no sub-folders" in error_line(capsys)
+
+
+def test_a_broken_png_names_the_file(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", {"1": 1}, per_class=2)
+    (data / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    assert main(_clone_argv(tmp_path, data)) == UNUSABLE
+    assert "broken.png" in error_line(capsys)
+    assert not (tmp_path / "patch").exists()
+
+
+def test_an_unknown_config_key_is_a_usage_error_before_any_model_is_loaded(tmp_path, capsys, no_model_loading):
+    data = _image_folder(tmp_path / "data", {"1": 1}, per_class=2)
+    assert main([*_clone_argv(tmp_path, data), "--config", '{"train_stepz": 5}']) == USAGE
+    assert "train_stepz" in error_line(capsys)
+
+
+def test_a_checkpoint_that_does_not_fit_says_which_tensors(tmp_path, capsys):
+    other = create_model("resnet18", num_classes=3, in_chans=1, channels=[4, 8, 16, 32])
+    save_file(other.state_dict(), tmp_path / "other.safetensors")
+    data = _image_folder(tmp_path / "data", {"1": 1}, per_class=2)
+    assert main([*_clone_argv(tmp_path, data), "--target-checkpoint", str(tmp_path / "other.safetensors")]) == UNUSABLE
+    line = error_line(capsys)
+    assert "--target-checkpoint" in line and "of another shape" in line
+
+
+@pytest.mark.parametrize("existing", ["file", "folder"])
+def test_an_existing_out_path_is_refused_before_any_model_is_loaded(tmp_path, capsys, no_model_loading, existing):
+    data = _image_folder(tmp_path / "data", {"1": 1}, per_class=2)
+    if existing == "file":
+        (tmp_path / "patch").write_text("keep me")
+    else:
+        (tmp_path / "patch").mkdir()
+    assert main(_clone_argv(tmp_path, data)) == USAGE
+    assert "--out" in error_line(capsys)
+    assert existing == "folder" or (tmp_path / "patch").read_text() == "keep me"
+
+
+def test_demo_refuses_to_overwrite_without_overwrite(tmp_path, capsys, monkeypatch):
+    import pnc_surgery.demo
+
+    monkeypatch.setattr(pnc_surgery.demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran over an old patch"))
+    (tmp_path / "pnc_demo_patch").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--no-progress"]) == USAGE
+    assert "--overwrite" in error_line(capsys)
+
+
+def test_demo_overwrites_when_asked(tmp_path, capsys, monkeypatch):
+    import pnc_surgery.demo
+
+    ran = []
+    monkeypatch.setattr(pnc_surgery.demo, "run_demo", lambda out, **k: ran.append(out) or {"acc_all": 1.0})
+    (tmp_path / "old").mkdir()
+    assert main(["demo", "--out", str(tmp_path / "old"), "--overwrite", "--no-progress"]) == 0
+    assert ran == [tmp_path / "old"]
+
+
+def test_an_unexpected_error_is_one_line_with_exit_code_1(capsys, monkeypatch):
+    monkeypatch.setattr("pnc_surgery.cli.points.find_points", lambda model: 1 / 0)
+    assert main(["points", "resnet18", "--kwargs", TINY_RESNET]) == 1
+    line = error_line(capsys)
+    assert "internal error: ZeroDivisionError" in line and "--traceback" in line
+
+
+def test_a_hub_that_cannot_be_reached_is_exit_code_4(capsys, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline and nothing cached: nothing is contacted
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    assert main(["points", "someone/some-model"]) == NETWORK
+    assert "someone/some-model" in error_line(capsys)
+
+
+def test_image_folders_are_normalised_with_the_target_models_own_statistics(tmp_path):
+    (tmp_path / "data" / "1").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(tmp_path / "data" / "1" / "grey.png")
+    model = create_model("resnet18", num_classes=3)  # timm's data config: ImageNet mean and std
+    [(image, label)] = cli_clone.image_folder(tmp_path / "data", model)
+    mean, std = torch.tensor(model.pretrained_cfg["mean"]), torch.tensor(model.pretrained_cfg["std"])
+    assert label == 1
+    assert torch.allclose(image[:, 0, 0], (128 / 255 - mean) / std, atol=1e-5)

@@ -14,6 +14,7 @@ from benchmarks.datasets import (
     class_split,
     load_digits,
     load_fashion_mnist,
+    load_fashion_mnist_pixels,
     load_mnist,
     select_classes,
     split_batch,
@@ -60,6 +61,9 @@ def test_idx_loader_reads_a_folder_and_says_so(tmp_path):
     assert train.source == str(tmp_path) and train.labels.tolist()[:3] == [0, 1, 2]
     train, _ = load_fashion_mnist(root=tmp_path, download=False)
     assert train.class_names[0] == "T-shirt/top"
+    pixels, _ = load_fashion_mnist_pixels(root=tmp_path, download=False)
+    assert pixels.images.dtype == torch.uint8 and pixels.images.shape == (30, 28, 28)
+    assert pixels.images.float().max() > 200, "raw pixels: neither resized nor standardized"
 
 
 def test_missing_data_gives_advice(tmp_path):

@@ -39,6 +39,14 @@ def test_a_new_head_keeps_the_pretrained_features(palace_photo):
         assert fresh(x).shape == (2, 5)
 
 
+def test_the_declared_image_size_is_what_timm_preprocesses_to():
+    import timm
+
+    model = load_efficientnet_lite(1, num_classes=5, image_size=80)
+    config = timm.data.resolve_model_data_config(model)
+    assert config["input_size"] == (3, 80, 80) and config["mean"] == (0.5, 0.5, 0.5)
+
+
 def test_a_variant_without_weights_is_refused():
     with pytest.raises(ValueError, match="variants"):
         load_efficientnet_lite(3, num_classes=5)

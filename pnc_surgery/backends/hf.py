@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError, UnsupportedModelError
-from .base import Backend, ModelInputs
+from .base import Backend, ModelInputs, ordinary_tokens
 
 __all__ = ["TransformersBackend", "SUPPORTED_CLASS_SUFFIXES"]
 
@@ -36,6 +36,17 @@ class TransformersBackend(Backend):
     def vocab_size(self, model: nn.Module) -> int | None:
         return getattr(model.config, "vocab_size", None)
 
+    def pad_token_id(self, model: nn.Module) -> int | None:
+        pad = getattr(model.config, "pad_token_id", None)
+        return pad if isinstance(pad, int) else None
+
+    def special_token_ids(self, model: nn.Module) -> set[int]:
+        ids = set()
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
+            value = getattr(model.config, key, None)
+            ids.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int) and v >= 0)
+        return ids
+
     def example_input(self, model: nn.Module, batch_size: int = 2, seed: int = 0) -> ModelInputs:
         config, gen = model.config, torch.Generator().manual_seed(seed)
         main = self.main_input_name(model)
@@ -46,9 +57,17 @@ class TransformersBackend(Backend):
             return {main: torch.randn(batch_size, channels, int(height), int(width), generator=gen)}
         if main == "input_ids":
             length = min(TEXT_EXAMPLE_LENGTH, int(getattr(config, "max_position_embeddings", TEXT_EXAMPLE_LENGTH)))
-            ids = torch.randint(1, max(int(config.vocab_size), 2), (batch_size, length), generator=gen)
             mask = torch.ones(batch_size, length, dtype=torch.long)
             mask[1:, length - length // 4 :] = 0  # a padded row, so the mask matters
+            vocab = max(int(getattr(config, "vocab_size", None) or 256), 2)  # character models take code points
+            special = [i for i in self.special_token_ids(model) if i < vocab]
+            ids = ordinary_tokens(vocab, special, (batch_size, length), gen) if vocab > len(special) + 1 else mask.clone()
+            eos, pad = getattr(config, "eos_token_id", None), self.pad_token_id(model)
+            eos = eos[0] if isinstance(eos, list) and eos else eos
+            if isinstance(eos, int) and 0 <= eos < vocab:  # as a tokenizer ends each text (BART-style heads pool the last eos)
+                ids[torch.arange(batch_size), mask.sum(1) - 1] = eos
+            if pad is not None:  # and pads the masked positions
+                ids[mask == 0] = pad
             return {main: ids, "attention_mask": mask}
         raise UnsupportedModelError(f"cannot build an example {main!r} for {type(model).__name__}; pass example_input")
 
@@ -62,8 +81,8 @@ class TransformersBackend(Backend):
         main = self.main_input_name(model)
         if not isinstance(inputs, Mapping):
             raise InvalidInputError(
-                f"transformers models take keyword inputs: pass a dict like {{'{main}': tensor, ...}}, "
-                f"got {type(inputs).__name__}"
+                f"transformers models take a tensor (their {main!r}) or keyword inputs such as "
+                f"{{'{main}': tensor, ...}}, got {type(inputs).__name__}"
             )
         if main not in inputs:
             raise InvalidInputError(f"example input needs {main!r} for {type(model).__name__}; got keys {sorted(inputs)}")

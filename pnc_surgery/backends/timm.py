@@ -41,6 +41,21 @@ def _first_conv(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 
 
+def _built_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """The ``img_size`` the model was built with, from whichever module keeps it (``patch_embed``, ``stem``, ...).
+
+    timm models built with ``img_size=`` keep it on their patch embedding, whatever its name; ``pretrained_cfg``
+    still says the default size. ``None`` when no module records a fixed size (CNNs take any size).
+    """
+    for module in model.modules():
+        size = getattr(module, "img_size", None)
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+            return int(size[0]), int(size[1])
+    return None
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
@@ -67,10 +82,9 @@ class TimmBackend(Backend):
         return int(model.pretrained_cfg.get("input_size", (3,))[0])
 
     def image_size(self, model: nn.Module) -> tuple[int, int]:
-        patch_embed = getattr(model, "patch_embed", None)
-        size = getattr(patch_embed, "img_size", None)
+        size = _built_image_size(model)
         if size is not None:
-            return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+            return size
         from timm.data import resolve_model_data_config
 
         _, height, width = resolve_model_data_config(model)["input_size"]
@@ -119,8 +133,9 @@ class TimmBackend(Backend):
         kwargs = dict(getattr(model, MODEL_KWARGS_ATTR, None) or {})
         if not kwargs:
             kwargs = {"num_classes": int(model.num_classes), "in_chans": self.in_chans(model)}
-            if getattr(model, "patch_embed", None) is not None and hasattr(model.patch_embed, "img_size"):
-                kwargs["img_size"] = list(self.image_size(model))
+            size = _built_image_size(model)
+            if size is not None and size != tuple(model.pretrained_cfg.get("input_size", (3, *size))[1:]):
+                kwargs["img_size"] = list(size)
         kwargs.update(hints)
         kwargs.pop("pretrained", None)
         architecture = {"family": self.family, "name": name, "kwargs": _jsonable(kwargs)}
@@ -148,9 +163,9 @@ class TimmBackend(Backend):
             raise UnsupportedModelError(f"timm has no model named {name!r} (timm {timm.__version__})")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
         try:
-            with torch.device("meta"):
+            with torch.device("meta"):  # never on the CPU: the sizes may come from an untrusted patch file
                 return timm.create_model(name, pretrained=False, **kwargs)
-        except (RuntimeError, NotImplementedError):  # some constructors call .item() / .tolist() on tensors
-            return timm.create_model(name, pretrained=False, **kwargs)
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            raise UnsupportedModelError(f"timm.create_model({name!r}) cannot be built on the meta device: {exc}") from None
         except TypeError as exc:
             raise UnsupportedModelError(f"timm.create_model({name!r}) rejected the recorded kwargs: {exc}") from None

@@ -1,55 +1,149 @@
-"""``pnc-surgery clone`` (clone classes from image folders) and ``pnc-surgery demo`` (the built-in story)."""
+"""``pnc-surgery clone`` (clone classes from image folders) and ``pnc-surgery demo`` (the built-in story).
+
+Every argument is checked before any model is built or trained: the output folder, the JSON options, the data
+folders; then the models, their checkpoints and every image are read, and only then does the clone start.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..backends import backend_for
 from ..clone import CloneConfig, clone
-from ..errors import InvalidInputError
-from .models import load_model
+from ..models import load_model
+from .errors import UNUSABLE, CommandError
 
-__all__ = ["register", "image_folder"]
+__all__ = ["register", "image_folder", "check_output_folder", "json_object"]
+
+_MODEL_HELP = "timm name (resnet18), Hub id (timm/resnet18.a1_in1k, google/vit-base-patch16-224) or local folder"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "clone", help="clone classes of a source model into a target model", description=__doc__
-    )
-    parser.add_argument("--source", required=True, help="timm name or transformers folder of the source model")
-    parser.add_argument("--target", required=True, help="timm name or transformers folder of the target model")
-    parser.add_argument("--source-checkpoint", help="safetensors state dict of the source")
-    parser.add_argument("--target-checkpoint", help="safetensors state dict of the target")
-    parser.add_argument("--source-kwargs", help="timm create_model kwargs of the source, as JSON")
-    parser.add_argument("--target-kwargs", help="timm create_model kwargs of the target, as JSON")
-    parser.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs network)")
+    """Add the ``clone`` and ``demo`` subcommands."""
+    parser = subparsers.add_parser("clone", help="clone classes of a source model into a target model")
+    parser.description = __doc__
+    parser.add_argument("--source", required=True, help=f"the source model: {_MODEL_HELP}")
+    parser.add_argument("--target", required=True, help=f"the target model: {_MODEL_HELP}")
+    parser.add_argument("--source-checkpoint", help="safetensors state dict to load into the source")
+    parser.add_argument("--target-checkpoint", help="safetensors state dict to load into the target")
+    parser.add_argument("--source-kwargs", help="create_model kwargs (timm) or config fields (transformers), as JSON")
+    parser.add_argument("--target-kwargs", help="create_model kwargs (timm) or config fields (transformers), as JSON")
     parser.add_argument(
-        "--data", required=True, help="image folder: one sub-folder per source class (its id or label name)"
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load pretrained weights (default: yes for Hub ids and folders, no for timm names)",
     )
-    parser.add_argument("--replay", help="image folder of target-domain images (any sub-folders) that protect locality")
+    parser.add_argument("--data", required=True, help="image folder: one sub-folder per source class (id or name)")
+    parser.add_argument("--replay", help="image folder of target-domain images (any sub-folders) that keep locality")
     parser.add_argument("--classes", nargs="+", type=int, help="source class ids to clone (default: all sub-folders)")
-    parser.add_argument("--out", required=True, help="folder to save the patch to")
-    parser.add_argument("--config", help="CloneConfig fields as JSON, e.g. '{\"train_steps\": 800}'")
+    parser.add_argument("--out", required=True, help="folder to save the patch to (must not exist, see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the patch files in an existing --out folder")
+    parser.add_argument("--config", help='CloneConfig fields as JSON, e.g. {"train_steps": 800}')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=_clone)
 
     demo = subparsers.add_parser("demo", help="the whole story on scikit-learn's digits, in about a minute")
+    demo.description = "Train two small digit classifiers, clone digits 5, 6, 7 from one into the other, measure."
     demo.add_argument("--out", default="pnc_demo_patch", help="folder to save the demo patch to")
+    demo.add_argument("--overwrite", action="store_true", help="replace the patch files in an existing --out folder")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)
 
 
+def check_output_folder(out: str | Path, overwrite: bool) -> Path:
+    """``out`` as the folder a patch will be saved to, refused now rather than after the work.
+
+    Raises:
+        CommandError: ``out`` is a file or a link, exists without ``overwrite``, or cannot be created.
+    """
+    path = Path(out)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise CommandError(f"--out {path} exists and is not a folder (a patch is saved as a folder)")
+    if path.exists() and not overwrite:
+        raise CommandError(f"--out {path} already exists; pass --overwrite to replace its patch files")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"--out {path} cannot be created: {parent} is not a writable folder")
+    return path
+
+
+def json_object(text: str | None, option: str) -> dict[str, Any]:
+    """The JSON object given to ``option`` (``{}`` when not given)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{option} is not valid JSON ({exc}): {text[:200]!r}") from None
+    if not isinstance(value, dict):
+        raise CommandError(f"{option} must be a JSON object like '{{\"key\": 1}}', got {text[:200]!r}")
+    return value
+
+
+def _clone_config(text: str | None) -> CloneConfig:
+    fields = json_object(text, "--config")
+    known = {f.name for f in dataclasses.fields(CloneConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CommandError(f"--config: CloneConfig has no fields {unknown}; it has {sorted(known)}")
+    try:
+        return CloneConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"--config: {exc}") from None
+
+
+def _data_folder(folder: str, option: str) -> Path:
+    root = Path(folder)
+    if not root.is_dir():
+        raise CommandError(f"{option} {root} is not a folder of class sub-folders")
+    if not any(child.is_dir() for child in root.iterdir()):
+        raise CommandError(f"{option} {root} has no sub-folders: put the images of each class in its own sub-folder")
+    return root
+
+
+def _load_checkpoint(model: nn.Module, path: str, option: str) -> None:
+    """Load a safetensors state dict into ``model``, refusing one that does not fit (names and shapes)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise CommandError(f"{option} {path}: not a readable safetensors file ({exc})", UNUSABLE) from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    wrong = [
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in tensors and tensors[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
+        problems = [
+            f"{len(items)} {what} (first: {', '.join(items[:2])})"
+            for what, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong))
+            if items
+        ]
+        raise CommandError(
+            f"{option} {path} does not fit {type(model).__name__}: tensors {'; '.join(problems)}", UNUSABLE
+        )
+    model.load_state_dict(tensors)
+
+
 def image_folder(
     folder: str | Path, model: nn.Module, class_ids: dict[str, int] | None = None, labelled: bool = True
-) -> list[tuple[torch.Tensor, ...]]:
+) -> list[tuple[Any, ...]]:
     """``(image, label)`` pairs from ``folder/<class>/*`` sized for ``model`` (``(image,)`` when not ``labelled``).
 
     Args:
@@ -57,48 +151,73 @@ def image_folder(
         model: the model whose input size and channels the images take.
         class_ids: sub-folder name -> class id; by default sub-folder names must be integers.
         labelled: whether sub-folder names are class labels (replay folders may use any names).
+
+    Raises:
+        CommandError: no images, a sub-folder that names no class, or a file that is not a readable image.
     """
     from torchvision import datasets, transforms
 
     root = Path(folder)
-    if not root.is_dir():
-        raise InvalidInputError(f"{root} is not a folder of class sub-folders")
     expected = backend_for(model).expected_image(model)
     if expected is None:
-        raise InvalidInputError(f"{type(model).__name__} does not take images; image folders cannot feed it")
+        raise CommandError(f"{type(model).__name__} does not take images; image folders cannot feed it")
     channels, size = expected
     steps: list[Any] = [transforms.Resize(size)]
     if channels == 1:
         steps.append(transforms.Grayscale(1))
-    steps += [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
-    dataset = datasets.ImageFolder(str(root), transform=transforms.Compose(steps))
-    if not labelled:
-        return [(image,) for image, _ in dataset]
-    mapping = {}
-    for name in dataset.classes:
-        if class_ids is not None and name in class_ids:
-            mapping[name] = class_ids[name]
-        elif name.isdigit():
-            mapping[name] = int(name)
-        else:
-            raise InvalidInputError(
-                f"sub-folder {name!r} of {root} is neither a class id nor a label name of the source"
-            )
-    to_id = {index: mapping[name] for name, index in dataset.class_to_idx.items()}
-    return [(image, to_id[label]) for image, label in dataset]
+    steps += [transforms.ToTensor(), transforms.Normalize(*_normalization(model, channels))]
+    transform = transforms.Compose(steps)
+    try:
+        dataset = datasets.ImageFolder(str(root))
+    except FileNotFoundError as exc:  # torchvision's words for "no class folder" and "no image file"
+        raise CommandError(f"{root}: no images found ({exc})") from None
+    to_id = (
+        {index: _class_id(name, class_ids, root) for name, index in dataset.class_to_idx.items()} if labelled else {}
+    )
+    pairs: list[tuple[Any, ...]] = []
+    for path, label in dataset.samples:
+        try:
+            image = transform(dataset.loader(path))
+        except (OSError, ValueError) as exc:  # PIL: UnidentifiedImageError, truncated files, bad modes
+            raise CommandError(f"{path}: not a readable image ({exc})", UNUSABLE) from None
+        pairs.append((image, to_id[label]) if labelled else (image,))
+    return pairs
+
+
+def _normalization(model: nn.Module, channels: int) -> tuple[list[float], list[float]]:
+    """The mean and std a timm model's data config asks for; 0.5 and 0.5 for models that record none."""
+    config = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = config.get("mean"), config.get("std")
+    if isinstance(mean, (tuple, list)) and isinstance(std, (tuple, list)) and len(mean) == len(std) == channels:
+        return [float(m) for m in mean], [float(s) for s in std]
+    return [0.5] * channels, [0.5] * channels
+
+
+def _class_id(name: str, class_ids: dict[str, int] | None, root: Path) -> int:
+    if class_ids is not None and name in class_ids:
+        return class_ids[name]
+    if name.isdigit():
+        return int(name)
+    raise CommandError(f"sub-folder {name!r} of {root} is neither a class id nor a label name of the source")
+
+
+def _model(spec: str, pretrained: bool | None, kwargs: str | None, checkpoint: str | None, role: str) -> nn.Module:
+    model = load_model(spec, pretrained=pretrained, **json_object(kwargs, f"--{role}-kwargs"))
+    if checkpoint:
+        _load_checkpoint(model, checkpoint, f"--{role}-checkpoint")
+    return model
 
 
 def _clone(args: argparse.Namespace) -> int:
-    source = load_model(
-        args.source, pretrained=args.pretrained, kwargs=args.source_kwargs, checkpoint=args.source_checkpoint
-    )
-    target = load_model(
-        args.target, pretrained=args.pretrained, kwargs=args.target_kwargs, checkpoint=args.target_checkpoint
-    )
+    out = check_output_folder(args.out, args.overwrite)
+    config = _clone_config(args.config)
+    data_root = _data_folder(args.data, "--data")
+    replay_root = _data_folder(args.replay, "--replay") if args.replay else None
+    source = _model(args.source, args.pretrained, args.source_kwargs, args.source_checkpoint, "source")
+    target = _model(args.target, args.pretrained, args.target_kwargs, args.target_checkpoint, "target")
     names = backend_for(source).class_names(source) or []
-    data = image_folder(args.data, target, {name: i for i, name in enumerate(names)})
-    replay = image_folder(args.replay, target, labelled=False) if args.replay else None
-    config = CloneConfig(**json.loads(args.config)) if args.config else CloneConfig()
+    data = image_folder(data_root, target, {name: i for i, name in enumerate(names)})
+    replay = image_folder(replay_root, target, labelled=False) if replay_root else None
     patch = clone(
         source,
         target,
@@ -109,7 +228,7 @@ def _clone(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    folder = patch.save_pretrained(args.out)
+    folder = patch.save_pretrained(out)
     print(patch.summary())
     print(f"saved to {folder}")
     return 0
@@ -118,7 +237,8 @@ def _clone(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    results = run_demo(args.out, seed=args.seed, progress=not args.no_progress)
+    out = check_output_folder(args.out, args.overwrite)
+    results = run_demo(out, seed=args.seed, progress=not args.no_progress)
     print("pnc_surgery demo: clone digits 5, 6, 7 from a source into a target that knows 0-4 (scikit-learn digits)")
     for key, value in results.items():
         print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")

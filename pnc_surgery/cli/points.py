@@ -5,22 +5,29 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..points import find_points
-from .models import load_model
+from ..models import load_model
+from ..points import Point, find_points
+from .clone import json_object
 
 __all__ = ["register", "format_points"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``points`` subcommand."""
     parser = subparsers.add_parser("points", help="list where a model can be cut or tapped", description=__doc__)
-    parser.add_argument("model", help="a timm model name (e.g. resnet18) or a local transformers model folder")
-    parser.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs network)")
-    parser.add_argument("--kwargs", help="timm create_model kwargs as JSON, e.g. '{\"img_size\": 64}'")
+    parser.add_argument("model", help="timm name (resnet18), Hub id (timm/resnet18.a1_in1k) or local model folder")
+    parser.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load pretrained weights (default: yes for Hub ids and folders, no for timm names)",
+    )
+    parser.add_argument("--kwargs", help='create_model kwargs (timm) or config fields, as JSON: {"img_size": 64}')
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=_run)
 
 
-def format_points(points: list) -> str:
+def format_points(points: list[Point]) -> str:
     """A fixed-width table of points."""
     rows = [("#", "name", "shape", "layout", "reduction", "width")]
     rows += [
@@ -32,7 +39,7 @@ def format_points(points: list) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, pretrained=args.pretrained, kwargs=args.kwargs)
+    model = load_model(args.model, pretrained=args.pretrained, **json_object(args.kwargs, "--kwargs"))
     points = find_points(model)
     print(json.dumps([p.to_dict() for p in points], indent=2) if args.json else format_points(points))
     return 0
