@@ -1,9 +1,9 @@
 """Attach and detach: the forward hooks that run a patch inside its target, and the checks made before they go in.
 
-Four hooks do the work: a pre-hook on the target starts a call (recording its keyword inputs, such as attention
+Five hooks do the work: a pre-hook on the target starts a call (recording its keyword inputs, such as attention
 masks), a hook on the insertion module runs adapter and branch on the (detached) feature, pre-hooks on the
-target's classifiers record their inputs (the gate reads them), and an always-called hook on the target appends
-the gated scores to the logits and ends the call, even when the forward raises.
+target's classifiers and of the branch record their inputs (the gate reads them), and an always-called hook on
+the target appends the gated scores to the logits and ends the call, even when the forward raises.
 
 Per-call state lives on a per-thread stack owned by the :class:`Attachment`, never on the patch, so several
 threads may call one patched target at once and each gets what a sequential call gives. ``copy.deepcopy`` of an
@@ -24,14 +24,13 @@ from torch import nn
 
 from ..backends import backend_for
 from ..errors import InvalidInputError, PatchMismatchError, PatchStateError
-from ..evidence import branch_outputs
 from .config import PatchConfig
 from .labels import SAVED_ATTR
 
 if TYPE_CHECKING:
     from .module import Patch
 
-__all__ = ["WEIGHTS_SAMPLE_SIZE", "Attachment", "check_fits", "weights_sample"]
+__all__ = ["WEIGHTS_SAMPLE_SIZE", "Attachment", "BranchCapture", "check_fits", "drop_dead_captures", "weights_sample"]
 
 WEIGHTS_SAMPLE_SIZE = 64
 WEIGHTS_TOLERANCE = 1e-2  # relative L2 distance: a dtype cast stays far below it, a retrained model far above
@@ -165,6 +164,9 @@ class Attachment:
             self.handles.append(model.get_submodule(self.insertion).register_forward_hook(self.on_insertion))
             for name in self.classifiers:
                 self.handles.append(model.get_submodule(name).register_forward_pre_hook(self.on_classifier))
+            for name in self.patch.branch.classifiers:  # hooks on the patch's own branch: what the gate reads
+                branch_classifier = self.patch.branch.model.get_submodule(name)
+                self.handles.append(branch_classifier.register_forward_pre_hook(BranchCapture(self)))
             self.handles.append(model.register_forward_hook(self.on_output, always_call=True))
         except BaseException:
             self.remove()
@@ -211,9 +213,14 @@ class Attachment:
                 f"the patch expects {self.feature_shape}"
             )
         feature = self.patch.receive(output.detach())
-        stack[-1]["branch_logits"], stack[-1]["branch_features"] = branch_outputs(
-            self.patch.branch, self.patch.adapter(feature), **stack[-1]["context"]
-        )
+        state = stack[-1]
+        state["branch_parts"] = []  # filled by the branch classifiers' pre-hooks (BranchCapture), this thread only
+        try:
+            logits = self.patch.branch(self.patch.adapter(feature), **state["context"])
+        finally:
+            parts = state.pop("branch_parts")
+        state["branch_logits"] = logits
+        state["branch_features"] = torch.cat(parts, dim=1) if parts else logits.new_zeros(len(logits), 0)
 
     def on_classifier(self, module: nn.Module, args: tuple) -> None:
         stack = self._stack()
@@ -263,3 +270,36 @@ class Attachment:
             "model.state_dict() (the patch never changes it) and the patch with patch.save_pretrained(...), or "
             "patch.detach() first"
         )
+
+
+class BranchCapture:
+    """Pre-hook on a classifier of the patch's branch: records its input into the calling thread's current call.
+
+    An object rather than a bound method so that a copy of the patch alone (whose attachment comes out ``None``)
+    holds a hook that does nothing, which :func:`drop_dead_captures` then removes.
+    """
+
+    def __init__(self, attachment: Attachment | None) -> None:
+        self.attachment = attachment
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.attachment is None:
+            return
+        stack = self.attachment._stack()
+        if stack and "branch_parts" in stack[-1] and args and isinstance(args[0], torch.Tensor):
+            stack[-1]["branch_parts"].append(args[0].detach().flatten(1))
+
+    def __deepcopy__(self, memo: dict) -> BranchCapture:
+        import copy
+
+        return BranchCapture(copy.deepcopy(self.attachment, memo))
+
+
+def drop_dead_captures(module: nn.Module) -> None:
+    """Remove the :class:`BranchCapture` hooks of no attachment from ``module``'s submodules (a copied patch)."""
+    for submodule in module.modules():
+        dead = [
+            k for k, h in submodule._forward_pre_hooks.items() if isinstance(h, BranchCapture) and h.attachment is None
+        ]
+        for key in dead:
+            del submodule._forward_pre_hooks[key]

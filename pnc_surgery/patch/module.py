@@ -11,6 +11,7 @@ target in another dtype has its features cast for the patch and the patch's scor
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +32,7 @@ from ..gate import Gate
 from ..points import Point
 from . import build, labels, serialization
 from .config import FORMAT_VERSION, PatchConfig
-from .hooks import Attachment, check_fits
+from .hooks import Attachment, check_fits, drop_dead_captures
 
 if TYPE_CHECKING:
     from ..adapters import Adapter
@@ -64,6 +65,16 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         self.metrics: dict[str, Any] = dict(config.metrics)
         self._attachment: Attachment | None = None
         self._hub_mixin_config = None  # the mixin's own config.json is never written: the patch has its own file
+
+    def __deepcopy__(self, memo: dict) -> Patch:
+        """A copy; copied alone (not as part of a copy of the model it is attached to) it comes out detached."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        if new._attachment is None:
+            drop_dead_captures(new)
+        return new
 
     # ------------------------------------------------------------------ construction
     @classmethod
