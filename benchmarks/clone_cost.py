@@ -10,6 +10,7 @@ Two tables, both measured in one process so that only ratios count on a shared m
 
 Run ``python -m benchmarks.clone_cost`` (``--help`` for the options); ``--json`` writes every row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,7 @@ def _split(image_size: int, level: float | int, seed: int) -> tuple[ClassSplit, 
 
 
 def _models(pair: tuple[str, str], split: ClassSplit, image_size: int, seed: int, cache: Path, steps: int):
-    common = dict(dataset_name="digits", image_size=image_size, steps=steps, seed=seed, cache_dir=cache,
-                  progress=False)
+    common = dict(dataset_name="digits", image_size=image_size, steps=steps, seed=seed, cache_dir=cache, progress=False)
     source, _ = trained_model(pair[0], "source", split.source_train, split.source_classes, **common)
     target, _ = trained_model(pair[1], "target", split.target_train, split.target_classes, **common)
     return source, target
@@ -106,19 +106,34 @@ def ratio_row(
     outcome = lwf(context)
     lwf_scores = _scores(outcome.model, split, reference)
     started = time.perf_counter()
-    patch = clone(source, target, split.clone, classes=list(split.clone_source_ids), replay=split.replay,
-                  config=config, seed=seed, progress=False)
+    patch = clone(
+        source,
+        target,
+        split.clone,
+        classes=list(split.clone_source_ids),
+        replay=split.replay,
+        config=config,
+        seed=seed,
+        progress=False,
+    )
     seconds = time.perf_counter() - started
     with patch.attached(target):
         clone_scores = _scores(target, split, reference)
     return {
-        "pair": name, "image_size": image_size, "clone_images": len(split.clone), "replay_images": len(split.replay),
-        "lwf_seconds": round(outcome.seconds, 2), "clone_seconds": round(seconds, 2),
+        "pair": name,
+        "image_size": image_size,
+        "clone_images": len(split.clone),
+        "replay_images": len(split.replay),
+        "lwf_seconds": round(outcome.seconds, 2),
+        "clone_seconds": round(seconds, 2),
         "ratio": round(seconds / outcome.seconds, 2),
-        "clone_acc_all": clone_scores["acc_all"], "clone_locality": clone_scores["locality"],
-        "lwf_acc_all": lwf_scores["acc_all"], "lwf_locality": lwf_scores["locality"],
+        "clone_acc_all": clone_scores["acc_all"],
+        "clone_locality": clone_scores["locality"],
+        "lwf_acc_all": lwf_scores["acc_all"],
+        "lwf_locality": lwf_scores["locality"],
         "patch_bytes_ratio": round(_patch_bytes(patch) / safetensors_bytes(source), 3),
-        "cut": patch.metrics.get("cut"), "insertion": patch.metrics.get("insertion"),
+        "cut": patch.metrics.get("cut"),
+        "insertion": patch.metrics.get("insertion"),
         "stage_seconds": patch.metrics.get("stage_seconds"),
     }
 
@@ -129,13 +144,26 @@ def cost_row(source_arch: str, level: float | int, seed: int, cache: Path, confi
     source, target = _models((source_arch, "resnet10t"), split, 32, seed, cache, steps)
     flops = source_flops(source, split.clone.images[:1])
     started = time.perf_counter()
-    clone(source, target, split.clone, classes=list(split.clone_source_ids), replay=split.replay, config=config,
-          seed=seed, progress=False)
+    clone(
+        source,
+        target,
+        split.clone,
+        classes=list(split.clone_source_ids),
+        replay=split.replay,
+        config=config,
+        seed=seed,
+        progress=False,
+    )
     seconds = time.perf_counter() - started
     work = flops * len(split.clone)
-    return {"source": source_arch, "clone_images": len(split.clone), "source_mflops": round(flops / 1e6, 2),
-            "work_gflops": round(work / 1e9, 2), "clone_seconds": round(seconds, 2),
-            "seconds_per_tflop": round(seconds / (work / 1e12), 1)}
+    return {
+        "source": source_arch,
+        "clone_images": len(split.clone),
+        "source_mflops": round(flops / 1e6, 2),
+        "work_gflops": round(work / 1e9, 2),
+        "clone_seconds": round(seconds, 2),
+        "seconds_per_tflop": round(seconds / (work / 1e12), 1),
+    }
 
 
 def _print(rows: Sequence[dict], keys: Sequence[str]) -> None:
@@ -149,8 +177,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tables", nargs="+", default=["ratio", "cost"], choices=["ratio", "cost"])
     parser.add_argument("--pairs", nargs="+", default=None, help="pair names (default: benchmark + wide pairs)")
     parser.add_argument("--budget", default="default", help="CloneConfig(budget=...)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="other CloneConfig fields, values as Python literals (e.g. cost_weight=0)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="other CloneConfig fields, values as Python literals (e.g. cost_weight=0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-steps", type=int, default=300, help="training steps of the source and target")
     parser.add_argument("--cache", type=Path, default=Path(".cache/pnc_benchmark"))
@@ -175,13 +208,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     row = cost_row(source_arch, level, args.seed, args.cache, config, args.model_steps)
                     document["cost"].append(row)
                     print(json.dumps(row), flush=True)
-    keys = ["pair", "clone_seconds", "lwf_seconds", "ratio", "clone_acc_all", "clone_locality", "lwf_acc_all",
-            "lwf_locality", "patch_bytes_ratio"]
+    keys = [
+        "pair",
+        "clone_seconds",
+        "lwf_seconds",
+        "ratio",
+        "clone_acc_all",
+        "clone_locality",
+        "lwf_acc_all",
+        "lwf_locality",
+        "patch_bytes_ratio",
+    ]
     if document["ratio"]:
         _print(document["ratio"], keys)
     if document["cost"]:
-        _print(document["cost"], ["source", "clone_images", "source_mflops", "work_gflops", "clone_seconds",
-                                  "seconds_per_tflop"])
+        _print(
+            document["cost"],
+            ["source", "clone_images", "source_mflops", "work_gflops", "clone_seconds", "seconds_per_tflop"],
+        )
     if args.json:
         args.json.write_text(json.dumps(document, indent=1))
     return document
