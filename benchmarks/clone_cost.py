@@ -7,6 +7,8 @@ Two tables, both measured in one process so that only ratios count on a shared m
   benchmark's narrow models at 16 px and default-width timm models at 32 px (a ResNet, a ConvNeXt, a small ViT).
 * **cost**: clone seconds against (source FLOPs per image x clone images) for a few model sizes and two data sizes,
   so a user can predict the wait.
+* **forward**: the patched target's forward against the target alone plus the pruned branch run alone, at tiny
+  and at ResNet-50 size.
 
 Run ``python -m benchmarks.clone_cost`` (``--help`` for the options); ``--json`` writes every row.
 """
@@ -166,6 +168,63 @@ def cost_row(source_arch: str, level: float | int, seed: int, cache: Path, confi
     }
 
 
+FORWARD_CASES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "kwargs": {"in_chans": 1, "channels": (16, 32, 64, 128)},
+        "name": "resnet18",
+        "size": 16,
+        "batch": 128,
+        "cut": "layer1",
+    },
+    "resnet50": {"kwargs": {}, "name": "resnet50", "size": 224, "batch": 4, "cut": "layer1"},
+}
+"""The patched-forward cases: a tiny benchmark ResNet and a ResNet-50, an early cut pruned to 0.2."""
+
+
+def _median_ms(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - started))
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def forward_row(case: str, repeats: int = 7, keep_ratio: float = 0.2) -> dict[str, Any]:
+    """Patched forward P against the target alone T and the pruned branch run alone B (adapter included)."""
+    from pnc_surgery import Patch
+    from pnc_surgery.backends.timm import create_model
+    from pnc_surgery.branch import capture_features
+    from pnc_surgery.localize import find_prune_groups, keep_indices, prune
+
+    spec = FORWARD_CASES[case]
+    torch.manual_seed(0)
+    source, target = (create_model(spec["name"], num_classes=5, **spec["kwargs"]).eval() for _ in range(2))
+    channels = spec["kwargs"].get("in_chans", 3)
+    x = torch.randn(spec["batch"], channels, spec["size"], spec["size"])
+    cut = spec["cut"]
+    patch = Patch.assemble(source, target, cut, cut, [0, 1, 2], source_input=x[:2], target_input=x[:2]).eval()
+    feature = capture_features(target, [cut], x)[cut]
+    groups = find_prune_groups(patch.branch, feature[:2])
+    prune(patch.branch, groups, keep_indices(groups, {g.consumer: torch.ones(g.size) for g in groups}, keep_ratio))
+    alone = _median_ms(lambda: target(x), repeats)
+    branch = _median_ms(lambda: patch.branch(patch.adapter(feature)), repeats)
+    with patch.attached(target):
+        patched = _median_ms(lambda: target(x), repeats)
+    return {
+        "case": case,
+        "cut": cut,
+        "keep_ratio": keep_ratio,
+        "batch": spec["batch"],
+        "target_ms": round(alone, 2),
+        "branch_ms": round(branch, 2),
+        "patched_ms": round(patched, 2),
+        "patched_vs_target_plus_branch": round(patched / (alone + branch), 3),
+        "patched_vs_target": round(patched / alone, 3),
+    }
+
+
 def _print(rows: Sequence[dict], keys: Sequence[str]) -> None:
     print(" | ".join(keys))
     for row in rows:
@@ -174,7 +233,9 @@ def _print(rows: Sequence[dict], keys: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.clone_cost", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tables", nargs="+", default=["ratio", "cost"], choices=["ratio", "cost"])
+    parser.add_argument(
+        "--tables", nargs="+", default=["ratio", "cost", "forward"], choices=["ratio", "cost", "forward"]
+    )
     parser.add_argument("--pairs", nargs="+", default=None, help="pair names (default: benchmark + wide pairs)")
     parser.add_argument("--budget", default="default", help="CloneConfig(budget=...)")
     parser.add_argument(
@@ -193,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _register()
     overrides = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
     config = CloneConfig(budget=args.budget, **overrides)
-    document: dict[str, Any] = {"budget": args.budget, "ratio": [], "cost": []}
+    document: dict[str, Any] = {"budget": args.budget, "ratio": [], "cost": [], "forward": []}
     pairs = {**{k: (v, 16) for k, v in PAIRS.items()}, **{k: (v, 32) for k, v in WIDE_PAIRS.items()}}
     with torch_threads(args.threads):
         if "ratio" in args.tables:
@@ -225,6 +286,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         _print(
             document["cost"],
             ["source", "clone_images", "source_mflops", "work_gflops", "clone_seconds", "seconds_per_tflop"],
+        )
+    if document["forward"]:
+        _print(
+            document["forward"],
+            [
+                "case",
+                "cut",
+                "keep_ratio",
+                "batch",
+                "target_ms",
+                "branch_ms",
+                "patched_ms",
+                "patched_vs_target_plus_branch",
+                "patched_vs_target",
+            ],
         )
     if args.json:
         args.json.write_text(json.dumps(document, indent=1))
