@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from pnc_surgery.clone import CloneConfig, clone
-from .datasets import ClassSplit, class_split, load_digits
-from .training import predict_logits, torch_threads
 
 from .baselines import lwf
+from .datasets import ClassSplit, class_split, load_digits
 from .metrics import accuracy_metrics, safetensors_bytes
 from .models import ARCHS, PAIRS, Arch, trained_model
 from .protocol import Context, Hyper
+from .training import predict_logits, torch_threads
 
 __all__ = ["WIDE_ARCHS", "WIDE_PAIRS", "source_flops", "ratio_row", "cost_row", "main"]
 

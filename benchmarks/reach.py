@@ -58,7 +58,10 @@ SMALL_TEXT = {
     "intermediate_size": 37, "n_embd": 32, "n_layer": 4, "n_head": 4, "d_model": 32, "d_ff": 37, "d_kv": 8,
     "num_layers": 4, "num_heads": 4, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
     "decoder_attention_heads": 4, "encoder_ffn_dim": 37, "decoder_ffn_dim": 37, "ffn_dim": 37, "head_dim": 8,
-    "embedding_size": 32, "max_position_embeddings": 128, "n_positions": 128,
+    "embedding_size": 32, "max_position_embeddings": 128, "n_positions": 128, "pooler_hidden_size": 32,
+    "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 16,
+    "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16, "n_routed_experts": 4, "num_experts": 4,
+    "num_local_experts": 4, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
 }
 """Overrides that make a text config small (only keys the config already has are set)."""
 SMALL_IMAGE = {
@@ -127,12 +130,18 @@ def _calibrate(model: nn.Module, example: Any) -> nn.Module:
 
 
 def _runs(model: nn.Module, example: Any) -> bool:
+    global _LAST_ERROR
     try:
         with torch.no_grad():
             model.eval()(**example) if isinstance(example, dict) else model.eval()(example)
-    except Exception:  # noqa: BLE001 - any failure means "not at this size"
+    except Exception as exc:  # noqa: BLE001 - any failure means "not at this size"
+        _LAST_ERROR = f"{type(exc).__name__}: {str(exc)[:120]}"
         return False
     return True
+
+
+_LAST_ERROR = ""
+"""Why the last model that did not run failed (for the unbuildable rows' reasons)."""
 
 
 def build_timm(name: str) -> tuple[nn.Module, torch.Tensor, str]:
@@ -161,7 +170,12 @@ def _shrink(config: Any, overrides: dict[str, Any]) -> None:
     for key, value in overrides.items():
         current = getattr(config, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
-            setattr(config, key, value)
+            try:
+                setattr(config, key, value)
+            except AttributeError:  # a derived property (Falcon's head_dim)
+                continue
+    if getattr(config, "vocab_size", 0) is None:
+        config.vocab_size = 64
     if isinstance(layers, int) and layers > config.num_hidden_layers:
         for key, value in list(vars(config).items()):  # per-layer lists (layer_types, ...) follow the depth
             if isinstance(value, list) and len(value) == layers:
@@ -198,7 +212,7 @@ def build_transformers(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], s
     cls = getattr(transformers, name, None)
     if cls is None:
         raise Unbuildable(f"transformers {transformers.__version__} does not export {name}")
-    image = name.endswith("ForImageClassification")
+    image = "ForImageClassification" in name
     errors = []
     for small in (True, False):
         try:
@@ -214,17 +228,18 @@ def build_transformers(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], s
             if count > 150e6:
                 raise Unbuildable(f"{count / 1e6:.0f}M parameters")
             model = cls(config)
+            setting = "small config" if small else "default config"
             if image:
-                size = getattr(config, "image_size", 224)
-                size = size if isinstance(size, int) else int(size[0])
+                size = getattr(config, "image_size", None)
+                size = size if isinstance(size, int) or size is None else int(size[0])
                 channels = int(getattr(config, "num_channels", 3))
-                example: Any = {"pixel_values": torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))}
-            else:
-                example = _text_example(config)
-            if _runs(model, example):
-                model = _calibrate(model, example["pixel_values"]) if image else model.eval()
-                return model, example, ("small config" if small else "default config") + (f", {size}px" if image else "")
-            errors.append("does not run on its example")
+                for side in dict.fromkeys([64, size or 224]):
+                    pixels = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
+                    if _runs(model, {"pixel_values": pixels}):
+                        return _calibrate(model, pixels), {"pixel_values": pixels}, f"{setting}, {side}px"
+            elif _runs(model, _text_example(config)):
+                return model.eval(), _text_example(config), setting
+            errors.append(f"does not run on its example ({_LAST_ERROR})")
         except Exception as exc:  # noqa: BLE001 - a config this class rejects
             errors.append(f"{type(exc).__name__}: {str(exc)[:120]}")
     raise Unbuildable("; ".join(errors))
@@ -249,8 +264,9 @@ def _other_input(model: nn.Module, example: Any) -> Any:
     if "pixel_values" in example:
         return {**example, "pixel_values": torch.randn(example["pixel_values"].shape, generator=gen)}
     ids, mask, config = example["input_ids"], example["attention_mask"], model.config
-    structural = {config.pad_token_id, getattr(config, "eos_token_id", None), getattr(config, "bos_token_id", None)}
-    kept = (mask == 0) | torch.isin(ids, torch.tensor([t for t in structural if isinstance(t, int)]))
+    structural = [config.pad_token_id, getattr(config, "eos_token_id", None), getattr(config, "bos_token_id", None)]
+    flat = [t for v in structural for t in (v if isinstance(v, list) else [v]) if isinstance(t, int)]
+    kept = (mask == 0) | torch.isin(ids, torch.tensor(flat, dtype=ids.dtype))
     ordinary = ids[~kept]
     fresh = ordinary[torch.randperm(ordinary.numel(), generator=gen)]
     other = ids.clone()

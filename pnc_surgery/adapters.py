@@ -120,11 +120,11 @@ class Adapter(nn.Module):
             return  # text of different lengths: positions do not correspond
         x = resampled.permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
         y = wanted.double().permute(0, 2, 3, 1).reshape(-1, wanted.shape[1])
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
         gram = x.T @ x
-        gram += ridge * gram.diagonal()[:-1].mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
+        gram += ridge * gram.diagonal()[:-1].mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
         solution = torch.linalg.solve(gram, x.T @ y)
-        self.proj.weight.copy_(solution[:-1].T[:, :, None, None])
+        self.proj.weight.copy_(solution[:-1].T[:, :, None, None].to(self.proj.weight))
         self.proj.bias.copy_(solution[-1])
         if self.prefix is not None and prefix is not None:
             self.prefix.copy_(prefix.float().mean(0))

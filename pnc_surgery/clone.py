@@ -13,6 +13,7 @@ Each stage reads the run state, sets what it produces on it, and returns its met
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from .backends.base import ModelInputs, image_size
 from .branch import SourceTail
 from .data import (
     Examples, batches, check_replay, check_target_input, collect, select_classes, source_view, to_view,
-    short, with_shifted_copies,
+    model_device, short, to_device, with_shifted_copies,
 )
 from .errors import CloneError, InvalidInputError, UnsupportedModelError
 from .evidence import GateInputs, patch_gate_inputs
@@ -42,6 +43,9 @@ from .tracing import classifier_names, eval_mode, trace_model
 
 __all__ = ["BUDGETS", "Budget", "CloneConfig", "CloneRun", "clone"]
 
+
+PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Values of ``CloneConfig.precision``."""
 
 MIN_EVAL_STEPS = 10
 """The final training scores its held-out data every pass over the data, but never more often than this."""
@@ -139,15 +143,21 @@ class CloneConfig:
     """Share of the clone data kept out of training to score the search and report accuracy."""
     feature_batch_size: int = 128
     """Batch size for feature extraction."""
+    precision: str | None = None
+    """Run feature extraction and training under ``torch.autocast`` at this precision (``"bfloat16"``, or
+    ``"float16"`` on CUDA); ``None``: full precision. The patch's own tensors stay float32."""
     feature_memory_gb: float = 2.0
     """The search keeps every candidate point's features for the whole clone set in memory; points whose features
-    would take more than this (early, high-resolution points of large models) are left out of the search."""
+    would take more than this (early, high-resolution points of large models) are left out of the search. The cached
+    features stay on the source's device (a GPU) when all of them fit in this budget, else on the CPU."""
     source_kwargs: dict[str, Any] = field(default_factory=dict)
     """timm ``create_model`` kwargs of the source when they cannot be inferred (see ``backends.timm.create_model``)."""
 
     def __post_init__(self) -> None:
         if self.budget not in BUDGETS:
             raise InvalidInputError(f"budget must be one of {sorted(BUDGETS)}, got {self.budget!r}")
+        if self.precision not in (None, *PRECISIONS):
+            raise InvalidInputError(f"precision must be None or one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.gate not in ("auto", *GATE_KINDS):
             raise InvalidInputError(f"gate must be 'auto' or one of {GATE_KINDS}, got {self.gate!r}")
         for name in ("search_positions", "localize", "finetune_branch", "shift_replay"):
@@ -216,27 +226,50 @@ def _extract(
     progress: bool,
     classifiers: Sequence[str] = (),
     backend: Backend | None = None,
+    store: torch.device | None = None,
+    precision: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
-    """Features at ``names``, logits and (with ``classifiers``) pre-logits for every example (eval mode, batched)."""
+    """Features at ``names``, logits and (with ``classifiers``) pre-logits for every example (eval mode, batched).
+
+    Batches go to the model's device one at a time (under autocast with ``precision``); what comes back is kept in
+    float32 on ``store`` (default: the CPU)."""
     backend = backend or backend_for(model)
+    device, store = model_device(model), store or torch.device("cpu")
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(store, torch.float32 if tensor.is_floating_point() else None)
+
     wanted = set(names)
     features: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     logits, pre_logits = [], []
     total = (len(examples) + batch_size - 1) // batch_size
     with eval_mode(model):
         for batch in tqdm(batches(examples, batch_size), total=total, desc=desc, disable=not progress, leave=False):
-            inputs = backend.call_inputs(model, to_view(batch.inputs, *view) if view else batch.inputs)
-            trace = trace_model(model, inputs, backend, keep=wanted.__contains__, classifiers=classifiers)
+            inputs = to_device(to_view(batch.inputs, *view) if view else batch.inputs, device)
+            with _autocast(device, precision):
+                trace = trace_model(
+                    model, backend.call_inputs(model, inputs), backend, keep=wanted.__contains__, classifiers=classifiers
+                )
             for name in names:
-                features[name].append(trace.calls[name].output)
-            logits.append(trace.logits.float())
+                features[name].append(keep(trace.calls[name].output))
+            logits.append(keep(trace.logits))
             if trace.pre_logits is not None:
-                pre_logits.append(trace.pre_logits)
+                pre_logits.append(keep(trace.pre_logits))
     return (
         {name: torch.cat(parts) for name, parts in features.items()},
         torch.cat(logits),
         torch.cat(pre_logits) if pre_logits else None,
     )
+
+
+def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device`` at ``precision``; nothing when ``precision`` is ``None``.
+
+    The cast-weight cache is off: a stage runs many optimiser steps inside one autocast region, and cached casts
+    would keep the weights of the first step."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision, cache_enabled=False)
 
 
 def _with_blocks_after(
@@ -330,6 +363,21 @@ class CloneRun:
     candidates: list[Candidate] = field(default_factory=list)
     winner: Candidate | None = None
     ranking: list[dict] = field(default_factory=list)
+    store: torch.device = torch.device("cpu")
+    """Where the cached features live: the training device when they fit ``feature_memory_gb``, else the CPU."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where adapters and the branch train: the source's device (the branch is a copy of the source)."""
+        return model_device(self.source)
+
+    @property
+    def precision(self) -> torch.dtype | None:
+        return PRECISIONS[self.config.precision] if self.config.precision else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast on the training device at the configured precision (or nothing)."""
+        return _autocast(self.device, self.precision)
 
     def rows(self, candidate: Candidate, index: torch.Tensor) -> FitData:
         """Training rows of ``candidate`` (its insertion's and cut's features) for the examples in ``index``."""
@@ -395,7 +443,8 @@ def clone(
         seconds: dict[str, float] = {}
         for stage in (prepare, search, localize_branch, train):
             begun = time.perf_counter()
-            metrics.update(stage(run))
+            with run.autocast() if stage is not prepare else contextlib.nullcontext():
+                metrics.update(stage(run))
             seconds[stage.__name__] = round(time.perf_counter() - begun, 2)
         begun = time.perf_counter()
         patch = _build(run)
@@ -426,7 +475,9 @@ def _checked_run(
     sample = examples.select(torch.arange(min(2, len(examples)))).inputs
     check_target_input(target, target_backend, sample)
     view = source_view(source, source_backend, sample)
-    source_sample = source_backend.call_inputs(source, to_view(sample, *view) if view else sample)
+    source_sample = source_backend.call_inputs(
+        source, to_device(to_view(sample, *view) if view else sample, model_device(source))
+    )
     assert examples.labels is not None
     chosen = select_classes(
         examples.labels, classes, _num_classes(source, source_backend, source_sample), source_backend.class_names(source)
@@ -439,7 +490,8 @@ def _checked_run(
         check_replay(replay_examples, examples, target, target_backend)
     return CloneRun(
         source, target, source_backend, target_backend, examples, local_labels, chosen, replay_examples, view,
-        source_sample, target_backend.call_inputs(target, sample), config, generator, progress,
+        source_sample, target_backend.call_inputs(target, to_device(sample, model_device(target))), config, generator,
+        progress,
     )
 
 
@@ -492,23 +544,26 @@ def prepare(run: CloneRun) -> dict[str, Any]:
     for every compatible (cut, insertion) pair."""
     config = run.config
     pairs = _pairs(run)
+    cuts, insertions = {c.name: c for c, _ in pairs}, {p.name: p for _, p in pairs}
+    cached = 4 * len(run.examples) * sum(math.prod(p.shape) for p in [*cuts.values(), *insertions.values()])
+    run.store = run.device if cached <= config.feature_memory_gb * 2**30 else torch.device("cpu")
     run.target_features, _, _ = _extract(
-        run.target, sorted({p.name for _, p in pairs}), run.examples, config.feature_batch_size, None,
-        "pnc: target features", run.progress, backend=run.target_backend,
+        run.target, sorted(insertions), run.examples, config.feature_batch_size, None, "pnc: target features",
+        run.progress, backend=run.target_backend, store=run.store, precision=run.precision,
     )
     run.source_features, source_logits, _ = _extract(
-        run.source, sorted({c.name for c, _ in pairs}), run.examples, config.feature_batch_size, run.view,
-        "pnc: source features", run.progress, backend=run.source_backend,
+        run.source, sorted(cuts), run.examples, config.feature_batch_size, run.view, "pnc: source features",
+        run.progress, backend=run.source_backend, store=run.store, precision=run.precision,
     )
     run.teacher = source_logits[:, run.classes]
     inputs = run.examples.inputs
-    run.context = {k: v for k, v in inputs.items() if k == "attention_mask"} if isinstance(inputs, dict) else {}
+    run.context = {k: v.to(run.store) for k, v in inputs.items() if k == "attention_mask"} if isinstance(inputs, dict) else {}
     run.fit_index, run.held_index = _stratified_split(run.labels, config.heldout_fraction, run.generator)
     if len(run.held_index) == 0:
         run.held_index = run.fit_index
 
     branches: dict[str, SourceTail] = {}
-    for cut in {c.name: c for c, _ in pairs}.values():
+    for cut in tqdm(cuts.values(), desc="pnc: cut the source", disable=not run.progress, leave=False):
         branch = SourceTail.from_model(run.source, cut, run.source_sample)
         branch.keep_classes(run.classes)
         for parameter in branch.parameters():
@@ -518,7 +573,8 @@ def prepare(run: CloneRun) -> dict[str, Any]:
     costs = _branch_costs(run, branches)
     run.candidates = [
         Candidate(
-            c, p, branches[c.name], Adapter(feature_spec(p, target_size), feature_spec(c, source_size), config.adapter_hidden),
+            c, p, branches[c.name],
+            Adapter(feature_spec(p, target_size), feature_spec(c, source_size), config.adapter_hidden).to(run.device),
             cost=costs[c.name], cost_weight=config.cost_weight,
         )
         for c, p in pairs
@@ -526,9 +582,10 @@ def prepare(run: CloneRun) -> dict[str, Any]:
     for candidate in run.candidates:
         sample = _least_squares_rows(run.fit_index, candidate.insertion, run.generator)
         candidate.adapter.fit_least_squares(
-            run.target_features[candidate.insertion.name][sample], run.source_features[candidate.cut.name][sample]
+            run.target_features[candidate.insertion.name][sample].to(run.device),
+            run.source_features[candidate.cut.name][sample].to(run.device),
         )
-    return {"source_local_accuracy": round(float((run.teacher.argmax(-1) == run.labels).float().mean()), 4)}
+    return {"source_local_accuracy": round(float((run.teacher.argmax(-1).cpu() == run.labels).float().mean()), 4)}
 
 
 def _flops(model: nn.Module, *args: Any, **kwargs: Any) -> float:
@@ -546,8 +603,8 @@ def _branch_costs(run: CloneRun, branches: dict[str, SourceTail]) -> dict[str, f
         source_flops = _flops(run.source, **sample) if isinstance(sample, dict) else _flops(run.source, sample)
     costs = {}
     for name, branch in branches.items():
-        feature = run.source_features[name][:1]
-        context = {k: v[:1] for k, v in run.context.items()}
+        feature = run.source_features[name][:1].to(run.device)
+        context = {k: v[:1].to(run.device) for k, v in run.context.items()}
         param_share = branch_parameters(branch) / max(source_params, 1)
         flop_share = _flops(branch, feature, **context) / source_flops if source_flops > 0 else param_share
         costs[name] = min(1.0, (param_share + flop_share) / 2)
@@ -575,8 +632,9 @@ def localize_branch(run: CloneRun) -> dict[str, Any]:
     config, branch = run.config, run.winner.branch
     full_params = branch_parameters(branch)
     cut_features = run.source_features[run.winner.cut.name]
+    device = run.device
     data = [
-        (cut_features[b], run.labels[b], {k: v[b] for k, v in run.context.items()})
+        (cut_features[b].to(device), run.labels[b].to(device), {k: v[b].to(device) for k, v in run.context.items()})
         for b in torch.arange(len(run.labels)).split(config.batch_size)
     ]
     metrics: dict[str, Any] = {"branch_local_accuracy": round(local_accuracy(branch, data), 4)}
@@ -622,7 +680,7 @@ def _build(run: CloneRun) -> Patch:
         run.source, run.target, winner.cut, winner.insertion, winner.branch, winner.adapter, kind,
         target_input=run.target_sample, source_kwargs=config.source_kwargs or None,
     )
-    return patch.eval()
+    return patch.to("cpu").eval()  # the gate is fitted on the CPU; attaching moves the patch to the target's device
 
 
 def fit_gate(run: CloneRun, patch: Patch) -> dict[str, Any]:

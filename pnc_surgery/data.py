@@ -25,7 +25,7 @@ MIN_EXAMPLES_PER_CLASS = 2
 
 __all__ = [
     "Examples", "collect", "batches", "to_view", "with_shifted_copies", "runs_on", "check_target_input",
-    "source_view", "select_classes", "check_replay", "short",
+    "source_view", "select_classes", "check_replay", "short", "model_device", "to_device",
 ]
 
 
@@ -184,11 +184,26 @@ def with_shifted_copies(examples: Examples, fraction: float = 1 / 16) -> tuple[E
     return Examples(torch.cat([inputs, *copies]), labels), sources.repeat(5)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model without tensors."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
+    """``inputs`` (a tensor or keyword tensors) on ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 def runs_on(model: nn.Module, backend: Backend, inputs: ModelInputs) -> str | None:
     """``None`` when ``model`` computes logits on ``inputs`` (in the model's call form); else what went wrong."""
     try:
         with eval_mode(model), torch.no_grad():
-            call = backend.call_inputs(model, inputs)
+            call = backend.call_inputs(model, to_device(inputs, model_device(model)))
             backend.logits(model(**call) if isinstance(call, Mapping) else model(call))
     except Exception as exc:  # any failure here means "this model cannot take these inputs"
         return f"{type(exc).__name__}: {exc}"

@@ -8,6 +8,7 @@ keeps the latter; :func:`patch_gate_inputs` is what the attached patch hands its
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from .patch import Patch
 
 __all__ = ["GateInputs", "branch_outputs", "patch_gate_inputs"]
+
+_CAPTURE_LOCK = threading.RLock()
 
 
 class GateInputs(NamedTuple):
@@ -48,17 +51,18 @@ def branch_outputs(
         ``(logits, features)``; ``features`` has width 0 when the branch has no classifier layer.
     """
     captured: list[torch.Tensor] = []
-    hooks = [
-        branch.model.get_submodule(name).register_forward_pre_hook(
-            lambda _m, args: captured.append(args[0].detach().flatten(1))
-        )
-        for name in branch.classifiers
-    ]
-    try:
-        logits = branch(adapted, **context)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with _CAPTURE_LOCK:  # the capture hooks sit on shared modules: one thread's call must not feed another's list
+        hooks = [
+            branch.model.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args: captured.append(args[0].detach().flatten(1))
+            )
+            for name in branch.classifiers
+        ]
+        try:
+            logits = branch(adapted, **context)
+        finally:
+            for hook in hooks:
+                hook.remove()
     features = torch.cat(captured, dim=1) if captured else logits.new_zeros(len(logits), 0)
     return logits, features
 

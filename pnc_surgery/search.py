@@ -40,6 +40,16 @@ class FitData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def to(self, device: torch.device) -> "FitData":
+        """The same rows with every tensor on ``device``."""
+        return FitData(
+            self.target_features.to(device),
+            None if self.source_features is None else self.source_features.to(device),
+            self.teacher_logits.to(device),
+            self.labels.to(device),
+            {k: v.to(device) for k, v in self.context.items()},
+        )
+
     def rows(self, index: torch.Tensor) -> "FitData":
         return FitData(
             self.target_features[index],
@@ -119,8 +129,10 @@ def spread_points(points: Sequence[Point], count: int) -> list[Point]:
 def _loss(
     candidate: Candidate, batch: FitData, temperature: float, feature_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = batch.to(candidate.adapter.proj.weight.device)
     adapted = candidate.adapter(batch.target_features)
     logits = candidate.branch(adapted, **batch.context)
+    logits = logits.float()
     loss = F.cross_entropy(logits, batch.labels)
     teacher = (batch.teacher_logits / temperature).softmax(-1)
     loss = loss + F.kl_div((logits / temperature).log_softmax(-1), teacher, reduction="batchmean") * temperature**2
@@ -172,9 +184,10 @@ def train_candidate(
         loss, _ = _loss(candidate, data.rows(index), temperature, feature_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if schedule is not None:
-            schedule.step()
+        if math.isfinite(float(torch.nn.utils.clip_grad_norm_(trained, math.inf))):
+            optimizer.step()  # a step with non-finite gradients (reduced precision can overflow) is skipped
+            if schedule is not None:
+                schedule.step()
         done = step + 1
         if progress is not None:
             progress(1)
@@ -209,7 +222,7 @@ def evaluate(candidate: Candidate, data: FitData, temperature: float, feature_we
     for start in range(0, len(data), batch_size):
         batch = data.rows(torch.arange(start, min(start + batch_size, len(data))))
         loss, logits = _loss(candidate, batch, temperature, feature_weight)
-        correct += int((logits.argmax(-1) == batch.labels).sum())
+        correct += int((logits.argmax(-1).cpu() == batch.labels.cpu()).sum())
         total_loss += float(loss) * len(batch)
     return correct / max(len(data), 1), total_loss / max(len(data), 1)
 

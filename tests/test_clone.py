@@ -8,11 +8,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 import pnc_surgery
+from benchmarks.datasets import class_split, load_digits
+from benchmarks.training import predict_logits, train_classifier
 from pnc_surgery import CloneConfig, InvalidInputError, clone, find_points
 from pnc_surgery.backends.timm import create_model
-from benchmarks.datasets import class_split, load_digits
 from pnc_surgery.demo import DEMO_CLONE_CONFIG, parameter_digest
-from benchmarks.training import predict_logits, train_classifier
 
 FAST = DEMO_CLONE_CONFIG
 
