@@ -5,8 +5,8 @@ this module is what those methods call. A patch on the Hub is a plain model repo
 :mod:`pnc_surgery.patch.serialization`. Pushing makes one ``upload_folder`` commit of those files only
 (``allow_patterns``), after the card and files are checked and before anything else is created; loading takes a
 ``snapshot_download`` of the three files (one commit) through ``huggingface_hub``'s cache, so revisions, tokens,
-``HF_HUB_OFFLINE`` and ``local_files_only`` behave as for transformers and timm. A folder or repo holding pickle weights instead of a patch is refused, and so is any path
-that leads out of the folder it names.
+``HF_HUB_OFFLINE`` and ``local_files_only`` behave as for transformers and timm. A folder or repo holding pickle
+weights instead of a patch is refused, and so is any path that leads out of the folder it names.
 
 Every network call has a timeout: no request waits longer than the larger of ``HF_HUB_ETAG_TIMEOUT`` and
 ``HF_HUB_DOWNLOAD_TIMEOUT`` (default 10 s) for an answer, including the API calls (create a repo, commit, list files)
