@@ -13,6 +13,7 @@ Run ``python -m benchmarks.clone_cost`` (``--help`` for the options); ``--json``
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import os
@@ -148,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tables", nargs="+", default=["ratio", "cost"], choices=["ratio", "cost"])
     parser.add_argument("--pairs", nargs="+", default=None, help="pair names (default: benchmark + wide pairs)")
     parser.add_argument("--budget", default="default", help="CloneConfig(budget=...)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="other CloneConfig fields, values as Python literals (e.g. cost_weight=0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-steps", type=int, default=300, help="training steps of the source and target")
     parser.add_argument("--cache", type=Path, default=Path(".cache/pnc_benchmark"))
@@ -155,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
     args = parser.parse_args(argv)
     _register()
-    config = CloneConfig(budget=args.budget) if args.budget != "legacy" else CloneConfig()
+    overrides = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
+    config = CloneConfig(budget=args.budget, **overrides)
     document: dict[str, Any] = {"budget": args.budget, "ratio": [], "cost": []}
     pairs = {**{k: (v, 16) for k, v in PAIRS.items()}, **{k: (v, 32) for k, v in WIDE_PAIRS.items()}}
     with torch_threads(args.threads):

@@ -17,7 +17,8 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from .backends import Backend, backend_for
 from .backends.base import ModelInputs, image_size
 from .branch import SourceTail
 from .data import (
-    Examples, batches, check_replay, check_target_input, collect, select_classes, source_view, to_view,
+    Examples, batches, check_replay, check_target_input, collect, select_classes, source_transform,
     model_device, short, to_device, with_shifted_copies,
 )
 from .errors import CloneError, InvalidInputError, UnsupportedModelError
@@ -221,7 +222,7 @@ def _extract(
     names: Sequence[str],
     examples: Examples,
     batch_size: int,
-    view: Any,
+    transform: Callable[[ModelInputs], ModelInputs] | None,
     desc: str,
     progress: bool,
     classifiers: Sequence[str] = (),
@@ -245,7 +246,7 @@ def _extract(
     total = (len(examples) + batch_size - 1) // batch_size
     with eval_mode(model):
         for batch in tqdm(batches(examples, batch_size), total=total, desc=desc, disable=not progress, leave=False):
-            inputs = to_device(to_view(batch.inputs, *view) if view else batch.inputs, device)
+            inputs = to_device(transform(batch.inputs) if transform else batch.inputs, device)
             with _autocast(device, precision):
                 trace = trace_model(
                     model, backend.call_inputs(model, inputs), backend, keep=wanted.__contains__, classifiers=classifiers
@@ -345,8 +346,8 @@ class CloneRun:
     """Label of each example as an index into ``classes``."""
     classes: list[int]
     replay: Examples | None
-    view: tuple[int, tuple[int, int]] | None
-    """How images are resized for the source (``None``: as they are)."""
+    source_input: Callable[[ModelInputs], ModelInputs] | None
+    """How inputs in the target's format become the source's (``None``: as they are)."""
     source_sample: ModelInputs
     target_sample: ModelInputs
     config: CloneConfig
@@ -415,6 +416,7 @@ def clone(
     config: CloneConfig | None = None,
     seed: int = 0,
     progress: bool = True,
+    source_transform: Callable[[ModelInputs], ModelInputs] | None = None,
 ) -> Patch:
     """Clone classes of ``source`` into ``target`` as a :class:`Patch` (neither model is modified).
 
@@ -422,14 +424,18 @@ def clone(
         source: classifier that knows the classes to clone (timm or transformers, to save the patch).
         target: classifier that gains them.
         data: labelled examples of the classes to clone (``Dataset``, ``DataLoader`` or iterable of
-            ``(x, y)``; ``y`` are source class ids). Images are in the target's input format; they are
-            resized for the source when it expects another size.
-        classes: source class ids to clone, in output order (default: the classes present in ``data``).
+            ``(x, y)``; ``y`` are source class ids). Images are in the target's input format; for the source they
+            are resized when it expects another size, and normalised again when both models record their
+            normalisation and the two differ (or mapped by ``source_transform``).
+        classes: source classes to clone, as class ids or the source's label names, in output order (default:
+            the classes present in ``data``).
         replay: optional target-domain inputs (with or without labels) that help the gate protect the
             target's own answers.
         config: budgets and ablations (:class:`CloneConfig`).
         seed: makes the whole run reproducible.
         progress: show progress bars.
+        source_transform: maps a batch of inputs in the target's format to the source's (instead of the automatic
+            resizing and normalisation).
 
     Returns:
         The patch; ``patch.attach(target)`` adds the cloned classes after the target's own.
@@ -438,7 +444,9 @@ def clone(
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        run = _checked_run(source, target, data, classes, replay, config, torch.Generator().manual_seed(seed), progress)
+        run = _checked_run(
+            source, target, data, classes, replay, config, torch.Generator().manual_seed(seed), progress, source_transform
+        )
         metrics: dict[str, Any] = {"clone_examples": len(run.examples), "cloned_classes": len(run.classes)}
         seconds: dict[str, float] = {}
         for stage in (prepare, search, localize_branch, train):
@@ -465,6 +473,7 @@ def _checked_run(
     config: CloneConfig,
     generator: torch.Generator,
     progress: bool,
+    user_source_transform: Callable[[ModelInputs], ModelInputs] | None = None,
 ) -> CloneRun:
     """Check models, data, classes and replay against each other; the run state every stage starts from."""
     for role, model in (("source", source), ("target", target)):
@@ -474,9 +483,11 @@ def _checked_run(
     examples = collect(data, "data")
     sample = examples.select(torch.arange(min(2, len(examples)))).inputs
     check_target_input(target, target_backend, sample)
-    view = source_view(source, source_backend, sample)
+    transform = source_transform(
+        source, source_backend, sample, target_backend.normalization(target), user_source_transform
+    )
     source_sample = source_backend.call_inputs(
-        source, to_device(to_view(sample, *view) if view else sample, model_device(source))
+        source, to_device(transform(sample) if transform else sample, model_device(source))
     )
     assert examples.labels is not None
     chosen = select_classes(
@@ -489,7 +500,7 @@ def _checked_run(
     if replay_examples is not None:
         check_replay(replay_examples, examples, target, target_backend)
     return CloneRun(
-        source, target, source_backend, target_backend, examples, local_labels, chosen, replay_examples, view,
+        source, target, source_backend, target_backend, examples, local_labels, chosen, replay_examples, transform,
         source_sample, target_backend.call_inputs(target, to_device(sample, model_device(target))), config, generator,
         progress,
     )
@@ -552,7 +563,7 @@ def prepare(run: CloneRun) -> dict[str, Any]:
         run.progress, backend=run.target_backend, store=run.store, precision=run.precision,
     )
     run.source_features, source_logits, _ = _extract(
-        run.source, sorted(cuts), run.examples, config.feature_batch_size, run.view, "pnc: source features",
+        run.source, sorted(cuts), run.examples, config.feature_batch_size, run.source_input, "pnc: source features",
         run.progress, backend=run.source_backend, store=run.store, precision=run.precision,
     )
     run.teacher = source_logits[:, run.classes]

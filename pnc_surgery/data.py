@@ -7,7 +7,7 @@ image tensor or (for text models) a mapping of keyword tensors such as ``input_i
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -25,8 +25,11 @@ MIN_EXAMPLES_PER_CLASS = 2
 
 __all__ = [
     "Examples", "collect", "batches", "to_view", "with_shifted_copies", "runs_on", "check_target_input",
-    "source_view", "select_classes", "check_replay", "short", "model_device", "to_device",
+    "source_view", "select_classes", "check_replay", "short", "model_device", "to_device", "source_transform",
 ]
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+"""Per-channel ``(mean, std)`` of an image normalisation."""
 
 
 @dataclass
@@ -241,6 +244,74 @@ def source_view(source: nn.Module, backend: Backend, sample: ModelInputs) -> tup
         + (f"; it expects {expected}" if expected else "")
         + f"): {error}"
     )
+
+
+def _channel_stats(stats: Stats, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``stats`` as ``(1, C, 1, 1)`` tensors for ``channels`` channels (averaged for grey images); ``None`` if they
+    do not fit."""
+    mean, std = (torch.tensor(values, dtype=torch.float32) for values in stats)
+    if len(mean) != channels:
+        if channels == 1:
+            mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
+        elif len(mean) == 1:
+            mean, std = mean.expand(channels), std.expand(channels)
+        else:
+            return None
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+def source_transform(
+    source: nn.Module,
+    backend: Backend,
+    sample: ModelInputs,
+    target_stats: Stats | None,
+    transform: Callable[[ModelInputs], ModelInputs] | None = None,
+) -> Callable[[ModelInputs], ModelInputs] | None:
+    """How inputs in the target's format become the source's (``None``: they are fed as they are).
+
+    With ``transform`` (the user's), that is checked to give inputs the source runs on. Otherwise images are resized
+    and channel-matched when the source expects another size (:func:`source_view`), and when both models record
+    their normalisation and the two differ, pixels are brought back with the target's statistics and normalised
+    again with the source's, so the source never sees images normalised for another model.
+
+    Raises:
+        InvalidInputError: the source cannot run on what the transform (given or derived) makes of ``sample``.
+    """
+    if transform is not None:
+        if not callable(transform):
+            raise InvalidInputError(f"source_transform must be callable, got {type(transform).__name__}")
+        try:
+            mapped = transform(sample)
+        except Exception as exc:  # the user's function: any failure is reported as what it is
+            raise InvalidInputError(f"source_transform failed on the clone data: {type(exc).__name__}: {exc}") from None
+        error = runs_on(source, backend, mapped)
+        if error:
+            raise InvalidInputError(f"the source cannot run on what source_transform returns: {error}")
+        return transform
+    view = source_view(source, backend, sample)
+    source_stats = backend.normalization(source)
+    images = isinstance(sample, torch.Tensor) and sample.dim() == 4 and sample.is_floating_point()
+    renormalise = images and target_stats is not None and source_stats is not None and target_stats != source_stats
+    if not renormalise:
+        return None if view is None else (lambda x: to_view(x, *view))
+    assert isinstance(sample, torch.Tensor) and target_stats is not None and source_stats is not None
+    channels = view[0] if view is not None else int(sample.shape[1])
+    stats_in, stats_out = _channel_stats(target_stats, int(sample.shape[1])), _channel_stats(source_stats, channels)
+    if stats_in is None or stats_out is None:
+        raise InvalidInputError(
+            f"the target's normalisation {target_stats} or the source's {source_stats} does not fit images of "
+            f"{int(sample.shape[1])} channels: pass source_transform= to map the target's inputs for the source"
+        )
+
+    def renormalised(x: ModelInputs) -> ModelInputs:
+        assert isinstance(x, torch.Tensor)
+        (mean_in, std_in), (mean_out, std_out) = stats_in, stats_out
+        pixels = x * std_in.to(x) + mean_in.to(x)
+        pixels = to_view(pixels, *view) if view is not None else pixels
+        assert isinstance(pixels, torch.Tensor)
+        return (pixels - mean_out.to(pixels)) / std_out.to(pixels)
+
+    return renormalised
 
 
 def select_classes(

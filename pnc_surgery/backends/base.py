@@ -159,6 +159,10 @@ class Backend:
         pad = self.pad_token_id(model)
         return set() if pad is None else {pad}
 
+    def normalization(self, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """Per-channel ``(mean, std)`` the model's images are normalised with, where the model records it."""
+        return None
+
     def check_input(self, model: nn.Module, inputs: ModelInputs) -> None:
         """Raise :class:`InvalidInputError` if ``inputs`` cannot be what the model takes (cheap checks only)."""
         if not isinstance(inputs, (torch.Tensor, Mapping)):

@@ -114,6 +114,13 @@ class TimmBackend(Backend):
         names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
         return list(names) if names else None
 
+    def normalization(self, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        from timm.data import resolve_model_data_config
+
+        config = resolve_model_data_config(model)
+        mean, std = config.get("mean"), config.get("std")
+        return (tuple(float(m) for m in mean), tuple(float(s) for s in std)) if mean and std else None
+
     def identity(self, model: nn.Module) -> str:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         return str(cfg.get("hf_hub_id") or f"timm/{cfg.get('architecture', type(model).__name__)}")
