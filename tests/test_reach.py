@@ -1,5 +1,6 @@
 """The reach benchmark's smoke: five models of different families, each with >= 3 points that an independent
 substitution test (written in the benchmark, not the library) confirms, spread over the depth."""
+
 from __future__ import annotations
 
 import pytest
