@@ -11,8 +11,8 @@ here (not the library's): near-zero weight tensors (zero-init norms, layer scale
 second input (other pixels, or other ordinary token ids at the attended positions) is run with the point's output
 swapped for the first input's, and the logits and the classifier's input must come back as the first input's
 (relative error <= ``VALID_RTOL`` of the two inputs' difference). A point is *invalid* if it fails. Depth is a
-point's rank among the forward's module completions, over their number; the points are *spread* when each third
-of the depth holds a valid point.
+point's rank among the forward's module completions, over their number; the points are *spread* when no gap
+between consecutive valid points, the input (depth 0) and the output (depth 1) included, is over ``MAX_GAP``.
 
 Statuses: ``ok`` (>= 3 valid points, spread, none invalid), ``few`` (fewer or not spread), ``invalid`` (an
 invalid point), ``refused`` (a ``PncError`` naming the reason), ``crashed`` (any other exception: a bug),
@@ -52,6 +52,7 @@ RESULTS = Path(__file__).parent / "results"
 NUM_CLASSES = 11
 """Every model gets this many classes, a number no default config uses (it finds the classifier layers)."""
 VALID_RTOL = 1e-3
+MAX_GAP = 0.5
 IMAGE_SIZES = (64, 96, 128, 160, 224)
 TEXT_LENGTH = 16
 SMALL_TEXT = {
@@ -444,18 +445,15 @@ def run_one(key: str) -> dict[str, Any]:
         }
     valid = [n for n, c in checked.items() if c["error"] <= VALID_RTOL]
     invalid = {n: round(c["error"], 4) for n, c in checked.items() if n not in valid}
-    thirds = {min(int(checked[n]["depth"] * 3), 2) for n in valid}
     row.update(
         points=len(points),
         valid=len(valid),
         invalid=invalid,
-        thirds=sorted(thirds),
         depths=[round(checked[p.name]["depth"], 3) for p in points],
         names=[p.name for p in points],
+        reasons=verdicts.summary(),
     )
-    row["status"] = "invalid" if invalid else "ok" if len(valid) >= 3 and len(thirds) == 3 else "few"
-    if row["status"] == "few":
-        row["reason"] = verdicts.summary()
+    row["status"] = status(row)
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 
@@ -630,7 +628,23 @@ def _load(path: Path) -> dict[str, dict]:
     return rows
 
 
+def largest_gap(row: dict) -> float:
+    """The largest depth gap between consecutive valid points of a checked row, depth 0 and 1 included."""
+    depths = sorted(d for n, d in zip(row["names"], row["depths"]) if n not in row["invalid"])
+    return max(b - a for a, b in zip([0.0, *depths], [*depths, 1.0]))
+
+
+def status(row: dict) -> str:
+    """``invalid``, ``ok`` or ``few`` for a row whose points were checked; its recorded status otherwise."""
+    if "depths" not in row:
+        return row["status"]
+    if row["invalid"]:
+        return "invalid"
+    return "ok" if row["valid"] >= 3 and largest_gap(row) <= MAX_GAP else "few"
+
+
 def table(rows: dict[str, dict]) -> str:
+    rows = {key: {**row, "status": status(row)} for key, row in rows.items()}
     counted = [r for r in rows.values() if r["status"] != "unbuildable"]
     counts = Counter(r["status"] for r in rows.values())
     ok = counts["ok"]
@@ -642,15 +656,18 @@ def table(rows: dict[str, dict]) -> str:
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "ok"),
         f"invalid points: {sum(len(r.get('invalid') or {}) for r in rows.values())}",
         "",
-        "| model | setting | status | points | valid | thirds | seconds | reason / invalid |",
+        "| model | setting | status | points | valid | largest gap | seconds | reason / invalid |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(rows):
         r = rows[key]
         note = r.get("reason") or (json.dumps(r["invalid"]) if r.get("invalid") else "")
+        if r["status"] == "few":
+            note = r.get("reasons", "")
+        gap = f"{largest_gap(r):.2f}" if "depths" in r else ""
         lines.append(
             f"| {key} | {r.get('setting', '')} | {r['status']} | {r.get('points', '')} | {r.get('valid', '')} | "
-            f"{''.join(str(t + 1) for t in r.get('thirds', []))} | {r.get('seconds', '')} | "
+            f"{gap} | {r.get('seconds', '')} | "
             f"{note.replace('|', '/')[:200]} |"
         )
     return "\n".join(lines) + "\n"
