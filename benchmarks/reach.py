@@ -690,7 +690,7 @@ def _run_children(keys: list[str], timeout: float) -> Iterator[dict]:
             line = lines.get(timeout=timeout)
         except queue.Empty:
             child.kill()
-            child.wait()
+            child.wait(timeout=60)
             yield {
                 "key": key,
                 "status": "timeout",
@@ -699,7 +699,7 @@ def _run_children(keys: list[str], timeout: float) -> Iterator[dict]:
             }
             return
         if line is None:
-            child.wait()
+            child.wait(timeout=60)
             yield {
                 "key": key,
                 "status": "crashed",

@@ -638,3 +638,15 @@ def test_flat_feature_models_are_refused_naming_the_reason() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES)).eval()
     with pytest.raises(UnsupportedModelError, match=r"flat \(B, C\) features"):
         find_points(model, torch.randn(2, 1, 8, 8))
+
+
+@pytest.mark.slow
+def test_every_inception_v3_stage_output_is_a_point() -> None:
+    """Inception's Mixed_* blocks concatenate parallel branches; each block output is a cut and is offered."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("inception_v3", pretrained=False, num_classes=NUM_CLASSES).eval()
+    names = {p.name for p in find_points(model, torch.randn(2, 3, 75, 75))}
+    stages = {n for n, _ in model.named_children() if n.startswith("Mixed_")}
+    assert len(stages) == 11 and stages <= names, sorted(stages - names)
