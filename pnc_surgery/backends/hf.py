@@ -41,7 +41,7 @@ class TransformersBackend(Backend):
         return pad if isinstance(pad, int) else None
 
     def special_token_ids(self, model: nn.Module) -> set[int]:
-        ids = set()
+        ids: set[int] = set()
         for key in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
             value = getattr(model.config, key, None)
             ids.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int) and v >= 0)
