@@ -7,9 +7,12 @@ Two tables, both measured in one process so that only ratios count on a shared m
   benchmark's narrow models at 16 px and default-width timm models at 32 px (a ResNet, a ConvNeXt, a small ViT).
 * **cost**: clone seconds against (source FLOPs per image x clone images) for a few model sizes and two data sizes,
   so a user can predict the wait.
+* **forward**: the patched target's forward against the target alone plus the pruned branch run alone, at tiny
+  and at ResNet-50 size.
 
 Run ``python -m benchmarks.clone_cost`` (``--help`` for the options); ``--json`` writes every row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +80,7 @@ def _split(image_size: int, level: float | int, seed: int) -> tuple[ClassSplit, 
 
 
 def _models(pair: tuple[str, str], split: ClassSplit, image_size: int, seed: int, cache: Path, steps: int):
-    common = dict(dataset_name="digits", image_size=image_size, steps=steps, seed=seed, cache_dir=cache,
-                  progress=False)
+    common = dict(dataset_name="digits", image_size=image_size, steps=steps, seed=seed, cache_dir=cache, progress=False)
     source, _ = trained_model(pair[0], "source", split.source_train, split.source_classes, **common)
     target, _ = trained_model(pair[1], "target", split.target_train, split.target_classes, **common)
     return source, target
@@ -106,19 +108,34 @@ def ratio_row(
     outcome = lwf(context)
     lwf_scores = _scores(outcome.model, split, reference)
     started = time.perf_counter()
-    patch = clone(source, target, split.clone, classes=list(split.clone_source_ids), replay=split.replay,
-                  config=config, seed=seed, progress=False)
+    patch = clone(
+        source,
+        target,
+        split.clone,
+        classes=list(split.clone_source_ids),
+        replay=split.replay,
+        config=config,
+        seed=seed,
+        progress=False,
+    )
     seconds = time.perf_counter() - started
     with patch.attached(target):
         clone_scores = _scores(target, split, reference)
     return {
-        "pair": name, "image_size": image_size, "clone_images": len(split.clone), "replay_images": len(split.replay),
-        "lwf_seconds": round(outcome.seconds, 2), "clone_seconds": round(seconds, 2),
+        "pair": name,
+        "image_size": image_size,
+        "clone_images": len(split.clone),
+        "replay_images": len(split.replay),
+        "lwf_seconds": round(outcome.seconds, 2),
+        "clone_seconds": round(seconds, 2),
         "ratio": round(seconds / outcome.seconds, 2),
-        "clone_acc_all": clone_scores["acc_all"], "clone_locality": clone_scores["locality"],
-        "lwf_acc_all": lwf_scores["acc_all"], "lwf_locality": lwf_scores["locality"],
+        "clone_acc_all": clone_scores["acc_all"],
+        "clone_locality": clone_scores["locality"],
+        "lwf_acc_all": lwf_scores["acc_all"],
+        "lwf_locality": lwf_scores["locality"],
         "patch_bytes_ratio": round(_patch_bytes(patch) / safetensors_bytes(source), 3),
-        "cut": patch.metrics.get("cut"), "insertion": patch.metrics.get("insertion"),
+        "cut": patch.metrics.get("cut"),
+        "insertion": patch.metrics.get("insertion"),
         "stage_seconds": patch.metrics.get("stage_seconds"),
     }
 
@@ -129,13 +146,83 @@ def cost_row(source_arch: str, level: float | int, seed: int, cache: Path, confi
     source, target = _models((source_arch, "resnet10t"), split, 32, seed, cache, steps)
     flops = source_flops(source, split.clone.images[:1])
     started = time.perf_counter()
-    clone(source, target, split.clone, classes=list(split.clone_source_ids), replay=split.replay, config=config,
-          seed=seed, progress=False)
+    clone(
+        source,
+        target,
+        split.clone,
+        classes=list(split.clone_source_ids),
+        replay=split.replay,
+        config=config,
+        seed=seed,
+        progress=False,
+    )
     seconds = time.perf_counter() - started
     work = flops * len(split.clone)
-    return {"source": source_arch, "clone_images": len(split.clone), "source_mflops": round(flops / 1e6, 2),
-            "work_gflops": round(work / 1e9, 2), "clone_seconds": round(seconds, 2),
-            "seconds_per_tflop": round(seconds / (work / 1e12), 1)}
+    return {
+        "source": source_arch,
+        "clone_images": len(split.clone),
+        "source_mflops": round(flops / 1e6, 2),
+        "work_gflops": round(work / 1e9, 2),
+        "clone_seconds": round(seconds, 2),
+        "seconds_per_tflop": round(seconds / (work / 1e12), 1),
+    }
+
+
+FORWARD_CASES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "kwargs": {"in_chans": 1, "channels": (16, 32, 64, 128)},
+        "name": "resnet18",
+        "size": 16,
+        "batch": 128,
+        "cut": "layer1",
+    },
+    "resnet50": {"kwargs": {}, "name": "resnet50", "size": 224, "batch": 4, "cut": "layer1"},
+}
+"""The patched-forward cases: a tiny benchmark ResNet and a ResNet-50, an early cut pruned to 0.2."""
+
+
+def _median_ms(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - started))
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def forward_row(case: str, repeats: int = 7, keep_ratio: float = 0.2) -> dict[str, Any]:
+    """Patched forward P against the target alone T and the pruned branch run alone B (adapter included)."""
+    from pnc_surgery import Patch
+    from pnc_surgery.backends.timm import create_model
+    from pnc_surgery.branch import capture_features
+    from pnc_surgery.localize import find_prune_groups, keep_indices, prune
+
+    spec = FORWARD_CASES[case]
+    torch.manual_seed(0)
+    source, target = (create_model(spec["name"], num_classes=5, **spec["kwargs"]).eval() for _ in range(2))
+    channels = spec["kwargs"].get("in_chans", 3)
+    x = torch.randn(spec["batch"], channels, spec["size"], spec["size"])
+    cut = spec["cut"]
+    patch = Patch.assemble(source, target, cut, cut, [0, 1, 2], source_input=x[:2], target_input=x[:2]).eval()
+    feature = capture_features(target, [cut], x)[cut]
+    groups = find_prune_groups(patch.branch, feature[:2])
+    prune(patch.branch, groups, keep_indices(groups, {g.consumer: torch.ones(g.size) for g in groups}, keep_ratio))
+    alone = _median_ms(lambda: target(x), repeats)
+    branch = _median_ms(lambda: patch.branch(patch.adapter(feature)), repeats)
+    with patch.attached(target):
+        patched = _median_ms(lambda: target(x), repeats)
+    return {
+        "case": case,
+        "cut": cut,
+        "keep_ratio": keep_ratio,
+        "batch": spec["batch"],
+        "target_ms": round(alone, 2),
+        "branch_ms": round(branch, 2),
+        "patched_ms": round(patched, 2),
+        "patched_vs_target_plus_branch": round(patched / (alone + branch), 3),
+        "patched_vs_target": round(patched / alone, 3),
+    }
 
 
 def _print(rows: Sequence[dict], keys: Sequence[str]) -> None:
@@ -146,11 +233,18 @@ def _print(rows: Sequence[dict], keys: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.clone_cost", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tables", nargs="+", default=["ratio", "cost"], choices=["ratio", "cost"])
+    parser.add_argument(
+        "--tables", nargs="+", default=["ratio", "cost", "forward"], choices=["ratio", "cost", "forward"]
+    )
     parser.add_argument("--pairs", nargs="+", default=None, help="pair names (default: benchmark + wide pairs)")
     parser.add_argument("--budget", default="default", help="CloneConfig(budget=...)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="other CloneConfig fields, values as Python literals (e.g. cost_weight=0)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="other CloneConfig fields, values as Python literals (e.g. cost_weight=0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-steps", type=int, default=300, help="training steps of the source and target")
     parser.add_argument("--cache", type=Path, default=Path(".cache/pnc_benchmark"))
@@ -160,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _register()
     overrides = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
     config = CloneConfig(budget=args.budget, **overrides)
-    document: dict[str, Any] = {"budget": args.budget, "ratio": [], "cost": []}
+    document: dict[str, Any] = {"budget": args.budget, "ratio": [], "cost": [], "forward": []}
     pairs = {**{k: (v, 16) for k, v in PAIRS.items()}, **{k: (v, 32) for k, v in WIDE_PAIRS.items()}}
     with torch_threads(args.threads):
         if "ratio" in args.tables:
@@ -175,13 +269,39 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     row = cost_row(source_arch, level, args.seed, args.cache, config, args.model_steps)
                     document["cost"].append(row)
                     print(json.dumps(row), flush=True)
-    keys = ["pair", "clone_seconds", "lwf_seconds", "ratio", "clone_acc_all", "clone_locality", "lwf_acc_all",
-            "lwf_locality", "patch_bytes_ratio"]
+    keys = [
+        "pair",
+        "clone_seconds",
+        "lwf_seconds",
+        "ratio",
+        "clone_acc_all",
+        "clone_locality",
+        "lwf_acc_all",
+        "lwf_locality",
+        "patch_bytes_ratio",
+    ]
     if document["ratio"]:
         _print(document["ratio"], keys)
     if document["cost"]:
-        _print(document["cost"], ["source", "clone_images", "source_mflops", "work_gflops", "clone_seconds",
-                                  "seconds_per_tflop"])
+        _print(
+            document["cost"],
+            ["source", "clone_images", "source_mflops", "work_gflops", "clone_seconds", "seconds_per_tflop"],
+        )
+    if document["forward"]:
+        _print(
+            document["forward"],
+            [
+                "case",
+                "cut",
+                "keep_ratio",
+                "batch",
+                "target_ms",
+                "branch_ms",
+                "patched_ms",
+                "patched_vs_target_plus_branch",
+                "patched_vs_target",
+            ],
+        )
     if args.json:
         args.json.write_text(json.dumps(document, indent=1))
     return document

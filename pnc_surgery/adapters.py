@@ -7,11 +7,10 @@ the grid to the branch's size, and writes the branch's layout (learned prefix to
 tokens keep their sequence and only change width. The spec is plain JSON so a patch can rebuild its
 adapter without code.
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +58,7 @@ class Adapter(nn.Module):
         self.source, self.dest, self.hidden = source, dest, int(hidden)
         self.proj = nn.Conv2d(source.channels, dest.channels, kernel_size=1)
         self.bottleneck = (
-            nn.Sequential(
-                nn.Conv2d(source.channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dest.channels, 1)
-            )
+            nn.Sequential(nn.Conv2d(source.channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dest.channels, 1))
             if hidden
             else None
         )
@@ -85,9 +82,11 @@ class Adapter(nn.Module):
         return {"source": self.source.to_dict(), "dest": self.dest.to_dict(), "hidden": self.hidden}
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "Adapter":
+    def from_spec(cls, spec: dict) -> Adapter:
         try:
-            return cls(FeatureSpec.from_dict(spec["source"]), FeatureSpec.from_dict(spec["dest"]), int(spec.get("hidden", 0)))
+            return cls(
+                FeatureSpec.from_dict(spec["source"]), FeatureSpec.from_dict(spec["dest"]), int(spec.get("hidden", 0))
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInputError(f"invalid adapter spec: {exc}") from None
 
@@ -122,7 +121,11 @@ class Adapter(nn.Module):
         y = wanted.double().permute(0, 2, 3, 1).reshape(-1, wanted.shape[1])
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
         gram = x.T @ x
-        gram += ridge * gram.diagonal()[:-1].mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        gram += (
+            ridge
+            * gram.diagonal()[:-1].mean().clamp_min(1e-12)
+            * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        )
         solution = torch.linalg.solve(gram, x.T @ y)
         self.proj.weight.copy_(solution[:-1].T[:, :, None, None].to(self.proj.weight))
         self.proj.bias.copy_(solution[-1])

@@ -9,6 +9,7 @@ but their parameters shrink to empty placeholders, so the tail holds only the we
 A stub returns zeros, or (where the rest of the model reads an input-independent value such as rotary
 tables) the value it recorded.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,7 +29,17 @@ from .tracing import classifier_names, eval_mode, trace_model
 __all__ = ["SourceTail", "capture_features", "STUB_VALUE_BUFFER"]
 
 STUB_VALUE_BUFFER = "pnc_stub_value"
-OVERRIDABLE_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_channels", "groups", "num_features", "normalized_shape", "num_heads", "hidden_features")
+OVERRIDABLE_ATTRIBUTES = (
+    "in_features",
+    "out_features",
+    "in_channels",
+    "out_channels",
+    "groups",
+    "num_features",
+    "normalized_shape",
+    "num_heads",
+    "hidden_features",
+)
 EXACT_ATOL = 1e-5
 
 
@@ -155,7 +166,7 @@ class SourceTail(nn.Module):
         example_input: ModelInputs | None = None,
         *,
         verify: bool = True,
-    ) -> "SourceTail":
+    ) -> SourceTail:
         """Cut ``model`` (left unchanged; the tail holds a deep copy) at ``point``.
 
         Args:
@@ -193,7 +204,11 @@ class SourceTail(nn.Module):
                 and call.output is not None
                 and before(call)
             ):
-                stubs[module_name] = {"shape": list(call.output.shape[1:]), "dtype": str(call.output.dtype).removeprefix("torch."), "stored": False}
+                stubs[module_name] = {
+                    "shape": list(call.output.shape[1:]),
+                    "dtype": str(call.output.dtype).removeprefix("torch."),
+                    "stored": False,
+                }
                 recorded[module_name] = call.output[:1]
         spec = {
             "family": backend.family,
@@ -215,14 +230,16 @@ class SourceTail(nn.Module):
         return tail
 
     @classmethod
-    def from_spec(cls, spec: dict, architecture: dict) -> "SourceTail":
+    def from_spec(cls, spec: dict, architecture: dict) -> SourceTail:
         """Rebuild a tail's structure from its spec and the source architecture (tensors still to be loaded)."""
         model = backend_named(str(architecture.get("family"))).build(architecture)
         tail = cls(model, spec)
         for name, stub in tail.stubs.items():
             if stub.get("stored"):
                 dtype = getattr(torch, str(stub["dtype"]))
-                tail.model.get_submodule(name).register_buffer(STUB_VALUE_BUFFER, torch.empty(1, *stub["shape"], dtype=dtype, device="meta"))
+                tail.model.get_submodule(name).register_buffer(
+                    STUB_VALUE_BUFFER, torch.empty(1, *stub["shape"], dtype=dtype, device="meta")
+                )
         return tail
 
     def spec(self) -> dict:
@@ -246,10 +263,14 @@ class SourceTail(nn.Module):
         if attr not in OVERRIDABLE_ATTRIBUTES:
             raise UnsupportedModelError(f"attribute {attr!r} cannot be recorded; allowed: {OVERRIDABLE_ATTRIBUTES}")
         if not isinstance(value, (int, list, tuple)) or isinstance(value, bool):
-            raise UnsupportedModelError(f"override {module_name}.{attr} must be an int or a list of ints, got {value!r}")
+            raise UnsupportedModelError(
+                f"override {module_name}.{attr} must be an int or a list of ints, got {value!r}"
+            )
         module = self.model.get_submodule(module_name)
         setattr(module, attr, tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value))
-        self.overrides.setdefault(module_name, {})[attr] = list(value) if isinstance(value, (list, tuple)) else int(value)
+        self.overrides.setdefault(module_name, {})[attr] = (
+            list(value) if isinstance(value, (list, tuple)) else int(value)
+        )
 
     def keep_classes(self, classes: Sequence[int]) -> None:
         """Keep only the classifier rows of ``classes`` (source class ids, in output order)."""
@@ -276,7 +297,12 @@ class SourceTail(nn.Module):
             modules[name].forward = _Stub(modules[name], stub["shape"], getattr(torch, stub["dtype"]), self.live)
         replaced = [self.cut, *self.stubs]
         inside = lambda n: any(n == r or n.startswith(r + ".") for r in replaced)  # noqa: E731
-        kept = {id(p) for n, m in modules.items() if not inside(n) for p in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+        kept = {
+            id(p)
+            for n, m in modules.items()
+            if not inside(n)
+            for p in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        }
         for name in replaced:
             _shrink(modules[name], kept)
 
@@ -307,7 +333,7 @@ class SourceTail(nn.Module):
                 module.register_buffer(STUB_VALUE_BUFFER, value)
                 self.stubs[name]["stored"] = True
 
-    def train(self, mode: bool = True) -> "SourceTail":
+    def train(self, mode: bool = True) -> SourceTail:
         """The tail always runs in eval mode (frozen norms, no dropout); gradients still flow."""
         super().train(mode)
         self.model.eval()
@@ -316,14 +342,18 @@ class SourceTail(nn.Module):
     def _dummy_input(self, feature: torch.Tensor) -> torch.Tensor:
         """A stand-in for the model's data input: only its shape is read before the stubs take over."""
         if self.input_dtype.is_floating_point:
-            return torch.zeros((), dtype=feature.dtype, device=feature.device).expand(feature.shape[0], *self.input_shape)
+            return torch.zeros((), dtype=feature.dtype, device=feature.device).expand(
+                feature.shape[0], *self.input_shape
+            )
         shape = self.live.shape_like(self.input_shape)
         return torch.zeros((), dtype=self.input_dtype, device=feature.device).expand(shape)
 
     def forward(self, feature: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
         """Logits of the model for inputs whose feature at the cut is ``feature``."""
         if tuple(feature.shape[1:]) != self.cut_shape and self.input_dtype.is_floating_point:
-            raise PatchMismatchError(f"the branch at {self.cut!r} expects features of shape {self.cut_shape}, got {tuple(feature.shape[1:])}")
+            raise PatchMismatchError(
+                f"the branch at {self.cut!r} expects features of shape {self.cut_shape}, got {tuple(feature.shape[1:])}"
+            )
         self.live.feature = feature
         try:
             dummy = self._dummy_input(feature)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -30,8 +30,17 @@ from .backends import Backend, backend_for
 from .backends.base import ModelInputs, image_size
 from .branch import SourceTail
 from .data import (
-    Examples, batches, check_replay, check_target_input, collect, select_classes, source_transform,
-    model_device, short, to_device, with_shifted_copies,
+    Examples,
+    batches,
+    check_replay,
+    check_target_input,
+    collect,
+    model_device,
+    select_classes,
+    short,
+    source_transform,
+    to_device,
+    with_shifted_copies,
 )
 from .errors import CloneError, InvalidInputError, UnsupportedModelError
 from .evidence import GateInputs, patch_gate_inputs
@@ -322,7 +331,7 @@ def _stratified_split(labels: torch.Tensor, fraction: float, generator: torch.Ge
     for value in labels.unique():
         index = (labels == value).nonzero().flatten()
         index = index[torch.randperm(len(index), generator=generator)]
-        count = int(round(fraction * len(index))) if len(index) > 1 else 0
+        count = round(fraction * len(index)) if len(index) > 1 else 0
         count = min(max(count, 1 if len(index) > 2 else 0), len(index) - 1)
         held.append(index[:count])
         fit.append(index[count:])
@@ -364,7 +373,7 @@ class CloneRun:
     candidates: list[Candidate] = field(default_factory=list)
     winner: Candidate | None = None
     ranking: list[dict] = field(default_factory=list)
-    store: torch.device = torch.device("cpu")
+    store: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """Where the cached features live: the training device when they fit ``feature_memory_gb``, else the CPU."""
 
     @property

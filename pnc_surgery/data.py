@@ -4,16 +4,16 @@
 image tensor or (for text models) a mapping of keyword tensors such as ``input_ids`` and
 ``attention_mask``. Clone data is small (tens to hundreds of examples per class), so it is held in memory.
 """
+
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from .backends import Backend, ModelInputs
@@ -24,8 +24,20 @@ MIN_EXAMPLES_PER_CLASS = 2
 """A cloned class needs at least this many examples: with one, nothing is left to check the training on."""
 
 __all__ = [
-    "Examples", "collect", "batches", "to_view", "with_shifted_copies", "runs_on", "check_target_input",
-    "source_view", "select_classes", "check_replay", "short", "model_device", "to_device", "source_transform",
+    "Examples",
+    "collect",
+    "batches",
+    "to_view",
+    "with_shifted_copies",
+    "runs_on",
+    "check_target_input",
+    "source_view",
+    "select_classes",
+    "check_replay",
+    "short",
+    "model_device",
+    "to_device",
+    "source_transform",
 ]
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
@@ -42,7 +54,7 @@ class Examples:
     def __len__(self) -> int:
         return int(_first(self.inputs).shape[0])
 
-    def select(self, index: torch.Tensor) -> "Examples":
+    def select(self, index: torch.Tensor) -> Examples:
         return Examples(_index(self.inputs, index), None if self.labels is None else self.labels[index])
 
 
@@ -78,7 +90,9 @@ def collect(data: Any, what: str = "data", labelled: bool = True) -> Examples:
     if isinstance(data, Examples):
         return data
     if not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
-        raise InvalidInputError(f"{what} must be a Dataset, DataLoader or iterable of (x, y), got {type(data).__name__}")
+        raise InvalidInputError(
+            f"{what} must be a Dataset, DataLoader or iterable of (x, y), got {type(data).__name__}"
+        )
     xs, ys = [], []
     items: Iterable = data if isinstance(data, Iterable) else (data[i] for i in range(len(data)))
     for item in items:
@@ -95,16 +109,24 @@ def collect(data: Any, what: str = "data", labelled: bool = True) -> Examples:
     single = _first(xs[0]).dim() in (1, 3) if isinstance(xs[0], torch.Tensor) else _first(xs[0]).dim() == 1
     try:
         if single:
-            inputs = torch.stack(xs) if isinstance(xs[0], torch.Tensor) else {k: torch.stack([x[k] for x in xs]) for k in xs[0]}
+            inputs = (
+                torch.stack(xs)
+                if isinstance(xs[0], torch.Tensor)
+                else {k: torch.stack([x[k] for x in xs]) for k in xs[0]}
+            )
             labels = torch.stack([y.reshape(()) for y in ys]) if ys[0] is not None else None
         else:
-            inputs = torch.cat(xs) if isinstance(xs[0], torch.Tensor) else {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
+            inputs = (
+                torch.cat(xs) if isinstance(xs[0], torch.Tensor) else {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
+            )
             labels = torch.cat([y.reshape(-1) for y in ys]) if ys[0] is not None else None
     except (RuntimeError, KeyError, TypeError) as exc:
         raise InvalidInputError(f"{what} holds inputs of different shapes or kinds: {exc}") from None
     if labels is not None:
         if labels.is_floating_point() or labels.dim() != 1:
-            raise InvalidInputError(f"{what} labels must be integer class ids, got {labels.dtype} of shape {tuple(labels.shape)}")
+            raise InvalidInputError(
+                f"{what} labels must be integer class ids, got {labels.dtype} of shape {tuple(labels.shape)}"
+            )
         labels = labels.long()
     if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
         inputs = inputs.float()
@@ -334,7 +356,9 @@ def select_classes(
     """
     bad = labels[(labels < 0) | (labels >= num_source_classes)].unique().tolist()
     if bad:
-        raise InvalidInputError(f"labels {short(bad)} are not classes of the source, which has {num_source_classes} classes")
+        raise InvalidInputError(
+            f"labels {short(bad)} are not classes of the source, which has {num_source_classes} classes"
+        )
     present = sorted(labels.unique().tolist())
     if classes is not None and (isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable)):
         raise InvalidInputError(f"classes must be a sequence of source class ids, got {type(classes).__name__}")
@@ -364,9 +388,13 @@ def _class_id(value: Any, names: Sequence[str] | None) -> int:
     """A class given by id or by the source's label name, as an id."""
     if isinstance(value, str):
         if names is None:
-            raise InvalidInputError(f"class {value[:80]!r} is a name, but the source has no label names: pass class ids")
+            raise InvalidInputError(
+                f"class {value[:80]!r} is a name, but the source has no label names: pass class ids"
+            )
         if value not in names:
-            raise InvalidInputError(f"{value[:80]!r} is not a label name of the source; its names: {short(list(names))}")
+            raise InvalidInputError(
+                f"{value[:80]!r} is not a label name of the source; its names: {short(list(names))}"
+            )
         return list(names).index(value)
     if isinstance(value, bool):
         raise InvalidInputError(f"classes must be source class ids or label names, got {value!r}")
@@ -384,7 +412,11 @@ def check_replay(replay: Examples, data: Examples, target: nn.Module, backend: B
     inputs, reference = replay.inputs, data.inputs
     if isinstance(inputs, torch.Tensor) != isinstance(reference, torch.Tensor):
         raise InvalidInputError("replay must be of the same kind as data (image tensors, or keyword text tensors)")
-    if isinstance(inputs, torch.Tensor) and isinstance(reference, torch.Tensor) and inputs.shape[1:] != reference.shape[1:]:
+    if (
+        isinstance(inputs, torch.Tensor)
+        and isinstance(reference, torch.Tensor)
+        and inputs.shape[1:] != reference.shape[1:]
+    ):
         raise InvalidInputError(
             f"replay inputs have shape {tuple(inputs.shape[1:])}; the clone data's are {tuple(reference.shape[1:])} "
             "(both are fed to the target, in its input format)"

@@ -12,11 +12,13 @@ modules and each one is *proved*: pruning it physically must give exactly what z
 the consumer gives. Units are ranked by first-order Taylor importance of the local loss, and every group
 keeps the same fraction of its units.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +29,15 @@ from .branch import SourceTail
 from .tracing import trace_model
 
 __all__ = [
-    "PruneGroup", "find_prune_groups", "unit_importance", "keep_indices", "masked", "prune", "branch_parameters",
-    "local_accuracy", "localize",
+    "PruneGroup",
+    "find_prune_groups",
+    "unit_importance",
+    "keep_indices",
+    "masked",
+    "prune",
+    "branch_parameters",
+    "local_accuracy",
+    "localize",
 ]
 
 BranchBatch = tuple[torch.Tensor, torch.Tensor, dict]
@@ -81,8 +90,12 @@ def _leaf_order(branch: SourceTail, feature: torch.Tensor, context: dict) -> lis
     for call in sorted(trace.calls.values(), key=lambda c: c.pre):
         if not call.name.startswith(prefix) or any(True for _ in call.module.children()) or call.output is None:
             continue
-        name = call.name[len(prefix):]
-        if name in branch.stubs or name == branch.cut or any(name.startswith(s + ".") for s in [*branch.stubs, branch.cut]):
+        name = call.name[len(prefix) :]
+        if (
+            name in branch.stubs
+            or name == branch.cut
+            or any(name.startswith(s + ".") for s in [*branch.stubs, branch.cut])
+        ):
             continue
         leaves.append((name, call.module, tuple(call.output.shape)))
     return leaves
@@ -136,7 +149,7 @@ class masked:
     def __init__(self, branch: SourceTail, keep: dict[str, torch.Tensor]) -> None:
         self.branch, self.keep, self.handles = branch, keep, []
 
-    def __enter__(self) -> "masked":
+    def __enter__(self) -> masked:
         for consumer, kept in self.keep.items():
             module = self.branch.model.get_submodule(consumer)
             axis = 1 if isinstance(module, nn.Conv2d) else -1
@@ -202,7 +215,9 @@ def unit_importance(
     return scores
 
 
-def keep_indices(groups: Sequence[PruneGroup], scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+def keep_indices(
+    groups: Sequence[PruneGroup], scores: dict[str, torch.Tensor], ratio: float
+) -> dict[str, torch.Tensor]:
     """The most important ``ratio`` of each group's units (at least one), in their original order."""
     kept = {}
     for group in groups:

@@ -10,11 +10,13 @@ by the loss, minus ``cost_weight`` times the pair's cost (the share of the sourc
 copy), so that a cheaper branch wins unless a costlier one is clearly more accurate. The ranking is returned so
 the patch can record what was seen.
 """
+
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ class FitData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device) -> "FitData":
+    def to(self, device: torch.device) -> FitData:
         """The same rows with every tensor on ``device``."""
         return FitData(
             self.target_features.to(device),
@@ -50,7 +52,7 @@ class FitData:
             {k: v.to(device) for k, v in self.context.items()},
         )
 
-    def rows(self, index: torch.Tensor) -> "FitData":
+    def rows(self, index: torch.Tensor) -> FitData:
         return FitData(
             self.target_features[index],
             None if self.source_features is None else self.source_features[index],
@@ -114,7 +116,7 @@ def spread_points(points: Sequence[Point], count: int) -> list[Point]:
     """
     if len(points) <= count:
         return list(points)
-    ends = [p for p, nxt in zip(points, points[1:]) if p.shape != nxt.shape] + [points[-1]]
+    ends = [p for p, nxt in itertools.pairwise(points) if p.shape != nxt.shape] + [points[-1]]
     chosen: dict[str, Point] = {}
     for pool in (ends, points):
         step = (len(pool) - 1) / max(count - 1, 1)
@@ -216,7 +218,9 @@ def train_candidate(
 
 
 @torch.no_grad()
-def evaluate(candidate: Candidate, data: FitData, temperature: float, feature_weight: float, batch_size: int = 256) -> tuple[float, float]:
+def evaluate(
+    candidate: Candidate, data: FitData, temperature: float, feature_weight: float, batch_size: int = 256
+) -> tuple[float, float]:
     """Local accuracy (argmax among the cloned classes) and mean loss on ``data``."""
     correct, total_loss = 0, 0.0
     for start in range(0, len(data), batch_size):
@@ -258,7 +262,7 @@ def successive_halving(
         candidate.accuracy, candidate.loss = evaluate(candidate, heldout(candidate), temperature, feature_weight)
     alive.sort(key=lambda c: c.score, reverse=True)
     if survivors is not None and len(alive) > survivors:
-        seen, alive = alive[max(survivors, 1):], alive[: max(survivors, 1)]
+        seen, alive = alive[max(survivors, 1) :], alive[: max(survivors, 1)]
     steps = first_steps
     rounds = max(1, math.ceil(math.log2(max(len(alive), 1))) + 1)
     total = sum(first_steps * 2**r * math.ceil(len(alive) / 2**r) for r in range(rounds))
@@ -266,10 +270,19 @@ def successive_halving(
         while True:
             for candidate in alive:
                 train_candidate(
-                    candidate, fit(candidate), steps, lr=lr, batch_size=batch_size, temperature=temperature,
-                    feature_weight=feature_weight, generator=generator, progress=bar.update,
+                    candidate,
+                    fit(candidate),
+                    steps,
+                    lr=lr,
+                    batch_size=batch_size,
+                    temperature=temperature,
+                    feature_weight=feature_weight,
+                    generator=generator,
+                    progress=bar.update,
                 )
-                candidate.accuracy, candidate.loss = evaluate(candidate, heldout(candidate), temperature, feature_weight)
+                candidate.accuracy, candidate.loss = evaluate(
+                    candidate, heldout(candidate), temperature, feature_weight
+                )
                 candidate.rounds += 1
             alive.sort(key=lambda c: c.score, reverse=True)
             if len(alive) == 1:

@@ -6,6 +6,7 @@
 * On a GPU (tests marked ``cuda``, skipped without one): models on CUDA clone with data given on the CPU, and a source
   on the CPU clones into a target on CUDA.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,12 @@ def _data(count: int = 16, classes: int = 2) -> list[tuple[torch.Tensor, int]]:
 
 def test_a_bfloat16_clone_gives_a_finite_float32_patch():
     source, target = _model(4, 0), _model(5, 1)
-    patch = clone(source, target, _data(), config=CloneConfig(**{**TINY.__dict__, "precision": "bfloat16"}), progress=False)
-    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in patch.tensors().values() if t.is_floating_point())
+    patch = clone(
+        source, target, _data(), config=CloneConfig(**{**TINY.__dict__, "precision": "bfloat16"}), progress=False
+    )
+    assert all(
+        t.dtype == torch.float32 and torch.isfinite(t).all() for t in patch.tensors().values() if t.is_floating_point()
+    )
     with patch.attached(target), torch.no_grad():
         assert target(torch.randn(2, 1, 16, 16)).shape == (2, 5 + 2)
 
@@ -56,7 +61,7 @@ def test_classes_may_be_named_by_the_sources_label_names():
 
 
 def test_an_unknown_label_name_is_refused_with_the_names_the_source_knows():
-    with pytest.raises(InvalidInputError, match="'cow' is not a label name.*ant"):
+    with pytest.raises(InvalidInputError, match=r"'cow' is not a label name.*ant"):
         clone(_named_source(), _model(5, 1), _data(), classes=["cow"], config=TINY, progress=False)
 
 

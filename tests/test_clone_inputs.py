@@ -6,6 +6,7 @@ and the source is fed *its* format, never the target's pixels as they are.
 * ``source_transform=`` replaces that mapping; one that fails, or gives inputs the source cannot take, is refused
   before any training.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -46,7 +47,9 @@ def test_a_source_with_other_statistics_gets_its_own_normalisation():
         "the source must see (0.5 - 0.5) / 0.25 = 0, not the target's 3.0"
     )
     extracted = [x for x in seen if x.shape[0] == 8]  # the feature extraction's batch (checks use two examples)
-    assert not any(torch.allclose(x, torch.full_like(x, 3.0)) for x in extracted), "the target's pixels reached the source"
+    assert not any(torch.allclose(x, torch.full_like(x, 3.0)) for x in extracted), (
+        "the target's pixels reached the source"
+    )
 
 
 def test_models_with_the_same_statistics_share_the_data_unchanged():
@@ -63,11 +66,14 @@ def test_a_source_transform_replaces_the_automatic_mapping():
     assert any(torch.allclose(x, torch.full_like(x, 7.0)) for x in seen if x.shape[0] == 8)
 
 
-@pytest.mark.parametrize("transform, message", [
-    (lambda x: x[:, :, :0], "cannot run"),
-    (lambda x: 1 / 0, "ZeroDivisionError"),
-    ("resize", "callable"),
-])
+@pytest.mark.parametrize(
+    "transform, message",
+    [
+        (lambda x: x[:, :, :0], "cannot run"),
+        (lambda x: 1 / 0, "ZeroDivisionError"),
+        ("resize", "callable"),
+    ],
+)
 def test_a_source_transform_that_does_not_work_is_refused(transform, message):
     with pytest.raises(InvalidInputError, match=message):
         clone(_model(4, 0), _model(5, 1), _constant_data(1.0), config=TINY, progress=False, source_transform=transform)

@@ -9,6 +9,7 @@ library error that says what is wrong (issue 14, items 2, 10 and 14).
   raw Python error, and a huge ``classes`` list gives a short message.
 * A training that diverges raises :class:`CloneError`: ``clone()`` never returns a patch with non-finite tensors.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -58,15 +59,25 @@ def test_nan_pixels_in_the_clone_data_are_refused_before_training(no_training):
         clone(_model(), _model(5), data, config=TINY, progress=False)
 
 
-@pytest.mark.parametrize("setting", [{"lr": math.nan}, {"temperature": 0.0}, {"branch_lr": math.inf},
-                                     {"cost_weight": -1.0}, {"keep_ratios": (0.5, math.nan)}])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"lr": math.nan},
+        {"temperature": 0.0},
+        {"branch_lr": math.inf},
+        {"cost_weight": -1.0},
+        {"keep_ratios": (0.5, math.nan)},
+    ],
+)
 def test_non_finite_or_degenerate_settings_are_refused(setting):
     with pytest.raises(InvalidInputError, match=next(iter(setting))):
         CloneConfig(**setting)
 
 
-@pytest.mark.parametrize("setting", [{"adapter_hidden": -4}, {"batch_size": "64"}, {"train_steps": 2.5},
-                                     {"localize": "no"}, {"budget": "huge"}])
+@pytest.mark.parametrize(
+    "setting",
+    [{"adapter_hidden": -4}, {"batch_size": "64"}, {"train_steps": 2.5}, {"localize": "no"}, {"budget": "huge"}],
+)
 def test_settings_of_the_wrong_type_raise_library_errors(setting):
     with pytest.raises(InvalidInputError, match=next(iter(setting))):
         CloneConfig(**setting)
@@ -80,7 +91,7 @@ def test_replay_images_the_target_cannot_take_are_refused_before_training(no_tra
 
 def test_nan_replay_is_refused_before_training(no_training):
     replay = [(torch.randn(1, 16, 16),) for _ in range(4)] + [(torch.full((1, 16, 16), math.nan),)]
-    with pytest.raises(InvalidInputError, match="replay.*NaN"):
+    with pytest.raises(InvalidInputError, match=r"replay.*NaN"):
         clone(_model(), _model(5), _data(), replay=replay, config=TINY, progress=False)
 
 
@@ -97,7 +108,15 @@ def test_a_huge_classes_list_gives_a_short_message(no_training):
 
 
 def test_a_diverging_training_raises_instead_of_returning_a_non_finite_patch():
-    config = CloneConfig(max_cuts=1, max_insertions=1, search_steps=2, train_steps=4, localize=False, lr=1e30,
-                         branch_lr=1e30, gate="energy")
+    config = CloneConfig(
+        max_cuts=1,
+        max_insertions=1,
+        search_steps=2,
+        train_steps=4,
+        localize=False,
+        lr=1e30,
+        branch_lr=1e30,
+        gate="energy",
+    )
     with pytest.raises(CloneError, match="NaN or infinite"):
         clone(_model(), _model(5), _data(), config=config, progress=False)
