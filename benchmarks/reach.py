@@ -663,7 +663,7 @@ def table(rows: dict[str, dict]) -> str:
         r = rows[key]
         note = r.get("reason") or (json.dumps(r["invalid"]) if r.get("invalid") else "")
         if r["status"] == "few":
-            note = r.get("reasons", "")
+            note = r.get("reasons") or r.get("reason", "")
         gap = f"{largest_gap(r):.2f}" if "depths" in r else ""
         lines.append(
             f"| {key} | {r.get('setting', '')} | {r['status']} | {r.get('points', '')} | {r.get('valid', '')} | "
