@@ -663,7 +663,7 @@ def table(rows: dict[str, dict]) -> str:
         r = rows[key]
         note = r.get("reason") or (json.dumps(r["invalid"]) if r.get("invalid") else "")
         if r["status"] == "few":
-            note = r.get("reasons", "")
+            note = r.get("reasons") or r.get("reason", "")
         gap = f"{largest_gap(r):.2f}" if "depths" in r else ""
         lines.append(
             f"| {key} | {r.get('setting', '')} | {r['status']} | {r.get('points', '')} | {r.get('valid', '')} | "
@@ -684,7 +684,7 @@ def _run_children(keys: list[str], timeout: float) -> Iterator[dict]:
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in child.stdout] + [lines.put(None)], daemon=True).start()
-    for key in keys:
+    for key in list(keys):  # the child runs them in this order; the caller removes finished keys from ``keys``
         start = time.perf_counter()
         try:
             line = lines.get(timeout=timeout)
@@ -707,8 +707,10 @@ def _run_children(keys: list[str], timeout: float) -> Iterator[dict]:
                 "seconds": round(time.perf_counter() - start, 1),
             }
             return
-        yield json.loads(line)
-    child.wait()
+        row = json.loads(line)
+        assert row["key"] == key, f"the child answered {row['key']} for {key}"
+        yield row
+    child.wait(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> None:
