@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -80,12 +80,12 @@ class TimmBackend(Backend):
         return hasattr(model, "pretrained_cfg") and type(model).__module__.startswith("timm.")
 
     def in_chans(self, model: nn.Module) -> int:
-        conv = _first_conv(model)
-        if conv is not None and hasattr(conv, "in_channels"):
-            return int(conv.in_channels)
+        channels = getattr(_first_conv(model), "in_channels", None)
+        if channels is not None:
+            return int(channels)
         if isinstance(getattr(model, "in_chans", None), int):
             return int(model.in_chans)
-        return int(model.pretrained_cfg.get("input_size", (3,))[0])
+        return int(_pretrained_cfg(model).get("input_size", (3,))[0])
 
     def image_size(self, model: nn.Module) -> tuple[int, int]:
         size = _built_image_size(model)
@@ -145,9 +145,9 @@ class TimmBackend(Backend):
             raise UnsupportedModelError(f"{type(model).__name__} has no pretrained_cfg['architecture']; build it with timm.create_model")
         kwargs = dict(getattr(model, MODEL_KWARGS_ATTR, None) or {})
         if not kwargs:
-            kwargs = {"num_classes": int(model.num_classes), "in_chans": self.in_chans(model)}
+            kwargs = {"num_classes": int(cast(int, model.num_classes)), "in_chans": self.in_chans(model)}
             size = _built_image_size(model)
-            if size is not None and size != tuple(model.pretrained_cfg.get("input_size", (3, *size))[1:]):
+            if size is not None and size != tuple(_pretrained_cfg(model).get("input_size", (3, *size))[1:]):
                 kwargs["img_size"] = list(size)
         kwargs.update(hints)
         kwargs.pop("pretrained", None)
@@ -182,3 +182,8 @@ class TimmBackend(Backend):
             raise UnsupportedModelError(f"timm.create_model({name!r}) cannot be built on the meta device: {exc}") from None
         except TypeError as exc:
             raise UnsupportedModelError(f"timm.create_model({name!r}) rejected the recorded kwargs: {exc}") from None
+
+
+def _pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """A timm model's ``pretrained_cfg`` (torch's stubs type every module attribute as a tensor or module)."""
+    return cast(dict[str, Any], model.pretrained_cfg)
