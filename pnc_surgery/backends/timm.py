@@ -83,8 +83,9 @@ class TimmBackend(Backend):
         channels = getattr(_first_conv(model), "in_channels", None)
         if channels is not None:
             return int(channels)
-        if isinstance(getattr(model, "in_chans", None), int):
-            return int(model.in_chans)
+        declared = getattr(model, "in_chans", None)
+        if isinstance(declared, int):
+            return declared
         return int(_pretrained_cfg(model).get("input_size", (3,))[0])
 
     def image_size(self, model: nn.Module) -> tuple[int, int]:
