@@ -11,8 +11,8 @@ here (not the library's): near-zero weight tensors (zero-init norms, layer scale
 second input (other pixels, or other ordinary token ids at the attended positions) is run with the point's output
 swapped for the first input's, and the logits and the classifier's input must come back as the first input's
 (relative error <= ``VALID_RTOL`` of the two inputs' difference). A point is *invalid* if it fails. Depth is a
-point's rank among the forward's module completions, over their number; the points are *spread* when each third
-of the depth holds a valid point.
+point's rank among the forward's module completions, over their number; the points are *spread* when no gap
+between consecutive valid points, the input (depth 0) and the output (depth 1) included, is over ``MAX_GAP``.
 
 Statuses: ``ok`` (>= 3 valid points, spread, none invalid), ``few`` (fewer or not spread), ``invalid`` (an
 invalid point), ``refused`` (a ``PncError`` naming the reason), ``crashed`` (any other exception: a bug),
@@ -27,6 +27,7 @@ Run:  python -m benchmarks.reach                       (everything; about an hou
       python -m benchmarks.reach --table                (rewrite the table from the results file)
       python -m benchmarks.reach --clone                (clone() end to end on one pair per family group)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,22 +52,57 @@ RESULTS = Path(__file__).parent / "results"
 NUM_CLASSES = 11
 """Every model gets this many classes, a number no default config uses (it finds the classifier layers)."""
 VALID_RTOL = 1e-3
+MAX_GAP = 0.5
 IMAGE_SIZES = (64, 96, 128, 160, 224)
 TEXT_LENGTH = 16
 SMALL_TEXT = {
-    "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "intermediate_size": 37, "n_embd": 32, "n_layer": 4, "n_head": 4, "d_model": 32, "d_ff": 37, "d_kv": 8,
-    "num_layers": 4, "num_heads": 4, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
-    "decoder_attention_heads": 4, "encoder_ffn_dim": 37, "decoder_ffn_dim": 37, "ffn_dim": 37, "head_dim": 8,
-    "embedding_size": 32, "max_position_embeddings": 128, "n_positions": 128, "pooler_hidden_size": 32,
-    "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 16,
-    "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16, "n_routed_experts": 4, "num_experts": 4,
-    "num_local_experts": 4, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 37,
+    "n_embd": 32,
+    "n_layer": 4,
+    "n_head": 4,
+    "d_model": 32,
+    "d_ff": 37,
+    "d_kv": 8,
+    "num_layers": 4,
+    "num_heads": 4,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 37,
+    "decoder_ffn_dim": 37,
+    "ffn_dim": 37,
+    "head_dim": 8,
+    "embedding_size": 32,
+    "max_position_embeddings": 128,
+    "n_positions": 128,
+    "pooler_hidden_size": 32,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "v_head_dim": 8,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 16,
+    "n_routed_experts": 4,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 1,
 }
 """Overrides that make a text config small (only keys the config already has are set)."""
 SMALL_IMAGE = {
-    "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 37,
-    "image_size": 64, "embed_dim": 32, "mlp_ratio": 2,
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "image_size": 64,
+    "embed_dim": 32,
+    "mlp_ratio": 2,
 }
 """Overrides that make an image config small; list-valued depths become one block a stage."""
 
@@ -87,7 +123,7 @@ def timm_models(cache: Path) -> list[str]:
         try:
             with torch.device("meta"):
                 count = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
-        except Exception:  # noqa: BLE001, S112 - a variant that does not build is not a candidate
+        except Exception:  # a variant that does not build is not a candidate
             continue
         if family not in families or count < families[family][0]:
             families[family] = (count, name)
@@ -134,7 +170,7 @@ def _runs(model: nn.Module, example: Any) -> bool:
     try:
         with torch.no_grad():
             model.eval()(**example) if isinstance(example, dict) else model.eval()(example)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not at this size"
+    except Exception as exc:  # any failure means "not at this size"
         _LAST_ERROR = f"{type(exc).__name__}: {str(exc)[:120]}"
         return False
     return True
@@ -158,7 +194,7 @@ def build_timm(name: str) -> tuple[nn.Module, torch.Tensor, str]:
         try:
             torch.manual_seed(0)
             resized = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, img_size=size)
-        except Exception:  # noqa: BLE001, S112 - the constructor takes no img_size, or not this one
+        except Exception:  # the constructor takes no img_size, or not this one
             continue
         if _runs(resized, example):
             return _calibrate(resized, example), example, f"{size}px (img_size={size})"
@@ -191,7 +227,8 @@ def _text_example(config: Any) -> dict[str, torch.Tensor]:
 
     vocab = int(getattr(config, "vocab_size", None) or 256)  # character models (CANINE) take code points
     special = {
-        v for k in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id")
+        v
+        for k in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id")
         for v in ([getattr(config, k, None)] if not isinstance(getattr(config, k, None), list) else getattr(config, k))
         if isinstance(v, int) and 0 <= v < vocab
     }
@@ -240,7 +277,7 @@ def build_transformers(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], s
             elif _runs(model, _text_example(config)):
                 return model.eval(), _text_example(config), setting
             errors.append(f"does not run on its example ({_LAST_ERROR})")
-        except Exception as exc:  # noqa: BLE001 - a config this class rejects
+        except Exception as exc:  # a config this class rejects
             errors.append(f"{type(exc).__name__}: {str(exc)[:120]}")
     raise Unbuildable("; ".join(errors))
 
@@ -282,6 +319,7 @@ def _answer(model: nn.Module, inputs: Any, swap: tuple[str, torch.Tensor] | None
     step = iter(range(10**9))
     handles = []
     for name, module in model.named_modules():
+
         def keep(m: nn.Module, args: Any, out: Any, name: str = name) -> Any:
             if name in outputs:
                 return None
@@ -290,9 +328,12 @@ def _answer(model: nn.Module, inputs: Any, swap: tuple[str, torch.Tensor] | None
 
         handles.append(module.register_forward_hook(keep))
         if isinstance(module, (nn.Linear, nn.Conv2d)) and NUM_CLASSES in (
-            getattr(module, "out_features", None), getattr(module, "out_channels", None)
+            getattr(module, "out_features", None),
+            getattr(module, "out_channels", None),
         ):
-            handles.append(module.register_forward_pre_hook(lambda m, args: heads.append((next(step), args[0].flatten(1).float()))))
+            handles.append(
+                module.register_forward_pre_hook(lambda m, args: heads.append((next(step), args[0].flatten(1).float())))
+            )
     try:
         with torch.no_grad():
             out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
@@ -321,7 +362,11 @@ def check_points(model: nn.Module, example: Any, names: list[str]) -> dict[str, 
         swapped_logits, swapped_heads, _ = _answer(twin, other, swap=(name, feature))
         first = _after(first_logits, first_heads, step)
         spread = (_after(second_logits, second_heads, step) - first).abs().max().item()
-        error = (_after(swapped_logits, swapped_heads, step) - first).abs().max().item() / spread if spread > 0 else float("inf")
+        error = (
+            (_after(swapped_logits, swapped_heads, step) - first).abs().max().item() / spread
+            if spread > 0
+            else float("inf")
+        )
         checked[name] = {"error": error, "depth": order.index(name) / max(len(order) - 1, 1)}
     return checked
 
@@ -351,6 +396,8 @@ class _Verdicts(logging.Handler):
 
     def summary(self) -> str:
         return "; ".join(f"{count}x {reason}" for reason, count in Counter(self.reasons).most_common(2))
+
+
 def run_one(key: str) -> dict[str, Any]:
     from pnc_surgery import find_points
     from pnc_surgery.errors import PncError
@@ -361,7 +408,7 @@ def run_one(key: str) -> dict[str, Any]:
     row: dict[str, Any] = {"key": key}
     try:
         model, example, setting = build_timm(name) if family == "timm" else build_transformers(name)
-    except Exception as exc:  # noqa: BLE001 - Unbuildable, or a constructor that fails outright
+    except Exception as exc:  # Unbuildable, or a constructor that fails outright
         reason = str(exc) if isinstance(exc, Unbuildable) else f"{type(exc).__name__}: {str(exc)[:200]}"
         return {**row, "status": "unbuildable", "reason": reason, "seconds": round(time.perf_counter() - start, 2)}
     row["setting"] = setting
@@ -372,27 +419,41 @@ def run_one(key: str) -> dict[str, Any]:
         with verdicts:
             points = find_points(model, example)
     except PncError as exc:
-        return {**row, "status": "refused", "reason": f"{type(exc).__name__}: {exc}",
-                "seconds": round(time.perf_counter() - start, 2)}
-    except Exception as exc:  # noqa: BLE001 - reported as a crash, the library's bug
-        return {**row, "status": "crashed", "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
-                "seconds": round(time.perf_counter() - start, 2)}
+        return {
+            **row,
+            "status": "refused",
+            "reason": f"{type(exc).__name__}: {exc}",
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    except Exception as exc:  # reported as a crash, the library's bug
+        return {
+            **row,
+            "status": "crashed",
+            "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
+            "seconds": round(time.perf_counter() - start, 2),
+        }
     row["find_points_seconds"] = round(time.perf_counter() - found, 2)
     try:
         checked = check_points(model, example, [p.name for p in points])
-    except Exception as exc:  # noqa: BLE001 - the benchmark's own failure, counted as a miss
-        return {**row, "status": "check-error", "points": len(points), "reason": f"{type(exc).__name__}: {str(exc)[:200]}",
-                "seconds": round(time.perf_counter() - start, 2)}
+    except Exception as exc:  # the benchmark's own failure, counted as a miss
+        return {
+            **row,
+            "status": "check-error",
+            "points": len(points),
+            "reason": f"{type(exc).__name__}: {str(exc)[:200]}",
+            "seconds": round(time.perf_counter() - start, 2),
+        }
     valid = [n for n, c in checked.items() if c["error"] <= VALID_RTOL]
     invalid = {n: round(c["error"], 4) for n, c in checked.items() if n not in valid}
-    thirds = {min(int(checked[n]["depth"] * 3), 2) for n in valid}
     row.update(
-        points=len(points), valid=len(valid), invalid=invalid, thirds=sorted(thirds),
-        depths=[round(checked[p.name]["depth"], 3) for p in points], names=[p.name for p in points],
+        points=len(points),
+        valid=len(valid),
+        invalid=invalid,
+        depths=[round(checked[p.name]["depth"], 3) for p in points],
+        names=[p.name for p in points],
+        reasons=verdicts.summary(),
     )
-    row["status"] = "invalid" if invalid else "ok" if len(valid) >= 3 and len(thirds) == 3 else "few"
-    if row["status"] == "few":
-        row["reason"] = verdicts.summary()
+    row["status"] = status(row)
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 
@@ -410,29 +471,65 @@ def _hf_text_pair(decoder: bool) -> tuple[nn.Module, nn.Module]:
 
     torch.manual_seed(0)
     if decoder:
-        config = {"vocab_size": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 32, "num_labels": 5,
-                  "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}
+        config = {
+            "vocab_size": 64,
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_positions": 32,
+            "num_labels": 5,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 1,
+        }
         return hf.GPT2ForSequenceClassification(hf.GPT2Config(**config)).eval(), hf.GPT2ForSequenceClassification(
-            hf.GPT2Config(**{**config, "n_layer": 3})).eval()
-    source = hf.BertForSequenceClassification(hf.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32, num_labels=5,
-    ))
-    target = hf.DistilBertForSequenceClassification(hf.DistilBertConfig(
-        vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=32, num_labels=5,
-    ))
+            hf.GPT2Config(**{**config, "n_layer": 3})
+        ).eval()
+    source = hf.BertForSequenceClassification(
+        hf.BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            num_labels=5,
+        )
+    )
+    target = hf.DistilBertForSequenceClassification(
+        hf.DistilBertConfig(
+            vocab_size=64,
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=64,
+            max_position_embeddings=32,
+            num_labels=5,
+        )
+    )
     return source.eval(), target.eval()
 
 
 _VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 CLONE_PAIRS = {
-    "CNN": lambda: _timm_pair(("resnet18", {"channels": (8, 16, 32, 64), "stem_width": 8}), ("mobilenetv3_small_050", {})),
+    "CNN": lambda: _timm_pair(
+        ("resnet18", {"channels": (8, 16, 32, 64), "stem_width": 8}), ("mobilenetv3_small_050", {})
+    ),
     "ViT": lambda: _timm_pair(("vit_tiny_patch16_224", _VIT), ("deit_tiny_patch16_224", _VIT)),
     "hybrid": lambda: _timm_pair(("test_coatnet", {"img_size": 32}), ("resnet18", {"channels": (8, 16, 32, 64)})),
     "MLP": lambda: _timm_pair(("mixer_s16_224", {"img_size": 32}), ("resmlp_12_224", {"img_size": 32})),
     "Swin-like": lambda: _timm_pair(
-        ("swin_tiny_patch4_window7_224", {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16,
-                                          "depths": (1, 1, 2, 1), "num_heads": (1, 2, 2, 4)}),
+        (
+            "swin_tiny_patch4_window7_224",
+            {
+                "img_size": 32,
+                "patch_size": 2,
+                "window_size": 4,
+                "embed_dim": 16,
+                "depths": (1, 1, 2, 1),
+                "num_heads": (1, 2, 2, 4),
+            },
+        ),
         ("vit_tiny_patch16_224", _VIT),
     ),
     "text encoder": lambda: _hf_text_pair(decoder=False),
@@ -483,27 +580,39 @@ def run_clone(group: str, directory: Path) -> dict[str, Any]:
         loaded = Patch.from_pretrained(directory / group.replace(" ", "_"))
         with loaded.attached(target):
             reloaded = logits(target)
-    except Exception as exc:  # noqa: BLE001 - reported in the table with its reason
-        return {"group": group, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
-                "seconds": round(time.perf_counter() - start, 1)}
+    except Exception as exc:  # reported in the table with its reason
+        return {
+            "group": group,
+            "status": "failed",
+            "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
+            "seconds": round(time.perf_counter() - start, 1),
+        }
     checks = {
         "width": tuple(patched.shape) == (len(before), before.shape[1] + 3),
         "exact_detach": torch.equal(logits(target), before) and parameter_digest(target) == digest,
         "own_logits_kept": torch.equal(patched[:, : before.shape[1]], before),
         "save_load_equal": torch.allclose(reloaded, patched, atol=1e-5),
     }
-    return {"group": group, "status": "ok" if all(checks.values()) else "failed", **checks,
-            "cut": patch.metrics.get("cut"), "insertion": patch.metrics.get("insertion"),
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "group": group,
+        "status": "ok" if all(checks.values()) else "failed",
+        **checks,
+        "cut": patch.metrics.get("cut"),
+        "insertion": patch.metrics.get("insertion"),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def clone_table(rows: list[dict]) -> str:
-    lines = ["| group | status | cut -> insertion | width | exact detach | save/load | seconds | reason |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| group | status | cut -> insertion | width | exact detach | save/load | seconds | reason |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['group']} | {r['status']} | {r.get('cut', '')} -> {r.get('insertion', '')} | {r.get('width', '')} | "
-            f"{r.get('exact_detach', '')} | {r.get('save_load_equal', '')} | {r['seconds']} | {r.get('reason', '')[:160]} |"
+            f"{r.get('exact_detach', '')} | {r.get('save_load_equal', '')} | {r['seconds']} | "
+            f"{r.get('reason', '')[:160]} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -519,26 +628,47 @@ def _load(path: Path) -> dict[str, dict]:
     return rows
 
 
+def largest_gap(row: dict) -> float:
+    """The largest depth gap between consecutive valid points of a checked row, depth 0 and 1 included."""
+    depths = sorted(d for n, d in zip(row["names"], row["depths"]) if n not in row["invalid"])
+    return max(b - a for a, b in zip([0.0, *depths], [*depths, 1.0]))
+
+
+def status(row: dict) -> str:
+    """``invalid``, ``ok`` or ``few`` for a row whose points were checked; its recorded status otherwise."""
+    if "depths" not in row:
+        return row["status"]
+    if row["invalid"]:
+        return "invalid"
+    return "ok" if row["valid"] >= 3 and largest_gap(row) <= MAX_GAP else "few"
+
+
 def table(rows: dict[str, dict]) -> str:
+    rows = {key: {**row, "status": status(row)} for key, row in rows.items()}
     counted = [r for r in rows.values() if r["status"] != "unbuildable"]
     counts = Counter(r["status"] for r in rows.values())
     ok = counts["ok"]
     lines = [
-        f"# Reach of find_points ({len(counted)} models counted, {counts['unbuildable']} not buildable from a small config)",
+        f"# Reach of find_points ({len(counted)} models counted, "
+        f"{counts['unbuildable']} not buildable from a small config)",
         "",
         f"ok {ok}/{len(counted)} ({100 * ok / max(len(counted), 1):.1f}%); "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "ok"),
         f"invalid points: {sum(len(r.get('invalid') or {}) for r in rows.values())}",
         "",
-        "| model | setting | status | points | valid | thirds | seconds | reason / invalid |",
+        "| model | setting | status | points | valid | largest gap | seconds | reason / invalid |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(rows):
         r = rows[key]
         note = r.get("reason") or (json.dumps(r["invalid"]) if r.get("invalid") else "")
+        if r["status"] == "few":
+            note = r.get("reasons") or r.get("reason", "")
+        gap = f"{largest_gap(r):.2f}" if "depths" in r else ""
         lines.append(
             f"| {key} | {r.get('setting', '')} | {r['status']} | {r.get('points', '')} | {r.get('valid', '')} | "
-            f"{''.join(str(t + 1) for t in r.get('thirds', []))} | {r.get('seconds', '')} | {note.replace('|', '/')[:200]} |"
+            f"{gap} | {r.get('seconds', '')} | "
+            f"{note.replace('|', '/')[:200]} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -548,26 +678,39 @@ def _run_children(keys: list[str], timeout: float) -> Iterator[dict]:
     kills the child) gets a timeout (crash) row and the child is ended, so the caller starts a new one."""
     child = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.reach", "--children", ",".join(keys)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in child.stdout] + [lines.put(None)], daemon=True).start()
-    for key in keys:
+    for key in list(keys):  # the child runs them in this order; the caller removes finished keys from ``keys``
         start = time.perf_counter()
         try:
             line = lines.get(timeout=timeout)
         except queue.Empty:
             child.kill()
-            child.wait()
-            yield {"key": key, "status": "timeout", "reason": f"over {timeout:.0f} s", "seconds": round(time.perf_counter() - start, 1)}
+            child.wait(timeout=60)
+            yield {
+                "key": key,
+                "status": "timeout",
+                "reason": f"over {timeout:.0f} s",
+                "seconds": round(time.perf_counter() - start, 1),
+            }
             return
         if line is None:
-            child.wait()
-            yield {"key": key, "status": "crashed", "reason": f"the process died (exit {child.returncode})",
-                   "seconds": round(time.perf_counter() - start, 1)}
+            child.wait(timeout=60)
+            yield {
+                "key": key,
+                "status": "crashed",
+                "reason": f"the process died (exit {child.returncode})",
+                "seconds": round(time.perf_counter() - start, 1),
+            }
             return
-        yield json.loads(line)
-    child.wait()
+        row = json.loads(line)
+        assert row["key"] == key, f"the child answered {row['key']} for {key}"
+        yield row
+    child.wait(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -618,8 +761,11 @@ def main(argv: list[str] | None = None) -> None:
                 rows[row["key"]] = row
                 with args.out.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
-                print(f"{row['key']}: {row['status']} {row.get('valid', '')}/{row.get('points', '')} "
-                      f"{row.get('seconds', '')}s {(row.get('reason') or '')[:100]}", flush=True)
+                print(
+                    f"{row['key']}: {row['status']} {row.get('valid', '')}/{row.get('points', '')} "
+                    f"{row.get('seconds', '')}s {(row.get('reason') or '')[:100]}",
+                    flush=True,
+                )
     (args.out.with_suffix(".md")).write_text(table(rows))
     print(table(rows).split("\n\n")[1])
 

@@ -11,13 +11,14 @@ adapter without code.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
-from .patch.config import FeatureSpec
+from .patch.config import FeatureSpec, Layout
 from .points import Point
 
 __all__ = ["FeatureSpec", "Adapter", "feature_spec"]
@@ -36,7 +37,8 @@ def feature_spec(point: Point, input_size: tuple[int, int] | None) -> FeatureSpe
         side = math.isqrt(point.shape[0])
         if side * side == point.shape[0]:
             grid = (side, side)
-    return FeatureSpec(layout=point.layout, shape=point.shape, channels=point.width, grid=grid, prefix=prefix)
+    layout = cast(Layout, point.layout)  # Point.layout is a str checked against the same names when a Point is made
+    return FeatureSpec(layout=layout, shape=point.shape, channels=point.width, grid=grid, prefix=prefix)
 
 
 class Adapter(nn.Module):
@@ -72,10 +74,13 @@ class Adapter(nn.Module):
                 self.proj.weight.copy_(torch.eye(self.dest.channels)[:, :, None, None])
             else:
                 nn.init.normal_(self.proj.weight, std=self.source.channels**-0.5)
+            assert self.proj.bias is not None, "nn.Conv2d is built with a bias"
             self.proj.bias.zero_()
             if self.bottleneck is not None:
-                nn.init.zeros_(self.bottleneck[2].weight)
-                nn.init.zeros_(self.bottleneck[2].bias)
+                last = self.bottleneck[2]
+                assert isinstance(last, nn.Conv2d) and last.bias is not None, "the bottleneck ends in a biased conv"
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     def spec(self) -> dict:
         """JSON description from which :meth:`from_spec` rebuilds an adapter of the same shapes."""
@@ -128,6 +133,7 @@ class Adapter(nn.Module):
         )
         solution = torch.linalg.solve(gram, x.T @ y)
         self.proj.weight.copy_(solution[:-1].T[:, :, None, None].to(self.proj.weight))
+        assert self.proj.bias is not None, "nn.Conv2d is built with a bias"
         self.proj.bias.copy_(solution[-1])
         if self.prefix is not None and prefix is not None:
             self.prefix.copy_(prefix.float().mean(0))

@@ -87,6 +87,7 @@ class _Stub:
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         feature = self.live.feature
+        assert feature is not None, "stub called outside a tail forward"
         shape = self.live.shape_like(self.shape)
         value = self.module._buffers.get(STUB_VALUE_BUFFER)
         if value is not None:  # materialised: the model may write into it in place (``x += shortcut``)
@@ -122,7 +123,7 @@ def capture_features(
     silent = [name for name in names if features.get(name) is None]
     if silent:
         raise UnsupportedModelError(f"modules {silent} did not produce a single tensor on this input")
-    return features
+    return {name: feature for name, feature in features.items() if feature is not None}
 
 
 class SourceTail(nn.Module):
@@ -192,7 +193,8 @@ class SourceTail(nn.Module):
         main = main_tensor(inputs, main_name)
         before = trace.completed_before(name)
         ancestors = {name.rsplit(".", i)[0] for i in range(name.count(".") + 1)}
-        stubs, recorded = {}, {}
+        stubs: dict[str, dict[str, Any]] = {}
+        recorded: dict[str, torch.Tensor] = {}
         for module_name, _ in model.named_modules():
             call = trace.calls.get(module_name)
             if (
@@ -225,7 +227,7 @@ class SourceTail(nn.Module):
         }
         tail = cls(copy.deepcopy(model), spec)
         if verify:
-            context = {k: inputs[k] for k in tail.context_keys}
+            context = {k: inputs[k] for k in tail.context_keys} if isinstance(inputs, Mapping) else {}
             tail._make_exact(cut_call.output, trace.logits, context, recorded)
         return tail
 
@@ -280,6 +282,7 @@ class SourceTail(nn.Module):
         index = torch.tensor(rows, dtype=torch.long)
         for name in self.classifiers:
             module = self.model.get_submodule(name)
+            assert isinstance(module, (nn.Linear, nn.Conv2d)), "classifier_names keeps linear and conv layers only"
             module.weight = nn.Parameter(module.weight.detach().index_select(0, index.to(module.weight.device)))
             if module.bias is not None:
                 module.bias = nn.Parameter(module.bias.detach().index_select(0, index.to(module.bias.device)))
@@ -327,10 +330,10 @@ class SourceTail(nn.Module):
             )
         for name in recorded:
             module = self.model.get_submodule(name)
-            value = module._buffers.pop(STUB_VALUE_BUFFER)
+            stored = module._buffers.pop(STUB_VALUE_BUFFER)
             self.stubs[name]["stored"] = False
             if not exact():
-                module.register_buffer(STUB_VALUE_BUFFER, value)
+                module.register_buffer(STUB_VALUE_BUFFER, stored)
                 self.stubs[name]["stored"] = True
 
     def train(self, mode: bool = True) -> SourceTail:
@@ -359,6 +362,7 @@ class SourceTail(nn.Module):
             dummy = self._dummy_input(feature)
             inputs = self.backend.call_inputs(self.model, dummy)
             if context:
+                assert isinstance(inputs, Mapping), "context tensors only come with keyword inputs"
                 inputs = {**inputs, **context}
             return logits_of(call_model(self.model, inputs))
         finally:

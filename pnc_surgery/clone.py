@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -258,10 +258,12 @@ def _extract(
             inputs = to_device(transform(batch.inputs) if transform else batch.inputs, device)
             with _autocast(device, precision):
                 trace = trace_model(
-                    model, backend.call_inputs(model, inputs), backend, keep=wanted.__contains__, classifiers=classifiers
+                    model, backend.call_inputs(model, inputs), backend, keep=wanted.__contains__, classifiers=list(classifiers)
                 )
             for name in names:
-                features[name].append(keep(trace.calls[name].output))
+                output = trace.calls[name].output
+                assert output is not None, "points are modules with a single tensor output"
+                features[name].append(keep(output))
             logits.append(keep(trace.logits))
             if trace.pre_logits is not None:
                 pre_logits.append(keep(trace.pre_logits))
@@ -618,7 +620,7 @@ def _flops(model: nn.Module, *args: Any, **kwargs: Any) -> float:
 def _branch_costs(run: CloneRun, branches: dict[str, SourceTail]) -> dict[str, float]:
     """Each cut's cost: the mean of its branch's share of the source's parameters and of its FLOPs per example."""
     source_params = sum(p.numel() for p in run.source.parameters())
-    sample = {k: v[:1] for k, v in run.source_sample.items()} if isinstance(run.source_sample, dict) else run.source_sample[:1]
+    sample = {k: v[:1] for k, v in run.source_sample.items()} if isinstance(run.source_sample, Mapping) else run.source_sample[:1]
     with eval_mode(run.source):
         source_flops = _flops(run.source, **sample) if isinstance(sample, dict) else _flops(run.source, sample)
     costs = {}

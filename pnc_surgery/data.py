@@ -62,6 +62,20 @@ def _first(inputs: ModelInputs) -> torch.Tensor:
     return inputs if isinstance(inputs, torch.Tensor) else next(iter(inputs.values()))
 
 
+def _tensor(x: ModelInputs | None) -> torch.Tensor:
+    """``x`` itself if it is a tensor; a ``TypeError`` (an input or label of another kind) otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(x).__name__}")
+    return x
+
+
+def _mapping(x: ModelInputs) -> Mapping[str, torch.Tensor]:
+    """``x`` itself if it is a mapping of tensors; a ``TypeError`` (a tensor among mappings) otherwise."""
+    if isinstance(x, torch.Tensor):
+        raise TypeError("expected a mapping of tensors, got a tensor")
+    return x
+
+
 def _index(inputs: ModelInputs, index: torch.Tensor | slice) -> ModelInputs:
     if isinstance(inputs, torch.Tensor):
         return inputs[index]
@@ -110,16 +124,18 @@ def collect(data: Any, what: str = "data", labelled: bool = True) -> Examples:
     try:
         if single:
             inputs = (
-                torch.stack(xs)
+                torch.stack([_tensor(x) for x in xs])
                 if isinstance(xs[0], torch.Tensor)
-                else {k: torch.stack([x[k] for x in xs]) for k in xs[0]}
+                else {k: torch.stack([_mapping(x)[k] for x in xs]) for k in _mapping(xs[0])}
             )
-            labels = torch.stack([y.reshape(()) for y in ys]) if ys[0] is not None else None
+            labels = torch.stack([_tensor(y).reshape(()) for y in ys]) if ys[0] is not None else None
         else:
             inputs = (
-                torch.cat(xs) if isinstance(xs[0], torch.Tensor) else {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
+                torch.cat([_tensor(x) for x in xs])
+                if isinstance(xs[0], torch.Tensor)
+                else {k: torch.cat([_mapping(x)[k] for x in xs]) for k in _mapping(xs[0])}
             )
-            labels = torch.cat([y.reshape(-1) for y in ys]) if ys[0] is not None else None
+            labels = torch.cat([_tensor(y).reshape(-1) for y in ys]) if ys[0] is not None else None
     except (RuntimeError, KeyError, TypeError) as exc:
         raise InvalidInputError(f"{what} holds inputs of different shapes or kinds: {exc}") from None
     if labels is not None:
@@ -211,7 +227,7 @@ def with_shifted_copies(examples: Examples, fraction: float = 1 / 16) -> tuple[E
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); the CPU for a model without tensors."""
-    tensor = next(model.parameters(), None)
+    tensor: torch.Tensor | None = next(model.parameters(), None)
     if tensor is None:
         tensor = next(model.buffers(), None)
     return torch.device("cpu") if tensor is None else tensor.device
@@ -328,7 +344,7 @@ def source_transform(
     def renormalised(x: ModelInputs) -> ModelInputs:
         assert isinstance(x, torch.Tensor)
         (mean_in, std_in), (mean_out, std_out) = stats_in, stats_out
-        pixels = x * std_in.to(x) + mean_in.to(x)
+        pixels: ModelInputs = x * std_in.to(x) + mean_in.to(x)
         pixels = to_view(pixels, *view) if view is not None else pixels
         assert isinstance(pixels, torch.Tensor)
         return (pixels - mean_out.to(pixels)) / std_out.to(pixels)

@@ -3,10 +3,10 @@
 ``Patch`` gets ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` from ``huggingface_hub.ModelHubMixin``;
 this module is what those methods call. A patch on the Hub is a plain model repo holding the three files of
 :mod:`pnc_surgery.patch.serialization`. Pushing makes one ``upload_folder`` commit of those files only
-(``allow_patterns``), after the card and files are checked and before anything else is created; loading downloads
-them through ``huggingface_hub``'s cache, so revisions, tokens, ``HF_HUB_OFFLINE`` and ``local_files_only`` behave as
-for transformers and timm. A folder or repo holding pickle weights instead of a patch is refused, and so is any path
-that leads out of the folder it names.
+(``allow_patterns``), after the card and files are checked and before anything else is created; loading takes a
+``snapshot_download`` of the three files (one commit) through ``huggingface_hub``'s cache, so revisions, tokens,
+``HF_HUB_OFFLINE`` and ``local_files_only`` behave as for transformers and timm. A folder or repo holding pickle
+weights instead of a patch is refused, and so is any path that leads out of the folder it names.
 
 Every network call has a timeout: no request waits longer than the larger of ``HF_HUB_ETAG_TIMEOUT`` and
 ``HF_HUB_DOWNLOAD_TIMEOUT`` (default 10 s) for an answer, including the API calls (create a repo, commit, list files)
@@ -24,16 +24,15 @@ from __future__ import annotations
 import contextvars
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import yaml
-from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -41,7 +40,6 @@ from huggingface_hub.errors import (
     HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -68,7 +66,6 @@ _CARD_START = (
 )
 _CARD_START_PREFIX = "<!-- pnc_surgery:start"
 _CARD_END = "<!-- pnc_surgery:end -->"
-_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar("pnc_surgery_hub_timeout", default=None)
 
 CARD_TEMPLATE = """---
@@ -357,59 +354,41 @@ def _download_patch(
     local_files_only: bool,
     force_download: bool,
 ) -> Path:
-    """Download the patch files from one commit of a Hub repo into the cache; return their snapshot folder."""
-    subfolder = "/".join(parts) or None
+    """The patch files of one commit of a Hub repo, through the cache (``snapshot_download``); return their folder."""
+    prefix = "".join(f"{part}/" for part in parts)
     where = (
         repo_id
-        + (f" (subfolder {subfolder!r})" if subfolder else "")
+        + (f" (subfolder {prefix[:-1]!r})" if prefix else "")
         + (f" at revision {revision!r}" if revision else "")
     )
-
-    def download(filename: str, rev: str | None) -> Path:
-        """One file into the cache; a file the repo lacks raises RemoteEntryNotFoundError, the rest ours."""
-        try:
-            return Path(
-                hf_hub_download(
-                    repo_id,
-                    filename,
-                    subfolder=subfolder,
-                    revision=rev,
-                    token=token,
-                    cache_dir=cache_dir,
-                    local_files_only=local_files_only,
-                    force_download=force_download,
-                    etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
-                    library_name="pnc_surgery",
-                    library_version=_version(),
-                )
-            )
-        except RemoteEntryNotFoundError:
-            raise
-        except Exception as exc:
-            if _timed_out(exc):
-                raise HubTimeoutError(
-                    f"{where}: the Hub did not answer within {hub_timeout():g} s while looking up {filename}, and it "
-                    "is not in the local cache (set HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT to wait longer)"
-                ) from None
-            if isinstance(exc, (HfHubHTTPError, OSError)):  # LocalEntryNotFoundError is an OSError too
-                raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
-            raise
-
     try:
-        config_path = download(CONFIG_NAME, revision)
-    except RemoteEntryNotFoundError as exc:
-        raise _not_a_patch(where, _remote_names(repo_id, parts, revision, token)) from exc
-    folder = config_path.parent
-    commit = config_path.parents[len(parts)].name
-    pinned = commit if _COMMIT_HASH.fullmatch(commit) else revision  # the other files must come from the same commit
-    try:
-        weights_path = download(WEIGHTS_NAME, pinned)
-    except RemoteEntryNotFoundError as exc:
-        raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}") from exc
-    with suppress(RemoteEntryNotFoundError, PatchFormatError):  # the card is documentation: a patch loads without it
-        download(CARD_NAME, pinned)
-    if weights_path.parent != folder:
-        raise PatchFormatError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} resolved to different commits; retry")
+        snapshot = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=[prefix + name for name in PATCH_FILES],
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
+            library_name="pnc_surgery",
+            library_version=_version(),
+        )
+    except Exception as exc:
+        if _timed_out(exc):
+            raise HubTimeoutError(
+                f"{where}: the Hub did not answer within {hub_timeout():g} s while listing and downloading "
+                f"{', '.join(PATCH_FILES)}, and they are not in the local cache (set HF_HUB_ETAG_TIMEOUT / "
+                "HF_HUB_DOWNLOAD_TIMEOUT to wait longer)"
+            ) from None
+        if isinstance(exc, (HfHubHTTPError, OSError)):  # LocalEntryNotFoundError is an OSError too
+            raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
+        raise
+    folder = Path(snapshot).joinpath(*parts)
+    if not (folder / CONFIG_NAME).is_file():
+        raise _not_a_patch(where, _remote_names(repo_id, parts, revision, token))
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     return folder
 
 

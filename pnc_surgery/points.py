@@ -8,6 +8,7 @@ containers and the top levels), and each one is kept only if it passes the subst
 forward. The test compares the classifier's input (pre-logits) as well as the logits, since random-init
 heads give near-constant logits.
 """
+
 from __future__ import annotations
 
 import copy
@@ -152,7 +153,9 @@ def _layout(shape: tuple[int, ...], spatial: tuple[int, int] | None, hint: str |
     return "NCHW"
 
 
-def _describe(name: str, index: int, shape: tuple[int, ...], layout: str, spatial: tuple[int, int] | None, prefix: int | None) -> Point:
+def _describe(
+    name: str, index: int, shape: tuple[int, ...], layout: str, spatial: tuple[int, int] | None, prefix: int | None
+) -> Point:
     if layout == "NCHW":
         width, grid_h = shape[0], shape[1]
     elif layout == "NHWC":
@@ -199,9 +202,12 @@ def _without_dead_paths(model: nn.Module) -> nn.Module:
 
 
 def _repeat_batch(inputs: ModelInputs, times: int) -> ModelInputs:
+    def repeat(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.repeat(times, *([1] * (tensor.dim() - 1)))
+
     if isinstance(inputs, torch.Tensor):
-        return inputs.repeat(times, *([1] * (inputs.dim() - 1)))
-    return {key: _repeat_batch(value, times) for key, value in inputs.items()}
+        return repeat(inputs)
+    return {key: repeat(value) for key, value in inputs.items()}
 
 
 def _substitution_errors(
@@ -236,8 +242,9 @@ def _substitution_errors(
 
         try:
             for i, name in enumerate(chunk):
-                rows = slice(i * batch, (i + 1) * batch)
-                handles.append(model.get_submodule(name).register_forward_hook(swap_rows(rows, first.calls[name].output)))
+                rows, recorded = slice(i * batch, (i + 1) * batch), first.calls[name].output
+                assert recorded is not None, f"{name} was traced without its output"
+                handles.append(model.get_submodule(name).register_forward_hook(swap_rows(rows, recorded)))
             trace = trace_model(model, _repeat_batch(second_inputs, len(chunk)), backend, classifiers=first.classifiers)
         finally:
             for handle in handles:
@@ -255,7 +262,9 @@ def _compare_outputs(trace: Trace) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _checked_reference(model: nn.Module, inputs: ModelInputs, backend: Backend, keep: Callable[[str], bool]) -> tuple[Trace, int]:
+def _checked_reference(
+    model: nn.Module, inputs: ModelInputs, backend: Backend, keep: Callable[[str], bool]
+) -> tuple[Trace, int]:
     """One traced forward on the example, checked to be a classifier's (batch, classes) logits."""
     try:
         reference = trace_model(model, inputs, backend, keep=keep)
@@ -308,11 +317,13 @@ def check_cut(model: nn.Module, name: str, inputs: ModelInputs) -> None:
         reference, num_classes = _checked_reference(model, inputs, backend, keep=lambda n: n == name)
         call = reference.calls.get(name)
         if call is None or call.output is None or call.calls != 1:
-            raise UnsupportedModelError(f"module {name!r} is not called exactly once with a single tensor output; it cannot be cut")
+            raise UnsupportedModelError(
+                f"module {name!r} is not called exactly once with a single tensor output; it cannot be cut"
+            )
         if call.output.shape[0] != reference.logits.shape[0]:
             raise UnsupportedModelError(
-                f"module {name!r} outputs {tuple(call.output.shape)}, whose first axis is not the batch (windows, heads?); "
-                "it is not a cut point"
+                f"module {name!r} outputs {tuple(call.output.shape)}, whose first axis is not the batch "
+                "(windows, heads?); it is not a cut point"
             )
         classifiers = classifier_names(reference, num_classes, after=call.post)
         error = _substitution_errors_of(model, inputs, backend, [name], classifiers).get(name, math.inf)
@@ -374,24 +385,25 @@ def find_points(model: nn.Module, example_input: ModelInputs | None = None, expl
         reference, num_classes = _checked_reference(model, inputs, backend, keep=candidates.__contains__)
         batch = int(reference.logits.shape[0])
         main = main_tensor(inputs, backend.main_input_name(model))
-        spatial = tuple(main.shape[-2:]) if main.is_floating_point() and main.dim() == 4 else None
+        spatial = (int(main.shape[-2]), int(main.shape[-1])) if main.is_floating_point() and main.dim() == 4 else None
         hint, prefix = backend.layout_hint(model), backend.prefix_tokens(model)
 
-        shaped = []
+        shaped: list[tuple[ModuleCall, str]] = []
         for call in reference.calls.values():
             if call.name not in candidates:
                 continue
-            reason = _shape_verdict(call, batch)
+            reason, out = _shape_verdict(call, batch), call.output
             module_hint = "NCHW" if isinstance(call.module, CHANNELS_FIRST_MODULES) else hint
-            layout = None if reason else _layout(tuple(call.output.shape[1:]), spatial, module_hint)
+            layout = _layout(tuple(out.shape[1:]), spatial, module_hint) if reason is None and out is not None else None
             if layout is None:
-                verdicts[call.name] = reason or f"its output {tuple(call.output.shape)} has no known layout"
+                verdicts[call.name] = reason or "its output has no known layout"
             else:
                 shaped.append((call, layout))
         last_post = max((call.post for call, _ in shaped), default=-1)
         classifiers = classifier_names(reference, num_classes, after=last_post)
         errors = _substitution_errors_of(model, inputs, backend, [call.name for call, _ in shaped], classifiers)
-        points, seen_outputs = [], {}
+        points: list[tuple[ModuleCall, str]] = []
+        seen_outputs: dict[int | None, ModuleCall] = {}
         for call, layout in sorted(shaped, key=lambda item: item[0].post):
             error = errors.get(call.name, math.inf)
             if not error <= SUBSTITUTION_RTOL:
@@ -413,6 +425,7 @@ def find_points(model: nn.Module, example_input: ModelInputs | None = None, expl
     described = [
         _describe(call.name, index, tuple(call.output.shape[1:]), layout, spatial, prefix)
         for index, (call, layout) in enumerate(points)
+        if call.output is not None
     ]
     if not described:
         reasons = Counter(verdicts.values()).most_common(3)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,6 +31,8 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
 
 
 def _first_conv(model: nn.Module) -> nn.Module | None:
+    """The input convolution named by ``pretrained_cfg['first_conv']``, else the model's first ``Conv2d`` (unless
+    the model states its ``in_chans``: a stem that is not a convolution, as CSATv2's DCT, reads the image)."""
     first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     names = [first] if isinstance(first, str) else list(first or [])
     for name in names:
@@ -38,6 +40,8 @@ def _first_conv(model: nn.Module) -> nn.Module | None:
             return model.get_submodule(name)
         except AttributeError:
             continue
+    if isinstance(getattr(model, "in_chans", None), int):
+        return None
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 
 
@@ -76,10 +80,13 @@ class TimmBackend(Backend):
         return hasattr(model, "pretrained_cfg") and type(model).__module__.startswith("timm.")
 
     def in_chans(self, model: nn.Module) -> int:
-        conv = _first_conv(model)
-        if conv is not None and hasattr(conv, "in_channels"):
-            return int(conv.in_channels)
-        return int(model.pretrained_cfg.get("input_size", (3,))[0])
+        channels = getattr(_first_conv(model), "in_channels", None)
+        if channels is not None:
+            return int(channels)
+        declared = getattr(model, "in_chans", None)
+        if isinstance(declared, int):
+            return declared
+        return int(_pretrained_cfg(model).get("input_size", (3,))[0])
 
     def image_size(self, model: nn.Module) -> tuple[int, int]:
         size = _built_image_size(model)
@@ -139,9 +146,9 @@ class TimmBackend(Backend):
             raise UnsupportedModelError(f"{type(model).__name__} has no pretrained_cfg['architecture']; build it with timm.create_model")
         kwargs = dict(getattr(model, MODEL_KWARGS_ATTR, None) or {})
         if not kwargs:
-            kwargs = {"num_classes": int(model.num_classes), "in_chans": self.in_chans(model)}
+            kwargs = {"num_classes": int(cast(int, model.num_classes)), "in_chans": self.in_chans(model)}
             size = _built_image_size(model)
-            if size is not None and size != tuple(model.pretrained_cfg.get("input_size", (3, *size))[1:]):
+            if size is not None and size != tuple(_pretrained_cfg(model).get("input_size", (3, *size))[1:]):
                 kwargs["img_size"] = list(size)
         kwargs.update(hints)
         kwargs.pop("pretrained", None)
@@ -176,3 +183,8 @@ class TimmBackend(Backend):
             raise UnsupportedModelError(f"timm.create_model({name!r}) cannot be built on the meta device: {exc}") from None
         except TypeError as exc:
             raise UnsupportedModelError(f"timm.create_model({name!r}) rejected the recorded kwargs: {exc}") from None
+
+
+def _pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """A timm model's ``pretrained_cfg`` (torch's stubs type every module attribute as a tensor or module)."""
+    return cast(dict[str, Any], model.pretrained_cfg)
