@@ -251,7 +251,7 @@ class Gate(nn.Module):
             self._set_spaces({})
         if self.kind == "energy":
             return self._fit_one_class(self.features(positives))
-        assert negatives is not None and negative_sources is not None and negative_groups is not None, "kept only with negatives"
+        assert negatives is not None and negative_sources is not None and negative_groups is not None, "negatives given"
         gen = torch.Generator().manual_seed(seed)
         pos_fold = torch.randperm(len(positive_groups), generator=gen) % folds
         sources, source_of = negative_sources.unique(return_inverse=True)
