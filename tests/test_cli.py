@@ -255,13 +255,14 @@ def test_an_unexpected_error_is_one_line_with_exit_code_1(capsys, monkeypatch):
     assert "internal error: ZeroDivisionError" in line and "--traceback" in line
 
 
-def test_a_hub_that_cannot_be_reached_is_exit_code_4(capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("command", ["points", "info"])
+def test_a_hub_that_cannot_be_reached_is_exit_code_4_in_every_command(capsys, monkeypatch, tmp_path, command):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline and nothing cached: nothing is contacted
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    assert main(["points", "someone/some-model"]) == NETWORK
-    assert "someone/some-model" in error_line(capsys)
+    assert main([command, "someone/some-repo"]) == NETWORK
+    assert "someone/some-repo" in error_line(capsys)
 
 
 def test_image_folders_are_normalised_with_the_target_models_own_statistics(tmp_path):

@@ -650,3 +650,13 @@ def test_every_inception_v3_stage_output_is_a_point() -> None:
     names = {p.name for p in find_points(model, torch.randn(2, 3, 75, 75))}
     stages = {n for n, _ in model.named_children() if n.startswith("Mixed_")}
     assert len(stages) == 11 and stages <= names, sorted(stages - names)
+
+
+def test_timm_model_whose_stem_is_not_a_convolution_takes_its_stated_channels() -> None:
+    """CSATv2 reads the image with a DCT stem; its first Conv2d takes 64 channels, the model takes 3."""
+    import timm
+
+    from pnc_surgery.backends import TimmBackend
+
+    model = timm.create_model("csatv2", pretrained=False, num_classes=NUM_CLASSES)
+    assert TimmBackend().in_chans(model) == 3

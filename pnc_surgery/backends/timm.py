@@ -31,6 +31,8 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
 
 
 def _first_conv(model: nn.Module) -> nn.Module | None:
+    """The input convolution named by ``pretrained_cfg['first_conv']``, else the model's first ``Conv2d`` (unless
+    the model states its ``in_chans``: a stem that is not a convolution, as CSATv2's DCT, reads the image)."""
     first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     names = [first] if isinstance(first, str) else list(first or [])
     for name in names:
@@ -38,6 +40,8 @@ def _first_conv(model: nn.Module) -> nn.Module | None:
             return model.get_submodule(name)
         except AttributeError:
             continue
+    if isinstance(getattr(model, "in_chans", None), int):
+        return None
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 
 
@@ -79,6 +83,9 @@ class TimmBackend(Backend):
         channels = getattr(_first_conv(model), "in_channels", None)
         if channels is not None:
             return int(channels)
+        declared = getattr(model, "in_chans", None)
+        if isinstance(declared, int):
+            return declared
         return int(_pretrained_cfg(model).get("input_size", (3,))[0])
 
     def image_size(self, model: nn.Module) -> tuple[int, int]:

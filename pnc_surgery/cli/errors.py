@@ -52,25 +52,42 @@ class CommandError(Exception):
 
 
 def _is_network_error(exc: BaseException) -> bool:
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    if isinstance(exc, (HfHubHTTPError, EntryNotFoundError, LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+    if isinstance(exc, (HfHubHTTPError, LocalEntryNotFoundError, ConnectionError, TimeoutError)):
         return True
     return type(exc).__module__.split(".", 1)[0] in _NETWORK_MODULES and not isinstance(exc, PncError)
 
 
+def _network_cause(exc: BaseException) -> BaseException | None:
+    """The network error behind ``exc`` (itself, or the error it was raised from), if any."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain of `raise ... from ...`, bounded in case of a cycle
+        if seen is None or _is_network_error(seen):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
 def exit_code(exc: BaseException) -> int:
-    """The exit code of an error (see :data:`EXIT_CODES`)."""
+    """The exit code of an error (see :data:`EXIT_CODES`).
+
+    An error raised from a network error is of the network's kind, whichever error the library turned it into;
+    except a file missing from a repo that was found: that is a file that cannot be used.
+    """
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
     if isinstance(exc, CommandError):
         return exc.code
     if isinstance(exc, KeyboardInterrupt):
         return INTERRUPTED
+    network = _network_cause(exc)
+    if network is not None:
+        return UNUSABLE if isinstance(network, RemoteEntryNotFoundError) else NETWORK
     if isinstance(exc, (PatchFormatError, PatchMismatchError, UnsupportedModelError)):
         return UNUSABLE
     if isinstance(exc, PncError):
         return USAGE
-    if _is_network_error(exc):
-        return NETWORK
     if isinstance(exc, ImportError):
         return MISSING_PACKAGE
     if isinstance(exc, json.JSONDecodeError):
