@@ -93,6 +93,9 @@ class Gate(nn.Module):
         space_widths: for ``"novelty"``, the width of each of :data:`SPACES` (0: the space is not used).
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         kind: str,
@@ -141,7 +144,7 @@ class Gate(nn.Module):
     def space_widths(self) -> tuple[int, ...]:
         """Width of each of :data:`SPACES` a ``"novelty"`` gate measures distances in (0: unused)."""
         return tuple(
-            int(self._buffers[f"{space}_precision"].shape[0]) if f"{space}_precision" in self._buffers else 0
+            int(self.get_buffer(f"{space}_precision").shape[0]) if f"{space}_precision" in self._buffers else 0
             for space in SPACES
         )
 
@@ -175,7 +178,7 @@ class Gate(nn.Module):
         if self.kind != "novelty":
             return gate_evidence(inputs.target_logits, inputs.branch_logits, inputs.pre_logits)
         spaces = {
-            space: (self._buffers[f"{space}_precision"], self._buffers[f"{space}_means"])
+            space: (self.get_buffer(f"{space}_precision"), self.get_buffer(f"{space}_means"))
             for space, width in zip(SPACES, self.space_widths)
             if width
         }
@@ -240,12 +243,15 @@ class Gate(nn.Module):
             negative_groups = torch.zeros(len(negatives.target_logits), dtype=torch.long)
         if self.kind == "novelty" and not any(getattr(positives, space).shape[1] for space in SPACES):
             self.kind = "learned"  # no features to measure distances in
-        if self.kind in ("novelty", "learned") and (negatives is None or len(negative_sources.unique()) < folds):
+        if self.kind in ("novelty", "learned") and (
+            negatives is None or negative_sources is None or len(negative_sources.unique()) < folds
+        ):
             self.kind = "energy"
         if self.kind != "novelty":
             self._set_spaces({})
         if self.kind == "energy":
             return self._fit_one_class(self.features(positives))
+        assert negatives is not None and negative_sources is not None and negative_groups is not None, "negatives given"
         gen = torch.Generator().manual_seed(seed)
         pos_fold = torch.randperm(len(positive_groups), generator=gen) % folds
         sources, source_of = negative_sources.unique(return_inverse=True)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .branch import SourceTail
@@ -117,7 +118,7 @@ def find_prune_groups(branch: SourceTail, feature: torch.Tensor, context: dict |
         width = _channel_width(module)
         if width is None or name in skip or width < 4:
             continue
-        passthrough = []
+        passthrough: list[str] = []
         for next_name, next_module, next_shape in leaves[i + 1 :]:
             if _consumes(next_module, width) and next_name not in skip:
                 groups.append(PruneGroup(name, passthrough, next_name, width))
@@ -147,11 +148,13 @@ class masked:
     """Context manager: zero the consumer inputs of every unit not in ``keep`` (a mask, no weights changed)."""
 
     def __init__(self, branch: SourceTail, keep: dict[str, torch.Tensor]) -> None:
-        self.branch, self.keep, self.handles = branch, keep, []
+        self.branch, self.keep = branch, keep
+        self.handles: list[RemovableHandle] = []
 
     def __enter__(self) -> masked:
         for consumer, kept in self.keep.items():
             module = self.branch.model.get_submodule(consumer)
+            assert isinstance(module, (nn.Conv2d, nn.Linear)), "prune groups end in a linear or conv consumer"
             axis = 1 if isinstance(module, nn.Conv2d) else -1
             width = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
             mask = torch.zeros(width)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from ..errors import InvalidInputError, UnsupportedModelError
 
 __all__ = ["Backend", "ModelInputs", "call_model", "main_tensor", "logits_of", "replace_logits", "image_size", "ordinary_tokens"]
 
-ModelInputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+ModelInputs = torch.Tensor | Mapping[str, torch.Tensor]
 """What a model is called with: one tensor (timm, plain torch) or keyword tensors (transformers)."""
 
 
