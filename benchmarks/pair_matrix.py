@@ -266,8 +266,11 @@ def fit_evidence(patch: Patch, target: nn.Module, split: ClassSplit) -> dict[str
     }
 
 
-def refit_gate(kind: str, evidence: dict[str, Any], budget: float, seed: int) -> tuple[Gate, dict]:
-    """A gate of ``kind`` fitted on :func:`fit_evidence` with false-positive budget ``budget``, and its fit metrics."""
+def refit_gate(
+    kind: str, evidence: dict[str, Any], budget: float, seed: int, also_try: Sequence[str] = ()
+) -> tuple[Gate, dict]:
+    """A gate of ``kind`` (or of one of ``also_try``, see :meth:`Gate.fit`) fitted on :func:`fit_evidence` with
+    false-positive budget ``budget``, and its fit metrics."""
     positives: GateInputs = evidence["positives"]
     gate = Gate.unfitted(
         kind, positives.target_logits.shape[1], positives.branch_logits.shape[1], positives.pre_logits.shape[1]
@@ -280,6 +283,7 @@ def refit_gate(kind: str, evidence: dict[str, Any], budget: float, seed: int) ->
         negative_sources=evidence["negative_sources"],
         max_false_positive_rate=budget,
         seed=seed,
+        also_try=also_try,
     )
     return gate, fit
 
