@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pnc_surgery.clone import CloneConfig, clone
+from pnc_surgery.gate import AUTO_ALTERNATIVES
 
 from . import report
 from .baselines import BASELINES
@@ -93,8 +94,8 @@ def cell_rows(
     clone_seconds = time.perf_counter() - start
     seen, _ = gate_inputs(patch, target, split.test)
     evidence = fit_evidence(patch, target, split)
-    for budget in budgets:
-        gate, fit = refit_gate(patch.gate.kind, evidence, budget, seed)
+    for budget in budgets:  # as clone's "auto" gate would fit at that budget
+        gate, fit = refit_gate("novelty", evidence, budget, seed, also_try=AUTO_ALTERNATIVES)
         rows.append(
             {
                 **base,

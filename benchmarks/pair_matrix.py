@@ -13,8 +13,8 @@ images per class of A, and measures on the test split:
 * ``locality``: share of A's test inputs whose answer the patch leaves unchanged, and ``false_positive_rate``
   (share of them sent to a cloned class; with the target's logits untouched the two add up to 1);
 * ``gate_share``: the gate's share of the patched forward's wall time;
-* the same answers with other gates (``--compare``, default the former ``"learned"`` gate) fitted on the same
-  patch and the same evidence.
+* the same answers with each gate kind alone (``--compare``, default ``"novelty"`` and ``"learned"``; ``clone``
+  keeps the better of the two by its out-of-fold pass rate) fitted on the same patch and the same evidence.
 
 Images are scikit-learn's digits at 32 px; text models get generated token sentences (:func:`token_sentences`).
 ``--dump DIR`` also saves each pair's gate evidence (clone data, replay set with its shifted copies, test split)
@@ -173,15 +173,14 @@ def pair_row(
     seed: int,
     cache: Path,
     clone_config: dict[str, Any],
-    compare: Sequence[str] = ("learned",),
+    compare: Sequence[str] = ("novelty", "learned"),
     dump: Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train (or load) the pair's models, clone, and measure the gate (see the module docstring).
 
     Args:
-        compare: other gate kinds to fit on the same patch and the same evidence (``"learned"``: the former
-            default), reported under ``compare``.
+        compare: gate kinds to fit alone on the same patch and the same evidence, reported under ``compare``.
         dump: folder for the pair's gate inputs (clone data, replay set with shifted copies, test split).
     """
     source_arch, target_arch = MATRIX_PAIRS[pair]
@@ -267,8 +266,11 @@ def fit_evidence(patch: Patch, target: nn.Module, split: ClassSplit) -> dict[str
     }
 
 
-def refit_gate(kind: str, evidence: dict[str, Any], budget: float, seed: int) -> tuple[Gate, dict]:
-    """A gate of ``kind`` fitted on :func:`fit_evidence` with false-positive budget ``budget``, and its fit metrics."""
+def refit_gate(
+    kind: str, evidence: dict[str, Any], budget: float, seed: int, also_try: Sequence[str] = ()
+) -> tuple[Gate, dict]:
+    """A gate of ``kind`` (or of one of ``also_try``, see :meth:`Gate.fit`) fitted on :func:`fit_evidence` with
+    false-positive budget ``budget``, and its fit metrics."""
     positives: GateInputs = evidence["positives"]
     gate = Gate.unfitted(
         kind, positives.target_logits.shape[1], positives.branch_logits.shape[1], positives.pre_logits.shape[1]
@@ -281,6 +283,7 @@ def refit_gate(kind: str, evidence: dict[str, Any], budget: float, seed: int) ->
         negative_sources=evidence["negative_sources"],
         max_false_positive_rate=budget,
         seed=seed,
+        also_try=also_try,
     )
     return gate, fit
 
@@ -333,7 +336,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path, default=Path("results/pair_matrix"))
     parser.add_argument("--cache", type=Path, default=Path("results/cache"))
     parser.add_argument("--dump", type=Path, default=None, help="also save every pair's gate evidence here")
-    parser.add_argument("--compare", nargs="*", default=["learned"], help="other gate kinds fitted on the same patches")
+    parser.add_argument(
+        "--compare", nargs="*", default=["novelty", "learned"], help="other gate kinds fitted on the same patches"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", nargs="+", type=Path, help="only print the table of these pair_matrix.json files")
     args = parser.parse_args(argv)

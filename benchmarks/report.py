@@ -239,7 +239,7 @@ def frontier_plot(document: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("acc all (% on A ∪ K)")
     ax.set_title(f"Fashion-MNIST frontier, {len(cells)} cells")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -44,7 +44,7 @@ from .data import (
 )
 from .errors import CloneError, InvalidInputError, UnsupportedModelError
 from .evidence import GateInputs, patch_gate_inputs
-from .gate import GATE_KINDS
+from .gate import AUTO_ALTERNATIVES, GATE_KINDS
 from .localize import branch_parameters, local_accuracy, localize
 from .patch import Patch
 from .points import Point, find_points
@@ -138,8 +138,8 @@ class CloneConfig:
     feature_weight: float = 1.0
     """Weight of feature matching (adapter output vs the source's own feature at the cut)."""
     gate: str = "auto"
-    """``"auto"`` (``"novelty"`` with replay data, ``"energy"`` without), or one of ``pnc_surgery.gate.GATE_KINDS``:
-    ``"learned"`` (the former default) and ``"none"`` are ablations."""
+    """``"auto"``: with replay data, the ``"novelty"`` and ``"learned"`` gates both, keeping the one that passes
+    more held-out clone inputs at the budget; ``"energy"`` without. Or one of ``pnc_surgery.gate.GATE_KINDS``."""
     max_false_positive_rate: float = 0.01
     """Share of target-domain inputs the gate may send to a cloned class. The gate aims at half of it
     (``pnc_surgery.gate.CALIBRATION``), from the tail of its out-of-fold replay margins: a quantile estimated from
@@ -718,6 +718,7 @@ def fit_gate(run: CloneRun, patch: Patch) -> dict[str, Any]:
     return patch.gate.fit(
         positives, run.labels, negatives, negative_groups, negative_sources=negative_sources,
         max_false_positive_rate=config.max_false_positive_rate, seed=int(torch.randint(2**31, (), generator=run.generator)),
+        also_try=AUTO_ALTERNATIVES if config.gate == "auto" else (),
     )
 
 

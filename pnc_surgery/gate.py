@@ -17,13 +17,14 @@ sharing one shrunk covariance::
 
 The kinds differ in ``f``:
 
-* ``"novelty"`` (the default with replay data): in the target's pre-logit space and in the branch's (the source's
+* ``"novelty"``: in the target's pre-logit space and in the branch's (the source's
   own features of the cloned classes), the log squared Mahalanobis distance to the nearest cloned class and to
   the nearest target class, under one shrunk covariance per space. Target-domain inputs lie on every side of the
   cloned classes' clusters, which no linear function of the features themselves separates; distances to the
   clusters do. Four numbers a discriminant fits well from a hundred replay inputs.
-* ``"learned"``: the logits, energies and confidences of both models and the target's pre-logits themselves
-  (the former default, kept as an ablation and for the patch files that hold it).
+* ``"learned"``: the logits, energies and confidences of both models and the target's pre-logits themselves.
+  With replay data, ``clone`` fits both and keeps the one that passes more held-out clone inputs at the budget
+  (:data:`AUTO_ALTERNATIVES`).
 * ``"energy"``: without replay data, a one-class threshold on the energy gap between branch and target.
 * ``"none"``: the branch's raw logits compete as they are (the no-gate ablation).
 
@@ -34,6 +35,7 @@ extrapolated from their tail (see :func:`_tail_quantile`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,9 +44,23 @@ from torch import nn
 from .errors import InvalidInputError
 from .evidence import GateInputs
 
-__all__ = ["CALIBRATION", "GATE_KINDS", "SPACES", "Gate", "evidence_width", "gate_evidence"]
+__all__ = [
+    "AUTO_ALTERNATIVES",
+    "CALIBRATION",
+    "DISCRIMINANT_KINDS",
+    "GATE_KINDS",
+    "SPACES",
+    "Gate",
+    "evidence_width",
+    "gate_evidence",
+]
 
 GATE_KINDS = ("novelty", "learned", "energy", "none")
+DISCRIMINANT_KINDS = ("novelty", "learned")
+"""The kinds fitted against replay data (a discriminant thresholded on out-of-fold replay margins)."""
+AUTO_ALTERNATIVES = ("learned",)
+"""Kinds ``clone(config=CloneConfig(gate="auto"))`` also fits beside ``"novelty"``, keeping the better (see
+:meth:`Gate.fit`'s ``also_try``): neither kind of feature separates best on every pair of models."""
 CALIBRATION = 0.5
 """The gate aims at this share of its false-positive budget: a tail quantile estimated from a hundred replay inputs
 misses by a factor of two either way in single fits, and the budget is a bound, not a target."""
@@ -220,6 +236,7 @@ class Gate(nn.Module):
         max_false_positive_rate: float = 0.01,
         folds: int = 5,
         seed: int = 0,
+        also_try: Sequence[str] = (),
     ) -> dict:
         """Fit ``g`` on the gate inputs of cloned-class inputs and (optionally) target-domain inputs.
 
@@ -231,10 +248,46 @@ class Gate(nn.Module):
                 that no out-of-fold score comes from a model that saw a copy of its input.
             max_false_positive_rate: share of target-domain inputs a cloned class may take.
             folds: out-of-fold rounds that score the replay inputs for the threshold.
+            also_try: other kinds to fit on the same data; the gate becomes whichever lets the most held-out
+                clone inputs through at the budget (out of fold; ties keep this gate's kind).
 
         Returns:
-            What the fit saw: the method used and the rates on the data it had.
+            What the fit saw: the method used and the rates on the data it had (``gate_candidates``: each tried
+            kind's out-of-fold pass rate).
         """
+        fit_kwargs = {
+            "negative_sources": negative_sources,
+            "max_false_positive_rate": max_false_positive_rate,
+            "folds": folds,
+            "seed": seed,
+        }
+        metrics = self._fit(positives, positive_groups, negatives, negative_groups, **fit_kwargs)
+        if not also_try or self.kind not in DISCRIMINANT_KINDS:
+            return metrics
+        candidates = {self.kind: metrics["gate_positive_rate_heldout"]}
+        for kind in also_try:
+            other = Gate(kind, 0, shrinkage=self.shrinkage)
+            other_metrics = other._fit(positives, positive_groups, negatives, negative_groups, **fit_kwargs)
+            if other.kind in DISCRIMINANT_KINDS and other.kind not in candidates:
+                candidates[other.kind] = other_metrics["gate_positive_rate_heldout"]
+                if candidates[other.kind] > candidates[self.kind]:
+                    self._adopt(other)
+                    metrics = other_metrics
+        return {**metrics, "gate_candidates": candidates}
+
+    def _fit(
+        self,
+        positives: GateInputs,
+        positive_groups: torch.Tensor,
+        negatives: GateInputs | None,
+        negative_groups: torch.Tensor | None,
+        *,
+        negative_sources: torch.Tensor | None,
+        max_false_positive_rate: float,
+        folds: int,
+        seed: int,
+    ) -> dict:
+        """:meth:`fit` for this gate's kind alone."""
         if self.kind == "none":
             return {"gate": "none"}
         if negatives is not None and negative_sources is None:
@@ -243,7 +296,7 @@ class Gate(nn.Module):
             negative_groups = torch.zeros(len(negatives.target_logits), dtype=torch.long)
         if self.kind == "novelty" and not any(getattr(positives, space).shape[1] for space in SPACES):
             self.kind = "learned"  # no features to measure distances in
-        if self.kind in ("novelty", "learned") and (
+        if self.kind in DISCRIMINANT_KINDS and (
             negatives is None or negative_sources is None or len(negative_sources.unique()) < folds
         ):
             self.kind = "energy"
@@ -278,6 +331,18 @@ class Gate(nn.Module):
             f" ({len(negative_groups)} rows with their shifted copies)" if len(negative_groups) > len(sources) else ""
         )
         return metrics
+
+    def _adopt(self, other: Gate) -> None:
+        """Become the fitted gate ``other``."""
+        self.kind = other.kind
+        self._load(other.weight.data, other.bias.data, other.num_positive, other.mean, other.std)
+        self._set_spaces(
+            {
+                space: (other._buffers[f"{space}_precision"], other._buffers[f"{space}_means"])
+                for space, width in zip(SPACES, other.space_widths)
+                if width
+            }
+        )
 
     def _set_spaces(self, spaces: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Replace the novelty buffers: per space, the precision matrix and the components' means."""
@@ -323,7 +388,7 @@ class Gate(nn.Module):
         neg_fold: torch.Tensor,
         folds: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fit the novelty spaces on all rows; return each row's distance features from spaces fitted without its fold."""
+        """Fit the novelty spaces on all rows; return each row's distance features from spaces fitted without it."""
         used = [space for space in SPACES if getattr(positives, space).shape[1]]
 
         def spaces_of(p_rows: torch.Tensor, n_rows: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -193,3 +193,18 @@ def test_a_fitted_gate_survives_save_and_load(tmp_path, kind: str) -> None:
         with reloaded.attached(target):
             got = target(x)
     assert torch.equal(got, expected)
+
+
+def test_a_gate_also_trying_other_kinds_keeps_the_one_that_passes_more_held_out_clone_inputs() -> None:
+    pos, groups = cloned(600, seed=0)
+    neg, neg_groups = target_domain(100, seed=1)
+    linear = Gate.unfitted("learned", NUM_OLD, NUM_NEW, PRE_LOGITS)
+    metrics = linear.fit(pos, groups, neg, neg_groups, also_try=("novelty",))
+    assert set(metrics["gate_candidates"]) == {"learned", "novelty"}
+    assert metrics["gate_candidates"]["novelty"] > metrics["gate_candidates"]["learned"]
+    assert linear.kind == "novelty" and metrics["gate"] == "novelty"
+    assert linear.space_widths == (PRE_LOGITS, BRANCH_FEATURES)
+    alone, _ = fitted("novelty", positives=600, negatives=100)
+    fresh, _ = target_domain(500, seed=5)
+    with torch.no_grad():
+        assert torch.equal(linear(*fresh), alone(*fresh)), "the kept gate is the one fitted alone"
