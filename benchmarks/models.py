@@ -24,7 +24,7 @@ from pnc_surgery.backends.timm import create_model
 from .datasets import ImageDataset, subsample
 from .training import accuracy, train_classifier
 
-__all__ = ["Arch", "ARCHS", "PAIRS", "build_model", "head_name", "count_parameters", "trained_model"]
+__all__ = ["Arch", "ARCHS", "MATRIX_ARCHS", "PAIRS", "build_model", "head_name", "count_parameters", "trained_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ class Arch:
     """An architecture of the benchmark.
 
     Attributes:
-        family: ``"timm"`` (``kwargs`` go to ``timm.create_model(name)``) or ``"transformers"`` (``kwargs`` go
-            to the ``AutoConfig`` of ``name``, e.g. ``"vit"``).
+        family: ``"timm"`` (``kwargs`` go to ``timm.create_model(name)``), ``"transformers"`` (``kwargs`` go
+            to the ``AutoConfig`` of ``name``, e.g. ``"vit"``) or ``"transformers-text"`` (the same, a sequence
+            classifier).
         name: the timm model name or the transformers ``model_type``.
         kwargs: the size of the model; ``img_size``/``image_size`` and channels are filled in at build time.
         lr: AdamW learning rate for training it from scratch.
@@ -60,6 +61,35 @@ ARCHS: dict[str, Arch] = {
 }
 """Architectures by short name. ``convnext`` has output stride 16 (its last stage dilated) so it runs at 16 px."""
 
+MATRIX_ARCHS: dict[str, Arch] = {
+    "resnet18": Arch("timm", "resnet18", lr=1e-3),
+    "mobilenetv3": Arch("timm", "mobilenetv3_small_100", lr=1e-3),
+    "convnext_atto": Arch("timm", "convnext_atto", lr=1e-3),
+    "deit_tiny": Arch("timm", "deit_tiny_patch16_224", dict(patch_size=8), lr=5e-4),
+    "mixer": Arch("timm", "mixer_s16_224", dict(img_size=32), lr=5e-4),
+    "mobilevit": Arch("timm", "mobilevit_xxs", lr=1e-3),
+    "levit": Arch("timm", "levit_128s", dict(img_size=32), lr=1e-3),
+    "hf_vit_small": Arch(
+        "transformers", "vit",
+        dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768, patch_size=8),
+        lr=5e-4,
+    ),
+    "bert": Arch(
+        "transformers-text", "bert",
+        dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+             max_position_embeddings=64),
+        lr=5e-4,
+    ),
+    "distilbert": Arch(
+        "transformers-text", "distilbert",
+        dict(vocab_size=256, dim=128, n_layers=4, n_heads=4, hidden_dim=512, max_position_embeddings=64), lr=5e-4,
+    ),
+}
+"""The pair matrix's architectures (:mod:`benchmarks.pair_matrix`): timm default widths at 32 px (ViT and MLP
+patch sizes shrunk so that 32 px gives several tokens), and transformers models of the sizes of small released
+checkpoints; ``transformers-text`` models are sequence classifiers."""
+ARCHS.update(MATRIX_ARCHS)
+
 PAIRS: dict[str, tuple[str, str]] = {
     "resnet->resnet": ("resnet", "resnet"),
     "convnext->resnet": ("convnext", "resnet"),
@@ -78,9 +108,14 @@ def build_model(arch: str, num_classes: int, image_size: int, channels: int, see
         torch.manual_seed(seed)
         if spec.family == "timm":
             kwargs = dict(spec.kwargs)
-            if "patch_size" in kwargs:  # transformers with a fixed position embedding need the size
+            if "patch_size" in kwargs or "img_size" in kwargs:  # fixed position embeddings need the size
                 kwargs["img_size"] = image_size
             model = create_model(spec.name, num_classes=num_classes, in_chans=channels, **kwargs)
+        elif spec.family == "transformers-text":
+            from transformers import AutoConfig, AutoModelForSequenceClassification
+
+            config = AutoConfig.for_model(spec.name, num_labels=num_classes, **spec.kwargs)
+            model = AutoModelForSequenceClassification.from_config(config)
         else:
             from transformers import AutoConfig, AutoModelForImageClassification
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["write", "markdown", "headline", "aggregate", "COLUMNS"]
+__all__ = ["write", "markdown", "headline", "aggregate", "frontier_plot", "COLUMNS"]
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("acc_old", "acc old"),
@@ -202,3 +202,44 @@ def write(document: dict[str, Any], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(document, indent=2, default=str))
     (out / "results.md").write_text(markdown(document))
     _plots(document, out)
+
+
+def frontier_plot(document: dict[str, Any], path: Path) -> None:
+    """PNC's ``acc_all``-vs-locality curve over gate budgets (mean over cells) beside the other methods' points and
+    the oracle's ``acc_all`` (a document of :mod:`benchmarks.frontier`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = document["rows"]
+    cells = {(r["pair"], r["seed"]) for r in rows if r["method"] == "oracle"}
+    rows = [r for r in rows if (r["pair"], r["seed"]) in cells]
+    if not rows:
+        return
+
+    def mean(chosen: list[dict[str, Any]], key: str) -> float:
+        return 100 * sum(r[key] for r in chosen) / len(chosen)
+
+    budgets = sorted({r["budget"] for r in rows if r["method"] == "pnc"})
+    curve = [[r for r in rows if r["method"] == "pnc" and r["budget"] == b] for b in budgets]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot([mean(c, "locality") for c in curve], [mean(c, "acc_all") for c in curve], "o-", color="tab:red", label="pnc (gate budget sweep)")
+    for budget, chosen in zip(budgets, curve):
+        ax.annotate(f"{budget:g}", (mean(chosen, "locality"), mean(chosen, "acc_all")), textcoords="offset points",
+                    xytext=(3, -10), fontsize=7, color="tab:red")
+    for method, style in (("pnc_learned_gate", "s"), ("finetune", "^"), ("lwf", "v"), ("ewc", "D")):
+        chosen = [r for r in rows if r["method"] == method]
+        if chosen:
+            ax.plot(mean(chosen, "locality"), mean(chosen, "acc_all"), style, color="tab:orange" if method.startswith("pnc") else "tab:blue")
+            ax.annotate(method, (mean(chosen, "locality"), mean(chosen, "acc_all")), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    oracle = [r for r in rows if r["method"] == "oracle"]
+    ax.axhline(mean(oracle, "acc_all"), color="tab:green", linestyle="--", label="oracle (joint training on A ∪ K, all data)")
+    ax.set_xlabel("locality (% of A's test predictions unchanged)")
+    ax.set_ylabel("acc all (% on A ∪ K)")
+    ax.set_title(f"Fashion-MNIST frontier, {len(cells)} cells")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

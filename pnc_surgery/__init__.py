@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .branch import SourceTail, capture_features
 from .clone import CloneConfig, clone
 from .errors import (
+    CloneError,
     InvalidInputError,
     PatchFormatError,
     PatchMismatchError,
@@ -41,4 +42,5 @@ __all__ = [
     "PatchMismatchError",
     "PatchFormatError",
     "PatchStateError",
+    "CloneError",
 ]

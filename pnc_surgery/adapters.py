@@ -7,55 +7,21 @@ the grid to the branch's size, and writes the branch's layout (learned prefix to
 tokens keep their sequence and only change width. The spec is plain JSON so a patch can rebuild its
 adapter without code.
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
+from .patch.config import FeatureSpec, Layout
 from .points import Point
 
 __all__ = ["FeatureSpec", "Adapter", "feature_spec"]
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """Shape facts about one feature, enough to convert it.
-
-    Attributes:
-        layout: ``"NCHW"``, ``"NHWC"`` or ``"NLC"``.
-        shape: shape without the batch dimension.
-        channels: width (channels or hidden size).
-        grid: spatial grid ``(H, W)`` for maps and image tokens; ``None`` for text tokens.
-        prefix: number of leading non-grid tokens (``NLC`` only).
-    """
-
-    layout: str
-    shape: tuple[int, ...]
-    channels: int
-    grid: tuple[int, int] | None
-    prefix: int = 0
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["shape"] = list(self.shape)
-        data["grid"] = list(self.grid) if self.grid else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FeatureSpec":
-        return cls(
-            layout=str(data["layout"]),
-            shape=tuple(int(s) for s in data["shape"]),
-            channels=int(data["channels"]),
-            grid=tuple(int(g) for g in data["grid"]) if data.get("grid") else None,
-            prefix=int(data.get("prefix", 0)),
-        )
 
 
 def feature_spec(point: Point, input_size: tuple[int, int] | None) -> FeatureSpec:
@@ -71,7 +37,8 @@ def feature_spec(point: Point, input_size: tuple[int, int] | None) -> FeatureSpe
         side = math.isqrt(point.shape[0])
         if side * side == point.shape[0]:
             grid = (side, side)
-    return FeatureSpec(layout=point.layout, shape=point.shape, channels=point.width, grid=grid, prefix=prefix)
+    layout = cast(Layout, point.layout)  # Point.layout is a str checked against the same names when a Point is made
+    return FeatureSpec(layout=layout, shape=point.shape, channels=point.width, grid=grid, prefix=prefix)
 
 
 class Adapter(nn.Module):
@@ -93,9 +60,7 @@ class Adapter(nn.Module):
         self.source, self.dest, self.hidden = source, dest, int(hidden)
         self.proj = nn.Conv2d(source.channels, dest.channels, kernel_size=1)
         self.bottleneck = (
-            nn.Sequential(
-                nn.Conv2d(source.channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dest.channels, 1)
-            )
+            nn.Sequential(nn.Conv2d(source.channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dest.channels, 1))
             if hidden
             else None
         )
@@ -109,19 +74,24 @@ class Adapter(nn.Module):
                 self.proj.weight.copy_(torch.eye(self.dest.channels)[:, :, None, None])
             else:
                 nn.init.normal_(self.proj.weight, std=self.source.channels**-0.5)
+            assert self.proj.bias is not None, "nn.Conv2d is built with a bias"
             self.proj.bias.zero_()
             if self.bottleneck is not None:
-                nn.init.zeros_(self.bottleneck[2].weight)
-                nn.init.zeros_(self.bottleneck[2].bias)
+                last = self.bottleneck[2]
+                assert isinstance(last, nn.Conv2d) and last.bias is not None, "the bottleneck ends in a biased conv"
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     def spec(self) -> dict:
         """JSON description from which :meth:`from_spec` rebuilds an adapter of the same shapes."""
         return {"source": self.source.to_dict(), "dest": self.dest.to_dict(), "hidden": self.hidden}
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "Adapter":
+    def from_spec(cls, spec: dict) -> Adapter:
         try:
-            return cls(FeatureSpec.from_dict(spec["source"]), FeatureSpec.from_dict(spec["dest"]), int(spec.get("hidden", 0)))
+            return cls(
+                FeatureSpec.from_dict(spec["source"]), FeatureSpec.from_dict(spec["dest"]), int(spec.get("hidden", 0))
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInputError(f"invalid adapter spec: {exc}") from None
 
@@ -154,11 +124,16 @@ class Adapter(nn.Module):
             return  # text of different lengths: positions do not correspond
         x = resampled.permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
         y = wanted.double().permute(0, 2, 3, 1).reshape(-1, wanted.shape[1])
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
         gram = x.T @ x
-        gram += ridge * gram.diagonal()[:-1].mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
+        gram += (
+            ridge
+            * gram.diagonal()[:-1].mean().clamp_min(1e-12)
+            * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        )
         solution = torch.linalg.solve(gram, x.T @ y)
-        self.proj.weight.copy_(solution[:-1].T[:, :, None, None])
+        self.proj.weight.copy_(solution[:-1].T[:, :, None, None].to(self.proj.weight))
+        assert self.proj.bias is not None, "nn.Conv2d is built with a bias"
         self.proj.bias.copy_(solution[-1])
         if self.prefix is not None and prefix is not None:
             self.prefix.copy_(prefix.float().mean(0))

@@ -9,9 +9,11 @@ but their parameters shrink to empty placeholders, so the tail holds only the we
 A stub returns zeros, or (where the rest of the model reads an input-independent value such as rotary
 tables) the value it recorded.
 """
+
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,16 +29,33 @@ from .tracing import classifier_names, eval_mode, trace_model
 __all__ = ["SourceTail", "capture_features", "STUB_VALUE_BUFFER"]
 
 STUB_VALUE_BUFFER = "pnc_stub_value"
-OVERRIDABLE_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_channels", "groups", "num_features", "normalized_shape", "num_heads", "hidden_features")
+OVERRIDABLE_ATTRIBUTES = (
+    "in_features",
+    "out_features",
+    "in_channels",
+    "out_channels",
+    "groups",
+    "num_features",
+    "normalized_shape",
+    "num_heads",
+    "hidden_features",
+)
 EXACT_ATOL = 1e-5
 
 
-class _LiveFeature:
-    """The feature of the current tail call, shared by the feed and the stubs (not a module: never saved)."""
+class _LiveFeature(threading.local):
+    """The feature of the current tail call, shared by the feed and the stubs (per thread: concurrent calls of one
+    tail each see their own; not a module: never saved)."""
 
     def __init__(self, cut_shape: Sequence[int]) -> None:
         self.cut_shape = tuple(cut_shape)
         self.feature: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> _LiveFeature:
+        return _LiveFeature(self.cut_shape)
+
+    def __reduce__(self) -> tuple:
+        return (_LiveFeature, (self.cut_shape,))
 
     def shape_like(self, recorded: Sequence[int]) -> tuple[int, ...]:
         """``recorded`` (batch excluded) with the batch, and dims shared with the cut, taken from the live feature."""
@@ -68,6 +87,7 @@ class _Stub:
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         feature = self.live.feature
+        assert feature is not None, "stub called outside a tail forward"
         shape = self.live.shape_like(self.shape)
         value = self.module._buffers.get(STUB_VALUE_BUFFER)
         if value is not None:  # materialised: the model may write into it in place (``x += shortcut``)
@@ -103,7 +123,7 @@ def capture_features(
     silent = [name for name in names if features.get(name) is None]
     if silent:
         raise UnsupportedModelError(f"modules {silent} did not produce a single tensor on this input")
-    return features
+    return {name: feature for name, feature in features.items() if feature is not None}
 
 
 class SourceTail(nn.Module):
@@ -147,7 +167,7 @@ class SourceTail(nn.Module):
         example_input: ModelInputs | None = None,
         *,
         verify: bool = True,
-    ) -> "SourceTail":
+    ) -> SourceTail:
         """Cut ``model`` (left unchanged; the tail holds a deep copy) at ``point``.
 
         Args:
@@ -173,7 +193,8 @@ class SourceTail(nn.Module):
         main = main_tensor(inputs, main_name)
         before = trace.completed_before(name)
         ancestors = {name.rsplit(".", i)[0] for i in range(name.count(".") + 1)}
-        stubs, recorded = {}, {}
+        stubs: dict[str, dict[str, Any]] = {}
+        recorded: dict[str, torch.Tensor] = {}
         for module_name, _ in model.named_modules():
             call = trace.calls.get(module_name)
             if (
@@ -185,7 +206,11 @@ class SourceTail(nn.Module):
                 and call.output is not None
                 and before(call)
             ):
-                stubs[module_name] = {"shape": list(call.output.shape[1:]), "dtype": str(call.output.dtype).removeprefix("torch."), "stored": False}
+                stubs[module_name] = {
+                    "shape": list(call.output.shape[1:]),
+                    "dtype": str(call.output.dtype).removeprefix("torch."),
+                    "stored": False,
+                }
                 recorded[module_name] = call.output[:1]
         spec = {
             "family": backend.family,
@@ -202,19 +227,21 @@ class SourceTail(nn.Module):
         }
         tail = cls(copy.deepcopy(model), spec)
         if verify:
-            context = {k: inputs[k] for k in tail.context_keys}
+            context = {k: inputs[k] for k in tail.context_keys} if isinstance(inputs, Mapping) else {}
             tail._make_exact(cut_call.output, trace.logits, context, recorded)
         return tail
 
     @classmethod
-    def from_spec(cls, spec: dict, architecture: dict) -> "SourceTail":
+    def from_spec(cls, spec: dict, architecture: dict) -> SourceTail:
         """Rebuild a tail's structure from its spec and the source architecture (tensors still to be loaded)."""
         model = backend_named(str(architecture.get("family"))).build(architecture)
         tail = cls(model, spec)
         for name, stub in tail.stubs.items():
             if stub.get("stored"):
                 dtype = getattr(torch, str(stub["dtype"]))
-                tail.model.get_submodule(name).register_buffer(STUB_VALUE_BUFFER, torch.empty(1, *stub["shape"], dtype=dtype, device="meta"))
+                tail.model.get_submodule(name).register_buffer(
+                    STUB_VALUE_BUFFER, torch.empty(1, *stub["shape"], dtype=dtype, device="meta")
+                )
         return tail
 
     def spec(self) -> dict:
@@ -238,10 +265,14 @@ class SourceTail(nn.Module):
         if attr not in OVERRIDABLE_ATTRIBUTES:
             raise UnsupportedModelError(f"attribute {attr!r} cannot be recorded; allowed: {OVERRIDABLE_ATTRIBUTES}")
         if not isinstance(value, (int, list, tuple)) or isinstance(value, bool):
-            raise UnsupportedModelError(f"override {module_name}.{attr} must be an int or a list of ints, got {value!r}")
+            raise UnsupportedModelError(
+                f"override {module_name}.{attr} must be an int or a list of ints, got {value!r}"
+            )
         module = self.model.get_submodule(module_name)
         setattr(module, attr, tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value))
-        self.overrides.setdefault(module_name, {})[attr] = list(value) if isinstance(value, (list, tuple)) else int(value)
+        self.overrides.setdefault(module_name, {})[attr] = (
+            list(value) if isinstance(value, (list, tuple)) else int(value)
+        )
 
     def keep_classes(self, classes: Sequence[int]) -> None:
         """Keep only the classifier rows of ``classes`` (source class ids, in output order)."""
@@ -251,6 +282,7 @@ class SourceTail(nn.Module):
         index = torch.tensor(rows, dtype=torch.long)
         for name in self.classifiers:
             module = self.model.get_submodule(name)
+            assert isinstance(module, (nn.Linear, nn.Conv2d)), "classifier_names keeps linear and conv layers only"
             module.weight = nn.Parameter(module.weight.detach().index_select(0, index.to(module.weight.device)))
             if module.bias is not None:
                 module.bias = nn.Parameter(module.bias.detach().index_select(0, index.to(module.bias.device)))
@@ -268,7 +300,12 @@ class SourceTail(nn.Module):
             modules[name].forward = _Stub(modules[name], stub["shape"], getattr(torch, stub["dtype"]), self.live)
         replaced = [self.cut, *self.stubs]
         inside = lambda n: any(n == r or n.startswith(r + ".") for r in replaced)  # noqa: E731
-        kept = {id(p) for n, m in modules.items() if not inside(n) for p in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+        kept = {
+            id(p)
+            for n, m in modules.items()
+            if not inside(n)
+            for p in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        }
         for name in replaced:
             _shrink(modules[name], kept)
 
@@ -293,13 +330,13 @@ class SourceTail(nn.Module):
             )
         for name in recorded:
             module = self.model.get_submodule(name)
-            value = module._buffers.pop(STUB_VALUE_BUFFER)
+            stored = module._buffers.pop(STUB_VALUE_BUFFER)
             self.stubs[name]["stored"] = False
             if not exact():
-                module.register_buffer(STUB_VALUE_BUFFER, value)
+                module.register_buffer(STUB_VALUE_BUFFER, stored)
                 self.stubs[name]["stored"] = True
 
-    def train(self, mode: bool = True) -> "SourceTail":
+    def train(self, mode: bool = True) -> SourceTail:
         """The tail always runs in eval mode (frozen norms, no dropout); gradients still flow."""
         super().train(mode)
         self.model.eval()
@@ -308,19 +345,24 @@ class SourceTail(nn.Module):
     def _dummy_input(self, feature: torch.Tensor) -> torch.Tensor:
         """A stand-in for the model's data input: only its shape is read before the stubs take over."""
         if self.input_dtype.is_floating_point:
-            return torch.zeros((), dtype=feature.dtype, device=feature.device).expand(feature.shape[0], *self.input_shape)
+            return torch.zeros((), dtype=feature.dtype, device=feature.device).expand(
+                feature.shape[0], *self.input_shape
+            )
         shape = self.live.shape_like(self.input_shape)
         return torch.zeros((), dtype=self.input_dtype, device=feature.device).expand(shape)
 
     def forward(self, feature: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
         """Logits of the model for inputs whose feature at the cut is ``feature``."""
         if tuple(feature.shape[1:]) != self.cut_shape and self.input_dtype.is_floating_point:
-            raise PatchMismatchError(f"the branch at {self.cut!r} expects features of shape {self.cut_shape}, got {tuple(feature.shape[1:])}")
+            raise PatchMismatchError(
+                f"the branch at {self.cut!r} expects features of shape {self.cut_shape}, got {tuple(feature.shape[1:])}"
+            )
         self.live.feature = feature
         try:
             dummy = self._dummy_input(feature)
             inputs = self.backend.call_inputs(self.model, dummy)
             if context:
+                assert isinstance(inputs, Mapping), "context tensors only come with keyword inputs"
                 inputs = {**inputs, **context}
             return logits_of(call_model(self.model, inputs))
         finally:

@@ -13,23 +13,37 @@ Each stage reads the run state, sets what it produces on it, and returns its met
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .adapters import Adapter, feature_spec
+from .adapters import Adapter, FeatureSpec, feature_spec
 from .backends import Backend, backend_for
 from .backends.base import ModelInputs, image_size
 from .branch import SourceTail
 from .data import (
-    Examples, batches, check_target_input, collect, select_classes, source_view, to_view, with_shifted_copies,
+    Examples,
+    batches,
+    check_replay,
+    check_target_input,
+    collect,
+    model_device,
+    select_classes,
+    short,
+    source_transform,
+    to_device,
+    with_shifted_copies,
 )
-from .errors import InvalidInputError, UnsupportedModelError
+from .errors import CloneError, InvalidInputError, UnsupportedModelError
+from .evidence import GateInputs, patch_gate_inputs
 from .gate import GATE_KINDS
 from .localize import branch_parameters, local_accuracy, localize
 from .patch import Patch
@@ -37,13 +51,49 @@ from .points import Point, find_points
 from .search import Candidate, FitData, evaluate, spread_points, successive_halving, train_candidate
 from .tracing import classifier_names, eval_mode, trace_model
 
-__all__ = ["CloneConfig", "CloneRun", "clone"]
+__all__ = ["BUDGETS", "Budget", "CloneConfig", "CloneRun", "clone"]
+
+
+PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Values of ``CloneConfig.precision``."""
+
+MIN_EVAL_STEPS = 10
+"""The final training scores its held-out data every pass over the data, but never more often than this."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much work one :data:`BUDGETS` level spends, in passes over the clone data (so it scales with the data).
+
+    Attributes:
+        search_epochs: training of each surviving pair in the search's first round (doubled each later round).
+        survivors: pairs that round zero (every pair scored untrained, from its least-squares start) keeps.
+        train_epochs: most passes of the final training (it stops early when held-out accuracy stalls).
+        patience: held-out evaluations (one a pass) without improvement before the final training stops.
+    """
+
+    search_epochs: float
+    survivors: int
+    train_epochs: float
+    patience: int
+
+
+BUDGETS: dict[str, Budget] = {
+    "fast": Budget(search_epochs=1, survivors=2, train_epochs=10, patience=2),
+    "default": Budget(search_epochs=2, survivors=3, train_epochs=30, patience=4),
+    "thorough": Budget(search_epochs=6, survivors=6, train_epochs=100, patience=8),
+}
+"""The levels of ``CloneConfig.budget``."""
 
 
 @dataclass
 class CloneConfig:
     """How :func:`clone` spends its budget. Defaults suit tens to hundreds of images per class on a CPU."""
 
+    budget: str = "default"
+    """Overall effort, one of :data:`BUDGETS` (``"fast"``, ``"default"``, ``"thorough"``): how long the search trains
+    each pair, how many pairs survive its first look, and how long the final training may run. ``search_steps`` and
+    ``train_steps``, when set, override it."""
     search_positions: bool = True
     """Search (cut, insertion) pairs jointly; ``False`` cuts at the source's last stage and inserts at the target's (ablation)."""
     max_cuts: int = 3
@@ -54,8 +104,14 @@ class CloneConfig:
     """Force this source cut point (a module name from ``find_points``)."""
     insertion: str | None = None
     """Force this target insertion point."""
-    search_steps: int = 30
-    """Adapter training steps per pair in the first search round (doubled each round for the survivors)."""
+    search_steps: int | None = None
+    """Adapter training steps per pair in the first search round (doubled each round for the survivors); ``None``:
+    from ``budget`` and the data size."""
+    cost_weight: float = 0.02
+    """What the search gives up for a cheaper patch: a pair's score is its held-out local accuracy (less 0.01 times
+    its held-out loss) less ``cost_weight`` times its cost, the share of the source its branch copies (mean of the
+    parameter share and the FLOP share). At 0.02 a branch that copies the whole source must be 2 points more
+    accurate than one that copies none of it; ``0`` ranks by accuracy alone."""
     localize: bool = True
     """Prune the branch to what the cloned classes need; ``False`` keeps the full source tail (ablation)."""
     keep_ratio: float | None = None
@@ -66,8 +122,9 @@ class CloneConfig:
     """Local accuracy (on the clone data) that pruning may cost."""
     adapter_hidden: int = 64
     """Width of the adapter's residual bottleneck (0: a single 1x1 projection)."""
-    train_steps: int = 400
-    """Final training steps of the adapter (and branch)."""
+    train_steps: int | None = None
+    """Most final training steps of the adapter (and branch); ``None``: from ``budget`` and the data size. The
+    training stops earlier when held-out local accuracy stops improving."""
     finetune_branch: bool = True
     """Also fine-tune the (pruned) branch in the final training, by distillation from the source."""
     lr: float = 3e-3
@@ -81,41 +138,91 @@ class CloneConfig:
     feature_weight: float = 1.0
     """Weight of feature matching (adapter output vs the source's own feature at the cut)."""
     gate: str = "auto"
-    """``"auto"`` (learned with replay data, energy threshold without), ``"learned"``, ``"energy"`` or ``"none"`` (ablation)."""
+    """``"auto"`` (``"novelty"`` with replay data, ``"energy"`` without), or one of ``pnc_surgery.gate.GATE_KINDS``:
+    ``"learned"`` (the former default) and ``"none"`` are ablations."""
     max_false_positive_rate: float = 0.01
-    """Share of target-domain inputs the gate may send to a cloned class, estimated from the tail of the
-    out-of-fold replay margins (an exponential fit to their top tenth). The estimate is as good as the replay set
-    is large: with 100 replay images, on Fashion-MNIST, 0.01 changed 1.0% of the target's answers on average and
-    0.2-3.3% in single runs. Lower it for more locality, raise it for more new-class accuracy."""
+    """Share of target-domain inputs the gate may send to a cloned class. The gate aims at half of it
+    (``pnc_surgery.gate.CALIBRATION``), from the tail of its out-of-fold replay margins: a quantile estimated from
+    a hundred replay images misses by up to a factor of two in single runs. Lower it for more locality, raise it
+    for more new-class accuracy (the README's frontier shows the trade-off)."""
     shift_replay: bool = True
     """Also calibrate the gate on copies of the replay images shifted by 1/16 of their size: the target has usually
     trained on its replay images and is surer of them than of new inputs, so a gate calibrated on them alone lets
-    more new target-domain inputs through than its budget (measured on digits, 6 seeds: locality 97.4% without,
-    99.3% with; new-class accuracy 76% without, 70% with)."""
+    more new target-domain inputs through than its budget."""
     heldout_fraction: float = 0.2
     """Share of the clone data kept out of training to score the search and report accuracy."""
     feature_batch_size: int = 128
     """Batch size for feature extraction."""
+    precision: str | None = None
+    """Run feature extraction and training under ``torch.autocast`` at this precision (``"bfloat16"``, or
+    ``"float16"`` on CUDA); ``None``: full precision. The patch's own tensors stay float32."""
     feature_memory_gb: float = 2.0
     """The search keeps every candidate point's features for the whole clone set in memory; points whose features
-    would take more than this (early, high-resolution points of large models) are left out of the search."""
+    would take more than this (early, high-resolution points of large models) are left out of the search. The cached
+    features stay on the source's device (a GPU) when all of them fit in this budget, else on the CPU."""
     source_kwargs: dict[str, Any] = field(default_factory=dict)
     """timm ``create_model`` kwargs of the source when they cannot be inferred (see ``backends.timm.create_model``)."""
 
     def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            raise InvalidInputError(f"budget must be one of {sorted(BUDGETS)}, got {self.budget!r}")
+        if self.precision not in (None, *PRECISIONS):
+            raise InvalidInputError(f"precision must be None or one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.gate not in ("auto", *GATE_KINDS):
             raise InvalidInputError(f"gate must be 'auto' or one of {GATE_KINDS}, got {self.gate!r}")
-        if self.keep_ratio is not None and not 0 < self.keep_ratio <= 1:
-            raise InvalidInputError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if not 0 < self.max_false_positive_rate < 1:
-            raise InvalidInputError(f"max_false_positive_rate must be in (0, 1), got {self.max_false_positive_rate}")
-        if not 0 < self.heldout_fraction < 1:
-            raise InvalidInputError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.feature_memory_gb <= 0:
-            raise InvalidInputError(f"feature_memory_gb must be positive, got {self.feature_memory_gb}")
-        for name in ("max_cuts", "max_insertions", "batch_size", "train_steps", "search_steps"):
-            if getattr(self, name) < 1:
-                raise InvalidInputError(f"{name} must be at least 1")
+        for name in ("search_positions", "localize", "finetune_branch", "shift_replay"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("cut", "insertion"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidInputError(f"{name} must be a module name or None, got {getattr(self, name)!r}")
+        if not isinstance(self.source_kwargs, dict):
+            raise InvalidInputError(f"source_kwargs must be a dict, got {type(self.source_kwargs).__name__}")
+        for name, minimum in _INT_FIELDS.items():
+            value = getattr(self, name)
+            if value is None and name in ("search_steps", "train_steps"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise InvalidInputError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+        for name, (low, high, closed_low, closed_high) in _REAL_FIELDS.items():
+            _check_real(name, getattr(self, name), low, high, closed_low, closed_high)
+        if self.keep_ratio is not None:
+            _check_real("keep_ratio", self.keep_ratio, 0, 1, False, True)
+        if not isinstance(self.keep_ratios, (tuple, list)) or not self.keep_ratios:
+            raise InvalidInputError(f"keep_ratios must be a non-empty sequence of ratios, got {self.keep_ratios!r}")
+        for ratio in self.keep_ratios:
+            _check_real("keep_ratios", ratio, 0, 1, False, True)
+
+
+_INT_FIELDS = {
+    "max_cuts": 1, "max_insertions": 1, "search_steps": 1, "train_steps": 1, "batch_size": 1, "adapter_hidden": 0,
+    "feature_batch_size": 1,
+}
+"""Integer fields of :class:`CloneConfig` and their smallest value."""
+
+_REAL_FIELDS = {
+    "lr": (0.0, math.inf, False, False),
+    "branch_lr": (0.0, math.inf, True, False),
+    "temperature": (0.0, math.inf, False, False),
+    "feature_weight": (0.0, math.inf, True, False),
+    "cost_weight": (0.0, math.inf, True, False),
+    "accuracy_tolerance": (0.0, 1.0, True, True),
+    "max_false_positive_rate": (0.0, 1.0, False, False),
+    "heldout_fraction": (0.0, 1.0, False, False),
+    "feature_memory_gb": (0.0, math.inf, False, False),
+}
+"""Real fields of :class:`CloneConfig`: ``(low, high, low allowed, high allowed)``; all must be finite."""
+
+
+def _check_real(name: str, value: Any, low: float, high: float, closed_low: bool, closed_high: bool) -> None:
+    """Raise :class:`InvalidInputError` unless ``value`` is a finite real number in the given interval."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+    above = value >= low if closed_low else value > low
+    below = value <= high if closed_high else value < high
+    if not (above and below):
+        interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+        raise InvalidInputError(f"{name} must be in {interval}, got {value!r}")
 
 
 @torch.no_grad()
@@ -124,32 +231,57 @@ def _extract(
     names: Sequence[str],
     examples: Examples,
     batch_size: int,
-    view: Any,
+    transform: Callable[[ModelInputs], ModelInputs] | None,
     desc: str,
     progress: bool,
     classifiers: Sequence[str] = (),
     backend: Backend | None = None,
+    store: torch.device | None = None,
+    precision: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
-    """Features at ``names``, logits and (with ``classifiers``) pre-logits for every example (eval mode, batched)."""
+    """Features at ``names``, logits and (with ``classifiers``) pre-logits for every example (eval mode, batched).
+
+    Batches go to the model's device one at a time (under autocast with ``precision``); what comes back is kept in
+    float32 on ``store`` (default: the CPU)."""
     backend = backend or backend_for(model)
+    device, store = model_device(model), store or torch.device("cpu")
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(store, torch.float32 if tensor.is_floating_point() else None)
+
     wanted = set(names)
     features: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     logits, pre_logits = [], []
     total = (len(examples) + batch_size - 1) // batch_size
     with eval_mode(model):
         for batch in tqdm(batches(examples, batch_size), total=total, desc=desc, disable=not progress, leave=False):
-            inputs = backend.call_inputs(model, to_view(batch.inputs, *view) if view else batch.inputs)
-            trace = trace_model(model, inputs, backend, keep=wanted.__contains__, classifiers=classifiers)
+            inputs = to_device(transform(batch.inputs) if transform else batch.inputs, device)
+            with _autocast(device, precision):
+                trace = trace_model(
+                    model, backend.call_inputs(model, inputs), backend, keep=wanted.__contains__, classifiers=list(classifiers)
+                )
             for name in names:
-                features[name].append(trace.calls[name].output)
-            logits.append(trace.logits.float())
+                output = trace.calls[name].output
+                assert output is not None, "points are modules with a single tensor output"
+                features[name].append(keep(output))
+            logits.append(keep(trace.logits))
             if trace.pre_logits is not None:
-                pre_logits.append(trace.pre_logits)
+                pre_logits.append(keep(trace.pre_logits))
     return (
         {name: torch.cat(parts) for name, parts in features.items()},
         torch.cat(logits),
         torch.cat(pre_logits) if pre_logits else None,
     )
+
+
+def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device`` at ``precision``; nothing when ``precision`` is ``None``.
+
+    The cast-weight cache is off: a stage runs many optimiser steps inside one autocast region, and cached casts
+    would keep the weights of the first step."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision, cache_enabled=False)
 
 
 def _with_blocks_after(
@@ -201,7 +333,7 @@ def _stratified_split(labels: torch.Tensor, fraction: float, generator: torch.Ge
     for value in labels.unique():
         index = (labels == value).nonzero().flatten()
         index = index[torch.randperm(len(index), generator=generator)]
-        count = int(round(fraction * len(index))) if len(index) > 1 else 0
+        count = round(fraction * len(index)) if len(index) > 1 else 0
         count = min(max(count, 1 if len(index) > 2 else 0), len(index) - 1)
         held.append(index[:count])
         fit.append(index[count:])
@@ -225,8 +357,8 @@ class CloneRun:
     """Label of each example as an index into ``classes``."""
     classes: list[int]
     replay: Examples | None
-    view: tuple[int, tuple[int, int]] | None
-    """How images are resized for the source (``None``: as they are)."""
+    source_input: Callable[[ModelInputs], ModelInputs] | None
+    """How inputs in the target's format become the source's (``None``: as they are)."""
     source_sample: ModelInputs
     target_sample: ModelInputs
     config: CloneConfig
@@ -243,6 +375,21 @@ class CloneRun:
     candidates: list[Candidate] = field(default_factory=list)
     winner: Candidate | None = None
     ranking: list[dict] = field(default_factory=list)
+    store: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where the cached features live: the training device when they fit ``feature_memory_gb``, else the CPU."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where adapters and the branch train: the source's device (the branch is a copy of the source)."""
+        return model_device(self.source)
+
+    @property
+    def precision(self) -> torch.dtype | None:
+        return PRECISIONS[self.config.precision] if self.config.precision else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast on the training device at the configured precision (or nothing)."""
+        return _autocast(self.device, self.precision)
 
     def rows(self, candidate: Candidate, index: torch.Tensor) -> FitData:
         """Training rows of ``candidate`` (its insertion's and cut's features) for the examples in ``index``."""
@@ -254,6 +401,15 @@ class CloneRun:
             self.labels[index],
             {k: v[index] for k, v in self.context.items()},
         )
+
+    @property
+    def budget(self) -> Budget:
+        return BUDGETS[self.config.budget]
+
+    def epoch_steps(self, epochs: float) -> int:
+        """Mini-batch steps for ``epochs`` passes over the training part of the clone data."""
+        assert self.fit_index is not None, "prepare() first"
+        return max(1, math.ceil(epochs * len(self.fit_index) / self.config.batch_size))
 
     def train_kwargs(self) -> dict[str, Any]:
         """The loss and optimiser settings every adapter training of the run shares."""
@@ -271,6 +427,7 @@ def clone(
     config: CloneConfig | None = None,
     seed: int = 0,
     progress: bool = True,
+    source_transform: Callable[[ModelInputs], ModelInputs] | None = None,
 ) -> Patch:
     """Clone classes of ``source`` into ``target`` as a :class:`Patch` (neither model is modified).
 
@@ -278,14 +435,18 @@ def clone(
         source: classifier that knows the classes to clone (timm or transformers, to save the patch).
         target: classifier that gains them.
         data: labelled examples of the classes to clone (``Dataset``, ``DataLoader`` or iterable of
-            ``(x, y)``; ``y`` are source class ids). Images are in the target's input format; they are
-            resized for the source when it expects another size.
-        classes: source class ids to clone, in output order (default: the classes present in ``data``).
+            ``(x, y)``; ``y`` are source class ids). Images are in the target's input format; for the source they
+            are resized when it expects another size, and normalised again when both models record their
+            normalisation and the two differ (or mapped by ``source_transform``).
+        classes: source classes to clone, as class ids or the source's label names, in output order (default:
+            the classes present in ``data``).
         replay: optional target-domain inputs (with or without labels) that help the gate protect the
             target's own answers.
         config: budgets and ablations (:class:`CloneConfig`).
         seed: makes the whole run reproducible.
         progress: show progress bars.
+        source_transform: maps a batch of inputs in the target's format to the source's (instead of the automatic
+            resizing and normalisation).
 
     Returns:
         The patch; ``patch.attach(target)`` adds the cloned classes after the target's own.
@@ -294,12 +455,21 @@ def clone(
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        run = _checked_run(source, target, data, classes, replay, config, torch.Generator().manual_seed(seed), progress)
+        run = _checked_run(
+            source, target, data, classes, replay, config, torch.Generator().manual_seed(seed), progress, source_transform
+        )
         metrics: dict[str, Any] = {"clone_examples": len(run.examples), "cloned_classes": len(run.classes)}
+        seconds: dict[str, float] = {}
         for stage in (prepare, search, localize_branch, train):
-            metrics.update(stage(run))
+            begun = time.perf_counter()
+            with run.autocast() if stage is not prepare else contextlib.nullcontext():
+                metrics.update(stage(run))
+            seconds[stage.__name__] = round(time.perf_counter() - begun, 2)
+        begun = time.perf_counter()
         patch = _build(run)
         metrics.update(fit_gate(run, patch))
+        seconds["fit_gate"] = round(time.perf_counter() - begun, 2)
+    metrics["stage_seconds"] = seconds
     metrics["clone_seconds"] = round(time.perf_counter() - started, 2)
     metrics["seed"] = seed
     return package(run, patch, metrics)
@@ -314,6 +484,7 @@ def _checked_run(
     config: CloneConfig,
     generator: torch.Generator,
     progress: bool,
+    user_source_transform: Callable[[ModelInputs], ModelInputs] | None = None,
 ) -> CloneRun:
     """Check models, data, classes and replay against each other; the run state every stage starts from."""
     for role, model in (("source", source), ("target", target)):
@@ -323,17 +494,26 @@ def _checked_run(
     examples = collect(data, "data")
     sample = examples.select(torch.arange(min(2, len(examples)))).inputs
     check_target_input(target, target_backend, sample)
-    view = source_view(source, source_backend, sample)
-    source_sample = source_backend.call_inputs(source, to_view(sample, *view) if view else sample)
+    transform = source_transform(
+        source, source_backend, sample, target_backend.normalization(target), user_source_transform
+    )
+    source_sample = source_backend.call_inputs(
+        source, to_device(transform(sample) if transform else sample, model_device(source))
+    )
     assert examples.labels is not None
-    chosen = select_classes(examples.labels, classes, _num_classes(source, source_backend, source_sample))
+    chosen = select_classes(
+        examples.labels, classes, _num_classes(source, source_backend, source_sample), source_backend.class_names(source)
+    )
     examples = examples.select(torch.isin(examples.labels, torch.tensor(chosen)).nonzero().flatten())
     assert examples.labels is not None
     local_labels = torch.tensor([chosen.index(int(y)) for y in examples.labels])
     replay_examples = collect(replay, "replay", labelled=False) if replay is not None else None
+    if replay_examples is not None:
+        check_replay(replay_examples, examples, target, target_backend)
     return CloneRun(
-        source, target, source_backend, target_backend, examples, local_labels, chosen, replay_examples, view,
-        source_sample, target_backend.call_inputs(target, sample), config, generator, progress,
+        source, target, source_backend, target_backend, examples, local_labels, chosen, replay_examples, transform,
+        source_sample, target_backend.call_inputs(target, to_device(sample, model_device(target))), config, generator,
+        progress,
     )
 
 
@@ -368,7 +548,17 @@ def _pairs(run: CloneRun) -> list[tuple[Point, Point]]:
     ]
     if not pairs:
         raise UnsupportedModelError("no (cut, insertion) pair is compatible: one model works on images and the other on text")
-    return pairs
+    detailed = [(c, p) for c, p in pairs if not _coarser(feature_spec(p, target_size), feature_spec(c, source_size))]
+    return detailed or pairs
+
+
+def _coarser(insertion: FeatureSpec, cut: FeatureSpec) -> bool:
+    """Whether the insertion's grid is coarser than the cut's: an adapter cannot invent the spatial detail the branch
+    expects (a pooled 1x1 feature stretched to a 4x4 grid is the same vector everywhere), so such pairs are searched
+    only when no other pair is compatible."""
+    if insertion.grid is None or cut.grid is None:
+        return False
+    return insertion.grid[0] < cut.grid[0] or insertion.grid[1] < cut.grid[1]
 
 
 def prepare(run: CloneRun) -> dict[str, Any]:
@@ -376,39 +566,71 @@ def prepare(run: CloneRun) -> dict[str, Any]:
     for every compatible (cut, insertion) pair."""
     config = run.config
     pairs = _pairs(run)
+    cuts, insertions = {c.name: c for c, _ in pairs}, {p.name: p for _, p in pairs}
+    cached = 4 * len(run.examples) * sum(math.prod(p.shape) for p in [*cuts.values(), *insertions.values()])
+    run.store = run.device if cached <= config.feature_memory_gb * 2**30 else torch.device("cpu")
     run.target_features, _, _ = _extract(
-        run.target, sorted({p.name for _, p in pairs}), run.examples, config.feature_batch_size, None,
-        "pnc: target features", run.progress, backend=run.target_backend,
+        run.target, sorted(insertions), run.examples, config.feature_batch_size, None, "pnc: target features",
+        run.progress, backend=run.target_backend, store=run.store, precision=run.precision,
     )
     run.source_features, source_logits, _ = _extract(
-        run.source, sorted({c.name for c, _ in pairs}), run.examples, config.feature_batch_size, run.view,
-        "pnc: source features", run.progress, backend=run.source_backend,
+        run.source, sorted(cuts), run.examples, config.feature_batch_size, run.source_input, "pnc: source features",
+        run.progress, backend=run.source_backend, store=run.store, precision=run.precision,
     )
     run.teacher = source_logits[:, run.classes]
     inputs = run.examples.inputs
-    run.context = {k: v for k, v in inputs.items() if k == "attention_mask"} if isinstance(inputs, dict) else {}
+    run.context = {k: v.to(run.store) for k, v in inputs.items() if k == "attention_mask"} if isinstance(inputs, dict) else {}
     run.fit_index, run.held_index = _stratified_split(run.labels, config.heldout_fraction, run.generator)
     if len(run.held_index) == 0:
         run.held_index = run.fit_index
 
     branches: dict[str, SourceTail] = {}
-    for cut in {c.name: c for c, _ in pairs}.values():
+    for cut in tqdm(cuts.values(), desc="pnc: cut the source", disable=not run.progress, leave=False):
         branch = SourceTail.from_model(run.source, cut, run.source_sample)
         branch.keep_classes(run.classes)
         for parameter in branch.parameters():
             parameter.requires_grad_(False)
         branches[cut.name] = branch
     source_size, target_size = image_size(run.source_sample), image_size(run.target_sample)
+    costs = _branch_costs(run, branches)
     run.candidates = [
-        Candidate(c, p, branches[c.name], Adapter(feature_spec(p, target_size), feature_spec(c, source_size), config.adapter_hidden))
+        Candidate(
+            c, p, branches[c.name],
+            Adapter(feature_spec(p, target_size), feature_spec(c, source_size), config.adapter_hidden).to(run.device),
+            cost=costs[c.name], cost_weight=config.cost_weight,
+        )
         for c, p in pairs
     ]
     for candidate in run.candidates:
         sample = _least_squares_rows(run.fit_index, candidate.insertion, run.generator)
         candidate.adapter.fit_least_squares(
-            run.target_features[candidate.insertion.name][sample], run.source_features[candidate.cut.name][sample]
+            run.target_features[candidate.insertion.name][sample].to(run.device),
+            run.source_features[candidate.cut.name][sample].to(run.device),
         )
-    return {"source_local_accuracy": round(float((run.teacher.argmax(-1) == run.labels).float().mean()), 4)}
+    return {"source_local_accuracy": round(float((run.teacher.argmax(-1).cpu() == run.labels).float().mean()), 4)}
+
+
+def _flops(model: nn.Module, *args: Any, **kwargs: Any) -> float:
+    """Floating-point operations of one call of ``model``."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*args, **kwargs)
+    return float(counter.get_total_flops())
+
+
+def _branch_costs(run: CloneRun, branches: dict[str, SourceTail]) -> dict[str, float]:
+    """Each cut's cost: the mean of its branch's share of the source's parameters and of its FLOPs per example."""
+    source_params = sum(p.numel() for p in run.source.parameters())
+    sample = {k: v[:1] for k, v in run.source_sample.items()} if isinstance(run.source_sample, Mapping) else run.source_sample[:1]
+    with eval_mode(run.source):
+        source_flops = _flops(run.source, **sample) if isinstance(sample, dict) else _flops(run.source, sample)
+    costs = {}
+    for name, branch in branches.items():
+        feature = run.source_features[name][:1].to(run.device)
+        context = {k: v[:1].to(run.device) for k, v in run.context.items()}
+        param_share = branch_parameters(branch) / max(source_params, 1)
+        flop_share = _flops(branch, feature, **context) / source_flops if source_flops > 0 else param_share
+        costs[name] = min(1.0, (param_share + flop_share) / 2)
+    return costs
 
 
 def search(run: CloneRun) -> dict[str, Any]:
@@ -418,7 +640,8 @@ def search(run: CloneRun) -> dict[str, Any]:
     if len(run.candidates) > 1:
         run.winner, run.ranking = successive_halving(
             run.candidates, lambda c: run.rows(c, fit_index), lambda c: run.rows(c, held_index),
-            first_steps=run.config.search_steps, generator=run.generator, progress=run.progress, **run.train_kwargs(),
+            first_steps=run.config.search_steps or run.epoch_steps(run.budget.search_epochs),
+            survivors=run.budget.survivors, generator=run.generator, progress=run.progress, **run.train_kwargs(),
         )
     else:
         run.winner, run.ranking = run.candidates[0], [run.candidates[0].record()]
@@ -431,8 +654,9 @@ def localize_branch(run: CloneRun) -> dict[str, Any]:
     config, branch = run.config, run.winner.branch
     full_params = branch_parameters(branch)
     cut_features = run.source_features[run.winner.cut.name]
+    device = run.device
     data = [
-        (cut_features[b], run.labels[b], {k: v[b] for k, v in run.context.items()})
+        (cut_features[b].to(device), run.labels[b].to(device), {k: v[b].to(device) for k, v in run.context.items()})
         for b in torch.arange(len(run.labels)).split(config.batch_size)
     ]
     metrics: dict[str, Any] = {"branch_local_accuracy": round(local_accuracy(branch, data), 4)}
@@ -456,25 +680,29 @@ def train(run: CloneRun) -> dict[str, Any]:
     """The final training of the winner's adapter (and, with ``finetune_branch``, its branch)."""
     assert run.winner is not None and run.fit_index is not None and run.held_index is not None, "search() first"
     config, winner = run.config, run.winner
-    with tqdm(total=config.train_steps, desc="pnc: train adapter + branch", disable=not run.progress, leave=False) as bar:
+    steps = config.train_steps or run.epoch_steps(run.budget.train_epochs)
+    before = winner.steps
+    heldout = run.rows(winner, run.held_index)
+    with tqdm(total=steps, desc="pnc: train adapter + branch", disable=not run.progress, leave=False) as bar:
         train_candidate(
-            winner, run.rows(winner, run.fit_index), config.train_steps, generator=run.generator, progress=bar.update,
-            branch_lr=config.branch_lr if config.finetune_branch else 0.0, **run.train_kwargs(),
+            winner, run.rows(winner, run.fit_index), steps, generator=run.generator, progress=bar.update,
+            branch_lr=config.branch_lr if config.finetune_branch else 0.0, heldout=heldout,
+            eval_every=max(run.epoch_steps(1), MIN_EVAL_STEPS), patience=run.budget.patience, **run.train_kwargs(),
         )
-    accuracy, _ = evaluate(winner, run.rows(winner, run.held_index), config.temperature, config.feature_weight)
-    return {"heldout_local_accuracy": round(accuracy, 4)}
+    accuracy, _ = evaluate(winner, heldout, config.temperature, config.feature_weight)
+    return {"heldout_local_accuracy": round(accuracy, 4), "train_steps": winner.steps - before}
 
 
 def _build(run: CloneRun) -> Patch:
     """The winner as a patch with an unfitted gate of the configured kind."""
     assert run.winner is not None, "search() first"
     config, winner = run.config, run.winner
-    kind = config.gate if config.gate != "auto" else ("learned" if run.replay is not None else "energy")
-    patch = Patch.compose(
+    kind = config.gate if config.gate != "auto" else ("novelty" if run.replay is not None else "energy")
+    patch = Patch.from_parts(
         run.source, run.target, winner.cut, winner.insertion, winner.branch, winner.adapter, kind,
         target_input=run.target_sample, source_kwargs=config.source_kwargs or None,
     )
-    return patch.eval()
+    return patch.to("cpu").eval()  # the gate is fitted on the CPU; attaching moves the patch to the target's device
 
 
 def fit_gate(run: CloneRun, patch: Patch) -> dict[str, Any]:
@@ -494,17 +722,32 @@ def fit_gate(run: CloneRun, patch: Patch) -> dict[str, Any]:
 
 
 def package(run: CloneRun, patch: Patch, metrics: dict[str, Any]) -> Patch:
-    """Record the run on ``patch``: its metrics, the search ranking and the configuration it ran with."""
-    patch.config["search"] = run.ranking
+    """Record the run on ``patch``: its metrics, the search ranking and the configuration it ran with.
+
+    Raises:
+        CloneError: a tensor of the patch is not finite (the training diverged); nothing is returned.
+    """
+    broken = [
+        name for name, tensor in {**dict(patch.named_parameters()), **dict(patch.named_buffers())}.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if broken:
+        raise CloneError(
+            f"the clone diverged: {len(broken)} tensors of the patch hold NaN or infinite values ({short(broken, 3)}); "
+            "lower lr / branch_lr or check the data's scale"
+        )
+    patch.update_config(search=tuple(run.ranking))
     patch.metrics.update(metrics)
-    patch.config["clone_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(run.config).items()}
+    patch.update_config(clone_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(run.config).items()})
     return patch
 
 @torch.no_grad()
-def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate evidence rows of ``examples`` as the attached patch would see them, and the target's logits."""
-    insertion = patch.config["insertion"]["name"]
-    classifiers = patch.config["target"]["classifiers"]
+def _evidence(
+    patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool
+) -> tuple[GateInputs, torch.Tensor]:
+    """What the gate of the attached patch would see for ``examples``, and the target's logits."""
+    insertion = patch.config.insertion.name
+    classifiers = list(patch.config.target.classifiers)
     features, logits, pre_logits = _extract(
         target, [insertion], examples, config.feature_batch_size, None, "pnc: gate evidence", progress, classifiers
     )
@@ -513,8 +756,9 @@ def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: Clone
     context = {k: v for k, v in examples.inputs.items() if k == "attention_mask"} if isinstance(examples.inputs, dict) else {}
     rows = []
     for index in torch.arange(len(logits)).split(256):
-        rows.append(patch.evidence(features[insertion][index], logits[index], pre_logits[index], **{k: v[index] for k, v in context.items()}))
-    return torch.cat(rows), logits
+        batch_context = {k: v[index] for k, v in context.items()}
+        rows.append(patch_gate_inputs(patch, features[insertion][index], logits[index], pre_logits[index], **batch_context))
+    return GateInputs.cat(rows), logits
 
 
 def _named(points: Sequence[Point], name: str, role: str) -> Point:

@@ -4,25 +4,44 @@
 image tensor or (for text models) a mapping of keyword tensors such as ``input_ids`` and
 ``attention_mask``. Clone data is small (tens to hundreds of examples per class), so it is held in memory.
 """
+
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from .backends import Backend, ModelInputs
 from .errors import InvalidInputError
 from .tracing import eval_mode
 
+MIN_EXAMPLES_PER_CLASS = 2
+"""A cloned class needs at least this many examples: with one, nothing is left to check the training on."""
+
 __all__ = [
-    "Examples", "collect", "batches", "to_view", "with_shifted_copies", "runs_on", "check_target_input",
-    "source_view", "select_classes",
+    "Examples",
+    "collect",
+    "batches",
+    "to_view",
+    "with_shifted_copies",
+    "runs_on",
+    "check_target_input",
+    "source_view",
+    "select_classes",
+    "check_replay",
+    "short",
+    "model_device",
+    "to_device",
+    "source_transform",
 ]
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+"""Per-channel ``(mean, std)`` of an image normalisation."""
 
 
 @dataclass
@@ -35,12 +54,26 @@ class Examples:
     def __len__(self) -> int:
         return int(_first(self.inputs).shape[0])
 
-    def select(self, index: torch.Tensor) -> "Examples":
+    def select(self, index: torch.Tensor) -> Examples:
         return Examples(_index(self.inputs, index), None if self.labels is None else self.labels[index])
 
 
 def _first(inputs: ModelInputs) -> torch.Tensor:
     return inputs if isinstance(inputs, torch.Tensor) else next(iter(inputs.values()))
+
+
+def _tensor(x: ModelInputs | None) -> torch.Tensor:
+    """``x`` itself if it is a tensor; a ``TypeError`` (an input or label of another kind) otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(x).__name__}")
+    return x
+
+
+def _mapping(x: ModelInputs) -> Mapping[str, torch.Tensor]:
+    """``x`` itself if it is a mapping of tensors; a ``TypeError`` (a tensor among mappings) otherwise."""
+    if isinstance(x, torch.Tensor):
+        raise TypeError("expected a mapping of tensors, got a tensor")
+    return x
 
 
 def _index(inputs: ModelInputs, index: torch.Tensor | slice) -> ModelInputs:
@@ -71,7 +104,9 @@ def collect(data: Any, what: str = "data", labelled: bool = True) -> Examples:
     if isinstance(data, Examples):
         return data
     if not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
-        raise InvalidInputError(f"{what} must be a Dataset, DataLoader or iterable of (x, y), got {type(data).__name__}")
+        raise InvalidInputError(
+            f"{what} must be a Dataset, DataLoader or iterable of (x, y), got {type(data).__name__}"
+        )
     xs, ys = [], []
     items: Iterable = data if isinstance(data, Iterable) else (data[i] for i in range(len(data)))
     for item in items:
@@ -82,26 +117,61 @@ def collect(data: Any, what: str = "data", labelled: bool = True) -> Examples:
         else:
             x, y = (item[0] if isinstance(item, (tuple, list)) else item), None
         xs.append(_as_batch(x))
-        ys.append(None if y is None else torch.as_tensor(y))
+        ys.append(None if y is None else _as_labels(y, what))
     if not xs:
         raise InvalidInputError(f"{what} is empty")
     single = _first(xs[0]).dim() in (1, 3) if isinstance(xs[0], torch.Tensor) else _first(xs[0]).dim() == 1
     try:
         if single:
-            inputs = torch.stack(xs) if isinstance(xs[0], torch.Tensor) else {k: torch.stack([x[k] for x in xs]) for k in xs[0]}
-            labels = torch.stack([y.reshape(()) for y in ys]) if ys[0] is not None else None
+            inputs = (
+                torch.stack([_tensor(x) for x in xs])
+                if isinstance(xs[0], torch.Tensor)
+                else {k: torch.stack([_mapping(x)[k] for x in xs]) for k in _mapping(xs[0])}
+            )
+            labels = torch.stack([_tensor(y).reshape(()) for y in ys]) if ys[0] is not None else None
         else:
-            inputs = torch.cat(xs) if isinstance(xs[0], torch.Tensor) else {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
-            labels = torch.cat([y.reshape(-1) for y in ys]) if ys[0] is not None else None
+            inputs = (
+                torch.cat([_tensor(x) for x in xs])
+                if isinstance(xs[0], torch.Tensor)
+                else {k: torch.cat([_mapping(x)[k] for x in xs]) for k in _mapping(xs[0])}
+            )
+            labels = torch.cat([_tensor(y).reshape(-1) for y in ys]) if ys[0] is not None else None
     except (RuntimeError, KeyError, TypeError) as exc:
         raise InvalidInputError(f"{what} holds inputs of different shapes or kinds: {exc}") from None
     if labels is not None:
         if labels.is_floating_point() or labels.dim() != 1:
-            raise InvalidInputError(f"{what} labels must be integer class ids, got {labels.dtype} of shape {tuple(labels.shape)}")
+            raise InvalidInputError(
+                f"{what} labels must be integer class ids, got {labels.dtype} of shape {tuple(labels.shape)}"
+            )
         labels = labels.long()
     if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
         inputs = inputs.float()
+    for name, tensor in ({"inputs": inputs} if isinstance(inputs, torch.Tensor) else inputs).items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).flatten(1).any(1).sum())
+            raise InvalidInputError(f"{what} {name} hold NaN or infinite values (in {bad} of {len(tensor)} examples)")
     return Examples(inputs, labels)
+
+
+def _as_labels(y: Any, what: str) -> torch.Tensor:
+    """A label (or a batch of labels) as an integer tensor."""
+    try:
+        labels = torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError):
+        raise InvalidInputError(
+            f"{what} labels must be integer class ids of the source, got {short(y) if isinstance(y, list) else repr(y)[:80]}"
+        ) from None
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise InvalidInputError(f"{what} labels must be integer class ids, got {labels.dtype}")
+    return labels
+
+
+def short(values: Sequence[Any], limit: int = 8) -> str:
+    """``values`` for an error message: the first ``limit`` items, and how many there are when there are more."""
+    items = list(values[: limit + 1]) if isinstance(values, Sequence) else list(values)
+    if len(values) <= limit:
+        return repr(items)
+    return f"[{', '.join(repr(v)[:40] for v in items[:limit])}, ...] ({len(values)} items)"
 
 
 def batches(examples: Examples, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Examples]:
@@ -155,11 +225,26 @@ def with_shifted_copies(examples: Examples, fraction: float = 1 / 16) -> tuple[E
     return Examples(torch.cat([inputs, *copies]), labels), sources.repeat(5)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model without tensors."""
+    tensor: torch.Tensor | None = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
+    """``inputs`` (a tensor or keyword tensors) on ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 def runs_on(model: nn.Module, backend: Backend, inputs: ModelInputs) -> str | None:
     """``None`` when ``model`` computes logits on ``inputs`` (in the model's call form); else what went wrong."""
     try:
         with eval_mode(model), torch.no_grad():
-            call = backend.call_inputs(model, inputs)
+            call = backend.call_inputs(model, to_device(inputs, model_device(model)))
             backend.logits(model(**call) if isinstance(call, Mapping) else model(call))
     except Exception as exc:  # any failure here means "this model cannot take these inputs"
         return f"{type(exc).__name__}: {exc}"
@@ -199,31 +284,159 @@ def source_view(source: nn.Module, backend: Backend, sample: ModelInputs) -> tup
     )
 
 
-def select_classes(labels: torch.Tensor, classes: Sequence[int] | None, num_source_classes: int) -> list[int]:
+def _channel_stats(stats: Stats, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``stats`` as ``(1, C, 1, 1)`` tensors for ``channels`` channels (averaged for grey images); ``None`` if they
+    do not fit."""
+    mean, std = (torch.tensor(values, dtype=torch.float32) for values in stats)
+    if len(mean) != channels:
+        if channels == 1:
+            mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
+        elif len(mean) == 1:
+            mean, std = mean.expand(channels), std.expand(channels)
+        else:
+            return None
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+def source_transform(
+    source: nn.Module,
+    backend: Backend,
+    sample: ModelInputs,
+    target_stats: Stats | None,
+    transform: Callable[[ModelInputs], ModelInputs] | None = None,
+) -> Callable[[ModelInputs], ModelInputs] | None:
+    """How inputs in the target's format become the source's (``None``: they are fed as they are).
+
+    With ``transform`` (the user's), that is checked to give inputs the source runs on. Otherwise images are resized
+    and channel-matched when the source expects another size (:func:`source_view`), and when both models record
+    their normalisation and the two differ, pixels are brought back with the target's statistics and normalised
+    again with the source's, so the source never sees images normalised for another model.
+
+    Raises:
+        InvalidInputError: the source cannot run on what the transform (given or derived) makes of ``sample``.
+    """
+    if transform is not None:
+        if not callable(transform):
+            raise InvalidInputError(f"source_transform must be callable, got {type(transform).__name__}")
+        try:
+            mapped = transform(sample)
+        except Exception as exc:  # the user's function: any failure is reported as what it is
+            raise InvalidInputError(f"source_transform failed on the clone data: {type(exc).__name__}: {exc}") from None
+        error = runs_on(source, backend, mapped)
+        if error:
+            raise InvalidInputError(f"the source cannot run on what source_transform returns: {error}")
+        return transform
+    view = source_view(source, backend, sample)
+    source_stats = backend.normalization(source)
+    images = isinstance(sample, torch.Tensor) and sample.dim() == 4 and sample.is_floating_point()
+    renormalise = images and target_stats is not None and source_stats is not None and target_stats != source_stats
+    if not renormalise:
+        return None if view is None else (lambda x: to_view(x, *view))
+    assert isinstance(sample, torch.Tensor) and target_stats is not None and source_stats is not None
+    channels = view[0] if view is not None else int(sample.shape[1])
+    stats_in, stats_out = _channel_stats(target_stats, int(sample.shape[1])), _channel_stats(source_stats, channels)
+    if stats_in is None or stats_out is None:
+        raise InvalidInputError(
+            f"the target's normalisation {target_stats} or the source's {source_stats} does not fit images of "
+            f"{int(sample.shape[1])} channels: pass source_transform= to map the target's inputs for the source"
+        )
+
+    def renormalised(x: ModelInputs) -> ModelInputs:
+        assert isinstance(x, torch.Tensor)
+        (mean_in, std_in), (mean_out, std_out) = stats_in, stats_out
+        pixels: ModelInputs = x * std_in.to(x) + mean_in.to(x)
+        pixels = to_view(pixels, *view) if view is not None else pixels
+        assert isinstance(pixels, torch.Tensor)
+        return (pixels - mean_out.to(pixels)) / std_out.to(pixels)
+
+    return renormalised
+
+
+def select_classes(
+    labels: torch.Tensor,
+    classes: Sequence[int | str] | None,
+    num_source_classes: int,
+    names: Sequence[str] | None = None,
+) -> list[int]:
     """The source classes to clone, checked against the labels present and the source's class count.
 
     Args:
         labels: the clone data's labels (source class ids).
-        classes: what the user asked for (``None``: every class present in ``labels``).
+        classes: what the user asked for, as source class ids or label names (``None``: every class in ``labels``).
         num_source_classes: how many classes the source scores.
+        names: the source's label names by class id, where it has them.
 
     Raises:
-        InvalidInputError: labels outside the source, empty or duplicate classes, classes without examples.
+        InvalidInputError: labels outside the source, unknown names, empty or duplicate classes, classes without
+            enough examples.
     """
     bad = labels[(labels < 0) | (labels >= num_source_classes)].unique().tolist()
     if bad:
-        raise InvalidInputError(f"labels {bad} are not classes of the source, which has {num_source_classes} classes")
+        raise InvalidInputError(
+            f"labels {short(bad)} are not classes of the source, which has {num_source_classes} classes"
+        )
     present = sorted(labels.unique().tolist())
-    chosen = list(present if classes is None else classes)
-    if not chosen:
+    if classes is not None and (isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable)):
+        raise InvalidInputError(f"classes must be a sequence of source class ids, got {type(classes).__name__}")
+    asked = list(present if classes is None else classes)
+    if not asked:
         raise InvalidInputError("classes is empty: name at least one source class to clone")
+    chosen = [_class_id(c, names) for c in asked]
     if len(set(chosen)) != len(chosen):
-        raise InvalidInputError(f"classes has duplicates: {chosen}")
-    outside = [c for c in chosen if not 0 <= int(c) < num_source_classes]
+        raise InvalidInputError(f"classes has duplicates: {short(sorted({c for c in chosen if chosen.count(c) > 1}))}")
+    outside = [c for c in chosen if not 0 <= c < num_source_classes]
     missing = [c for c in chosen if c not in present]
     if outside or missing:
         raise InvalidInputError(
-            f"classes {outside or missing} "
-            + ("are not classes of the source" if outside else f"have no examples in data (it has {present})")
+            f"classes {short(outside or missing)} "
+            + ("are not classes of the source" if outside else f"have no examples in data (it has {short(present)})")
+        )
+    few = [c for c in chosen if int((labels == c).sum()) < MIN_EXAMPLES_PER_CLASS]
+    if few:
+        raise InvalidInputError(
+            f"classes {short(few)} have fewer than {MIN_EXAMPLES_PER_CLASS} examples in data; a clone needs at least "
+            f"{MIN_EXAMPLES_PER_CLASS} of each class (some to train on, some to check on)"
         )
     return chosen
+
+
+def _class_id(value: Any, names: Sequence[str] | None) -> int:
+    """A class given by id or by the source's label name, as an id."""
+    if isinstance(value, str):
+        if names is None:
+            raise InvalidInputError(
+                f"class {value[:80]!r} is a name, but the source has no label names: pass class ids"
+            )
+        if value not in names:
+            raise InvalidInputError(
+                f"{value[:80]!r} is not a label name of the source; its names: {short(list(names))}"
+            )
+        return list(names).index(value)
+    if isinstance(value, bool):
+        raise InvalidInputError(f"classes must be source class ids or label names, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidInputError(f"classes must be source class ids or label names, got {repr(value)[:80]}") from None
+
+
+def check_replay(replay: Examples, data: Examples, target: nn.Module, backend: Backend) -> None:
+    """Raise :class:`InvalidInputError` unless the target runs on ``replay`` and its images are shaped like the data's.
+
+    The gate compares the target's features on both, so replay images must have the clone images' size and channels.
+    """
+    inputs, reference = replay.inputs, data.inputs
+    if isinstance(inputs, torch.Tensor) != isinstance(reference, torch.Tensor):
+        raise InvalidInputError("replay must be of the same kind as data (image tensors, or keyword text tensors)")
+    if (
+        isinstance(inputs, torch.Tensor)
+        and isinstance(reference, torch.Tensor)
+        and inputs.shape[1:] != reference.shape[1:]
+    ):
+        raise InvalidInputError(
+            f"replay inputs have shape {tuple(inputs.shape[1:])}; the clone data's are {tuple(reference.shape[1:])} "
+            "(both are fed to the target, in its input format)"
+        )
+    error = runs_on(target, backend, replay.select(torch.arange(min(2, len(replay)))).inputs)
+    if error:
+        raise InvalidInputError(f"the target ({type(target).__name__}) cannot run on the replay data: {error}")

@@ -3,15 +3,18 @@
 Every error the library raises on purpose derives from :class:`PncError`, so callers can catch the library's
 complaints apart from bugs. Errors about the caller's arguments also derive from :class:`ValueError`.
 """
+
 from __future__ import annotations
 
 __all__ = [
-    "PncError",
+    "HubTimeoutError",
     "InvalidInputError",
-    "UnsupportedModelError",
-    "PatchMismatchError",
     "PatchFormatError",
+    "PatchMismatchError",
     "PatchStateError",
+    "CloneError",
+    "PncError",
+    "UnsupportedModelError",
 ]
 
 
@@ -37,3 +40,11 @@ class PatchFormatError(PncError):
 
 class PatchStateError(PncError):
     """A patch is used in a state that does not allow it (attached twice, detached model, ...)."""
+
+
+class HubTimeoutError(PncError, TimeoutError):
+    """The Hugging Face Hub did not answer in time; the message says what was being waited for."""
+
+
+class CloneError(PncError):
+    """``clone()`` could not make a usable patch from valid inputs (its training diverged); the message says why."""

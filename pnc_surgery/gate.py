@@ -9,42 +9,67 @@ A softmax over ``[t, z]`` then gives the target's own distribution scaled by ``1
 branch's scaled by ``sigmoid(g)``: where the gate says "not a cloned class", the target's answer stands
 (locality).
 
-``g`` is a discriminant over the evidence (the target's and the branch's logits, energies and confidences, and
-the target's pre-logits): one Gaussian component per cloned class (from the clone data) and one per target class
-seen in the replay data, sharing one shrunk covariance::
+``g`` is a discriminant over features ``f`` of the gate's inputs (:class:`~pnc_surgery.evidence.GateInputs`): one
+Gaussian component per cloned class (from the clone data) and one per target class seen in the replay data,
+sharing one shrunk covariance::
 
-    g(x) = logsumexp_k(w_k . x + c_k) - logsumexp_a(w_a . x + c_a)
+    g(x) = logsumexp_k(w_k . f + c_k) - logsumexp_a(w_a . f + c_a)
 
-Replay sets are small (tens of images), which a logistic regression over hundreds of features overfits; the
-shared covariance is estimated mostly from the plentiful clone data instead (measured against a logistic
-regression on Fashion-MNIST and digits: as much locality, more new-class accuracy). The threshold is the
-``1 - max_false_positive_rate`` quantile of the out-of-fold replay margins, extrapolated from their tail (see
-:func:`_tail_quantile`). Without replay data the gate is a one-class threshold on the energy gap between branch
-and target.
+The kinds differ in ``f``:
+
+* ``"novelty"`` (the default with replay data): in the target's pre-logit space and in the branch's (the source's
+  own features of the cloned classes), the log squared Mahalanobis distance to the nearest cloned class and to
+  the nearest target class, under one shrunk covariance per space. Target-domain inputs lie on every side of the
+  cloned classes' clusters, which no linear function of the features themselves separates; distances to the
+  clusters do. Four numbers a discriminant fits well from a hundred replay inputs.
+* ``"learned"``: the logits, energies and confidences of both models and the target's pre-logits themselves
+  (the former default, kept as an ablation and for the patch files that hold it).
+* ``"energy"``: without replay data, a one-class threshold on the energy gap between branch and target.
+* ``"none"``: the branch's raw logits compete as they are (the no-gate ablation).
+
+The threshold is the ``1 - CALIBRATION * max_false_positive_rate`` quantile of the out-of-fold replay margins,
+extrapolated from their tail (see :func:`_tail_quantile`).
 """
+
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import InvalidInputError
+from .evidence import GateInputs
 
-__all__ = ["Gate", "GATE_KINDS", "gate_evidence", "evidence_width"]
+__all__ = ["CALIBRATION", "GATE_KINDS", "SPACES", "Gate", "evidence_width", "gate_evidence"]
 
-GATE_KINDS = ("learned", "energy", "none")
+GATE_KINDS = ("novelty", "learned", "energy", "none")
+CALIBRATION = 0.5
+"""The gate aims at this share of its false-positive budget: a tail quantile estimated from a hundred replay inputs
+misses by a factor of two either way in single fits, and the budget is a bound, not a target."""
+SPACES = ("pre_logits", "branch_features")
+"""The :class:`GateInputs` feature spaces in which a ``"novelty"`` gate measures distances."""
 
 
 def gate_evidence(target_logits: torch.Tensor, branch_logits: torch.Tensor, pre_logits: torch.Tensor) -> torch.Tensor:
-    """The gate's inputs, one row per example: energies, confidences, logits and the target's pre-logits (the
-    input of its classifier)."""
+    """The ``"learned"`` and ``"energy"`` gates' features, one row per example: energies, confidences, logits and
+    the target's pre-logits (the input of its classifier)."""
     target_logits, branch_logits = target_logits.float(), branch_logits.float()
     energy_t, energy_b = target_logits.logsumexp(-1, keepdim=True), branch_logits.logsumexp(-1, keepdim=True)
     confidence_t = target_logits.softmax(-1).amax(-1, keepdim=True)
     confidence_b = branch_logits.softmax(-1).amax(-1, keepdim=True)
     return torch.cat(
-        [energy_b - energy_t, energy_t, energy_b, confidence_t, confidence_b, target_logits, branch_logits, pre_logits.float()],
+        [
+            energy_b - energy_t,
+            energy_t,
+            energy_b,
+            confidence_t,
+            confidence_b,
+            target_logits,
+            branch_logits,
+            pre_logits.float(),
+        ],
         dim=-1,
     )
 
@@ -58,23 +83,37 @@ class Gate(nn.Module):
     """Log-odds that an input belongs to a cloned class, and the combined logits.
 
     Args:
-        kind: ``"learned"`` (discriminant against replay data), ``"energy"`` (threshold on the energy gap), or
-            ``"none"`` (the branch's raw logits compete as they are: the no-gate ablation).
-        num_features: length of :func:`gate_evidence` rows.
+        kind: one of :data:`GATE_KINDS` (see the module docstring).
+        num_features: length of the discriminant's feature rows (:func:`evidence_width` for ``"learned"`` and
+            ``"energy"``, two per used space for ``"novelty"``).
         num_components: rows of ``weight``: linear scores whose logsumexps are compared (the discriminant's
             Gaussian components; the energy gate's gap and a constant zero).
         num_positive: how many of them, first, stand for the cloned classes.
-        shrinkage: how far the shared covariance is pulled towards a scaled identity when fitting, in [0, 1].
+        shrinkage: how far covariances are pulled towards a scaled identity when fitting, in [0, 1].
+        space_widths: for ``"novelty"``, the width of each of :data:`SPACES` (0: the space is not used).
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
-        self, kind: str, num_features: int, num_components: int = 2, num_positive: int = 1, shrinkage: float = 0.1
+        self,
+        kind: str,
+        num_features: int,
+        num_components: int = 2,
+        num_positive: int = 1,
+        shrinkage: float = 0.1,
+        space_widths: tuple[int, ...] = (0, 0),
     ) -> None:
         super().__init__()
         if kind not in GATE_KINDS:
             raise InvalidInputError(f"gate kind must be one of {GATE_KINDS}, got {kind!r}")
         if not 0 < num_positive < num_components:
-            raise InvalidInputError(f"a gate needs cloned-class and target components, got {num_positive} of {num_components}")
+            raise InvalidInputError(
+                f"a gate needs cloned-class and target components, got {num_positive} of {num_components}"
+            )
+        if len(space_widths) != len(SPACES) or min(space_widths) < 0:
+            raise InvalidInputError(f"space_widths must be {len(SPACES)} non-negative widths, got {space_widths}")
         self.kind = kind
         self.num_positive = num_positive
         self.shrinkage = shrinkage
@@ -82,30 +121,99 @@ class Gate(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_components))
         self.register_buffer("mean", torch.zeros(num_features))
         self.register_buffer("std", torch.ones(num_features))
+        if kind == "novelty":
+            self._set_spaces(
+                {
+                    space: (torch.zeros(width, width), torch.zeros(num_components, width))
+                    for space, width in zip(SPACES, space_widths)
+                    if width
+                }
+            )
+
+    @classmethod
+    def unfitted(cls, kind: str, num_old: int, num_new: int, pre_logits_width: int) -> Gate:
+        """A gate of ``kind`` for a target with ``num_old`` classes and pre-logits of ``pre_logits_width``, and
+        ``num_new`` cloned classes, to be fitted (:meth:`fit`) before use."""
+        return cls(kind, 0 if kind == "novelty" else evidence_width(num_old, num_new, pre_logits_width))
 
     @property
     def num_components(self) -> int:
         return self.weight.shape[0]
 
-    def log_odds(self, evidence: torch.Tensor) -> torch.Tensor:
-        """``g(x)`` per row of evidence."""
-        return _log_odds(evidence, self.weight, self.bias, self.num_positive, self.mean, self.std)
+    @property
+    def space_widths(self) -> tuple[int, ...]:
+        """Width of each of :data:`SPACES` a ``"novelty"`` gate measures distances in (0: unused)."""
+        return tuple(
+            int(self.get_buffer(f"{space}_precision").shape[0]) if f"{space}_precision" in self._buffers else 0
+            for space in SPACES
+        )
 
-    def forward(self, target_logits: torch.Tensor, branch_logits: torch.Tensor, pre_logits: torch.Tensor) -> torch.Tensor:
+    def spec(self) -> dict[str, Any]:
+        """What a patch file records to rebuild the gate (:meth:`from_spec`)."""
+        spec = {
+            "kind": self.kind,
+            "num_features": int(self.weight.shape[1]),
+            "num_components": self.num_components,
+            "num_positive": self.num_positive,
+        }
+        if self.kind == "novelty":
+            spec["space_widths"] = list(self.space_widths)
+        return spec
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Gate:
+        """An unfitted gate of the recorded kind and sizes (the patch's tensors are loaded into it); ``spec`` was
+        validated by :class:`pnc_surgery.patch.config.GateSpec`."""
+        widths = spec.get("space_widths", [0] * len(SPACES))
+        return cls(
+            str(spec.get("kind")),
+            spec["num_features"],
+            spec["num_components"],
+            spec["num_positive"],
+            space_widths=tuple(widths),
+        )
+
+    def features(self, inputs: GateInputs) -> torch.Tensor:
+        """The discriminant's feature rows for a batch of gate inputs."""
+        if self.kind != "novelty":
+            return gate_evidence(inputs.target_logits, inputs.branch_logits, inputs.pre_logits)
+        spaces = {
+            space: (self.get_buffer(f"{space}_precision"), self.get_buffer(f"{space}_means"))
+            for space, width in zip(SPACES, self.space_widths)
+            if width
+        }
+        return _space_features(spaces, inputs, self.num_positive)
+
+    def log_odds(self, inputs: GateInputs) -> torch.Tensor:
+        """``g(x)`` per input."""
+        return _log_odds(
+            self.features(inputs).to(self.mean.dtype), self.weight, self.bias, self.num_positive, self.mean, self.std
+        )
+
+    def forward(
+        self,
+        target_logits: torch.Tensor,
+        branch_logits: torch.Tensor,
+        pre_logits: torch.Tensor,
+        branch_features: torch.Tensor,
+    ) -> torch.Tensor:
         """Logits of the cloned classes, on the target's scale (see the module docstring)."""
         if self.kind == "none":
             return branch_logits.to(target_logits.dtype)
-        evidence = gate_evidence(target_logits, branch_logits, pre_logits)
-        g = self.log_odds(evidence.to(self.mean.dtype))
-        z = target_logits.float().logsumexp(-1, keepdim=True) + g.float().unsqueeze(-1) + branch_logits.float().log_softmax(-1)
+        g = self.log_odds(GateInputs(target_logits, branch_logits, pre_logits, branch_features))
+        z = (
+            target_logits.float().logsumexp(-1, keepdim=True)
+            + g.float().unsqueeze(-1)
+            + branch_logits.float().log_softmax(-1)
+        )
         return z.to(target_logits.dtype)
 
     @torch.no_grad()
     def fit(
         self,
-        positives: torch.Tensor,
+        positives: GateInputs,
         positive_groups: torch.Tensor,
-        negatives: torch.Tensor | None = None,
+        negatives: GateInputs | None = None,
         negative_groups: torch.Tensor | None = None,
         *,
         negative_sources: torch.Tensor | None = None,
@@ -113,11 +221,11 @@ class Gate(nn.Module):
         folds: int = 5,
         seed: int = 0,
     ) -> dict:
-        """Fit ``g`` on evidence of cloned-class inputs and (optionally) target-domain inputs.
+        """Fit ``g`` on the gate inputs of cloned-class inputs and (optionally) target-domain inputs.
 
         Args:
-            positives: evidence rows of the clone data; ``positive_groups`` their cloned class (0, 1, ...).
-            negatives: evidence rows of replay inputs; ``negative_groups`` their target class (labels where the
+            positives: gate inputs of the clone data; ``positive_groups`` their cloned class (0, 1, ...).
+            negatives: gate inputs of replay inputs; ``negative_groups`` their target class (labels where the
                 replay data has them, else the target's predictions).
             negative_sources: which replay input each negative row comes from (augmented copies share one), so
                 that no out-of-fold score comes from a model that saw a copy of its input.
@@ -130,21 +238,64 @@ class Gate(nn.Module):
         if self.kind == "none":
             return {"gate": "none"}
         if negatives is not None and negative_sources is None:
-            negative_sources = torch.arange(len(negatives))
-        if self.kind == "learned" and (negatives is None or len(negative_sources.unique()) < folds):
+            negative_sources = torch.arange(len(negatives.target_logits))
+        if negative_groups is None and negatives is not None:
+            negative_groups = torch.zeros(len(negatives.target_logits), dtype=torch.long)
+        if self.kind == "novelty" and not any(getattr(positives, space).shape[1] for space in SPACES):
+            self.kind = "learned"  # no features to measure distances in
+        if self.kind in ("novelty", "learned") and (
+            negatives is None or negative_sources is None or len(negative_sources.unique()) < folds
+        ):
             self.kind = "energy"
+        if self.kind != "novelty":
+            self._set_spaces({})
         if self.kind == "energy":
-            return self._fit_one_class(positives)
-        return self._fit_learned(
-            positives, positive_groups, negatives, negative_groups, negative_sources, max_false_positive_rate, folds, seed
+            return self._fit_one_class(self.features(positives))
+        assert negatives is not None and negative_sources is not None and negative_groups is not None, "negatives given"
+        gen = torch.Generator().manual_seed(seed)
+        pos_fold = torch.randperm(len(positive_groups), generator=gen) % folds
+        sources, source_of = negative_sources.unique(return_inverse=True)
+        neg_fold = (torch.randperm(len(sources), generator=gen) % folds)[source_of]  # copies of one input share a fold
+        if self.kind == "novelty":
+            pos_features, neg_features = self._fit_spaces(
+                positives, positive_groups, negatives, negative_groups, pos_fold, neg_fold, folds
+            )
+        else:
+            pos_features, neg_features = self.features(positives), self.features(negatives)
+        metrics = self._fit_discriminant(
+            pos_features,
+            positive_groups,
+            neg_features,
+            negative_groups,
+            pos_fold,
+            neg_fold,
+            folds,
+            _confidence_gap(positives),
+            _confidence_gap(negatives),
+            max_false_positive_rate,
         )
+        metrics["locality_protection"] = f"gate fitted against {len(sources)} replay inputs of the target's domain" + (
+            f" ({len(negative_groups)} rows with their shifted copies)" if len(negative_groups) > len(sources) else ""
+        )
+        return metrics
 
-    def _load(self, weight: torch.Tensor, bias: torch.Tensor, num_positive: int, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def _set_spaces(self, spaces: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Replace the novelty buffers: per space, the precision matrix and the components' means."""
+        for space in SPACES:
+            for part in ("precision", "means"):
+                self._buffers.pop(f"{space}_{part}", None)
+        for space, (precision, means) in spaces.items():
+            self.register_buffer(f"{space}_precision", precision.float())
+            self.register_buffer(f"{space}_means", means.float())
+
+    def _load(
+        self, weight: torch.Tensor, bias: torch.Tensor, num_positive: int, mean: torch.Tensor, std: torch.Tensor
+    ) -> None:
         self.weight = nn.Parameter(weight.to(self.weight))
         self.bias = nn.Parameter(bias.to(self.bias))
         self.num_positive = num_positive
-        self.mean.copy_(mean)
-        self.std.copy_(std)
+        self.mean = mean.to(self.mean)
+        self.std = std.to(self.std)
 
     def _fit_one_class(self, positives: torch.Tensor) -> dict:
         """No target-domain data: accept where the branch is surer than the target, as on 97% of the clone data."""
@@ -155,45 +306,92 @@ class Gate(nn.Module):
         weight[0, 0] = 4.0 / spread
         bias = torch.tensor([float(-4.0 * threshold / spread), 0.0])
         self._load(weight, bias, 1, torch.zeros(positives.shape[1]), torch.ones(positives.shape[1]))
-        accepted = (self.log_odds(positives) > 0).float().mean().item()
-        return {"gate": "energy", "gate_positive_rate_clone": accepted, "locality_protection": "one-class threshold on the branch/target energy gap (no replay data)"}
+        accepted = (_log_odds(positives, self.weight, self.bias, 1, self.mean, self.std) > 0).float().mean().item()
+        return {
+            "gate": "energy",
+            "gate_positive_rate_clone": accepted,
+            "locality_protection": "one-class threshold on the branch/target energy gap (no replay data)",
+        }
 
-    def _fit_learned(
-        self, positives: torch.Tensor, positive_groups: torch.Tensor, negatives: torch.Tensor,
-        negative_groups: torch.Tensor | None, negative_sources: torch.Tensor, max_fpr: float, folds: int, seed: int,
+    def _fit_spaces(
+        self,
+        positives: GateInputs,
+        positive_groups: torch.Tensor,
+        negatives: GateInputs,
+        negative_groups: torch.Tensor,
+        pos_fold: torch.Tensor,
+        neg_fold: torch.Tensor,
+        folds: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fit the novelty spaces on all rows; return each row's distance features from spaces fitted without its fold."""
+        used = [space for space in SPACES if getattr(positives, space).shape[1]]
+
+        def spaces_of(p_rows: torch.Tensor, n_rows: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+            return {
+                space: _mahalanobis(
+                    getattr(positives, space)[p_rows],
+                    positive_groups[p_rows],
+                    getattr(negatives, space)[n_rows],
+                    negative_groups[n_rows],
+                    self.shrinkage,
+                )
+                for space in used
+            }
+
+        pos_features = torch.empty(len(positive_groups), 2 * len(used))
+        neg_features = torch.empty(len(negative_groups), 2 * len(used))
+        for fold in range(folds):
+            p_held, n_held = pos_fold == fold, neg_fold == fold
+            spaces = spaces_of(~p_held, ~n_held)
+            positive_count = len(positive_groups[~p_held].unique())
+            pos_features[p_held] = _space_features(spaces, positives.select(p_held), positive_count)
+            neg_features[n_held] = _space_features(spaces, negatives.select(n_held), positive_count)
+        self._set_spaces(
+            spaces_of(torch.ones_like(pos_fold, dtype=torch.bool), torch.ones_like(neg_fold, dtype=torch.bool))
+        )
+        return pos_features, neg_features
+
+    def _fit_discriminant(
+        self,
+        positives: torch.Tensor,
+        positive_groups: torch.Tensor,
+        negatives: torch.Tensor,
+        negative_groups: torch.Tensor,
+        pos_fold: torch.Tensor,
+        neg_fold: torch.Tensor,
+        folds: int,
+        pos_gap: torch.Tensor,
+        neg_gap: torch.Tensor,
+        max_fpr: float,
     ) -> dict:
-        """The discriminant, thresholded on the tail of its out-of-fold replay margins."""
-        if negative_groups is None:
-            negative_groups = torch.zeros(len(negatives), dtype=torch.long)
-
-        gen = torch.Generator().manual_seed(seed)
-        pos_fold = torch.randperm(len(positives), generator=gen) % folds
-        sources, source_of = negative_sources.unique(return_inverse=True)
-        neg_fold = (torch.randperm(len(sources), generator=gen) % folds)[source_of]  # copies of one input share a fold
+        """The discriminant over feature rows, thresholded on the tail of its out-of-fold replay margins."""
         pos_oof, neg_oof = torch.empty(len(positives)), torch.empty(len(negatives))
         for fold in range(folds):
             p_train, n_train = pos_fold != fold, neg_fold != fold
             fitted = _discriminant(
-                positives[p_train], positive_groups[p_train], negatives[n_train], negative_groups[n_train], self.shrinkage
+                positives[p_train],
+                positive_groups[p_train],
+                negatives[n_train],
+                negative_groups[n_train],
+                self.shrinkage,
             )
             pos_oof[~p_train] = _log_odds(positives[~p_train], *fitted)
             neg_oof[~n_train] = _log_odds(negatives[~n_train], *fitted)
         # A target-domain input changes its answer only if a cloned class then beats the target's top class:
         # g + log p_branch(top) > log p_target(top). Threshold that margin, not g alone: where the target is sure
         # of itself, a moderately open gate still leaves its answer alone.
-        pos_margin = pos_oof + _confidence_gap(positives)
-        neg_margin = neg_oof + _confidence_gap(negatives)
-        threshold = _tail_quantile(neg_margin, 1.0 - max_fpr)
-        weight, bias, num_positive, mean, std = _discriminant(positives, positive_groups, negatives, negative_groups, self.shrinkage)
+        pos_margin, neg_margin = pos_oof + pos_gap, neg_oof + neg_gap
+        threshold = _tail_quantile(neg_margin, 1.0 - CALIBRATION * max_fpr)
+        weight, bias, num_positive, mean, std = _discriminant(
+            positives, positive_groups, negatives, negative_groups, self.shrinkage
+        )
         bias[:num_positive] -= threshold
         self._load(weight, bias, num_positive, mean, std)
         return {
-            "gate": "learned",
+            "gate": self.kind,
             "gate_components": [num_positive, self.num_components - num_positive],
             "gate_positive_rate_heldout": round((pos_margin > threshold).float().mean().item(), 4),
             "gate_false_positive_rate_heldout": round((neg_margin > threshold).float().mean().item(), 4),
-            "locality_protection": f"gate fitted against {len(sources)} replay inputs of the target's domain"
-            + (f" ({len(negatives)} rows with their shifted copies)" if len(negatives) > len(sources) else ""),
         }
 
 
@@ -212,9 +410,9 @@ def _tail_quantile(values: torch.Tensor, level: float) -> float:
     return top[-1].item() + scale * math.log(tail / (n * (1.0 - level)))
 
 
-def _confidence_gap(evidence: torch.Tensor) -> torch.Tensor:
-    """log p_branch(top) - log p_target(top), from the confidence columns of :func:`gate_evidence`."""
-    return evidence[:, 4].clamp_min(1e-12).log() - evidence[:, 3].clamp_min(1e-12).log()
+def _confidence_gap(inputs: GateInputs) -> torch.Tensor:
+    """log p_branch(top) - log p_target(top)."""
+    return inputs.branch_logits.float().log_softmax(-1).amax(-1) - inputs.target_logits.float().log_softmax(-1).amax(-1)
 
 
 def _group_means(data: torch.Tensor, groups: torch.Tensor, min_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,23 +427,68 @@ def _group_means(data: torch.Tensor, groups: torch.Tensor, min_size: int) -> tup
     return means, component
 
 
+def _components(
+    positives: torch.Tensor,
+    positive_groups: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_groups: torch.Tensor,
+    min_negative_group: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The Gaussian components' means (cloned classes first), the rows' residuals from their component's mean, and
+    how many components are cloned classes."""
+    pos_means, pos_component = _group_means(positives, positive_groups, 1)
+    neg_means, neg_component = _group_means(negatives, negative_groups, min_negative_group)
+    residual = torch.cat([positives - pos_means[pos_component], negatives - neg_means[neg_component]])
+    return torch.cat([pos_means, neg_means]), residual, len(pos_means)
+
+
 def _discriminant(
-    positives: torch.Tensor, positive_groups: torch.Tensor, negatives: torch.Tensor, negative_groups: torch.Tensor,
-    shrinkage: float, min_negative_group: int = 3,
+    positives: torch.Tensor,
+    positive_groups: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_groups: torch.Tensor,
+    shrinkage: float,
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """Linear discriminant components (weight, bias), how many are positive, and the standardisation."""
     data = torch.cat([positives, negatives]).double()
     mean, std = data.mean(0), data.std(0).clamp_min(1e-4)
     standard = (data - mean) / std
-    pos, neg = standard[: len(positives)], standard[len(positives) :]
-    pos_means, pos_component = _group_means(pos, positive_groups, 1)
-    neg_means, neg_component = _group_means(neg, negative_groups, min_negative_group)
-    residual = torch.cat([pos - pos_means[pos_component], neg - neg_means[neg_component]])
+    means, residual, num_positive = _components(
+        standard[: len(positives)], positive_groups, standard[len(positives) :], negative_groups
+    )
     covariance = _shrunk_covariance(residual, shrinkage)
-    means = torch.cat([pos_means, neg_means])
     weight = torch.cholesky_solve(means.T, torch.linalg.cholesky(covariance)).T  # rows: precision @ mean
     bias = -0.5 * (weight * means).sum(-1)
-    return weight.float(), bias.float(), len(pos_means), mean.float(), std.float()
+    return weight.float(), bias.float(), num_positive, mean.float(), std.float()
+
+
+def _mahalanobis(
+    positives: torch.Tensor,
+    positive_groups: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_groups: torch.Tensor,
+    shrinkage: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One novelty space: the shrunk precision matrix of the within-component residuals, and the components' means."""
+    means, residual, _ = _components(positives.double(), positive_groups, negatives.double(), negative_groups)
+    precision = torch.linalg.inv(_shrunk_covariance(residual, shrinkage))
+    return precision.float(), means.float()
+
+
+def _space_features(
+    spaces: dict[str, tuple[torch.Tensor, torch.Tensor]], inputs: GateInputs, num_positive: int
+) -> torch.Tensor:
+    """Per space, the log squared Mahalanobis distance to the nearest cloned-class and target-class component."""
+    columns = []
+    for space, (precision, means) in spaces.items():
+        x = getattr(inputs, space).float()
+        projected = x @ precision
+        squared = (
+            (projected * x).sum(-1, keepdim=True) - 2 * projected @ means.T + ((means @ precision) * means).sum(-1)
+        )
+        squared = squared.clamp_min(1e-6)
+        columns += [squared[:, :num_positive].amin(-1).log(), squared[:, num_positive:].amin(-1).log()]
+    return torch.stack(columns, dim=-1)
 
 
 def _shrunk_covariance(residual: torch.Tensor, shrinkage: float) -> torch.Tensor:
@@ -256,7 +499,12 @@ def _shrunk_covariance(residual: torch.Tensor, shrinkage: float) -> torch.Tensor
 
 
 def _log_odds(
-    evidence: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_positive: int, mean: torch.Tensor, std: torch.Tensor
+    evidence: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_positive: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
 ) -> torch.Tensor:
     """logsumexp of the cloned-class components minus logsumexp of the target's."""
     scores = ((evidence - mean) / std).to(weight.dtype) @ weight.T + bias

@@ -1,27 +1,38 @@
-"""Sharing patches: the model card, pushing to the Hugging Face Hub, and finding a patch folder to load.
+"""Sharing patches on the Hugging Face Hub: finding a patch folder to load, pushing one, and its model card.
 
-A patch on the Hub is a plain model repo holding the three files of :mod:`pnc_surgery.files`. Pushing makes
-exactly one commit of those files (never anything else that happens to lie in the folder); loading downloads
-them through ``huggingface_hub``'s cache, so revisions, tokens, ``HF_HUB_OFFLINE`` and ``local_files_only``
-behave as they do for transformers and timm. Loading reads JSON and safetensors only: a repo or folder that
-holds pickle weights instead of a patch is refused, and so is any path that leads out of the folder it names.
+``Patch`` gets ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` from ``huggingface_hub.ModelHubMixin``;
+this module is what those methods call. A patch on the Hub is a plain model repo holding the three files of
+:mod:`pnc_surgery.patch.serialization`. Pushing makes one ``upload_folder`` commit of those files only
+(``allow_patterns``), after the card and files are checked and before anything else is created; loading takes a
+``snapshot_download`` of the three files (one commit) through ``huggingface_hub``'s cache, so revisions, tokens,
+``HF_HUB_OFFLINE`` and ``local_files_only`` behave as for transformers and timm. A folder or repo holding pickle
+weights instead of a patch is refused, and so is any path that leads out of the folder it names.
 
-The model card keeps what a person wrote: its generated part sits between two HTML-comment markers and is
-the only text rewritten on the next save or push; outside the markers, and in a card without them, the text
-is kept and only the metadata (``library_name``, ``base_model``, ``tags``) is brought up to date.
+Every network call has a timeout: no request waits longer than the larger of ``HF_HUB_ETAG_TIMEOUT`` and
+``HF_HUB_DOWNLOAD_TIMEOUT`` (default 10 s) for an answer, including the API calls (create a repo, commit, list files)
+that ``huggingface_hub`` lets wait forever and its 60 s metadata retries; its own retries and back-off still apply,
+so a Hub that never answers fails within about six timeouts plus 23 s. The error is :class:`HubTimeoutError`,
+saying what was being waited for.
+
+The card is rendered from :data:`CARD_TEMPLATE`; its generated part sits between two HTML-comment markers and is the
+only text rewritten on the next save or push. Outside the markers, and in a card without them, the text is kept and
+only the metadata (``library_name``, ``base_model``, ``tags``) is brought up to date.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
-import re
+import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -29,34 +40,146 @@ from huggingface_hub.errors import (
     HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import get_session, validate_repo_id
 
-from .errors import InvalidInputError, PatchFormatError
-from .files import CARD_NAME, CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, read_config
+from .errors import HubTimeoutError, InvalidInputError, PatchFormatError
+from .patch.config import PatchConfig
+from .patch.serialization import (
+    CARD_NAME,
+    CONFIG_NAME,
+    PATCH_FILES,
+    PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
+    read_config,
+)
 
-__all__ = [
-    "CARD_TAGS",
-    "resolve_patch_folder",
-    "push_folder",
-    "build_model_card",
-    "write_model_card",
-    "made_with",
-]
+__all__ = ["CARD_TAGS", "CARD_TEMPLATE", "build_model_card", "card_for_folder", "push_folder", "resolve_patch_folder"]
 
 CARD_TAGS = ("pnc_surgery", "partial-network-cloning", "model-patch")
-PATCH_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
-
+DEFAULT_TIMEOUT = 10.0
 _CARD_START = (
     "<!-- pnc_surgery:start (generated from patch_config.json: text between these markers is rewritten on every "
     "save and push; write yours outside them) -->"
 )
 _CARD_START_PREFIX = "<!-- pnc_surgery:start"
 _CARD_END = "<!-- pnc_surgery:end -->"
-_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar("pnc_surgery_hub_timeout", default=None)
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+{{ start }}
+
+# pnc_surgery patch: {{ summary }}
+
+This patch adds {{ rows | length }} classes of the source model {{ source_code }} to the target model \
+{{ target_code }} by Partial Network Cloning. It copies the part of the source that carries those classes \
+(a pruned copy of its blocks after the cut point, their head rows, a small adapter from the target's features, and \
+a gate that tells whether an input is one of the new classes) and hooks it onto the target. No parameter of the \
+target is changed: attached, the target scores its own classes followed by the cloned ones; detached, it is exactly \
+the original model again. Loading needs this patch and the target only, never the source model.
+
+## Usage
+
+```python
+import pnc_surgery
+patch = pnc_surgery.Patch.from_pretrained({{ where }})
+patch.attach(target_model)   # target_model(x) now scores the target's classes followed by the cloned ones
+```
+
+`target_model` must be {{ target_code }}, the model the patch was made for (attach checks its architecture and \
+weights). `patch.detach()` removes every hook; `with patch.attached(target_model):` does both.
+
+## Cloned classes
+
+Attached, outputs 0 to {{ num_own - 1 }} of the target are its own classes, unchanged; then come these:
+
+| output | source class id | name |
+|---|---|---|
+{% for output, class_id, name in rows %}| {{ output }} | {{ class_id }} | {{ name }} |
+{% endfor %}
+## Where the patch connects
+
+| point | model | module |
+|---|---|---|
+| cut (the cloned part starts after it) | source {{ source_cell }} | `{{ cut }}` |
+| insertion (feeds the cloned part) | target {{ target_cell }} | `{{ insertion }}` |
+
+## Metrics
+
+{% if metrics %}| metric | value |
+|---|---|
+{% for key, value in metrics %}| {{ key }} | {{ value }} |
+{% endfor %}{% else %}No metrics were recorded when this patch was made.
+{% endif %}
+## Files
+
+`patch_config.json` (JSON, format version {{ format_version }}, made with pnc_surgery {{ made_with }}) and \
+`patch_model.safetensors` (safetensors). Nothing is unpickled and no code runs when the patch is loaded.
+
+{{ end }}
+"""
+
+
+# --------------------------------------------------------------------------------------------- timeouts
+
+
+def _request_timeout(request: Any) -> None:
+    """httpx request hook: inside :func:`_deadline`, no request waits longer than :func:`hub_timeout` for an answer."""
+    seconds = _TIMEOUT.get()
+    if seconds is not None:
+        current = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {
+            k: min(current.get(k) or seconds, seconds) for k in ("connect", "read", "write", "pool")
+        }
+
+
+def hub_timeout() -> float:
+    """Seconds any Hub request may wait for an answer: the larger of ``HF_HUB_ETAG_TIMEOUT`` and
+    ``HF_HUB_DOWNLOAD_TIMEOUT`` (read now from the environment, else as ``huggingface_hub`` read them; default 10)."""
+    values = []
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        try:
+            values.append(float(os.environ.get(name) or getattr(constants, name)))
+        except (TypeError, ValueError):
+            values.append(DEFAULT_TIMEOUT)
+    return max(values)
+
+
+@contextmanager
+def _deadline(doing: str) -> Iterator[None]:
+    """Run Hub calls with finite timeouts; a timeout becomes :class:`HubTimeoutError` saying what waited."""
+    hooks = get_session().event_hooks["request"]
+    if _request_timeout not in hooks:
+        hooks.append(_request_timeout)
+    token = _TIMEOUT.set(hub_timeout())
+    try:
+        yield
+    except HubTimeoutError:
+        raise
+    except Exception as exc:
+        if _timed_out(exc):
+            raise HubTimeoutError(
+                f"the Hub at {constants.ENDPOINT} did not answer within {hub_timeout():g} s while {doing} "
+                "(set HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT to wait longer)"
+            ) from None
+        raise
+    finally:
+        _TIMEOUT.reset(token)
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or what caused it is a network timeout."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -68,10 +191,9 @@ def resolve_patch_folder(
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     force_download: bool = False,
-    endpoint: str | None = None,
 ) -> Path:
     """Find the local folder holding a patch's files, downloading them from the Hub if needed.
 
@@ -86,7 +208,6 @@ def resolve_patch_folder(
         cache_dir: Hub cache to use instead of ``HF_HUB_CACHE``.
         local_files_only: never touch the network; use the cache only.
         force_download: download again even if the files are cached.
-        endpoint: Hub URL instead of ``HF_ENDPOINT``.
 
     Returns:
         A folder with ``patch_config.json`` and ``patch_model.safetensors`` (and ``README.md`` when the patch
@@ -94,20 +215,25 @@ def resolve_patch_folder(
 
     Raises:
         PatchFormatError: nothing loadable there (missing, pickle weights, unsafe symlinks, Hub errors).
+        HubTimeoutError: the Hub did not answer in time.
         InvalidInputError: ``subfolder`` leaves the repo, or the options contradict each other.
     """
     if not isinstance(repo_id_or_dir, (str, os.PathLike)):
         raise InvalidInputError(f"expected a folder or a Hub repo id, got {type(repo_id_or_dir).__name__}")
     parts = _subfolder_parts(subfolder)
     local = Path(repo_id_or_dir)
-    if local.is_dir():
+    try:
+        is_dir, exists = local.is_dir(), local.exists()
+    except OSError as exc:  # a link loop, a name too long
+        raise PatchFormatError(f"{local}: cannot be read ({exc})") from None
+    if is_dir:
         folder = local.joinpath(*parts)
         if not folder.is_dir():
             raise PatchFormatError(f"{local}: no subfolder {subfolder!r} here")
         _check_inside(folder, local, what="subfolder")
         _check_patch_folder(folder)
         return folder
-    if local.exists():
+    if exists:
         raise PatchFormatError(f"{local} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     repo_id = os.fspath(repo_id_or_dir)
     if isinstance(repo_id_or_dir, os.PathLike) or not _is_repo_id(repo_id):
@@ -115,23 +241,23 @@ def resolve_patch_folder(
     if force_download and (local_files_only or constants.is_offline_mode()):
         why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
         raise InvalidInputError(f"force_download=True needs the network, but {why}")
-    return _download_patch(
-        repo_id,
-        parts,
-        revision=revision,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        force_download=force_download,
-        endpoint=endpoint,
-    )
+    with _deadline(f"downloading the patch {repo_id}"):
+        return _download_patch(
+            repo_id,
+            parts,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+        )
 
 
-def _client_info() -> dict[str, str]:
-    """How the Hub client names this library in its user agent (imported late: the package imports us)."""
+def _version() -> str:
+    """This library's version, for the Hub client's user agent (imported late: the package imports us)."""
     from . import __version__
 
-    return {"library_name": "pnc_surgery", "library_version": __version__}
+    return __version__
 
 
 def _subfolder_parts(subfolder: str | None) -> tuple[str, ...]:
@@ -182,12 +308,17 @@ def _trusted_roots(folder: Path) -> list[Path]:
 
 
 def _check_links(folder: Path, names: Sequence[str]) -> None:
-    """Refuse any of ``folder``'s files ``names`` that is a link leading out of it (e.g. to ``~/.ssh``)."""
+    """Refuse any of ``folder``'s files ``names`` that is a link leading out of it (e.g. to ``~/.ssh``) or in a loop."""
     roots = _trusted_roots(folder)
     for name in names:
         path = folder / name
         if path.is_symlink() or path.exists():
-            target = path.resolve()
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError) as exc:
+                raise PatchFormatError(
+                    f"{path} is a link that cannot be followed ({exc}); refusing to use it"
+                ) from None
             if not any(_is_within(target, root) for root in roots):
                 raise PatchFormatError(f"{path} is a link to {target}, outside the patch folder; refusing to use it")
 
@@ -219,67 +350,54 @@ def _download_patch(
     *,
     revision: str | None,
     token: str | bool | None,
-    cache_dir: str | os.PathLike | None,
+    cache_dir: str | Path | None,
     local_files_only: bool,
     force_download: bool,
-    endpoint: str | None,
 ) -> Path:
-    """Download the patch files from one commit of a Hub repo into the cache; return their snapshot folder."""
-    subfolder = "/".join(parts) or None
+    """The patch files of one commit of a Hub repo, through the cache (``snapshot_download``); return their folder."""
+    prefix = "".join(f"{part}/" for part in parts)
     where = (
         repo_id
-        + (f" (subfolder {subfolder!r})" if subfolder else "")
+        + (f" (subfolder {prefix[:-1]!r})" if prefix else "")
         + (f" at revision {revision!r}" if revision else "")
     )
-
-    def download(filename: str, rev: str | None) -> Path:
-        """One file into the cache; a file the repo lacks raises RemoteEntryNotFoundError, the rest ours."""
-        try:
-            return Path(
-                hf_hub_download(
-                    repo_id,
-                    filename,
-                    subfolder=subfolder,
-                    revision=rev,
-                    token=token,
-                    cache_dir=cache_dir,
-                    local_files_only=local_files_only,
-                    force_download=force_download,
-                    endpoint=endpoint,
-                    **_client_info(),
-                )
-            )
-        except RemoteEntryNotFoundError:
-            raise
-        except (HfHubHTTPError, OSError) as exc:  # LocalEntryNotFoundError is an OSError too
+    try:
+        snapshot = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=[prefix + name for name in PATCH_FILES],
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
+            library_name="pnc_surgery",
+            library_version=_version(),
+        )
+    except Exception as exc:
+        if _timed_out(exc):
+            raise HubTimeoutError(
+                f"{where}: the Hub did not answer within {hub_timeout():g} s while listing and downloading "
+                f"{', '.join(PATCH_FILES)}, and they are not in the local cache (set HF_HUB_ETAG_TIMEOUT / "
+                "HF_HUB_DOWNLOAD_TIMEOUT to wait longer)"
+            ) from None
+        if isinstance(exc, (HfHubHTTPError, OSError)):  # LocalEntryNotFoundError is an OSError too
             raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
-
-    try:
-        config_path = download(CONFIG_NAME, revision)
-    except RemoteEntryNotFoundError as exc:
-        raise _not_a_patch(where, _remote_names(repo_id, parts, revision, token, endpoint)) from exc
-    folder = config_path.parent
-    commit = config_path.parents[len(parts)].name
-    pinned = commit if _COMMIT_HASH.fullmatch(commit) else revision  # the other files must come from the same commit
-    try:
-        weights_path = download(WEIGHTS_NAME, pinned)
-    except RemoteEntryNotFoundError as exc:
-        raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}") from exc
-    try:
-        download(CARD_NAME, pinned)
-    except (RemoteEntryNotFoundError, PatchFormatError):
-        pass  # the card is documentation: a patch without one (or offline without it cached) still loads
-    if weights_path.parent != folder:
-        raise PatchFormatError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} resolved to different commits; retry")
+        raise
+    folder = Path(snapshot).joinpath(*parts)
+    if not (folder / CONFIG_NAME).is_file():
+        raise _not_a_patch(where, _remote_names(repo_id, parts, revision, token))
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     return folder
 
 
-def _remote_names(
-    repo_id: str, parts: tuple[str, ...], revision: str | None, token: str | bool | None, endpoint: str | None
-) -> list[str]:
+def _remote_names(repo_id: str, parts: tuple[str, ...], revision: str | None, token: str | bool | None) -> list[str]:
     """Names of the files directly in the repo's (sub)folder, or ``[]`` when the Hub cannot be asked."""
     try:
-        info = HfApi(endpoint=endpoint, **_client_info()).model_info(repo_id, revision=revision, token=token)
+        info = HfApi(library_name="pnc_surgery", library_version=_version()).model_info(
+            repo_id, revision=revision, token=token
+        )
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
         return []
     prefix = "/".join(parts) + "/" if parts else ""
@@ -322,13 +440,13 @@ def push_folder(
     revision: str | None = None,
     create_pr: bool = False,
     commit_message: str | None = None,
-    endpoint: str | None = None,
 ) -> str:
     """Upload a saved patch folder to a Hub model repo in one commit, creating the repo if needed.
 
-    Only the patch files are uploaded, whatever else the folder holds. The uploaded card is the repo's
-    existing card (if any, else the folder's) with its metadata and generated part brought up to date, and a
-    loading snippet that names ``repo_id``.
+    Everything local is checked first (the files, their links, the config, the card), so a bad folder leaves
+    nothing behind on the Hub. Only the patch files are uploaded, whatever else the folder holds. The uploaded
+    card is the repo's existing card (if any, else the folder's) with its metadata and generated part brought up
+    to date, and a loading snippet that names ``repo_id``.
 
     Args:
         folder: a folder written by ``Patch.save_pretrained``.
@@ -338,7 +456,6 @@ def push_folder(
         revision: branch to commit to (created from ``main`` if missing), or the base of the pull request.
         create_pr: open a pull request instead of committing to ``revision``.
         commit_message: summary of the commit (a default names the classes and models).
-        endpoint: Hub URL instead of ``HF_ENDPOINT``.
 
     Returns:
         The URL of the pull request when ``create_pr``, else of the commit.
@@ -350,30 +467,30 @@ def push_folder(
         raise PatchFormatError(f"{folder}: no such folder")
     _check_patch_folder(folder)  # never upload a file that a link pulls in from elsewhere
     config = read_config(folder / CONFIG_NAME)
-
-    api = HfApi(endpoint=endpoint, token=token, **_client_info())
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision is not None and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)  # pushing to a new branch just works
-    base = _fetch_remote_card(api, repo_id, revision)
-    if base is None and (folder / CARD_NAME).is_file():
-        base = _load_card(folder / CARD_NAME)
+    local_card = _load_card(folder / CARD_NAME) if (folder / CARD_NAME).is_file() else None
     card = build_model_card(config, repo_id)
-    if base is not None:
-        card = _merge_cards(base, card)
 
-    operations = [
-        CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=folder / CONFIG_NAME),
-        CommitOperationAdd(path_in_repo=WEIGHTS_NAME, path_or_fileobj=folder / WEIGHTS_NAME),
-        CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode("utf-8")),
-    ]
-    info = api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message or f"Upload pnc_surgery patch: {_summary(config)}",
-        revision=revision,
-        create_pr=create_pr,
-    )
+    api = HfApi(token=token, library_name="pnc_surgery", library_version=_version())
+    with _deadline(f"pushing to {repo_id}"):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)  # pushing to a new branch just works
+        base = _fetch_remote_card(api, repo_id, revision) or local_card
+        if base is not None:
+            card = _merge_cards(base, card)
+        with tempfile.TemporaryDirectory() as staging:
+            stage = Path(staging)
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                shutil.copyfile(folder / name, stage / name)
+            (stage / CARD_NAME).write_text(str(card), encoding="utf-8")
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=stage,
+                allow_patterns=list(PATCH_FILES),
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or f"Upload pnc_surgery patch: {_summary(config)}",
+            )
     return info.pr_url if create_pr and info.pr_url else info.commit_url
 
 
@@ -381,45 +498,70 @@ def _fetch_remote_card(api: HfApi, repo_id: str, revision: str | None) -> ModelC
     """The repo's current card, or ``None`` when it has none or it cannot be fetched or parsed."""
     with tempfile.TemporaryDirectory() as cache:  # do not leave a stale card in the user's cache
         try:
-            path = hf_hub_download(
-                repo_id, CARD_NAME, revision=revision, token=api.token, cache_dir=cache, endpoint=api.endpoint
-            )
+            path = hf_hub_download(repo_id, CARD_NAME, revision=revision, token=api.token, cache_dir=cache)
             return ModelCard.load(path)
-        except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError, UnicodeDecodeError, yaml.YAMLError):
+        except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            if _timed_out(exc):
+                raise
             return None
 
 
 # --------------------------------------------------------------------------------------------- model card
 
 
-def build_model_card(config: Mapping[str, Any], repo_id_or_dir: str = "<repo_or_dir>") -> ModelCard:
-    """The model card of a patch, from its config alone.
+def build_model_card(config: PatchConfig, repo_id_or_dir: str = "<repo_or_dir>") -> ModelCard:
+    """The model card of a patch, rendered from :data:`CARD_TEMPLATE` and the config alone.
 
     Args:
-        config: the patch config (see :mod:`pnc_surgery.files`).
+        config: the patch config.
         repo_id_or_dir: what the loading snippet passes to ``Patch.from_pretrained``.
     """
-    source, target = _model_id(config, "source"), _model_id(config, "target")
-    base_models = list(dict.fromkeys(i for i in (target, source) if i and "/" in i and _is_repo_id(i)))
+    source, target = config.source.id, config.target.id
+    base_models = list(dict.fromkeys(i for i in (target, source) if "/" in i and _is_repo_id(i)))
     data = ModelCardData(library_name="pnc_surgery", base_model=base_models or None, tags=list(CARD_TAGS))
     if base_models:
         data["base_model_relation"] = "adapter"  # the patch plugs into the target; not a merge of the two
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(config, repo_id_or_dir)}")
+    num_own = config.target.num_classes
+    rows = [
+        (num_own + i, class_id, _cell(name))
+        for i, (class_id, name) in enumerate(zip(config.class_ids, config.class_names))
+    ]
+    return ModelCard.from_template(
+        data,
+        template_str=CARD_TEMPLATE,
+        start=_CARD_START,
+        end=_CARD_END,
+        summary=_summary(config),
+        source_code=_code(source),
+        target_code=_code(target),
+        source_cell=_cell(source),
+        target_cell=_cell(target),
+        where=json.dumps(repo_id_or_dir),
+        num_own=num_own,
+        rows=rows,
+        cut=_cell(config.cut.name),
+        insertion=_cell(config.insertion.name),
+        metrics=[(_cell(k), _cell(v)) for k, v in config.metrics.items()],
+        format_version=config.format_version,
+        made_with=_cell(config.versions.get("pnc_surgery", "?")),
+    )
 
 
-def write_model_card(folder: Path, config: Mapping[str, Any]) -> None:
-    """Write ``folder/README.md`` for a patch saved in ``folder``, keeping a card that is already there.
+def card_for_folder(folder: Path, config: PatchConfig) -> str:
+    """The text of ``folder/README.md`` after saving a patch there, keeping a card that is already there.
 
-    An existing card keeps its text: only its metadata and the generated part between the markers are
-    updated, so notes a person added survive the next ``save_pretrained``.
+    An existing card keeps its text: only its metadata and the generated part between the markers are updated,
+    so notes a person added survive the next save. Nothing is written.
+
+    Raises:
+        PatchFormatError: the existing card is a link out of the folder or its metadata cannot be parsed.
     """
-    folder = Path(folder)
-    path = folder / CARD_NAME
-    card = build_model_card(config, folder.as_posix())
+    card = build_model_card(config, Path(folder).as_posix())
+    path = Path(folder) / CARD_NAME
     if path.is_symlink() or path.exists():
-        _check_links(folder, [CARD_NAME])
+        _check_links(Path(folder), [CARD_NAME])
         card = _merge_cards(_load_card(path), card)
-    _write_text_atomic(path, str(card))
+    return str(card)
 
 
 def _load_card(path: Path) -> ModelCard:
@@ -430,72 +572,26 @@ def _load_card(path: Path) -> ModelCard:
         raise PatchFormatError(f"{path}: cannot read the model card's metadata ({exc}); fix or delete it") from None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` in one step (a reader never sees half a card; a link is replaced, not written through)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _merge_cards(existing: ModelCard, fresh: ModelCard) -> ModelCard:
     """``existing`` with ``fresh``'s metadata merged in and its generated part (if marked) replaced."""
     data = existing.data
-    data["library_name"] = fresh.data.library_name
-    if fresh.data.base_model:
-        data["base_model"] = fresh.data.base_model
+    data["library_name"] = fresh.data.get("library_name")
+    if fresh.data.get("base_model"):
+        data["base_model"] = fresh.data.get("base_model")
         data["base_model_relation"] = fresh.data.get("base_model_relation")
     tags = data.get("tags") or []
     tags = [tags] if isinstance(tags, str) else list(tags)
-    data["tags"] = tags + [tag for tag in fresh.data.tags or [] if tag not in tags]
-    existing.text = _replace_generated(existing.text, _generated_part(fresh.text))
+    data["tags"] = tags + [tag for tag in fresh.data.get("tags") or [] if tag not in tags]
+    start, end = existing.text.find(_CARD_START_PREFIX), existing.text.find(_CARD_END)
+    if 0 <= start < end:
+        generated = fresh.text[fresh.text.index(_CARD_START_PREFIX) : fresh.text.index(_CARD_END) + len(_CARD_END)]
+        existing.text = existing.text[:start] + generated + existing.text[end + len(_CARD_END) :]
     return existing
 
 
-def _generated_part(text: str) -> str:
-    start, end = text.index(_CARD_START_PREFIX), text.index(_CARD_END) + len(_CARD_END)
-    return text[start:end]
-
-
-def _replace_generated(text: str, generated: str) -> str:
-    """Swap the marked part of ``text`` for ``generated``; text without (both) markers is kept as it is."""
-    start, end = text.find(_CARD_START_PREFIX), text.find(_CARD_END)
-    if start < 0 or end < start:
-        return text
-    return text[:start] + generated + text[end + len(_CARD_END) :]
-
-
-def _entry(config: Mapping[str, Any], key: str, name: str) -> Any:
-    """``config[key][name]``, or ``None`` where the config has no such entry (cards never fail on metadata)."""
-    section = config.get(key)
-    return section.get(name) if isinstance(section, Mapping) else None
-
-
-def _model_id(config: Mapping[str, Any], key: str) -> str:
-    return str(_entry(config, key, "id") or "")
-
-
-def made_with(config: Mapping[str, Any]) -> str | None:
-    """The pnc_surgery version that wrote a config (``versions.pnc_surgery``, or a flat ``pnc_surgery_version``)."""
-    version = _entry(config, "versions", "pnc_surgery") or config.get("pnc_surgery_version")
-    return None if version is None else str(version)
-
-
-def _class_rows(config: Mapping[str, Any]) -> list[tuple[Any, str]]:
-    classes = config.get("classes")
-    if not isinstance(classes, Mapping):
-        return []
-    ids, names = list(classes.get("ids") or []), list(classes.get("names") or [])
-    return [(ids[i], str(names[i]) if i < len(names) else "") for i in range(len(ids))]
-
-
-def _summary(config: Mapping[str, Any]) -> str:
-    count, source, target = len(_class_rows(config)), _model_id(config, "source"), _model_id(config, "target")
-    return f"{count} class{'es' if count != 1 else ''} of {source or '?'} for {target or '?'}"
+def _summary(config: PatchConfig) -> str:
+    count = len(config.class_ids)
+    return f"{count} class{'es' if count != 1 else ''} of {config.source.id or '?'} for {config.target.id or '?'}"
 
 
 def _cell(value: Any) -> str:
@@ -508,78 +604,3 @@ def _cell(value: Any) -> str:
 def _code(value: str) -> str:
     """Inline code that survives backticks in the value."""
     return f"`` {value} ``" if "`" in value else f"`{value}`"
-
-
-def _card_body(config: Mapping[str, Any], repo_id_or_dir: str) -> str:
-    source, target = _model_id(config, "source") or "?", _model_id(config, "target") or "?"
-    rows = _class_rows(config)
-    num_own = _entry(config, "target", "num_classes")
-    if isinstance(num_own, int) and num_own > 0:
-        order = f"Attached, outputs 0 to {num_own - 1} of the target are its own classes, unchanged; then come these:"
-        outputs = [str(num_own + i) for i in range(len(rows))]
-    else:
-        order = "Attached, the target's outputs are its own classes, unchanged; then come these:"
-        outputs = [f"+{i}" for i in range(len(rows))]
-    metrics = config.get("metrics") if isinstance(config.get("metrics"), Mapping) else {}
-    cut, insertion = _cell(_entry(config, "cut", "name")), _cell(_entry(config, "insertion", "name"))
-    lines = [
-        _CARD_START,
-        "",
-        f"# pnc_surgery patch: {_summary(config)}",
-        "",
-        f"This patch adds {len(rows)} classes of the source model {_code(source)} to the target model "
-        f"{_code(target)} by Partial Network Cloning. It copies the part of the source that carries those classes "
-        "(a pruned copy of its blocks after the cut point, their head rows, a small adapter from the target's "
-        "features, and a gate that tells whether an input is one of the new classes) and hooks it onto the target. "
-        "No parameter of the target is changed: attached, the target scores its own classes followed by the cloned "
-        "ones; detached, it is exactly the original model again. Loading needs this patch and the target only, "
-        "never the source model.",
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "import pnc_surgery",
-        f"patch = pnc_surgery.Patch.from_pretrained({json.dumps(repo_id_or_dir)})",
-        "patch.attach(target_model)   # target_model(x) now scores the target's classes followed by the cloned ones",
-        "```",
-        "",
-        f"`target_model` must be {_code(target)}, the model the patch was made for (attach checks its architecture). "
-        "`patch.detach()` removes every hook; `with patch.attached(target_model):` does both.",
-        "",
-        "## Cloned classes",
-        "",
-        order,
-        "",
-        "| output | source class id | name |",
-        "|---|---|---|",
-        *(
-            f"| {out} | {_cell(class_id)} | {_cell(name)} |"
-            for out, (class_id, name) in zip(outputs, rows, strict=True)
-        ),
-        "",
-        "## Where the patch connects",
-        "",
-        "| point | model | module |",
-        "|---|---|---|",
-        f"| cut (the cloned part starts after it) | source {_cell(source)} | `{cut}` |",
-        f"| insertion (feeds the cloned part) | target {_cell(target)} | `{insertion}` |",
-        "",
-        "## Metrics",
-        "",
-    ]
-    if metrics:
-        lines += ["| metric | value |", "|---|---|", *(f"| {_cell(k)} | {_cell(v)} |" for k, v in metrics.items())]
-    else:
-        lines.append("No metrics were recorded when this patch was made.")
-    lines += [
-        "",
-        "## Files",
-        "",
-        f"`{CONFIG_NAME}` (JSON, format version {_cell(config.get('format_version', '?'))}, made with pnc_surgery "
-        f"{_cell(made_with(config) or '?')}) and `{WEIGHTS_NAME}` (safetensors). "
-        "Nothing is unpickled and no code runs when the patch is loaded.",
-        "",
-        _CARD_END,
-        "",
-    ]
-    return "\n".join(lines)

@@ -12,23 +12,33 @@ modules and each one is *proved*: pruning it physically must give exactly what z
 the consumer gives. Units are ranked by first-order Taylor importance of the local loss, and every group
 keeps the same fraction of its units.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .branch import SourceTail
 from .tracing import trace_model
 
 __all__ = [
-    "PruneGroup", "find_prune_groups", "unit_importance", "keep_indices", "masked", "prune", "branch_parameters",
-    "local_accuracy", "localize",
+    "PruneGroup",
+    "find_prune_groups",
+    "unit_importance",
+    "keep_indices",
+    "masked",
+    "prune",
+    "branch_parameters",
+    "local_accuracy",
+    "localize",
 ]
 
 BranchBatch = tuple[torch.Tensor, torch.Tensor, dict]
@@ -81,8 +91,12 @@ def _leaf_order(branch: SourceTail, feature: torch.Tensor, context: dict) -> lis
     for call in sorted(trace.calls.values(), key=lambda c: c.pre):
         if not call.name.startswith(prefix) or any(True for _ in call.module.children()) or call.output is None:
             continue
-        name = call.name[len(prefix):]
-        if name in branch.stubs or name == branch.cut or any(name.startswith(s + ".") for s in [*branch.stubs, branch.cut]):
+        name = call.name[len(prefix) :]
+        if (
+            name in branch.stubs
+            or name == branch.cut
+            or any(name.startswith(s + ".") for s in [*branch.stubs, branch.cut])
+        ):
             continue
         leaves.append((name, call.module, tuple(call.output.shape)))
     return leaves
@@ -104,7 +118,7 @@ def find_prune_groups(branch: SourceTail, feature: torch.Tensor, context: dict |
         width = _channel_width(module)
         if width is None or name in skip or width < 4:
             continue
-        passthrough = []
+        passthrough: list[str] = []
         for next_name, next_module, next_shape in leaves[i + 1 :]:
             if _consumes(next_module, width) and next_name not in skip:
                 groups.append(PruneGroup(name, passthrough, next_name, width))
@@ -134,11 +148,13 @@ class masked:
     """Context manager: zero the consumer inputs of every unit not in ``keep`` (a mask, no weights changed)."""
 
     def __init__(self, branch: SourceTail, keep: dict[str, torch.Tensor]) -> None:
-        self.branch, self.keep, self.handles = branch, keep, []
+        self.branch, self.keep = branch, keep
+        self.handles: list[RemovableHandle] = []
 
-    def __enter__(self) -> "masked":
+    def __enter__(self) -> masked:
         for consumer, kept in self.keep.items():
             module = self.branch.model.get_submodule(consumer)
+            assert isinstance(module, (nn.Conv2d, nn.Linear)), "prune groups end in a linear or conv consumer"
             axis = 1 if isinstance(module, nn.Conv2d) else -1
             width = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
             mask = torch.zeros(width)
@@ -202,7 +218,9 @@ def unit_importance(
     return scores
 
 
-def keep_indices(groups: Sequence[PruneGroup], scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+def keep_indices(
+    groups: Sequence[PruneGroup], scores: dict[str, torch.Tensor], ratio: float
+) -> dict[str, torch.Tensor]:
     """The most important ``ratio`` of each group's units (at least one), in their original order."""
     kept = {}
     for group in groups:

@@ -8,10 +8,13 @@ containers and the top levels), and each one is kept only if it passes the subst
 forward. The test compares the classifier's input (pre-logits) as well as the logits, since random-init
 heads give near-constant logits.
 """
+
 from __future__ import annotations
 
 import copy
+import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,7 +25,7 @@ from torch import nn
 from .backends import Backend, ModelInputs, backend_for
 from .backends.base import main_tensor
 from .errors import InvalidInputError, UnsupportedModelError
-from .tracing import Trace, classifier_names, eval_mode, trace_model
+from .tracing import ModuleCall, Trace, classifier_names, eval_mode, trace_model
 
 __all__ = [
     "Point",
@@ -31,9 +34,13 @@ __all__ = [
     "resolve_example_input",
 ]
 
+logger = logging.getLogger(__name__)
+
 LAYOUTS = ("NCHW", "NHWC", "NLC")
 SUBSTITUTION_RTOL = 1e-4
 SUBSTITUTION_CHUNK = 16
+DEAD_WEIGHT = 1e-4
+"""Weight tensors no larger than this (zero-init norms, layer scales) are set to one in the substitution probe."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +97,9 @@ def resolve_example_input(model: nn.Module, example_input: ModelInputs | None, b
     """The given example input after cheap checks, or one built from the model's own config."""
     if example_input is None:
         return backend.example_input(model)
-    backend.check_input(model, example_input)
-    return example_input
+    inputs = backend.call_inputs(model, example_input)
+    backend.check_input(model, inputs)
+    return inputs
 
 
 def _candidate_names(model: nn.Module) -> set[str]:
@@ -145,7 +153,9 @@ def _layout(shape: tuple[int, ...], spatial: tuple[int, int] | None, hint: str |
     return "NCHW"
 
 
-def _describe(name: str, index: int, shape: tuple[int, ...], layout: str, spatial: tuple[int, int] | None, prefix: int | None) -> Point:
+def _describe(
+    name: str, index: int, shape: tuple[int, ...], layout: str, spatial: tuple[int, int] | None, prefix: int | None
+) -> Point:
     if layout == "NCHW":
         width, grid_h = shape[0], shape[1]
     elif layout == "NHWC":
@@ -166,16 +176,21 @@ def _describe(name: str, index: int, shape: tuple[int, ...], layout: str, spatia
 
 
 def _without_dead_paths(model: nn.Module) -> nn.Module:
-    """A copy whose all-zero weights are set to one, or ``model`` itself when it has none.
+    """A copy whose all-but-zero weights are set to one, or ``model`` itself when it has none.
 
-    Random-init models often zero a residual branch's last norm or layer scale (timm's ``zero_init_last``);
-    that branch then contributes nothing and a module on the skip path would pass the substitution test
-    without being a cut. Trained weights are never exactly zero, so this only touches fresh models.
+    Random-init models often zero a residual branch's last norm or start its layer scale at 1e-5 or 1e-6
+    (timm's ``zero_init_last``, ``init_values``); that branch then contributes (almost) nothing and a module on
+    the skip path would pass the substitution test without being a cut. Changing weights cannot make a cut
+    stop being one (it is a property of the graph), so the probe may wake these paths up.
     """
     dead = [
         name
         for name, param in model.named_parameters()
-        if param.dim() >= 1 and param.numel() > 1 and not name.endswith("bias") and not param.detach().any()
+        if param.dim() >= 1
+        and param.numel() > 1
+        and not name.endswith("bias")
+        and param.is_floating_point()
+        and param.detach().abs().max().item() <= DEAD_WEIGHT
     ]
     if not dead:
         return model
@@ -187,12 +202,15 @@ def _without_dead_paths(model: nn.Module) -> nn.Module:
 
 
 def _repeat_batch(inputs: ModelInputs, times: int) -> ModelInputs:
+    def repeat(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.repeat(times, *([1] * (tensor.dim() - 1)))
+
     if isinstance(inputs, torch.Tensor):
-        return inputs.repeat(times, *([1] * (inputs.dim() - 1)))
-    return {key: _repeat_batch(value, times) for key, value in inputs.items()}
+        return repeat(inputs)
+    return {key: repeat(value) for key, value in inputs.items()}
 
 
-def _substitution_survivors(
+def _substitution_errors(
     model: nn.Module,
     first: Trace,
     names: list[str],
@@ -200,15 +218,16 @@ def _substitution_survivors(
     baseline: torch.Tensor,
     spread: float,
     backend: Backend,
-) -> set[str]:
-    """Names whose output, swapped for the first input's, makes the model answer as for the first input.
+) -> dict[str, float]:
+    """How far the model's answer stays from the first input's when only ``name``'s output is swapped for the
+    first input's, relative to how far the two inputs' answers differ (0 for a cut).
 
     Candidates are tested together: the second input is repeated once per candidate along the batch and
     candidate ``i``'s hook swaps only its own rows, so one forward tests a whole chunk (rows are
     independent in eval mode).
     """
     batch = baseline.shape[0]
-    survivors: set[str] = set()
+    errors: dict[str, float] = {}
     for start in range(0, len(names), SUBSTITUTION_CHUNK):
         chunk = names[start : start + SUBSTITUTION_CHUNK]
         handles = []
@@ -223,18 +242,17 @@ def _substitution_survivors(
 
         try:
             for i, name in enumerate(chunk):
-                rows = slice(i * batch, (i + 1) * batch)
-                handles.append(model.get_submodule(name).register_forward_hook(swap_rows(rows, first.calls[name].output)))
+                rows, recorded = slice(i * batch, (i + 1) * batch), first.calls[name].output
+                assert recorded is not None, f"{name} was traced without its output"
+                handles.append(model.get_submodule(name).register_forward_hook(swap_rows(rows, recorded)))
             trace = trace_model(model, _repeat_batch(second_inputs, len(chunk)), backend, classifiers=first.classifiers)
         finally:
             for handle in handles:
                 handle.remove()
         answers = _compare_outputs(trace)
         for i, name in enumerate(chunk):
-            error = (answers[i * batch : (i + 1) * batch] - baseline).abs().max().item()
-            if error <= SUBSTITUTION_RTOL * spread:
-                survivors.add(name)
-    return survivors
+            errors[name] = (answers[i * batch : (i + 1) * batch] - baseline).abs().max().item() / spread
+    return errors
 
 
 def _compare_outputs(trace: Trace) -> torch.Tensor:
@@ -244,7 +262,9 @@ def _compare_outputs(trace: Trace) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _checked_reference(model: nn.Module, inputs: ModelInputs, backend: Backend, keep: Callable[[str], bool]) -> tuple[Trace, int]:
+def _checked_reference(
+    model: nn.Module, inputs: ModelInputs, backend: Backend, keep: Callable[[str], bool]
+) -> tuple[Trace, int]:
     """One traced forward on the example, checked to be a classifier's (batch, classes) logits."""
     try:
         reference = trace_model(model, inputs, backend, keep=keep)
@@ -268,10 +288,11 @@ def _checked_reference(model: nn.Module, inputs: ModelInputs, backend: Backend, 
     return reference, num_classes
 
 
-def _substitution_survivors_of(
+def _substitution_errors_of(
     model: nn.Module, inputs: ModelInputs, backend: Backend, names: list[str], classifiers: list[str]
-) -> set[str]:
-    """Which of ``names`` pass the substitution test (on a twin without dead residual paths)."""
+) -> dict[str, float]:
+    """The substitution test's relative error of each of ``names`` (on a twin without dead residual paths);
+    a name passes when its error is at most ``SUBSTITUTION_RTOL``."""
     second_inputs = backend.second_input(model, inputs)
     probe = _without_dead_paths(model)
     wanted = set(names)
@@ -285,85 +306,147 @@ def _substitution_survivors_of(
             "cut points cannot be told apart"
         )
     present = [n for n in names if first.calls.get(n) is not None and first.calls[n].output is not None]
-    return _substitution_survivors(probe, first, present, second_inputs, baseline, spread, backend)
+    return _substitution_errors(probe, first, present, second_inputs, baseline, spread, backend)
 
 
 def check_cut(model: nn.Module, name: str, inputs: ModelInputs) -> None:
     """Raise :class:`UnsupportedModelError` unless the rest of ``model`` depends on module ``name``'s output alone."""
     backend = backend_for(model)
+    inputs = resolve_example_input(model, inputs, backend)
     with eval_mode(model):
         reference, num_classes = _checked_reference(model, inputs, backend, keep=lambda n: n == name)
         call = reference.calls.get(name)
         if call is None or call.output is None or call.calls != 1:
-            raise UnsupportedModelError(f"module {name!r} is not called exactly once with a single tensor output; it cannot be cut")
+            raise UnsupportedModelError(
+                f"module {name!r} is not called exactly once with a single tensor output; it cannot be cut"
+            )
         if call.output.shape[0] != reference.logits.shape[0]:
             raise UnsupportedModelError(
-                f"module {name!r} outputs {tuple(call.output.shape)}, whose first axis is not the batch (windows, heads?); "
-                "it is not a cut point"
+                f"module {name!r} outputs {tuple(call.output.shape)}, whose first axis is not the batch "
+                "(windows, heads?); it is not a cut point"
             )
         classifiers = classifier_names(reference, num_classes, after=call.post)
-        if name not in _substitution_survivors_of(model, inputs, backend, [name], classifiers):
-            raise UnsupportedModelError(
-                f"{name!r} is not a cut point of {type(model).__name__}: the model's answer also depends on what "
-                "happens beside it (a residual path, attention context); use a point from find_points()"
-            )
+        error = _substitution_errors_of(model, inputs, backend, [name], classifiers).get(name, math.inf)
+        if not error <= SUBSTITUTION_RTOL:
+            raise UnsupportedModelError(f"{name!r} is not a cut point of {type(model).__name__}: {_not_a_cut(error)}")
 
 
-def find_points(model: nn.Module, example_input: ModelInputs | None = None) -> list[Point]:
+def _not_a_cut(error: float) -> str:
+    if not math.isfinite(error):
+        return "its output was not produced on the second input"
+    return (
+        f"swapping its output alone leaves the answer {error:.2g} of the inputs' difference away (the model also "
+        "reads around it: a residual path, attention context, a second branch)"
+    )
+
+
+def _shape_verdict(call: ModuleCall, batch: int) -> str | None:
+    """Why a called module's output cannot be a point whatever the substitution test says (``None``: it can)."""
+    out = call.output
+    if call.calls != 1:
+        return f"called {call.calls} times (a shared module is not one place in the model)"
+    if out is None:
+        return "its output is not a single tensor"
+    if out.dim() == 0 or out.shape[0] != batch:
+        return f"its output {tuple(out.shape)} does not lead with the batch (windows, heads?)"
+    if out.dim() not in (3, 4):
+        return (
+            f"its output {tuple(out.shape)} is neither a (B, C, H, W) / (B, H, W, C) map nor a (B, L, C) sequence"
+            + (" (flat (B, C) features, as in an MLP, are not supported as points)" if out.dim() == 2 else "")
+        )
+    return None
+
+
+def find_points(model: nn.Module, example_input: ModelInputs | None = None, explain: bool = False) -> list[Point]:
     """The ordered points where ``model`` can be cut or tapped.
 
     Args:
         model: a classifier (timm, transformers ``*ForImageClassification`` / ``*ForSequenceClassification``,
             or any ``nn.Module`` mapping one tensor to ``(batch, classes)`` logits).
         example_input: what to call the model with; built from the model's data config when omitted.
-            Use a dict of keyword tensors for transformers models (masks included).
+            A tensor, or a dict of keyword tensors for transformers models (masks included); a tensor given to
+            a transformers model is its main input (``pixel_values`` or ``input_ids``).
+        explain: also print every candidate module (stage, block and embedding outputs on the main path) with
+            the reason it is not a point. The reasons are logged at DEBUG level on ``pnc_surgery.points`` anyway.
 
     Returns:
         The points in execution order (see :class:`Point`).
 
     Raises:
         InvalidInputError: ``model`` is not a module, or ``example_input`` does not fit it.
-        UnsupportedModelError: the model has no classifier, or its output does not depend on its input.
+        UnsupportedModelError: the model has no classifier, its output does not depend on its input, or no
+            module is a cut (the message gives the reasons of the candidates).
     """
     backend = backend_for(model)
     inputs = resolve_example_input(model, example_input, backend)
     candidates = _candidate_names(model)
+    verdicts: dict[str, str] = {}
     with eval_mode(model):
         reference, num_classes = _checked_reference(model, inputs, backend, keep=candidates.__contains__)
         batch = int(reference.logits.shape[0])
         main = main_tensor(inputs, backend.main_input_name(model))
-        spatial = tuple(main.shape[-2:]) if main.is_floating_point() and main.dim() == 4 else None
+        spatial = (int(main.shape[-2]), int(main.shape[-1])) if main.is_floating_point() and main.dim() == 4 else None
         hint, prefix = backend.layout_hint(model), backend.prefix_tokens(model)
 
-        shaped = []
+        shaped: list[tuple[ModuleCall, str]] = []
         for call in reference.calls.values():
-            out = call.output
-            if out is None or call.calls != 1 or out.dim() not in (3, 4) or out.shape[0] != batch:
+            if call.name not in candidates:
                 continue
+            reason, out = _shape_verdict(call, batch), call.output
             module_hint = "NCHW" if isinstance(call.module, CHANNELS_FIRST_MODULES) else hint
-            layout = _layout(tuple(out.shape[1:]), spatial, module_hint)
-            if layout is not None:
+            layout = _layout(tuple(out.shape[1:]), spatial, module_hint) if reason is None and out is not None else None
+            if layout is None:
+                verdicts[call.name] = reason or "its output has no known layout"
+            else:
                 shaped.append((call, layout))
         last_post = max((call.post for call, _ in shaped), default=-1)
         classifiers = classifier_names(reference, num_classes, after=last_post)
-        valid = _substitution_survivors_of(model, inputs, backend, [call.name for call, _ in shaped], classifiers)
-        points, seen_outputs = [], {}
+        errors = _substitution_errors_of(model, inputs, backend, [call.name for call, _ in shaped], classifiers)
+        points: list[tuple[ModuleCall, str]] = []
+        seen_outputs: dict[int | None, ModuleCall] = {}
         for call, layout in sorted(shaped, key=lambda item: item[0].post):
-            if call.name not in valid:
+            error = errors.get(call.name, math.inf)
+            if not error <= SUBSTITUTION_RTOL:
+                verdicts[call.name] = _not_a_cut(error)
                 continue
             alias = seen_outputs.get(call.output_id)
             if alias is not None and (alias.name.startswith(call.name + ".") or call.name.startswith(alias.name + ".")):
-                outer = call if alias.name.startswith(call.name + ".") else alias
+                outer, inner = (call, alias) if alias.name.startswith(call.name + ".") else (alias, call)
+                verdicts[inner.name] = f"its output is the same tensor as {outer.name!r}'s, offered under that name"
                 seen_outputs[call.output_id] = outer
                 points = [p for p in points if p[0].name != alias.name] + [(outer, layout)]
                 continue
             seen_outputs[call.output_id] = call
             points.append((call, layout))
     points.sort(key=lambda item: item[0].post)
+    for call, _ in points:
+        verdicts.pop(call.name, None)
+    _report(model, reference, points, verdicts, explain)
     described = [
         _describe(call.name, index, tuple(call.output.shape[1:]), layout, spatial, prefix)
         for index, (call, layout) in enumerate(points)
+        if call.output is not None
     ]
     if not described:
-        raise UnsupportedModelError(f"no module of {type(model).__name__} is a valid cut point")
+        reasons = Counter(verdicts.values()).most_common(3)
+        summary = "; ".join(f"{count} candidates: {reason}" for reason, count in reasons)
+        raise UnsupportedModelError(f"no module of {type(model).__name__} is a valid cut point ({summary})")
     return described
+
+
+def _report(
+    model: nn.Module, trace: Trace, points: list[tuple[ModuleCall, str]], verdicts: dict[str, str], explain: bool
+) -> None:
+    """Log (and with ``explain`` print) each candidate in execution order: a point, or why it is not one."""
+    offered = {call.name for call, _ in points}
+    names = sorted(offered | set(verdicts), key=lambda n: trace.calls[n].post)
+    lines = [f"{name}: " + ("point" if name in offered else f"not a point: {verdicts[name]}") for name in names]
+    for line in lines:
+        logger.debug("%s %s", type(model).__name__, line)
+    if explain:
+        print(f"find_points({type(model).__name__}): {len(offered)} points among {len(names)} candidates")
+        print("\n".join(f"  {line}" for line in lines))
+        print(
+            f"  ({len(trace.calls) - len(names) - 1} other modules, inside blocks, are not candidates; "
+            "check_cut(model, name, example_input) tests one and says why it is not a cut)"
+        )

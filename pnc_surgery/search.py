@@ -2,16 +2,21 @@
 
 Which source cut and which target insertion point work best depend on each other: a deep cut needs a
 target feature that is already abstract, a shallow one leaves more of the source to carry the classes.
-Every compatible pair gets an adapter, started from the least-squares linear map between the two features and
-trained for a few steps (the cheap proxy); successive halving then keeps the better half and doubles the
-training of the survivors until one pair is left. The score is the local accuracy on held-out clone data (ties
-broken by the distillation loss). The ranking is returned so the patch can record what was seen.
+Every compatible pair gets an adapter, started from the least-squares linear map between the two features. Round
+zero scores every pair as it starts (one forward of its branch on the held-out data, no training) and keeps the
+best ``survivors``; successive halving then trains the survivors briefly, keeps the better half and doubles the
+training of the rest until one pair is left. The score is the local accuracy on held-out clone data, ties broken
+by the loss, minus ``cost_weight`` times the pair's cost (the share of the source the branch would
+copy), so that a cheaper branch wins unless a costlier one is clearly more accurate. The ranking is returned so
+the patch can record what was seen.
 """
+
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +42,17 @@ class FitData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def rows(self, index: torch.Tensor) -> "FitData":
+    def to(self, device: torch.device) -> FitData:
+        """The same rows with every tensor on ``device``."""
+        return FitData(
+            self.target_features.to(device),
+            None if self.source_features is None else self.source_features.to(device),
+            self.teacher_logits.to(device),
+            self.labels.to(device),
+            {k: v.to(device) for k, v in self.context.items()},
+        )
+
+    def rows(self, index: torch.Tensor) -> FitData:
         return FitData(
             self.target_features[index],
             None if self.source_features is None else self.source_features[index],
@@ -60,10 +75,15 @@ class Candidate:
     loss: float = float("nan")
     rounds: int = 0
     optimizer: torch.optim.Optimizer | None = None
+    cost: float = 0.0
+    """Share of the source the branch copies (0: nothing, 1: all of it), as the search's cost term sees it."""
+    cost_weight: float = 0.0
+    """Held-out accuracy one whole source's worth of cost is worth in the score."""
 
     @property
     def score(self) -> float:
-        return self.accuracy - 1e-3 * (self.loss if math.isfinite(self.loss) else 1e3)
+        """Held-out local accuracy, ties broken by the loss, less the weighted cost."""
+        return _score(self.accuracy, self.loss) - self.cost_weight * self.cost
 
     def record(self) -> dict:
         return {
@@ -71,9 +91,18 @@ class Candidate:
             "insertion": self.insertion.name,
             "heldout_accuracy": round(self.accuracy, 4),
             "heldout_loss": round(self.loss, 4),
+            "cost": round(self.cost, 4),
             "steps": self.steps,
             "rounds": self.rounds,
         }
+
+
+LOSS_WEIGHT = 0.01
+"""Accuracy one unit of held-out loss is worth in a score: held-out sets are small, and accuracy alone often ties."""
+
+
+def _score(accuracy: float, loss: float) -> float:
+    return accuracy - LOSS_WEIGHT * (loss if math.isfinite(loss) else 1e3)
 
 
 def spread_points(points: Sequence[Point], count: int) -> list[Point]:
@@ -87,7 +116,7 @@ def spread_points(points: Sequence[Point], count: int) -> list[Point]:
     """
     if len(points) <= count:
         return list(points)
-    ends = [p for p, nxt in zip(points, points[1:]) if p.shape != nxt.shape] + [points[-1]]
+    ends = [p for p, nxt in itertools.pairwise(points) if p.shape != nxt.shape] + [points[-1]]
     chosen: dict[str, Point] = {}
     for pool in (ends, points):
         step = (len(pool) - 1) / max(count - 1, 1)
@@ -102,8 +131,10 @@ def spread_points(points: Sequence[Point], count: int) -> list[Point]:
 def _loss(
     candidate: Candidate, batch: FitData, temperature: float, feature_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = batch.to(candidate.adapter.proj.weight.device)
     adapted = candidate.adapter(batch.target_features)
     logits = candidate.branch(adapted, **batch.context)
+    logits = logits.float()
     loss = F.cross_entropy(logits, batch.labels)
     teacher = (batch.teacher_logits / temperature).softmax(-1)
     loss = loss + F.kl_div((logits / temperature).log_softmax(-1), teacher, reduction="batchmean") * temperature**2
@@ -125,8 +156,16 @@ def train_candidate(
     generator: torch.Generator,
     branch_lr: float = 0.0,
     progress: Callable[[int], None] | None = None,
+    heldout: FitData | None = None,
+    eval_every: int = 0,
+    patience: int = 0,
 ) -> None:
-    """Train the candidate's adapter (and, with ``branch_lr`` > 0, its branch) for ``steps`` mini-batches."""
+    """Train the candidate's adapter (and, with ``branch_lr`` > 0, its branch) for up to ``steps`` mini-batches.
+
+    Args:
+        heldout, eval_every, patience: with all three set, score on ``heldout`` every ``eval_every`` steps, stop
+            once ``patience`` scores in a row have not beaten the best, and keep the best weights seen.
+    """
     if candidate.optimizer is None or branch_lr:
         groups = [{"params": list(candidate.adapter.parameters()), "lr": lr}]
         branch_params = [p for p in candidate.branch.parameters() if p.numel()]
@@ -137,31 +176,57 @@ def train_candidate(
         candidate.optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
     optimizer = candidate.optimizer
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1)) if branch_lr else None
+    stopping = heldout is not None and eval_every > 0 and patience > 0
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    best_score, best_state, stale = -math.inf, None, 0
+    done = 0
     candidate.adapter.train()
     for step in range(steps):
         index = torch.randint(0, len(data), (min(batch_size, len(data)),), generator=generator)
         loss, _ = _loss(candidate, data.rows(index), temperature, feature_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if schedule is not None:
-            schedule.step()
+        if math.isfinite(float(torch.nn.utils.clip_grad_norm_(trained, math.inf))):
+            optimizer.step()  # a step with non-finite gradients (reduced precision can overflow) is skipped
+            if schedule is not None:
+                schedule.step()
+        done = step + 1
         if progress is not None:
             progress(1)
-    candidate.steps += steps
+        if stopping and (done % eval_every == 0 or done == steps):
+            assert heldout is not None
+            candidate.adapter.eval()
+            accuracy, held_loss = evaluate(candidate, heldout, temperature, feature_weight)
+            candidate.adapter.train()
+            score = _score(accuracy, held_loss)
+            if score > best_score:
+                best_score, best_state, stale = score, [p.detach().clone() for p in trained], 0
+            else:
+                stale += 1
+                if stale >= patience:
+                    break
+    if best_state is not None:
+        with torch.no_grad():
+            for p, value in zip(trained, best_state):
+                p.copy_(value)
+    if progress is not None and done < steps:
+        progress(steps - done)
+    candidate.steps += done
     candidate.adapter.eval()
     for p in candidate.branch.parameters():
         p.requires_grad_(False)
 
 
 @torch.no_grad()
-def evaluate(candidate: Candidate, data: FitData, temperature: float, feature_weight: float, batch_size: int = 256) -> tuple[float, float]:
+def evaluate(
+    candidate: Candidate, data: FitData, temperature: float, feature_weight: float, batch_size: int = 256
+) -> tuple[float, float]:
     """Local accuracy (argmax among the cloned classes) and mean loss on ``data``."""
     correct, total_loss = 0, 0.0
     for start in range(0, len(data), batch_size):
         batch = data.rows(torch.arange(start, min(start + batch_size, len(data))))
         loss, logits = _loss(candidate, batch, temperature, feature_weight)
-        correct += int((logits.argmax(-1) == batch.labels).sum())
+        correct += int((logits.argmax(-1).cpu() == batch.labels.cpu()).sum())
         total_loss += float(loss) * len(batch)
     return correct / max(len(data), 1), total_loss / max(len(data), 1)
 
@@ -177,27 +242,47 @@ def successive_halving(
     temperature: float,
     feature_weight: float,
     generator: torch.Generator,
+    survivors: int | None = None,
     progress: bool = True,
 ) -> tuple[Candidate, list[dict]]:
-    """Train all candidates briefly, keep the better half, double the budget, until one is left.
+    """Score all candidates untrained, keep the best ``survivors``; then train them briefly, keep the better half,
+    double the budget, until one is left.
 
     Args:
         fit, heldout: the training and scoring data of a candidate (features depend on its points).
+        first_steps: training steps of each survivor in the first round.
+        survivors: how many candidates round zero keeps (``None``: all).
 
     Returns:
         The winner and the ranking of every candidate (best first) with the round it reached.
     """
-    alive, steps, seen = list(candidates), first_steps, []
-    rounds = max(1, math.ceil(math.log2(max(len(candidates), 1))) + 1)
-    total = sum(first_steps * 2**r * math.ceil(len(candidates) / 2**r) for r in range(rounds))
+    seen: list[Candidate] = []
+    alive = list(candidates)
+    for candidate in alive:
+        candidate.accuracy, candidate.loss = evaluate(candidate, heldout(candidate), temperature, feature_weight)
+    alive.sort(key=lambda c: c.score, reverse=True)
+    if survivors is not None and len(alive) > survivors:
+        seen, alive = alive[max(survivors, 1) :], alive[: max(survivors, 1)]
+    steps = first_steps
+    rounds = max(1, math.ceil(math.log2(max(len(alive), 1))) + 1)
+    total = sum(first_steps * 2**r * math.ceil(len(alive) / 2**r) for r in range(rounds))
     with tqdm(total=total, desc="pnc: search (cut, insertion)", disable=not progress, leave=False) as bar:
         while True:
             for candidate in alive:
                 train_candidate(
-                    candidate, fit(candidate), steps, lr=lr, batch_size=batch_size, temperature=temperature,
-                    feature_weight=feature_weight, generator=generator, progress=bar.update,
+                    candidate,
+                    fit(candidate),
+                    steps,
+                    lr=lr,
+                    batch_size=batch_size,
+                    temperature=temperature,
+                    feature_weight=feature_weight,
+                    generator=generator,
+                    progress=bar.update,
                 )
-                candidate.accuracy, candidate.loss = evaluate(candidate, heldout(candidate), temperature, feature_weight)
+                candidate.accuracy, candidate.loss = evaluate(
+                    candidate, heldout(candidate), temperature, feature_weight
+                )
                 candidate.rounds += 1
             alive.sort(key=lambda c: c.score, reverse=True)
             if len(alive) == 1:

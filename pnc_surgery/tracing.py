@@ -3,6 +3,7 @@
 The rest of the library reads a :class:`Trace` to find cut points, capture features, and find the classifier
 modules whose inputs (pre-logits) carry what the logits of a random-init head hide.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator

@@ -2,10 +2,10 @@
 
 It answers the requests the real ``huggingface_hub`` client makes to create a repo or a branch, commit files
 (the preupload + NDJSON commit endpoints, with every file uploaded "regular": no LFS, no Xet), validate a card's
-YAML, describe a repo (``model_info``) and download a file (``/resolve/``, with the ETag and X-Repo-Commit
-headers ``hf_hub_download`` needs), and it answers errors with the ``X-Error-Code`` headers the client maps to
-RepositoryNotFoundError, RevisionNotFoundError and EntryNotFoundError. Tests point the client at it instead of
-huggingface.co, so a round trip exercises the real client code with no network.
+YAML, describe a repo (``model_info``), list its files (``/tree/``) and download a file (``/resolve/``, with the
+ETag and X-Repo-Commit headers ``hf_hub_download`` needs), and it answers errors with the ``X-Error-Code`` headers
+the client maps to RepositoryNotFoundError, RevisionNotFoundError and EntryNotFoundError. Tests point the client at
+it instead of huggingface.co, so a round trip exercises the real client code with no network.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ _ROUTES = [
     ("POST", re.compile(rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)"), "preupload"),
     ("POST", re.compile(rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)"), "commit"),
     ("POST", re.compile(rf"/api/models/{_REPO}/branch/(?P<branch>[^/]+)"), "create_branch"),
+    ("GET", re.compile(rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)"), "tree"),
     ("GET", re.compile(rf"/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?"), "model_info"),
     ("GET", re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), "resolve"),
     ("HEAD", re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), "resolve"),
@@ -92,7 +93,7 @@ class FakeHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         hub = self
 
         class Handler(_Handler):
@@ -112,7 +113,7 @@ class FakeHub:
             self._thread.join(timeout=5)
             self._server = None
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -296,6 +297,22 @@ class _Handler(BaseHTTPRequestHandler):
             return
         siblings = [{"rfilename": path} for path in sorted(state.commits[oid])]
         self._send(200, {"id": repo, "sha": oid, "private": bool(state.private), "siblings": siblings})
+
+    def tree(self, method: str, query: dict[str, str], repo: str, rev: str) -> None:
+        """Every file of a revision (``recursive=true`` listing, as ``snapshot_download`` asks for it)."""
+        state = self._repo(repo)
+        if state is None:
+            return
+        oid = state.resolve(unquote(rev))
+        if oid is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            return
+        files = state.commits[oid]
+        entries = [
+            {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
+            for path, data in sorted(files.items())
+        ]
+        self._send(200, entries)
 
     def resolve(self, method: str, query: dict[str, str], repo: str, rev: str, path: str) -> None:
         state = self._repo(repo)

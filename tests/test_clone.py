@@ -68,8 +68,8 @@ def test_clone_records_what_it_measured(cloned):
     patch = cloned[0]
     for key in ("source_local_accuracy", "heldout_local_accuracy", "kept_ratio", "cut", "insertion", "clone_seconds", "locality_protection"):
         assert key in patch.metrics, key
-    assert patch.config["search"], "the (cut, insertion) ranking is recorded"
-    assert patch.config["search"][0]["cut"] == patch.metrics["cut"]
+    assert patch.config.search, "the (cut, insertion) ranking is recorded"
+    assert patch.config.search[0]["cut"] == patch.metrics["cut"]
     assert patch.class_ids == [0, 1, 2]
     assert "replay" in patch.metrics["locality_protection"]
 
@@ -104,7 +104,7 @@ def test_points_whose_features_would_not_fit_in_memory_are_left_out_of_the_searc
     patch = clone(source, target, split.clone, config=budget, progress=False)
     sizes = {("cut", p.name): math.prod(p.shape) for p in find_points(source, example)}
     sizes |= {("insertion", p.name): math.prod(p.shape) for p in find_points(target, example)}
-    searched = {(role, row[role]) for row in patch.config["search"] for role in ("cut", "insertion")}
+    searched = {(role, row[role]) for row in patch.config.search for role in ("cut", "insertion")}
     assert searched and all(sizes[key] <= 256 for key in searched), searched
     assert min(sizes.values()) <= 256 < max(sizes.values()), "the budget must leave some points out for this to test anything"
 

@@ -65,7 +65,7 @@ def test_a_sequence_classifier_gains_classes_from_another_architecture(models):
     replay = [{k: v[i] for k, v in replay_inputs.items()} for i in range(len(replay_inputs["input_ids"]))]
     config = CloneConfig(max_cuts=2, max_insertions=2, search_steps=10, train_steps=100)
     patch = clone(source, target, as_pairs(clone_inputs, clone_labels), replay=replay, config=config, progress=False)
-    assert patch.metrics["gate"] == "learned"
+    assert patch.metrics["gate"] in ("novelty", "learned"), "unlabelled replay data still gives a discriminant gate"
     assert "shifted" not in patch.metrics["locality_protection"], "token ids are not images to shift"
 
     test_new, new_labels = sentences([0, 1, 2], 30, seed=5)

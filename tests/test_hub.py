@@ -17,16 +17,22 @@ from fake_hub import FakeHub
 from huggingface_hub import ModelCard, constants
 
 from pnc_surgery.errors import InvalidInputError, PatchFormatError
-from pnc_surgery.files import (
+from pnc_surgery.hub import (
+    CARD_TAGS,
+    card_for_folder,
+    push_folder,
+    resolve_patch_folder,
+)
+from pnc_surgery.patch import FORMAT_VERSION, PatchConfig
+from pnc_surgery.patch.serialization import (
     CARD_NAME,
     CONFIG_NAME,
     WEIGHTS_NAME,
     read_config,
     read_tensors,
-    write_config,
-    write_tensors,
+    tensor_bytes,
+    write_folder,
 )
-from pnc_surgery.hub import CARD_TAGS, push_folder, resolve_patch_folder, write_model_card
 
 SNIPPET = (
     "import pnc_surgery\n"
@@ -35,34 +41,42 @@ SNIPPET = (
 )
 
 
-def make_config(**changes: object) -> dict:
-    """A patch config with every required key (contents are what the card and ``info`` read)."""
-    config = {
-        "format_version": 1,
-        "versions": {"pnc_surgery": "0.1.0"},
-        "source": {"id": "timm/resnet18"},
-        "target": {"id": "google/vit-base-patch16-224", "num_classes": 1000},
-        "cut": {"name": "layer3"},
-        "insertion": {"name": "vit.encoder.layer.5"},
-        "classes": {"ids": [3, 7], "names": ["cat", "dog"]},
-        "adapter": {"kind": "linear"},
-        "gate": {"kind": "sigmoid"},
-        "metrics": {"clone_accuracy": 0.9375, "target_agreement": 1.0, "calibration": "logit"},
-    }
-    config.update(changes)
-    return config
+FIXTURE = Path(__file__).parent / "data" / "format_v1_resnet" / CONFIG_NAME
+
+
+def make_config(
+    source_id: str = "timm/resnet18",
+    target_id: str = "google/vit-base-patch16-224",
+    names: tuple[str, ...] = ("cat", "dog"),
+    metrics: dict | None = None,
+) -> PatchConfig:
+    """A valid patch config (the format-1 fixture's) with the fields the card and ``info`` read set for the test."""
+    data = json.loads(FIXTURE.read_text())
+    data["source"]["id"], data["target"]["id"], data["target"]["num_classes"] = source_id, target_id, 1000
+    data["insertion"]["name"] = "vit.encoder.layer.5"
+    data["classes"]["names"] = list(names)
+    data["metrics"] = (
+        {"clone_accuracy": 0.9375, "target_agreement": 1.0, "calibration": "logit"} if metrics is None else metrics
+    )
+    data["versions"] = {"pnc_surgery": "0.1.0"}
+    return PatchConfig.from_dict(PatchConfig.from_dict(data).to_dict())  # as written now: the current format
 
 
 TENSORS = {"adapter.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4), "gate.bias": torch.zeros(2)}
 
 
-def make_patch(folder: Path, config: dict | None = None) -> Path:
-    """Write a patch folder the way ``Patch.save_pretrained`` does: config, weights, then the card."""
-    folder.mkdir(parents=True, exist_ok=True)
+def make_patch(folder: Path, config: PatchConfig | None = None) -> Path:
+    """Write a patch folder as ``Patch.save_pretrained`` does (its tensors are stand-ins: nothing here builds it)."""
     config = config or make_config()
-    write_config(folder / CONFIG_NAME, config)
-    write_tensors(folder / WEIGHTS_NAME, TENSORS)
-    write_model_card(folder, config)
+    card = card_for_folder(folder, config)
+    write_folder(
+        folder,
+        {
+            WEIGHTS_NAME: tensor_bytes(TENSORS, {"format": "pt"}),
+            CONFIG_NAME: json.dumps(config.to_dict(), indent=2).encode(),
+            CARD_NAME: card.encode(),
+        },
+    )
     return folder
 
 
@@ -145,7 +159,7 @@ def test_push_to_an_existing_repo_adds_a_commit(hub: FakeHub, patch_dir: Path, t
     push_folder(other, "alice/cats")
 
     assert len(commits(hub)) == 2
-    assert read_config(resolve_patch_folder("alice/cats") / CONFIG_NAME)["metrics"] == {"clone_accuracy": 0.5}
+    assert read_config(resolve_patch_folder("alice/cats") / CONFIG_NAME).metrics == {"clone_accuracy": 0.5}
 
 
 def test_push_with_create_pr_opens_a_pull_request_and_leaves_main_alone(hub: FakeHub, patch_dir: Path) -> None:
@@ -174,12 +188,8 @@ def test_download_pins_every_file_to_one_commit(hub: FakeHub, patch_dir: Path) -
     folder = resolve_patch_folder("alice/cats")
 
     assert folder.name == commit
-    paths = {path for _, path in hub.requests[before:]}
-    assert paths == {
-        f"/alice/cats/resolve/main/{CONFIG_NAME}",
-        f"/alice/cats/resolve/{commit}/{WEIGHTS_NAME}",
-        f"/alice/cats/resolve/{commit}/{CARD_NAME}",
-    }
+    downloads = {path for _, path in hub.requests[before:] if "/resolve/" in path}
+    assert downloads == {f"/alice/cats/resolve/{commit}/{name}" for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)}
 
 
 def test_subfolder_of_a_hub_repo(hub: FakeHub, patch_dir: Path) -> None:
@@ -395,22 +405,21 @@ def test_card_has_metadata_classes_points_metrics_and_snippet(patch_dir: Path) -
     assert card.data.library_name == "pnc_surgery"
     assert card.data.base_model == ["google/vit-base-patch16-224", "timm/resnet18"]
     assert set(CARD_TAGS) <= set(card.data.tags)
-    assert "| 1000 | 3 | cat |" in card.text and "| 1001 | 7 | dog |" in card.text
+    assert "| 1000 | 1 | cat |" in card.text and "| 1001 | 3 | dog |" in card.text
     assert "`layer3`" in card.text and "`vit.encoder.layer.5`" in card.text
     assert "| clone_accuracy | 0.9375 |" in card.text and "| calibration | logit |" in card.text
     assert SNIPPET.format(where=patch_dir.as_posix()) in card.text
 
 
 def test_card_base_model_lists_only_hub_ids(tmp_path: Path) -> None:
-    folder = make_patch(tmp_path / "p", make_config(source={"id": "MyResNet"}, target={"id": "/home/me/model.pt"}))
+    folder = make_patch(tmp_path / "p", make_config(source_id="MyResNet", target_id="/home/me/model.pt"))
     card = ModelCard.load(folder / CARD_NAME)
     assert card.data.base_model is None
-    assert "| +0 | 3 | cat |" in card.text  # without the target's class count, outputs are counted after it
     assert card.data.library_name == "pnc_surgery"
 
 
 def test_card_table_cells_cannot_break_the_table(tmp_path: Path) -> None:
-    folder = make_patch(tmp_path / "p", make_config(classes={"ids": [1], "names": ["a|b\nc"]}))
+    folder = make_patch(tmp_path / "p", make_config(names=("a|b\nc", "dog")))
     assert "| 1000 | 1 | a\\|b c |" in (folder / CARD_NAME).read_text()
 
 
@@ -435,7 +444,7 @@ def test_saving_again_refreshes_the_generated_part_and_keeps_notes_around_it(pat
         "Intro by a person.\n\n" + card_path.read_text().split("---\n", 2)[2] + "\n## Notes\nKeep me.\n"
     )
 
-    write_model_card(patch_dir, make_config(metrics={"clone_accuracy": 0.5}))
+    card_path.write_text(card_for_folder(patch_dir, make_config(metrics={"clone_accuracy": 0.5})))
 
     text = card_path.read_text()
     assert "Intro by a person." in text and "## Notes\nKeep me." in text
@@ -449,7 +458,7 @@ def test_card_with_broken_metadata_is_an_error_not_overwritten(tmp_path: Path) -
     folder.mkdir()
     (folder / CARD_NAME).write_text("---\n[unbalanced\n---\nprecious text\n")
     with pytest.raises(PatchFormatError, match="model card"):
-        write_model_card(folder, make_config())
+        card_for_folder(folder, make_config())
     assert "precious text" in (folder / CARD_NAME).read_text()
 
 
@@ -485,7 +494,7 @@ def test_cli_info_describes_a_local_patch(patch_dir: Path, capsys: pytest.Captur
     assert run_cli("info", str(patch_dir)) == 0
     out = capsys.readouterr().out
     for expected in (
-        "version 1",
+        f"version {FORMAT_VERSION}",
         "timm/resnet18",
         "layer3",
         "google/vit-base-patch16-224",
@@ -503,10 +512,10 @@ def test_cli_info_json_reports_sizes_from_the_header(patch_dir: Path, capsys: py
     assert run_cli("info", str(patch_dir), "--json") == 0
     info = json.loads(capsys.readouterr().out)
 
-    assert info["format_version"] == 1
+    assert info["format_version"] == FORMAT_VERSION
     assert (info["source"], info["target"]) == ("timm/resnet18", "google/vit-base-patch16-224")
     assert (info["cut"], info["insertion"]) == ("layer3", "vit.encoder.layer.5")
-    assert info["classes"] == [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
+    assert info["classes"] == [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}]
     assert info["tensors"]["adapter.weight"] == {"dtype": "F32", "shape": [3, 4], "numel": 12, "bytes": 48}
     assert info["num_values"] == 14 and info["tensor_bytes"] == 56
     assert info["file_bytes"][WEIGHTS_NAME] == os.path.getsize(patch_dir / WEIGHTS_NAME)

@@ -18,6 +18,7 @@ ViT and BERT; no training, no network). For every target family:
 
 The loader fuzzing lives in ``test_patch_fuzz.py``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,17 +33,23 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
-
-from pnc_surgery import files
-from pnc_surgery.backends.timm import create_model
-from pnc_surgery.errors import InvalidInputError, PatchFormatError, PatchMismatchError, PatchStateError, PncError
-from pnc_surgery.patch import Patch
 from zoo import logits_of, run_model
 
+from pnc_surgery.backends.timm import create_model
+from pnc_surgery.errors import (
+    InvalidInputError,
+    PatchFormatError,
+    PatchMismatchError,
+    PatchStateError,
+    PncError,
+)
+from pnc_surgery.patch import FORMAT_VERSION, Patch, serialization
+
 # ---------------------------------------------------------------------------------------------- tiny models
-RESNET = dict(channels=(8, 16, 32, 64), stem_width=8, zero_init_last=False)
-VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+RESNET = {"channels": (8, 16, 32, 64), "stem_width": 8, "zero_init_last": False}
+VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 SOURCE_CLASSES, TARGET_CLASSES = 5, 7
 VOCAB, SEQ = 100, 12
 
@@ -62,7 +69,12 @@ def hf_vit(seed: int, num_classes: int = TARGET_CLASSES) -> nn.Module:
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
         num_labels=num_classes,
     )
     return ViTForImageClassification(config).eval()
@@ -73,8 +85,13 @@ def hf_bert(seed: int, num_classes: int = TARGET_CLASSES, hidden: int = 32) -> n
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=num_classes,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_classes,
     )
     return BertForSequenceClassification(config).eval()
 
@@ -134,25 +151,41 @@ def _build_case(name: str) -> Case:
     if name == "timm_cnn":  # CNN -> CNN, different widths at cut (32 x 2 x 2) and insertion (16 x 4 x 4)
         source, target = timm_resnet(0, SOURCE_CLASSES), timm_resnet(1)
         inputs = [images(2, 0), images(3, 1), images(1, 2)]
-        patch = Patch.assemble(source, target, "layer3", "layer2", [1, 3], source_input=inputs[0], target_input=inputs[0])
+        patch = Patch.assemble(
+            source, target, "layer3", "layer2", [1, 3], source_input=inputs[0], target_input=inputs[0]
+        )
         return Case(name, source, target, patch, inputs, "layer2")
     if name == "timm_vit":  # CNN source -> ViT target: tokens (17, 32) with a cls token -> feature map (32, 2, 2)
         source, target = timm_resnet(0, SOURCE_CLASSES), timm_vit(1)
         inputs = [images(2, 0), images(3, 1), images(1, 2)]
-        patch = Patch.assemble(source, target, "layer3", "blocks.0", [0, 2, 4], source_input=inputs[0], target_input=inputs[0])
+        patch = Patch.assemble(
+            source, target, "layer3", "blocks.0", [0, 2, 4], source_input=inputs[0], target_input=inputs[0]
+        )
         return Case(name, source, target, patch, inputs, "blocks.0")
     if name == "hf_vit":  # timm ViT source -> transformers ViT target
         source, target = timm_vit(0, SOURCE_CLASSES), hf_vit(1)
         inputs = [{"pixel_values": images(2, 0)}, {"pixel_values": images(3, 1)}, {"pixel_values": images(1, 2)}]
         patch = Patch.assemble(
-            source, target, "blocks.0", "vit.layers.0", [1, 2], source_input=inputs[0]["pixel_values"], target_input=inputs[0]
+            source,
+            target,
+            "blocks.0",
+            "vit.layers.0",
+            [1, 2],
+            source_input=inputs[0]["pixel_values"],
+            target_input=inputs[0],
         )
         return Case(name, source, target, patch, inputs, "vit.layers.0")
     if name == "hf_bert":  # BERT -> BERT with attention masks and padding, other batch sizes and lengths
         source, target = hf_bert(0, SOURCE_CLASSES), hf_bert(1)
         inputs = [text(2, 0), text(3, 1), text(4, 2, length=9)]
         patch = Patch.assemble(
-            source, target, "bert.encoder.layer.0", "bert.encoder.layer.0", [0, 3], source_input=inputs[0], target_input=inputs[0]
+            source,
+            target,
+            "bert.encoder.layer.0",
+            "bert.encoder.layer.0",
+            [0, 3],
+            source_input=inputs[0],
+            target_input=inputs[0],
         )
         return Case(name, source, target, patch, inputs, "bert.encoder.layer.0")
     raise KeyError(name)
@@ -184,8 +217,14 @@ def sha256_of_tensors(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...],
 
 
 HOOK_DICTS = (
-    "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_always_called", "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_always_called",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
     "_load_state_dict_pre_hooks",
 )
 
@@ -229,7 +268,7 @@ def new_columns(case: Case, patch: Patch | None = None, model: nn.Module | None 
 
 def fresh_patch(case: Case) -> Patch:
     """A copy of the case's patch that no other test holds (through the file format, so nothing is shared)."""
-    return Patch._from_parts(case.patch.full_config(), case.patch.tensors(), "copy")
+    return serialization.rebuild(Patch, case.patch.config, case.patch.tensors(), "copy")
 
 
 # ======================================================================================= attach / run / detach
@@ -245,7 +284,7 @@ def test_attached_output_is_the_target_logits_followed_by_the_new_classes(case: 
             after = [run_model(target, x) for x in case.inputs]
     finally:
         patch.detach()
-    for x, old, new in zip(case.inputs, before, after):
+    for old, new in zip(before, after, strict=True):
         assert type(new) is type(old)  # a tensor for timm, the same ModelOutput class for transformers
         if case.name.startswith("hf"):
             assert isinstance(new.logits, torch.Tensor) and new.logits is new[0]
@@ -336,7 +375,7 @@ def test_model_to_float64_after_attach_keeps_working(case: Case) -> None:
             assert got.dtype == torch.float64
             assert torch.equal(got[:, : case.num_classes], own)
             torch.testing.assert_close(got[:, case.num_classes :].float(), new, atol=1e-4, rtol=1e-4)
-        assert patch.adapter.proj.weight.dtype == torch.float64  # the patch followed the target
+        assert patch.adapter.proj.weight.dtype == torch.float32  # the patch keeps its own precision
         target.to(torch.float32)
         assert_all_equal(outputs(target, case.inputs), patched32)  # float32 -> float64 -> float32 is exact
     assert_all_equal(outputs(target, case.inputs), outputs(case.target, case.inputs))
@@ -355,7 +394,7 @@ def test_new_columns_are_the_source_scores_when_the_target_is_the_source(name: s
     base = make_case(name)
     source = base.source
     target = copy.deepcopy(source)
-    cut = base.patch.config["cut"]["name"]
+    cut = base.patch.config.cut.name
     classes = base.patch.class_ids
     x = base.inputs[0]
     ungated = Patch.assemble(source, target, cut, cut, classes, source_input=x, target_input=x, gate="none")
@@ -387,7 +426,9 @@ def test_padding_tokens_do_not_change_the_new_columns() -> None:
 def test_save_pretrained_then_from_pretrained_attaches_with_the_same_outputs(case: Case, tmp_path: Path) -> None:
     expected = new_columns(case)
     folder = case.patch.save_pretrained(tmp_path / "patch")
-    assert sorted(p.name for p in folder.iterdir()) == sorted([files.CONFIG_NAME, files.WEIGHTS_NAME, files.CARD_NAME])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [serialization.CONFIG_NAME, serialization.WEIGHTS_NAME, serialization.CARD_NAME]
+    )
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "patch_config.json", "patch_model.safetensors"]
     loaded = Patch.from_pretrained(folder)
     assert loaded is not case.patch and not loaded.is_attached
@@ -409,7 +450,7 @@ def test_save_then_load_single_file_attaches_with_the_same_outputs(case: Case, t
     loaded = Patch.load(path)
     assert loaded is not case.patch
     _assert_same_tensors(loaded, case.patch)
-    assert loaded.full_config()["target"] == case.patch.full_config()["target"]
+    assert loaded.config.target == case.patch.config.target
     assert_all_equal(new_columns(case, loaded), expected)
 
 
@@ -418,7 +459,7 @@ def test_the_two_file_forms_hold_the_same_patch(tmp_path: Path) -> None:
     folder = case.patch.save_pretrained(tmp_path / "folder")
     single = case.patch.save(tmp_path / "single.safetensors")
     a, b = Patch.from_pretrained(folder), Patch.load(single)
-    assert a.full_config() == b.full_config()
+    assert a.config == b.config
     _assert_same_tensors(a, b)
 
 
@@ -440,7 +481,13 @@ def _second_patch(name: str) -> Patch:
         patch = Patch.assemble(case.source, case.target, "layer2", "layer3", [0, 2, 4], source_input=x, target_input=x)
     else:
         patch = Patch.assemble(
-            case.source, case.target, "bert.encoder.layer.1", "bert.encoder.layer.1", [4, 1, 2], source_input=x, target_input=x
+            case.source,
+            case.target,
+            "bert.encoder.layer.1",
+            "bert.encoder.layer.1",
+            [4, 1, 2],
+            source_input=x,
+            target_input=x,
         )
     _EXTRA_PATCHES[name] = patch
     return patch
@@ -491,11 +538,10 @@ def test_stacking_in_the_other_order_swaps_the_blocks() -> None:
 def test_attached_context_detaches_even_when_the_block_raises() -> None:
     case = make_case("timm_cnn")
     before = outputs(case.target, case.inputs)
-    with pytest.raises(KeyError, match="boom"):
-        with case.patch.attached(case.target) as model:
-            assert model is case.target and case.patch.is_attached
-            outputs(model, case.inputs)
-            raise KeyError("boom")
+    with pytest.raises(KeyError, match="boom"), case.patch.attached(case.target) as model:
+        assert model is case.target and case.patch.is_attached
+        outputs(model, case.inputs)
+        raise KeyError("boom")
     assert not case.patch.is_attached
     assert_no_hooks(case.target, case.insertion)
     assert_all_equal(outputs(case.target, case.inputs), before)
@@ -570,7 +616,7 @@ def _refused(patch: Patch, model: Any, error: type[Exception], match: str, **kwa
     assert not patch.is_attached
     if is_module:
         assert sha256_of_tensors(model) == hashes
-        assert_no_hooks(model, patch.config["insertion"]["name"])
+        assert_no_hooks(model, patch.config.insertion.name)
 
 
 def test_a_patch_for_another_architecture_is_refused() -> None:
@@ -580,7 +626,12 @@ def test_a_patch_for_another_architecture_is_refused() -> None:
     _refused(bert.patch, timm_resnet(1), PatchMismatchError, r"no module 'bert\.encoder\.layer\.0'")
     _refused(bert.patch, hf_vit(1), PatchMismatchError, r"no module 'bert\.encoder\.layer\.0'")
     # ResNet-34 has a layer2 of the same widths, but it is another model
-    _refused(cnn.patch, timm_resnet(1, name="resnet34"), PatchMismatchError, r"another target.*resnet34.*resnet18.*strict=False")
+    _refused(
+        cnn.patch,
+        timm_resnet(1, name="resnet34"),
+        PatchMismatchError,
+        r"another target.*resnet34.*resnet18.*strict=False",
+    )
     # the patch still fits its own target afterwards
     assert new_columns(cnn)[0].shape[1] == cnn.new
 
@@ -596,7 +647,9 @@ def test_a_shape_mismatch_names_the_module_and_both_shapes() -> None:
     cnn, bert = make_case("timm_cnn"), make_case("hf_bert")
     wide = timm_resnet(1, channels=(8, 24, 32, 64))
     _refused(cnn.patch, wide, PatchMismatchError, r"module 'layer2'.*\(24, 8, 3, 3\).*expects \(16, 8, 3, 3\)")
-    _refused(cnn.patch, wide, PatchMismatchError, r"module 'layer2'", strict=False)  # strict=False never lets shapes through
+    _refused(
+        cnn.patch, wide, PatchMismatchError, r"module 'layer2'", strict=False
+    )  # strict=False never lets shapes through
     _refused(bert.patch, hf_bert(1, hidden=48), PatchMismatchError, r"'bert\.encoder\.layer\.0'.*48.*32")
     _refused(cnn.patch, timm_resnet(1, num_classes=9), PatchMismatchError, r"scores 9 classes.*made for 7")
 
@@ -633,9 +686,8 @@ def test_strict_false_lets_another_target_id_through_with_a_warning_when_shapes_
     renamed = copy.deepcopy(bert.target)
     renamed.config._name_or_path = "someone/another-bert"
     _refused(bert.patch, renamed, PatchMismatchError, r"someone/another-bert")
-    with pytest.warns(UserWarning, match="someone/another-bert"):
-        with bert.patch.attached(renamed, strict=False):
-            assert outputs(renamed, bert.inputs[:1])[0].shape[1] == TARGET_CLASSES + bert.new
+    with pytest.warns(UserWarning, match="someone/another-bert"), bert.patch.attached(renamed, strict=False):
+        assert outputs(renamed, bert.inputs[:1])[0].shape[1] == TARGET_CLASSES + bert.new
     assert_no_hooks(renamed, bert.insertion)
 
 
@@ -677,9 +729,11 @@ def test_a_truncated_safetensors_file_is_a_format_error(saved: dict[str, Path], 
         path.write_bytes(data[:size])
         assert_format_error(Patch.load, path, f"{size} bytes", match=re.escape(path.name))
     folder = _copy_folder(saved["folder"], tmp_path / "folder")
-    weights = folder / files.WEIGHTS_NAME
+    weights = folder / serialization.WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:-100])
-    assert_format_error(Patch.from_pretrained, folder, "truncated weights in a folder", match=files.WEIGHTS_NAME)
+    assert_format_error(
+        Patch.from_pretrained, folder, "truncated weights in a folder", match=serialization.WEIGHTS_NAME
+    )
 
 
 def test_corrupted_bytes_are_a_format_error(saved: dict[str, Path], tmp_path: Path) -> None:
@@ -704,51 +758,55 @@ def test_corrupted_bytes_are_a_format_error(saved: dict[str, Path], tmp_path: Pa
 
 
 def test_a_config_with_missing_keys_is_a_format_error(saved: dict[str, Path], tmp_path: Path) -> None:
-    for i, key in enumerate(files.REQUIRED_CONFIG_KEYS):
+    for i, key in enumerate(
+        ("format_version", "source", "cut", "target", "insertion", "classes", "adapter", "gate", "branch")
+    ):
         folder = _copy_folder(saved["folder"], tmp_path / f"missing{i}")
-        config = json.loads((folder / files.CONFIG_NAME).read_text())
+        config = json.loads((folder / serialization.CONFIG_NAME).read_text())
         del config[key]
-        (folder / files.CONFIG_NAME).write_text(json.dumps(config))
+        (folder / serialization.CONFIG_NAME).write_text(json.dumps(config))
         with pytest.raises(PatchFormatError, match=rf"missing keys \['{key}'\]"):
             Patch.from_pretrained(folder)
     # a config that is JSON but not an object, or not JSON at all
     for i, body in enumerate(["[1, 2]", "{not json", "", "\xff\xfe"]):
         folder = _copy_folder(saved["folder"], tmp_path / f"bad{i}")
-        (folder / files.CONFIG_NAME).write_text(body, encoding="latin-1")
+        (folder / serialization.CONFIG_NAME).write_text(body, encoding="latin-1")
         with pytest.raises(PatchFormatError):
             Patch.from_pretrained(folder)
     # nested sections the rebuild needs
-    for i, (section, key) in enumerate([("adapter", "source"), ("branch", "cut"), ("source", "architecture"), ("gate", "kind")]):
+    for i, (section, key) in enumerate(
+        [("adapter", "source"), ("branch", "cut"), ("source", "architecture"), ("gate", "kind")]
+    ):
         folder = _copy_folder(saved["folder"], tmp_path / f"nested{i}")
-        config = json.loads((folder / files.CONFIG_NAME).read_text())
+        config = json.loads((folder / serialization.CONFIG_NAME).read_text())
         del config[section][key]
-        (folder / files.CONFIG_NAME).write_text(json.dumps(config))
+        (folder / serialization.CONFIG_NAME).write_text(json.dumps(config))
         with pytest.raises(PatchFormatError):
             Patch.from_pretrained(folder)
 
 
 def test_a_future_format_version_is_a_format_error(saved: dict[str, Path], tmp_path: Path) -> None:
     folder = _copy_folder(saved["folder"], tmp_path / "future")
-    config = json.loads((folder / files.CONFIG_NAME).read_text())
-    config["format_version"] = files.FORMAT_VERSION + 1
-    (folder / files.CONFIG_NAME).write_text(json.dumps(config))
+    config = json.loads((folder / serialization.CONFIG_NAME).read_text())
+    config["format_version"] = FORMAT_VERSION + 1
+    (folder / serialization.CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(PatchFormatError, match="newer than this pnc_surgery understands"):
         Patch.from_pretrained(folder)
     for bad in [0, -1, "1", 1.0, True, None]:
         config["format_version"] = bad
-        (folder / files.CONFIG_NAME).write_text(json.dumps(config))
+        (folder / serialization.CONFIG_NAME).write_text(json.dumps(config))
         with pytest.raises(PatchFormatError, match="format_version"):
             Patch.from_pretrained(folder)
     # the single-file form keeps the same check on its embedded config
-    tensors, metadata = files.read_tensors(saved["single"])
-    embedded = json.loads(metadata[files.METADATA_KEY])
-    embedded["format_version"] = files.FORMAT_VERSION + 1
+    tensors, metadata = serialization.read_tensors(saved["single"])
+    embedded = json.loads(metadata[serialization.METADATA_KEY])
+    embedded["format_version"] = FORMAT_VERSION + 1
     path = tmp_path / "future.safetensors"
-    files.write_tensors(path, tensors, {**metadata, files.METADATA_KEY: json.dumps(embedded)})
+    save_file(tensors, path, {**metadata, serialization.METADATA_KEY: json.dumps(embedded)})
     with pytest.raises(PatchFormatError, match="newer"):
         Patch.load(path)
-    files.write_tensors(path, tensors, {"format": "pt"})  # no config at all: a plain safetensors file
-    with pytest.raises(PatchFormatError, match=files.METADATA_KEY):
+    save_file(tensors, path, {"format": "pt"})  # no config at all: a plain safetensors file
+    with pytest.raises(PatchFormatError, match=serialization.METADATA_KEY):
         Patch.load(path)
 
 
@@ -777,7 +835,7 @@ def test_pickle_files_are_refused_and_never_unpickled(tmp_path: Path) -> None:
     with pytest.raises(PatchFormatError, match="pickle"):
         Patch.load(tmp_path / "plain.bin")
     folder = case.patch.save_pretrained(tmp_path / "folder")
-    (folder / files.WEIGHTS_NAME).write_bytes(evil)
+    (folder / serialization.WEIGHTS_NAME).write_bytes(evil)
     with pytest.raises(PatchFormatError):
         Patch.from_pretrained(folder)
     assert not marker.exists()
@@ -786,7 +844,7 @@ def test_pickle_files_are_refused_and_never_unpickled(tmp_path: Path) -> None:
 
 
 def test_tensors_that_do_not_fit_the_config_are_a_format_error(saved: dict[str, Path], tmp_path: Path) -> None:
-    tensors, metadata = files.read_tensors(saved["single"])
+    tensors, metadata = serialization.read_tensors(saved["single"])
     path = tmp_path / "p.safetensors"
     missing = dict(tensors)
     missing.pop("adapter.proj.weight")
@@ -794,9 +852,12 @@ def test_tensors_that_do_not_fit_the_config_are_a_format_error(saved: dict[str, 
     wrong = {**tensors, "adapter.proj.weight": torch.zeros(3, 3, 1, 1)}
     pruned = {**tensors, "gate.weight": tensors["gate.weight"][:-1]}
     for label, changed, match in [
-        ("missing", missing, "missing"), ("extra", extra, "unexpected"), ("wrong", wrong, "adapter.proj.weight"), ("gate", pruned, "gate.weight")
+        ("missing", missing, "missing"),
+        ("extra", extra, "unexpected"),
+        ("wrong", wrong, "adapter.proj.weight"),
+        ("gate", pruned, "gate.weight"),
     ]:
-        files.write_tensors(path, changed, metadata)
+        save_file(changed, path, metadata)
         assert_format_error(Patch.load, path, label, match=match)
 
 
@@ -815,12 +876,12 @@ def test_config_fields_of_the_wrong_type_are_a_format_error(saved: dict[str, Pat
     }
     for i, (label, (section, key, value)) in enumerate(edits.items()):
         folder = _copy_folder(saved["folder"], tmp_path / f"typed{i}")
-        config = json.loads((folder / files.CONFIG_NAME).read_text())
+        config = json.loads((folder / serialization.CONFIG_NAME).read_text())
         if value is KeyError:
             del config[section][key]
         else:
             config[section][key] = value
-        (folder / files.CONFIG_NAME).write_text(json.dumps(config))
+        (folder / serialization.CONFIG_NAME).write_text(json.dumps(config))
         assert_format_error(Patch.from_pretrained, folder, label, match=rf"{section}\.{key}")
 
 
@@ -828,10 +889,10 @@ def test_a_text_branch_whose_recorded_lengths_disagree_is_a_format_error(tmp_pat
     """The load-time self-test runs the branch with padding, so the attention mask's length is checked too."""
     case = make_case("hf_bert")
     tensors, metadata = case.patch.tensors(), {"format": "pt"}
-    config = case.patch.full_config()
+    config = case.patch.config.to_dict()
     config["branch"]["stubs"]["bert.embeddings"]["shape"][0] += 2
     path = tmp_path / "bert.safetensors"
-    files.write_tensors(path, tensors, {**metadata, files.METADATA_KEY: json.dumps(config)})
+    save_file(tensors, path, {**metadata, serialization.METADATA_KEY: json.dumps(config)})
     assert_format_error(Patch.load, path, "stub length")
 
 

@@ -10,6 +10,7 @@ out, and nothing is unpickled.
 Integers written into configs stay small: sizes taken from a config are not bounded before modules are built, so
 a config asking for 2**40 channels or 2**62 layers tests the machine's memory, not the loader's checks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,11 +24,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
-from pnc_surgery import files
 from pnc_surgery.backends.timm import create_model
 from pnc_surgery.errors import PncError
-from pnc_surgery.patch import Patch
+from pnc_surgery.patch import Patch, serialization
 
 FUZZ = settings(
     max_examples=50,
@@ -39,7 +40,7 @@ FUZZ = settings(
 
 # ---------------------------------------------------------------------------------------------- real patches
 def _resnet_patch() -> tuple[Patch, torch.nn.Module, Any]:
-    kwargs = dict(channels=(4, 8, 8, 8), stem_width=4, zero_init_last=False)
+    kwargs = {"channels": (4, 8, 8, 8), "stem_width": 4, "zero_init_last": False}
     torch.manual_seed(0)
     source = create_model("resnet18", num_classes=5, **kwargs).eval()
     torch.manual_seed(1)
@@ -54,8 +55,13 @@ def _bert_patch() -> tuple[Patch, torch.nn.Module, Any]:
     def bert(seed: int, labels: int) -> Any:
         torch.manual_seed(seed)
         config = BertConfig(
-            vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32, num_labels=labels,
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            num_labels=labels,
         )
         return BertForSequenceClassification(config).eval()
 
@@ -64,7 +70,9 @@ def _bert_patch() -> tuple[Patch, torch.nn.Module, Any]:
     mask[1, 5:] = 0
     x = {"input_ids": ids, "attention_mask": mask}
     target = bert(1, 6)
-    patch = Patch.assemble(bert(0, 4), target, "bert.encoder.layer.0", "bert.encoder.layer.0", [0, 3], source_input=x, target_input=x)
+    patch = Patch.assemble(
+        bert(0, 4), target, "bert.encoder.layer.0", "bert.encoder.layer.0", [0, 3], source_input=x, target_input=x
+    )
     return patch, target, x
 
 
@@ -81,7 +89,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
         result[name] = {
             "single": single.read_bytes(),
             "folder": {f.name: f.read_bytes() for f in folder.iterdir()},
-            "config": json.loads((folder / files.CONFIG_NAME).read_text()),
+            "config": json.loads((folder / serialization.CONFIG_NAME).read_text()),
             "work": root / f"{name}-work",
             "target": target,
             "input": example,
@@ -138,7 +146,7 @@ def apply_edits(data: bytes, edits: list[tuple]) -> bytes:
 
 def _write_folder(work: Path, contents: dict[str, bytes]) -> Path:
     work.mkdir(exist_ok=True)
-    for name in {files.CONFIG_NAME, files.WEIGHTS_NAME, files.CARD_NAME}:
+    for name in {serialization.CONFIG_NAME, serialization.WEIGHTS_NAME, serialization.CARD_NAME}:
         path = work / name
         if name in contents:
             path.write_bytes(contents[name])
@@ -167,18 +175,20 @@ def test_mutated_single_file_loads_or_raises_a_pnc_error(saved: dict, name: str)
 def test_mutated_folder_files_load_or_raise_a_pnc_error(saved: dict, name: str) -> None:
     original = saved[name]["folder"]
     work = saved[name]["work"] / "folder"
-    weights, config = original[files.WEIGHTS_NAME], original[files.CONFIG_NAME]
+    weights, config = original[serialization.WEIGHTS_NAME], original[serialization.CONFIG_NAME]
 
     @FUZZ
     @given(
-        which=st.sampled_from([files.WEIGHTS_NAME, files.CONFIG_NAME, files.CARD_NAME]),
+        which=st.sampled_from([serialization.WEIGHTS_NAME, serialization.CONFIG_NAME, serialization.CARD_NAME]),
         weight_edits=byte_edits(len(weights), _header_end(weights)),
         config_edits=byte_edits(len(config), len(config)),
-        drop=st.sampled_from([None, None, None, files.CONFIG_NAME, files.WEIGHTS_NAME, files.CARD_NAME]),
+        drop=st.sampled_from(
+            [None, None, None, serialization.CONFIG_NAME, serialization.WEIGHTS_NAME, serialization.CARD_NAME]
+        ),
     )
     def check(which: str, weight_edits: list[tuple], config_edits: list[tuple], drop: str | None) -> None:
         contents = dict(original)
-        if which == files.WEIGHTS_NAME:
+        if which == serialization.WEIGHTS_NAME:
             contents[which] = apply_edits(weights, weight_edits)
         else:
             contents[which] = apply_edits(original[which], config_edits)
@@ -194,7 +204,9 @@ JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-3, 64)
-    | st.sampled_from([0, 1, -1, 300, 1e308, float("nan"), float("inf"), "", "meta", "NCHW", "NLC", "float16", "__init__"])
+    | st.sampled_from(
+        [0, 1, -1, 300, 1e308, float("nan"), float("inf"), "", "meta", "NCHW", "NLC", "float16", "__init__"]
+    )
     | st.floats(-1e3, 1e3)
     | st.text(max_size=8),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
@@ -257,7 +269,7 @@ def test_mutated_config_values_in_the_folder_load_or_raise_a_pnc_error(saved: di
     @given(edits=config_edits(config))
     def check(edits: list[tuple]) -> None:
         mutated = apply_config_edits(config, edits)
-        contents = {**original, files.CONFIG_NAME: json.dumps(mutated).encode()}
+        contents = {**original, serialization.CONFIG_NAME: json.dumps(mutated).encode()}
         loads_or_refuses(Patch.from_pretrained, _write_folder(work, contents))
 
     check()
@@ -269,8 +281,8 @@ def _single_file_parts(saved: dict, name: str) -> tuple[Path, dict, dict, dict]:
     work.mkdir(exist_ok=True)
     original = work / "original.safetensors"
     original.write_bytes(saved[name]["single"])
-    tensors, metadata = files.read_tensors(original)
-    return work, tensors, metadata, json.loads(metadata[files.METADATA_KEY])
+    tensors, metadata = serialization.read_tensors(original)
+    return work, tensors, metadata, json.loads(metadata[serialization.METADATA_KEY])
 
 
 @pytest.mark.parametrize("name", ["resnet", "bert"])
@@ -282,7 +294,7 @@ def test_mutated_config_values_in_the_single_file_load_or_raise_a_pnc_error(save
     @given(edits=config_edits(config))
     def check(edits: list[tuple]) -> None:
         mutated = apply_config_edits(config, edits)
-        files.write_tensors(path, tensors, {**metadata, files.METADATA_KEY: json.dumps(mutated)})
+        save_file(tensors, path, {**metadata, serialization.METADATA_KEY: json.dumps(mutated)})
         loads_or_refuses(Patch.load, path)
 
     check()
@@ -307,7 +319,7 @@ def test_a_patch_loaded_from_a_mutated_config_attaches_and_runs_or_raises_a_pnc_
     @given(edits=config_edits(config))
     def check(edits: list[tuple]) -> None:
         mutated = apply_config_edits(config, edits)
-        files.write_tensors(path, tensors, {**metadata, files.METADATA_KEY: json.dumps(mutated)})
+        save_file(tensors, path, {**metadata, serialization.METADATA_KEY: json.dumps(mutated)})
         patch = loads_or_refuses(Patch.load, path)
         if patch is None:
             return

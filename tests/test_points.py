@@ -7,27 +7,29 @@ alone (plus context such as an attention mask). For every zoo model:
   widths that match what the module really outputs, and at least one point per stage;
 * every point is a real cut, and modules inside a block (a conv of a residual block, attention, a norm) are not
   points;
-* ``SourceTail.from_model(model, point, example)`` fed with the feature captured at the point gives back the model's logits,
-  for the example input and for other inputs and batch sizes; for text models the attention mask is honoured;
+* ``SourceTail.from_model(model, point, example)`` fed with the feature captured at the point gives back the model's
+  logits, for the example input and for other inputs and batch sizes; for text models the attention mask is honoured;
 * the model is left exactly as it was: same parameters and buffers, same train/eval modes, no hooks left behind.
 
 Bad input is refused before any work with :class:`InvalidInputError` or :class:`UnsupportedModelError`, and
 without an example input ``find_points`` builds one from the model's own configuration.
 """
+
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from zoo import NUM_CLASSES, ZOO, build, context_of, cut_error, logits_of, other_input, run_model
 
 from pnc_surgery import Point, find_points
 from pnc_surgery.branch import SourceTail, capture_features
 from pnc_surgery.errors import InvalidInputError, UnsupportedModelError
-from zoo import NUM_CLASSES, ZOO, build, context_of, cut_error, logits_of, other_input, run_model
 
 MODELS = list(ZOO)
 TEXT_MODELS = [name for name, entry in ZOO.items() if entry.text]
@@ -73,7 +75,8 @@ def _fingerprint(model: nn.Module) -> dict[str, str]:
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     return {
         name: hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-        + str(tuple(t.shape)) + str(t.dtype)
+        + str(tuple(t.shape))
+        + str(t.dtype)
         for name, t in tensors.items()
     }
 
@@ -81,8 +84,12 @@ def _fingerprint(model: nn.Module) -> dict[str, str]:
 def _hook_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {
         name: (
-            len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
-            len(getattr(m, "_backward_pre_hooks", {})), len(m._state_dict_hooks), len(m._load_state_dict_pre_hooks),
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks),
+            len(m._backward_hooks),
+            len(getattr(m, "_backward_pre_hooks", {})),
+            len(m._state_dict_hooks),
+            len(m._load_state_dict_pre_hooks),
         )
         for name, m in model.named_modules()
     }
@@ -253,7 +260,9 @@ def test_tail_accepts_other_batch_sizes(name: str, batch: int) -> None:
     for p in (points[0], points[len(points) // 2], points[-1]):
         tail = SourceTail.from_model(model, p, example)
         got = _tail_logits(tail, _feature(model, p, x), x)
-        assert torch.allclose(got, expected, atol=ATOL), f"{name}:{p.name} batch {batch}: {_max_diff(got, expected):.3g}"
+        assert torch.allclose(got, expected, atol=ATOL), (
+            f"{name}:{p.name} batch {batch}: {_max_diff(got, expected):.3g}"
+        )
 
 
 @pytest.mark.parametrize("name", TEXT_MODELS)
@@ -312,7 +321,7 @@ def test_capture_features_of_an_unknown_module_is_invalid_input() -> None:
         capture_features(model, ["layer1", "nope"], example)
 
 
-@pytest.mark.parametrize("name", MODELS[:1] + ["timm_vit", "hf_bert"])
+@pytest.mark.parametrize("name", [*MODELS[:1], "timm_vit", "hf_bert"])
 def test_tail_is_a_copy(name: str) -> None:
     model, example = build(name)
     p = _points(name)[len(_points(name)) // 2]
@@ -397,7 +406,13 @@ def _headless_timm_vit() -> tuple[nn.Module, Any]:
     import timm
 
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, embed_dim=32, depth=2,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
         num_heads=2,
     )
     return model.eval(), torch.randn(2, 3, 32, 32)
@@ -407,8 +422,13 @@ def _headless_hf_vit() -> tuple[nn.Module, Any]:
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-        patch_size=8, num_labels=0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=0,
     )
     return ViTForImageClassification(config).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)}
 
@@ -435,8 +455,13 @@ def test_model_without_classifier_is_unsupported(make: Callable[[], tuple[nn.Mod
 def test_plain_torch_classifier_is_supported() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, NUM_CLASSES),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, NUM_CLASSES),
     ).eval()
     x = torch.randn(2, 3, 16, 16)
     points = find_points(model, x)
@@ -506,6 +531,132 @@ def test_find_points_without_example_on_text_models(name: str) -> None:
 def test_default_example_follows_in_chans() -> None:
     import timm
 
-    model = timm.create_model("resnet18", pretrained=False, num_classes=NUM_CLASSES, in_chans=1,
-                              channels=(8, 16, 32, 64), stem_width=8).eval()
+    model = timm.create_model(
+        "resnet18", pretrained=False, num_classes=NUM_CLASSES, in_chans=1, channels=(8, 16, 32, 64), stem_width=8
+    ).eval()
     assert _summary(find_points(model)) == _summary(find_points(model, torch.randn(2, 1, 224, 224)))
+
+
+# ------------------------------------------------------------------------ reach: models outside the zoo
+def _gpt2_padded() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A GPT-2 style decoder classifier (pools the last non-pad token) and a padded batch, as a tokenizer pads it."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=3,
+        n_head=2,
+        vocab_size=99,
+        n_positions=32,
+        num_labels=NUM_CLASSES,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    ids = torch.randint(2, 99, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    ids[1, 8:] = config.pad_token_id
+    return GPT2ForSequenceClassification(config).eval(), {"input_ids": ids, "attention_mask": mask}
+
+
+def test_decoder_that_pools_the_last_non_pad_token_has_points_on_a_padded_batch() -> None:
+    model, example = _gpt2_padded()
+    names = [p.name for p in find_points(model, example)]
+    assert {"transformer.h.0", "transformer.h.1", "transformer.h.2"} <= set(names), names
+    assert {"transformer.h.0", "transformer.h.1", "transformer.h.2"} <= {p.name for p in find_points(model)}
+
+
+def test_second_input_keeps_pad_and_masked_positions_and_draws_no_pad_elsewhere() -> None:
+    from pnc_surgery.backends import backend_for
+
+    model, example = _gpt2_padded()
+    example["attention_mask"][0, -1] = 0  # a masked position that does not hold the pad id
+    other = backend_for(model).second_input(model, example)
+    ids, new = example["input_ids"], other["input_ids"]
+    kept = (ids == 0) | (example["attention_mask"] == 0)
+    assert torch.equal(new[kept], ids[kept])
+    assert not (new[~kept] == 0).any(), "a pad id drawn at a real token moves the pooled position"
+    assert (new[~kept] != ids[~kept]).float().mean() > 0.8
+    assert torch.equal(other["attention_mask"], example["attention_mask"])
+
+
+def test_token_model_without_a_known_vocabulary_gets_second_inputs_in_range() -> None:
+    """A plain torch text model: the second input's ids come from those the example holds (its embedding has no
+    more)."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.blocks = nn.Sequential(*[nn.TransformerEncoderLayer(16, 2, 32, batch_first=True) for _ in range(2)])
+            self.head = nn.Linear(16, NUM_CLASSES)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.blocks(self.embed(ids)).mean(1))
+
+    torch.manual_seed(0)
+    names = [p.name for p in find_points(Tokens().eval(), torch.randint(0, 50, (2, 12)))]
+    assert names[0] == "embed" and {"blocks.0", "blocks"} <= set(names), names
+
+
+def test_timm_model_keeping_its_image_size_on_the_stem_is_read_at_the_size_it_was_built_with() -> None:
+    """MLP-Mixer keeps ``img_size`` on ``stem``, not ``patch_embed``; its pretrained_cfg still says 224."""
+    import timm
+
+    from pnc_surgery.backends import TimmBackend
+
+    model = timm.create_model("mixer_s16_224", pretrained=False, num_classes=NUM_CLASSES, img_size=32).eval()
+    assert TimmBackend().image_size(model) == (32, 32)
+    assert TimmBackend().architecture(model)["kwargs"]["img_size"] == [32, 32]
+    assert _summary(find_points(model)) == _summary(find_points(model, torch.randn(2, 3, 32, 32)))
+
+
+def test_transformers_image_model_takes_a_pixel_tensor_as_its_main_input() -> None:
+    model, example = build("hf_vit")
+    assert _summary(find_points(model, example["pixel_values"])) == _summary(find_points(model, example))
+    tail = SourceTail.from_model(model, find_points(model)[1], example["pixel_values"])
+    assert tail.main_input_name == "pixel_values"
+
+
+def test_explain_gives_the_reason_of_each_candidate_that_is_not_a_point(capsys: pytest.CaptureFixture) -> None:
+    model, example = build("timm_resnet18")
+    points = find_points(model, example, explain=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"find_points(ResNet): {len(points)} points")
+    verdict = {line.strip().split(": ", 1)[0]: line.strip().split(": ", 1)[1] for line in lines[1:-1]}
+    assert all(verdict[p.name] == "point" for p in points)
+    assert "residual path" in verdict["layer1.0.downsample"], verdict["layer1.0.downsample"]
+    assert "same tensor as 'layer1'" in verdict["layer1.1"], verdict["layer1.1"]
+    assert "flat (B, C) features" in verdict["global_pool"], verdict["global_pool"]
+    assert "check_cut" in lines[-1], "modules inside blocks are not candidates; the footer says how to test one"
+    assert find_points(model, example) == points
+
+
+def test_flat_feature_models_are_refused_naming_the_reason() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"flat \(B, C\) features"):
+        find_points(model, torch.randn(2, 1, 8, 8))
+
+
+@pytest.mark.slow
+def test_every_inception_v3_stage_output_is_a_point() -> None:
+    """Inception's Mixed_* blocks concatenate parallel branches; each block output is a cut and is offered."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("inception_v3", pretrained=False, num_classes=NUM_CLASSES).eval()
+    names = {p.name for p in find_points(model, torch.randn(2, 3, 75, 75))}
+    stages = {n for n, _ in model.named_children() if n.startswith("Mixed_")}
+    assert len(stages) == 11 and stages <= names, sorted(stages - names)
+
+
+def test_timm_model_whose_stem_is_not_a_convolution_takes_its_stated_channels() -> None:
+    """CSATv2 reads the image with a DCT stem; its first Conv2d takes 64 channels, the model takes 3."""
+    import timm
+
+    from pnc_surgery.backends import TimmBackend
+
+    model = timm.create_model("csatv2", pretrained=False, num_classes=NUM_CLASSES)
+    assert TimmBackend().in_chans(model) == 3

@@ -7,10 +7,8 @@ The rest of the library is family-agnostic: it traces modules with hooks and tal
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import InvalidInputError, UnsupportedModelError

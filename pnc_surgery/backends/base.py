@@ -1,17 +1,17 @@
 """The backend interface: what the library asks of a model family."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import InvalidInputError, UnsupportedModelError
 
-__all__ = ["Backend", "ModelInputs", "call_model", "main_tensor", "logits_of", "replace_logits", "image_size"]
+__all__ = ["Backend", "ModelInputs", "call_model", "main_tensor", "logits_of", "replace_logits", "image_size", "ordinary_tokens"]
 
-ModelInputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+ModelInputs = torch.Tensor | Mapping[str, torch.Tensor]
 """What a model is called with: one tensor (timm, plain torch) or keyword tensors (transformers)."""
 
 
@@ -72,6 +72,14 @@ def image_size(inputs: ModelInputs) -> tuple[int, int] | None:
     return None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
 
 
+def ordinary_tokens(vocab: int, special: Sequence[int], shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Random token ids in ``[0, vocab)`` that are none of the ``special`` ids (pad, eos, ...)."""
+    drawn = torch.randint(0, vocab - len(set(special)), shape, generator=generator)
+    for token in sorted(set(special)):
+        drawn += (drawn >= token).long()
+    return drawn
+
+
 class Backend:
     """Family knowledge. Subclasses override what differs; defaults fit plain ``nn.Module`` classifiers."""
 
@@ -93,15 +101,30 @@ class Backend:
         )
 
     def second_input(self, model: nn.Module, inputs: ModelInputs, seed: int = 1) -> ModelInputs:
-        """Another input of the same shape and kind with different data (masks kept)."""
+        """Another input of the same shape and kind with different data.
+
+        Masks are kept, and so are token ids at masked positions and special tokens (pad, bos, eos, sep):
+        a model that pools the last non-pad token (GPT-2) or the last eos (BART) must pool the same position
+        in both inputs. New ids are drawn from the vocabulary without the special ids, or, when the
+        vocabulary size is unknown, from the ordinary ids the input holds.
+        """
         x = main_tensor(inputs, self.main_input_name(model))
         gen = torch.Generator().manual_seed(seed)
         if x.is_floating_point():
             other = torch.randn(x.shape, generator=gen).to(x) * (x.std().clamp_min(1.0)) + x.mean()
+            return self.replace_main(model, inputs, other)
+        vocab = self.vocab_size(model)
+        special = sorted(i for i in self.special_token_ids(model) if not vocab or i < vocab)
+        kept = torch.isin(x, torch.tensor(special, dtype=x.dtype))
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        if isinstance(mask, torch.Tensor) and mask.shape == x.shape:
+            kept |= mask == 0
+        if vocab and vocab > len(special):
+            drawn = ordinary_tokens(int(vocab), special, tuple(x.shape), gen)
         else:
-            high = int(self.vocab_size(model) or int(x.max()) + 2)
-            other = torch.randint(0, max(high, 2), x.shape, generator=gen).to(x)
-        return self.replace_main(model, inputs, other)
+            seen = x[~kept] if (~kept).any() else x.flatten()
+            drawn = seen.flatten()[torch.randint(0, seen.numel(), x.shape, generator=gen)]
+        return self.replace_main(model, inputs, torch.where(kept, x, drawn.to(x)))
 
     def replace_main(self, model: nn.Module, inputs: ModelInputs, tensor: torch.Tensor) -> ModelInputs:
         """``inputs`` with the data tensor replaced (masks and other keywords kept)."""
@@ -126,6 +149,19 @@ class Backend:
         if example.dim() != 4 or not example.is_floating_point():
             return None
         return int(example.shape[1]), (int(example.shape[2]), int(example.shape[3]))
+
+    def pad_token_id(self, model: nn.Module) -> int | None:
+        """The token id that marks padding for text models, where the model says so."""
+        return None
+
+    def special_token_ids(self, model: nn.Module) -> set[int]:
+        """Token ids that mark structure rather than content (pad, bos, eos, sep, cls) for text models."""
+        pad = self.pad_token_id(model)
+        return set() if pad is None else {pad}
+
+    def normalization(self, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """Per-channel ``(mean, std)`` the model's images are normalised with, where the model records it."""
+        return None
 
     def check_input(self, model: nn.Module, inputs: ModelInputs) -> None:
         """Raise :class:`InvalidInputError` if ``inputs`` cannot be what the model takes (cheap checks only)."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,6 +31,8 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
 
 
 def _first_conv(model: nn.Module) -> nn.Module | None:
+    """The input convolution named by ``pretrained_cfg['first_conv']``, else the model's first ``Conv2d`` (unless
+    the model states its ``in_chans``: a stem that is not a convolution, as CSATv2's DCT, reads the image)."""
     first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     names = [first] if isinstance(first, str) else list(first or [])
     for name in names:
@@ -38,7 +40,24 @@ def _first_conv(model: nn.Module) -> nn.Module | None:
             return model.get_submodule(name)
         except AttributeError:
             continue
+    if isinstance(getattr(model, "in_chans", None), int):
+        return None
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _built_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """The ``img_size`` the model was built with, from whichever module keeps it (``patch_embed``, ``stem``, ...).
+
+    timm models built with ``img_size=`` keep it on their patch embedding, whatever its name; ``pretrained_cfg``
+    still says the default size. ``None`` when no module records a fixed size (CNNs take any size).
+    """
+    for module in model.modules():
+        size = getattr(module, "img_size", None)
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+            return int(size[0]), int(size[1])
+    return None
 
 
 def _jsonable(value: Any) -> Any:
@@ -61,16 +80,18 @@ class TimmBackend(Backend):
         return hasattr(model, "pretrained_cfg") and type(model).__module__.startswith("timm.")
 
     def in_chans(self, model: nn.Module) -> int:
-        conv = _first_conv(model)
-        if conv is not None and hasattr(conv, "in_channels"):
-            return int(conv.in_channels)
-        return int(model.pretrained_cfg.get("input_size", (3,))[0])
+        channels = getattr(_first_conv(model), "in_channels", None)
+        if channels is not None:
+            return int(channels)
+        declared = getattr(model, "in_chans", None)
+        if isinstance(declared, int):
+            return declared
+        return int(_pretrained_cfg(model).get("input_size", (3,))[0])
 
     def image_size(self, model: nn.Module) -> tuple[int, int]:
-        patch_embed = getattr(model, "patch_embed", None)
-        size = getattr(patch_embed, "img_size", None)
+        size = _built_image_size(model)
         if size is not None:
-            return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+            return size
         from timm.data import resolve_model_data_config
 
         _, height, width = resolve_model_data_config(model)["input_size"]
@@ -100,6 +121,13 @@ class TimmBackend(Backend):
         names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
         return list(names) if names else None
 
+    def normalization(self, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        from timm.data import resolve_model_data_config
+
+        config = resolve_model_data_config(model)
+        mean, std = config.get("mean"), config.get("std")
+        return (tuple(float(m) for m in mean), tuple(float(s) for s in std)) if mean and std else None
+
     def identity(self, model: nn.Module) -> str:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         return str(cfg.get("hf_hub_id") or f"timm/{cfg.get('architecture', type(model).__name__)}")
@@ -118,9 +146,10 @@ class TimmBackend(Backend):
             raise UnsupportedModelError(f"{type(model).__name__} has no pretrained_cfg['architecture']; build it with timm.create_model")
         kwargs = dict(getattr(model, MODEL_KWARGS_ATTR, None) or {})
         if not kwargs:
-            kwargs = {"num_classes": int(model.num_classes), "in_chans": self.in_chans(model)}
-            if getattr(model, "patch_embed", None) is not None and hasattr(model.patch_embed, "img_size"):
-                kwargs["img_size"] = list(self.image_size(model))
+            kwargs = {"num_classes": int(cast(int, model.num_classes)), "in_chans": self.in_chans(model)}
+            size = _built_image_size(model)
+            if size is not None and size != tuple(_pretrained_cfg(model).get("input_size", (3, *size))[1:]):
+                kwargs["img_size"] = list(size)
         kwargs.update(hints)
         kwargs.pop("pretrained", None)
         architecture = {"family": self.family, "name": name, "kwargs": _jsonable(kwargs)}
@@ -148,9 +177,14 @@ class TimmBackend(Backend):
             raise UnsupportedModelError(f"timm has no model named {name!r} (timm {timm.__version__})")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
         try:
-            with torch.device("meta"):
+            with torch.device("meta"):  # never on the CPU: the sizes may come from an untrusted patch file
                 return timm.create_model(name, pretrained=False, **kwargs)
-        except (RuntimeError, NotImplementedError):  # some constructors call .item() / .tolist() on tensors
-            return timm.create_model(name, pretrained=False, **kwargs)
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            raise UnsupportedModelError(f"timm.create_model({name!r}) cannot be built on the meta device: {exc}") from None
         except TypeError as exc:
             raise UnsupportedModelError(f"timm.create_model({name!r}) rejected the recorded kwargs: {exc}") from None
+
+
+def _pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """A timm model's ``pretrained_cfg`` (torch's stubs type every module attribute as a tensor or module)."""
+    return cast(dict[str, Any], model.pretrained_cfg)

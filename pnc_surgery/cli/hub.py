@@ -15,10 +15,10 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from ..errors import PatchFormatError
-from ..files import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config
-from ..hub import made_with, push_folder, resolve_patch_folder
+from ..hub import push_folder, resolve_patch_folder
+from ..patch.serialization import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config
 
-__all__ = ["register", "patch_info"]
+__all__ = ["patch_info", "register"]
 
 # Bits per element of each safetensors dtype (sub-byte float formats pack several elements per byte).
 _DTYPE_BITS = {
@@ -67,18 +67,16 @@ def patch_info(folder: Path) -> dict[str, Any]:
     """Everything ``info`` reports about the patch in ``folder``, as JSON-ready data."""
     config = read_config(folder / CONFIG_NAME)
     tensors = _tensor_table(folder / WEIGHTS_NAME)
-    classes = config.get("classes") if isinstance(config.get("classes"), dict) else {}
-    ids, names = list(classes.get("ids") or []), list(classes.get("names") or [])
     return {
         "folder": str(folder),
-        "format_version": config["format_version"],
-        "pnc_surgery_version": made_with(config),
-        "source": _field(config, "source", "id"),
-        "target": _field(config, "target", "id"),
-        "target_num_classes": _field(config, "target", "num_classes"),
-        "cut": _field(config, "cut", "name"),
-        "insertion": _field(config, "insertion", "name"),
-        "classes": [{"id": ids[i], "name": names[i] if i < len(names) else None} for i in range(len(ids))],
+        "format_version": config.format_version,
+        "pnc_surgery_version": config.versions.get("pnc_surgery"),
+        "source": config.source.id,
+        "target": config.target.id,
+        "target_num_classes": config.target.num_classes,
+        "cut": config.cut.name,
+        "insertion": config.insertion.name,
+        "classes": [{"id": i, "name": name} for i, name in zip(config.class_ids, config.class_names)],
         "num_values": sum(t["numel"] for t in tensors.values()),  # parameters and buffers: the header cannot tell
         "tensor_bytes": sum(t["bytes"] or 0 for t in tensors.values()),
         "file_bytes": {
@@ -87,13 +85,8 @@ def patch_info(folder: Path) -> dict[str, Any]:
             if (folder / name).is_file()
         },
         "tensors": tensors,
-        "metrics": config.get("metrics") if isinstance(config.get("metrics"), dict) else {},
+        "metrics": dict(config.metrics),
     }
-
-
-def _field(config: dict, key: str, name: str) -> Any:
-    entry = config.get(key)
-    return entry.get(name) if isinstance(entry, dict) else None
 
 
 def _tensor_table(path: Path) -> dict[str, dict[str, Any]]:
@@ -103,7 +96,7 @@ def _tensor_table(path: Path) -> dict[str, dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
                 view = handle.get_slice(name)
                 shape, dtype = list(view.get_shape()), view.get_dtype()
                 numel, bits = math.prod(shape), _DTYPE_BITS.get(dtype)
@@ -136,8 +129,7 @@ def _info(args: argparse.Namespace) -> int:  # errors go through cli.errors.repo
 
 def _format_info(info: dict[str, Any]) -> str:
     """The human-readable report: one fact a line, tensors summed per top-level module of the patch."""
-    own = info["target_num_classes"]
-    first = own if isinstance(own, int) else 0
+    own = first = info["target_num_classes"]
     lines = [
         f"patch:        {info['folder']}",
         f"format:       version {info['format_version']} (made with pnc_surgery {info['pnc_surgery_version'] or '?'})",
@@ -145,8 +137,10 @@ def _format_info(info: dict[str, Any]) -> str:
         f"target:       {info['target']}  (insertion at {info['insertion']})",
         f"classes:      {len(info['classes'])} cloned, after the target's own {own or '?'}",
         *(f"  output {first + i:<6} id {c['id']!s:<8} {c['name'] or ''}" for i, c in enumerate(info["classes"])),
-        f"tensors:      {len(info['tensors'])}, {info['num_values']:,} values (parameters and buffers), "
-        f"{info['tensor_bytes']:,} bytes",
+        (
+            f"tensors:      {len(info['tensors'])}, {info['num_values']:,} values (parameters and buffers), "
+            f"{info['tensor_bytes']:,} bytes"
+        ),
     ]
     groups: dict[str, list[int]] = {}
     for name, tensor in info["tensors"].items():

@@ -1,0 +1,311 @@
+"""What a clone costs: ``clone()`` wall time against the LwF baseline, and against the work it has to do.
+
+Two tables, both measured in one process so that only ratios count on a shared machine:
+
+* **ratio**: per pair, the default ``pnc_surgery.clone`` against LwF as :mod:`benchmarks.baselines` trains it (same
+  clone data, same replay set, same models), with ``acc_all`` and locality beside the time. Pairs are the
+  benchmark's narrow models at 16 px and default-width timm models at 32 px (a ResNet, a ConvNeXt, a small ViT).
+* **cost**: clone seconds against (source FLOPs per image x clone images) for a few model sizes and two data sizes,
+  so a user can predict the wait.
+* **forward**: the patched target's forward against the target alone plus the pruned branch run alone, at tiny
+  and at ResNet-50 size.
+
+Run ``python -m benchmarks.clone_cost`` (``--help`` for the options); ``--json`` writes every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pnc_surgery.clone import CloneConfig, clone
+
+from .baselines import lwf
+from .datasets import ClassSplit, class_split, load_digits
+from .metrics import accuracy_metrics, safetensors_bytes
+from .models import ARCHS, PAIRS, Arch, trained_model
+from .protocol import Context, Hyper
+from .training import predict_logits, torch_threads
+
+__all__ = ["WIDE_ARCHS", "WIDE_PAIRS", "source_flops", "ratio_row", "cost_row", "main"]
+
+WIDE_ARCHS: dict[str, Arch] = {
+    "resnet10t": Arch("timm", "resnet10t"),
+    "convnext_atto": Arch("timm", "convnext_atto"),
+    "vit_tiny": Arch("timm", "vit_tiny_patch16_224", {"patch_size": 8}, lr=1e-3),
+    "resnet26": Arch("timm", "resnet26"),
+}
+"""Default-width timm models (only the ViT's patch is shrunk so that 32 px makes a 4x4 grid)."""
+
+WIDE_PAIRS: dict[str, tuple[str, str]] = {
+    "convnext_atto->resnet10t": ("convnext_atto", "resnet10t"),
+    "vit_tiny->resnet10t": ("vit_tiny", "resnet10t"),
+    "resnet10t->vit_tiny": ("resnet10t", "vit_tiny"),
+}
+"""``"source->target"`` pairs at default width: the issue's pair, a ViT source and a ViT target."""
+
+COST_SOURCES = ("resnet10t", "convnext_atto", "vit_tiny", "resnet26")
+"""Sources of the cost table, small to large (the target is always ``resnet10t``)."""
+
+
+def _register() -> None:
+    """Make the default-width architectures known to :func:`benchmarks.models.trained_model` (its cache key)."""
+    for name, arch in WIDE_ARCHS.items():
+        ARCHS.setdefault(name, arch)
+
+
+def source_flops(model: nn.Module, example: torch.Tensor) -> float:
+    """Floating-point operations of one forward of ``model`` on one ``example`` image (multiply-adds x 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(example[:1])
+    return float(counter.get_total_flops())
+
+
+def _split(image_size: int, level: float | int, seed: int) -> tuple[ClassSplit, Any, Any]:
+    train, test = load_digits(image_size=image_size)
+    return class_split(train, test, clone_level=level, replay_per_class=10, seed=seed), train, test
+
+
+def _models(pair: tuple[str, str], split: ClassSplit, image_size: int, seed: int, cache: Path, steps: int):
+    common = dict(dataset_name="digits", image_size=image_size, steps=steps, seed=seed, cache_dir=cache, progress=False)
+    source, _ = trained_model(pair[0], "source", split.source_train, split.source_classes, **common)
+    target, _ = trained_model(pair[1], "target", split.target_train, split.target_classes, **common)
+    return source, target
+
+
+def _patch_bytes(patch: Any) -> int:
+    with tempfile.TemporaryDirectory() as folder:
+        return os.path.getsize(patch.save(os.path.join(folder, "patch.safetensors")))
+
+
+def _scores(model: nn.Module, split: ClassSplit, reference: torch.Tensor) -> dict[str, float]:
+    logits = predict_logits(model, split.test)
+    metrics = accuracy_metrics(logits, split.test.labels, split.num_old, reference)
+    return {"acc_all": round(100 * metrics["acc_all"], 2), "locality": round(100 * metrics["locality"], 2)}
+
+
+def ratio_row(
+    name: str, pair: tuple[str, str], image_size: int, seed: int, cache: Path, config: CloneConfig, steps: int
+) -> dict[str, Any]:
+    """One pair: default clone and LwF on the same split and models; seconds, ratio, ``acc_all``, locality, bytes."""
+    split, _, _ = _split(image_size, 1.0, seed)
+    source, target = _models(pair, split, image_size, seed, cache, steps)
+    reference = predict_logits(target, split.test).argmax(-1)
+    context = Context(source, copy.deepcopy(target), target, split, Hyper(), seed)
+    outcome = lwf(context)
+    lwf_scores = _scores(outcome.model, split, reference)
+    started = time.perf_counter()
+    patch = clone(
+        source,
+        target,
+        split.clone,
+        classes=list(split.clone_source_ids),
+        replay=split.replay,
+        config=config,
+        seed=seed,
+        progress=False,
+    )
+    seconds = time.perf_counter() - started
+    with patch.attached(target):
+        clone_scores = _scores(target, split, reference)
+    return {
+        "pair": name,
+        "image_size": image_size,
+        "clone_images": len(split.clone),
+        "replay_images": len(split.replay),
+        "lwf_seconds": round(outcome.seconds, 2),
+        "clone_seconds": round(seconds, 2),
+        "ratio": round(seconds / outcome.seconds, 2),
+        "clone_acc_all": clone_scores["acc_all"],
+        "clone_locality": clone_scores["locality"],
+        "lwf_acc_all": lwf_scores["acc_all"],
+        "lwf_locality": lwf_scores["locality"],
+        "patch_bytes_ratio": round(_patch_bytes(patch) / safetensors_bytes(source), 3),
+        "cut": patch.metrics.get("cut"),
+        "insertion": patch.metrics.get("insertion"),
+        "stage_seconds": patch.metrics.get("stage_seconds"),
+    }
+
+
+def cost_row(source_arch: str, level: float | int, seed: int, cache: Path, config: CloneConfig, steps: int) -> dict:
+    """Clone seconds of ``source_arch`` into a ``resnet10t`` target at 32 px with ``level`` clone data."""
+    split, _, _ = _split(32, level, seed)
+    source, target = _models((source_arch, "resnet10t"), split, 32, seed, cache, steps)
+    flops = source_flops(source, split.clone.images[:1])
+    started = time.perf_counter()
+    clone(
+        source,
+        target,
+        split.clone,
+        classes=list(split.clone_source_ids),
+        replay=split.replay,
+        config=config,
+        seed=seed,
+        progress=False,
+    )
+    seconds = time.perf_counter() - started
+    work = flops * len(split.clone)
+    return {
+        "source": source_arch,
+        "clone_images": len(split.clone),
+        "source_mflops": round(flops / 1e6, 2),
+        "work_gflops": round(work / 1e9, 2),
+        "clone_seconds": round(seconds, 2),
+        "seconds_per_tflop": round(seconds / (work / 1e12), 1),
+    }
+
+
+FORWARD_CASES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "kwargs": {"in_chans": 1, "channels": (16, 32, 64, 128)},
+        "name": "resnet18",
+        "size": 16,
+        "batch": 128,
+        "cut": "layer1",
+    },
+    "resnet50": {"kwargs": {}, "name": "resnet50", "size": 224, "batch": 4, "cut": "layer1"},
+}
+"""The patched-forward cases: a tiny benchmark ResNet and a ResNet-50, an early cut pruned to 0.2."""
+
+
+def _median_ms(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - started))
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def forward_row(case: str, repeats: int = 7, keep_ratio: float = 0.2) -> dict[str, Any]:
+    """Patched forward P against the target alone T and the pruned branch run alone B (adapter included)."""
+    from pnc_surgery import Patch
+    from pnc_surgery.backends.timm import create_model
+    from pnc_surgery.branch import capture_features
+    from pnc_surgery.localize import find_prune_groups, keep_indices, prune
+
+    spec = FORWARD_CASES[case]
+    torch.manual_seed(0)
+    source, target = (create_model(spec["name"], num_classes=5, **spec["kwargs"]).eval() for _ in range(2))
+    channels = spec["kwargs"].get("in_chans", 3)
+    x = torch.randn(spec["batch"], channels, spec["size"], spec["size"])
+    cut = spec["cut"]
+    patch = Patch.assemble(source, target, cut, cut, [0, 1, 2], source_input=x[:2], target_input=x[:2]).eval()
+    feature = capture_features(target, [cut], x)[cut]
+    groups = find_prune_groups(patch.branch, feature[:2])
+    prune(patch.branch, groups, keep_indices(groups, {g.consumer: torch.ones(g.size) for g in groups}, keep_ratio))
+    alone = _median_ms(lambda: target(x), repeats)
+    branch = _median_ms(lambda: patch.branch(patch.adapter(feature)), repeats)
+    with patch.attached(target):
+        patched = _median_ms(lambda: target(x), repeats)
+    return {
+        "case": case,
+        "cut": cut,
+        "keep_ratio": keep_ratio,
+        "batch": spec["batch"],
+        "target_ms": round(alone, 2),
+        "branch_ms": round(branch, 2),
+        "patched_ms": round(patched, 2),
+        "patched_vs_target_plus_branch": round(patched / (alone + branch), 3),
+        "patched_vs_target": round(patched / alone, 3),
+    }
+
+
+def _print(rows: Sequence[dict], keys: Sequence[str]) -> None:
+    print(" | ".join(keys))
+    for row in rows:
+        print(" | ".join(str(row.get(k)) for k in keys))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.clone_cost", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--tables", nargs="+", default=["ratio", "cost", "forward"], choices=["ratio", "cost", "forward"]
+    )
+    parser.add_argument("--pairs", nargs="+", default=None, help="pair names (default: benchmark + wide pairs)")
+    parser.add_argument("--budget", default="default", help="CloneConfig(budget=...)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="other CloneConfig fields, values as Python literals (e.g. cost_weight=0)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-steps", type=int, default=300, help="training steps of the source and target")
+    parser.add_argument("--cache", type=Path, default=Path(".cache/pnc_benchmark"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="write every row here")
+    args = parser.parse_args(argv)
+    _register()
+    overrides = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
+    config = CloneConfig(budget=args.budget, **overrides)
+    document: dict[str, Any] = {"budget": args.budget, "ratio": [], "cost": [], "forward": []}
+    pairs = {**{k: (v, 16) for k, v in PAIRS.items()}, **{k: (v, 32) for k, v in WIDE_PAIRS.items()}}
+    with torch_threads(args.threads):
+        if "ratio" in args.tables:
+            for name in args.pairs or list(pairs):
+                pair, size = pairs[name]
+                row = ratio_row(name, pair, size, args.seed, args.cache, config, args.model_steps)
+                document["ratio"].append(row)
+                print(json.dumps(row), flush=True)
+        if "cost" in args.tables:
+            for source_arch in COST_SOURCES:
+                for level in (0.3, 1.0):
+                    row = cost_row(source_arch, level, args.seed, args.cache, config, args.model_steps)
+                    document["cost"].append(row)
+                    print(json.dumps(row), flush=True)
+    keys = [
+        "pair",
+        "clone_seconds",
+        "lwf_seconds",
+        "ratio",
+        "clone_acc_all",
+        "clone_locality",
+        "lwf_acc_all",
+        "lwf_locality",
+        "patch_bytes_ratio",
+    ]
+    if document["ratio"]:
+        _print(document["ratio"], keys)
+    if document["cost"]:
+        _print(
+            document["cost"],
+            ["source", "clone_images", "source_mflops", "work_gflops", "clone_seconds", "seconds_per_tflop"],
+        )
+    if document["forward"]:
+        _print(
+            document["forward"],
+            [
+                "case",
+                "cut",
+                "keep_ratio",
+                "batch",
+                "target_ms",
+                "branch_ms",
+                "patched_ms",
+                "patched_vs_target_plus_branch",
+                "patched_vs_target",
+            ],
+        )
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=1))
+    return document
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,774 @@
+"""Reach: on how many architectures does ``find_points`` offer valid cut points, spread over the depth?
+
+One model per timm family (the smallest variant of every model module ``timm.list_models()`` offers, by
+parameter count) and every transformers class of the ``*ForImageClassification`` / ``*ForSequenceClassification``
+auto mappings that can be built from a small config. Every model is built without weights, at a reduced input
+size where it takes one (64 px tried first), with BatchNorm statistics set from a few random batches (as
+trained models have them); text models get a padded batch (pad ids under the mask, an eos at each text's end).
+
+For each model: the points ``find_points`` returns, each re-checked by an *independent* substitution test written
+here (not the library's): near-zero weight tensors (zero-init norms, layer scales) are woken up in a copy, a
+second input (other pixels, or other ordinary token ids at the attended positions) is run with the point's output
+swapped for the first input's, and the logits and the classifier's input must come back as the first input's
+(relative error <= ``VALID_RTOL`` of the two inputs' difference). A point is *invalid* if it fails. Depth is a
+point's rank among the forward's module completions, over their number; the points are *spread* when no gap
+between consecutive valid points, the input (depth 0) and the output (depth 1) included, is over ``MAX_GAP``.
+
+Statuses: ``ok`` (>= 3 valid points, spread, none invalid), ``few`` (fewer or not spread), ``invalid`` (an
+invalid point), ``refused`` (a ``PncError`` naming the reason), ``crashed`` (any other exception: a bug),
+``timeout`` (over ``--timeout`` seconds, building included), ``unbuildable`` (no small config builds or runs:
+not counted), ``check-error`` (the independent check itself failed: counted as a miss). Models run one after another
+in a single-threaded child process; one over the timeout ends the child and the next starts a new one. Results are
+appended to a JSON-lines file, so a run can be resumed or split into chunks (``--part i/n``).
+
+Run:  python -m benchmarks.reach                       (everything; about an hour on one core)
+      python -m benchmarks.reach --part 1/4 --timeout 120
+      python -m benchmarks.reach --only timm:inception_v3,hf:GPT2ForSequenceClassification --fresh
+      python -m benchmarks.reach --table                (rewrite the table from the results file)
+      python -m benchmarks.reach --clone                (clone() end to end on one pair per family group)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results"
+NUM_CLASSES = 11
+"""Every model gets this many classes, a number no default config uses (it finds the classifier layers)."""
+VALID_RTOL = 1e-3
+MAX_GAP = 0.5
+IMAGE_SIZES = (64, 96, 128, 160, 224)
+TEXT_LENGTH = 16
+SMALL_TEXT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 37,
+    "n_embd": 32,
+    "n_layer": 4,
+    "n_head": 4,
+    "d_model": 32,
+    "d_ff": 37,
+    "d_kv": 8,
+    "num_layers": 4,
+    "num_heads": 4,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 37,
+    "decoder_ffn_dim": 37,
+    "ffn_dim": 37,
+    "head_dim": 8,
+    "embedding_size": 32,
+    "max_position_embeddings": 128,
+    "n_positions": 128,
+    "pooler_hidden_size": 32,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "v_head_dim": 8,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 16,
+    "n_routed_experts": 4,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 1,
+}
+"""Overrides that make a text config small (only keys the config already has are set)."""
+SMALL_IMAGE = {
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "image_size": 64,
+    "embed_dim": 32,
+    "mlp_ratio": 2,
+}
+"""Overrides that make an image config small; list-valued depths become one block a stage."""
+
+
+# -------------------------------------------------------------------------------------------- what to run
+def timm_models(cache: Path) -> list[str]:
+    """The smallest variant (by parameter count, built on the meta device) of each timm model module."""
+    import timm
+    from timm.models import _registry
+
+    if cache.exists():
+        stored = json.loads(cache.read_text())
+        if stored.get("timm") == timm.__version__:
+            return stored["models"]
+    families: dict[str, tuple[int, str]] = {}
+    for name in timm.list_models():
+        family = _registry._model_to_module[name]
+        try:
+            with torch.device("meta"):
+                count = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+        except Exception:  # a variant that does not build is not a candidate
+            continue
+        if family not in families or count < families[family][0]:
+            families[family] = (count, name)
+    models = sorted(name for _, name in families.values())
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"timm": timm.__version__, "models": models}, indent=1))
+    return models
+
+
+def transformers_classes() -> list[str]:
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for mapping in (
+        modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    ):
+        for value in mapping.values():
+            names.update([value] if isinstance(value, str) else value)
+    return sorted(names)
+
+
+# -------------------------------------------------------------------------------------------------- build
+class Unbuildable(Exception):
+    """No small config of this class builds and runs."""
+
+
+def _calibrate(model: nn.Module, example: Any) -> nn.Module:
+    """BatchNorm statistics from a few random batches, as a trained model has them; then eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if norms and isinstance(example, torch.Tensor):
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+        model.train()
+        with torch.no_grad():
+            for seed in range(3):
+                model(torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
+
+
+def _runs(model: nn.Module, example: Any) -> bool:
+    global _LAST_ERROR
+    try:
+        with torch.no_grad():
+            model.eval()(**example) if isinstance(example, dict) else model.eval()(example)
+    except Exception as exc:  # any failure means "not at this size"
+        _LAST_ERROR = f"{type(exc).__name__}: {str(exc)[:120]}"
+        return False
+    return True
+
+
+_LAST_ERROR = ""
+"""Why the last model that did not run failed (for the unbuildable rows' reasons)."""
+
+
+def build_timm(name: str) -> tuple[nn.Module, torch.Tensor, str]:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
+    channels, height, _ = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    fixed = max(height, 32)
+    for size in [s for s in IMAGE_SIZES if s < fixed] + [fixed]:
+        example = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+        if _runs(model, example):
+            return _calibrate(model, example), example, f"{size}px"
+        try:
+            torch.manual_seed(0)
+            resized = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, img_size=size)
+        except Exception:  # the constructor takes no img_size, or not this one
+            continue
+        if _runs(resized, example):
+            return _calibrate(resized, example), example, f"{size}px (img_size={size})"
+    raise Unbuildable(f"runs at none of {IMAGE_SIZES} nor {fixed}px")
+
+
+def _shrink(config: Any, overrides: dict[str, Any]) -> None:
+    layers = getattr(config, "num_hidden_layers", None)
+    for key, value in overrides.items():
+        current = getattr(config, key, None)
+        if isinstance(current, int) and not isinstance(current, bool):
+            try:
+                setattr(config, key, value)
+            except AttributeError:  # a derived property (Falcon's head_dim)
+                continue
+    if getattr(config, "vocab_size", 0) is None:
+        config.vocab_size = 64
+    if isinstance(layers, int) and layers > config.num_hidden_layers:
+        for key, value in list(vars(config).items()):  # per-layer lists (layer_types, ...) follow the depth
+            if isinstance(value, list) and len(value) == layers:
+                setattr(config, key, value[: config.num_hidden_layers])
+    for key in ("depths", "num_layers_per_stage", "block_repeats"):
+        current = getattr(config, key, None)
+        if isinstance(current, (list, tuple)) and all(isinstance(v, int) for v in current):
+            setattr(config, key, [1] * len(current))
+
+
+def _text_example(config: Any) -> dict[str, torch.Tensor]:
+    from pnc_surgery.backends.base import ordinary_tokens
+
+    vocab = int(getattr(config, "vocab_size", None) or 256)  # character models (CANINE) take code points
+    special = {
+        v
+        for k in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id")
+        for v in ([getattr(config, k, None)] if not isinstance(getattr(config, k, None), list) else getattr(config, k))
+        if isinstance(v, int) and 0 <= v < vocab
+    }
+    ids = ordinary_tokens(vocab, sorted(special), (2, TEXT_LENGTH), torch.Generator().manual_seed(0))
+    mask = torch.ones(2, TEXT_LENGTH, dtype=torch.long)
+    mask[1, -TEXT_LENGTH // 4 :] = 0
+    eos = getattr(config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    if isinstance(eos, int) and 0 <= eos < vocab:
+        ids[torch.arange(2), mask.sum(1) - 1] = eos
+    ids[mask == 0] = config.pad_token_id
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def build_transformers(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], str]:
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise Unbuildable(f"transformers {transformers.__version__} does not export {name}")
+    image = "ForImageClassification" in name
+    errors = []
+    for small in (True, False):
+        try:
+            config = cls.config_class()
+            if small:
+                _shrink(config, SMALL_IMAGE if image else SMALL_TEXT)
+            config.num_labels = NUM_CLASSES
+            if not image and getattr(config, "pad_token_id", None) is None:
+                config.pad_token_id = 0  # a padded batch needs one, as tokenizers set it
+            torch.manual_seed(0)
+            with torch.device("meta"):
+                count = sum(p.numel() for p in cls(config).parameters())
+            if count > 150e6:
+                raise Unbuildable(f"{count / 1e6:.0f}M parameters")
+            model = cls(config)
+            setting = "small config" if small else "default config"
+            if image:
+                size = getattr(config, "image_size", None)
+                size = size if isinstance(size, int) or size is None else int(size[0])
+                channels = int(getattr(config, "num_channels", 3))
+                for side in dict.fromkeys([64, size or 224]):
+                    pixels = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
+                    if _runs(model, {"pixel_values": pixels}):
+                        return _calibrate(model, pixels), {"pixel_values": pixels}, f"{setting}, {side}px"
+            elif _runs(model, _text_example(config)):
+                return model.eval(), _text_example(config), setting
+            errors.append(f"does not run on its example ({_LAST_ERROR})")
+        except Exception as exc:  # a config this class rejects
+            errors.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+    raise Unbuildable("; ".join(errors))
+
+
+# ---------------------------------------------------------------------------------- independent checking
+def _awake(model: nn.Module) -> nn.Module:
+    """A copy in which near-zero weight tensors are drawn again around one, so no residual branch is silent."""
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            if param.dim() and param.numel() > 1 and "bias" not in name.rsplit(".", 1)[-1] and param.abs().max() < 1e-3:
+                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+    return twin
+
+
+def _other_input(model: nn.Module, example: Any) -> Any:
+    gen = torch.Generator().manual_seed(11)
+    if isinstance(example, torch.Tensor):
+        return torch.randn(example.shape, generator=gen)
+    if "pixel_values" in example:
+        return {**example, "pixel_values": torch.randn(example["pixel_values"].shape, generator=gen)}
+    ids, mask, config = example["input_ids"], example["attention_mask"], model.config
+    structural = [config.pad_token_id, getattr(config, "eos_token_id", None), getattr(config, "bos_token_id", None)]
+    flat = [t for v in structural for t in (v if isinstance(v, list) else [v]) if isinstance(t, int)]
+    kept = (mask == 0) | torch.isin(ids, torch.tensor(flat, dtype=ids.dtype))
+    ordinary = ids[~kept]
+    fresh = ordinary[torch.randperm(ordinary.numel(), generator=gen)]
+    other = ids.clone()
+    other[~kept] = torch.where(fresh == ids[~kept], fresh.roll(1), fresh)
+    return {**example, "input_ids": other}
+
+
+def _answer(model: nn.Module, inputs: Any, swap: tuple[str, torch.Tensor] | None = None) -> tuple[dict, list, dict]:
+    """One forward: the flattened logits and classifier inputs (with the step each classifier was entered at), and
+    each module's first output with the step it completed at. ``swap`` replaces one module's output."""
+    outputs: dict[str, tuple[int, torch.Tensor | None]] = {}
+    heads: list[tuple[int, torch.Tensor]] = []
+    step = iter(range(10**9))
+    handles = []
+    for name, module in model.named_modules():
+
+        def keep(m: nn.Module, args: Any, out: Any, name: str = name) -> Any:
+            if name in outputs:
+                return None
+            outputs[name] = (next(step), out.detach().clone() if isinstance(out, torch.Tensor) else None)
+            return swap[1] if swap is not None and name == swap[0] else None
+
+        handles.append(module.register_forward_hook(keep))
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and NUM_CLASSES in (
+            getattr(module, "out_features", None),
+            getattr(module, "out_channels", None),
+        ):
+            handles.append(
+                module.register_forward_pre_hook(lambda m, args: heads.append((next(step), args[0].flatten(1).float())))
+            )
+    try:
+        with torch.no_grad():
+            out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logits = out if isinstance(out, torch.Tensor) else out.logits if hasattr(out, "logits") else out[0]
+    return logits.flatten(1).float(), heads, outputs
+
+
+def _after(logits: torch.Tensor, heads: list, step: int) -> torch.Tensor:
+    """The logits and the inputs of the classifiers entered after ``step`` (what a cut there must reproduce)."""
+    return torch.cat([logits, *(h for at, h in heads if at > step)], dim=1)
+
+
+def check_points(model: nn.Module, example: Any, names: list[str]) -> dict[str, dict[str, float]]:
+    """Each point's independent substitution error and depth (rank of its module among completions, in [0, 1])."""
+    twin = _awake(model).eval()
+    other = _other_input(model, example)
+    first_logits, first_heads, outputs = _answer(twin, example)
+    second_logits, second_heads, _ = _answer(twin, other)
+    order = list(outputs)
+    checked = {}
+    for name in names:
+        step, feature = outputs[name]
+        swapped_logits, swapped_heads, _ = _answer(twin, other, swap=(name, feature))
+        first = _after(first_logits, first_heads, step)
+        spread = (_after(second_logits, second_heads, step) - first).abs().max().item()
+        error = (
+            (_after(swapped_logits, swapped_heads, step) - first).abs().max().item() / spread
+            if spread > 0
+            else float("inf")
+        )
+        checked[name] = {"error": error, "depth": order.index(name) / max(len(order) - 1, 1)}
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------- one model
+class _Verdicts(logging.Handler):
+    """Collects ``find_points``' DEBUG reasons for the candidates it did not offer."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.reasons: list[str] = []
+        self.logger = logging.getLogger("pnc_surgery.points")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "not a point: " in message:
+            reason = message.split("not a point: ", 1)[1]
+            self.reasons.append(re.sub(r"\([^)]*\d[^)]*\)|'[^']*'|\d+(\.\d+)?(e-?\d+)?", "_", reason))
+
+    def __enter__(self) -> None:
+        self.logger.addHandler(self)
+        self.level_before, _ = self.logger.level, self.logger.setLevel(logging.DEBUG)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+
+    def summary(self) -> str:
+        return "; ".join(f"{count}x {reason}" for reason, count in Counter(self.reasons).most_common(2))
+
+
+def run_one(key: str) -> dict[str, Any]:
+    from pnc_surgery import find_points
+    from pnc_surgery.errors import PncError
+
+    torch.set_num_threads(1)
+    family, name = key.split(":", 1)
+    start = time.perf_counter()
+    row: dict[str, Any] = {"key": key}
+    try:
+        model, example, setting = build_timm(name) if family == "timm" else build_transformers(name)
+    except Exception as exc:  # Unbuildable, or a constructor that fails outright
+        reason = str(exc) if isinstance(exc, Unbuildable) else f"{type(exc).__name__}: {str(exc)[:200]}"
+        return {**row, "status": "unbuildable", "reason": reason, "seconds": round(time.perf_counter() - start, 2)}
+    row["setting"] = setting
+    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    found = time.perf_counter()
+    verdicts = _Verdicts()
+    try:
+        with verdicts:
+            points = find_points(model, example)
+    except PncError as exc:
+        return {
+            **row,
+            "status": "refused",
+            "reason": f"{type(exc).__name__}: {exc}",
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    except Exception as exc:  # reported as a crash, the library's bug
+        return {
+            **row,
+            "status": "crashed",
+            "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    row["find_points_seconds"] = round(time.perf_counter() - found, 2)
+    try:
+        checked = check_points(model, example, [p.name for p in points])
+    except Exception as exc:  # the benchmark's own failure, counted as a miss
+        return {
+            **row,
+            "status": "check-error",
+            "points": len(points),
+            "reason": f"{type(exc).__name__}: {str(exc)[:200]}",
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    valid = [n for n, c in checked.items() if c["error"] <= VALID_RTOL]
+    invalid = {n: round(c["error"], 4) for n, c in checked.items() if n not in valid}
+    row.update(
+        points=len(points),
+        valid=len(valid),
+        invalid=invalid,
+        depths=[round(checked[p.name]["depth"], 3) for p in points],
+        names=[p.name for p in points],
+        reasons=verdicts.summary(),
+    )
+    row["status"] = status(row)
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+# ---------------------------------------------------------------------------------------- clone end to end
+def _timm_pair(source: tuple[str, dict], target: tuple[str, dict]) -> tuple[nn.Module, nn.Module]:
+    from pnc_surgery.backends.timm import create_model
+
+    torch.manual_seed(0)
+    return tuple(create_model(name, num_classes=5, **kwargs).eval() for name, kwargs in (source, target))
+
+
+def _hf_text_pair(decoder: bool) -> tuple[nn.Module, nn.Module]:
+    import transformers as hf
+
+    torch.manual_seed(0)
+    if decoder:
+        config = {
+            "vocab_size": 64,
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_positions": 32,
+            "num_labels": 5,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 1,
+        }
+        return hf.GPT2ForSequenceClassification(hf.GPT2Config(**config)).eval(), hf.GPT2ForSequenceClassification(
+            hf.GPT2Config(**{**config, "n_layer": 3})
+        ).eval()
+    source = hf.BertForSequenceClassification(
+        hf.BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            num_labels=5,
+        )
+    )
+    target = hf.DistilBertForSequenceClassification(
+        hf.DistilBertConfig(
+            vocab_size=64,
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=64,
+            max_position_embeddings=32,
+            num_labels=5,
+        )
+    )
+    return source.eval(), target.eval()
+
+
+_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+CLONE_PAIRS = {
+    "CNN": lambda: _timm_pair(
+        ("resnet18", {"channels": (8, 16, 32, 64), "stem_width": 8}), ("mobilenetv3_small_050", {})
+    ),
+    "ViT": lambda: _timm_pair(("vit_tiny_patch16_224", _VIT), ("deit_tiny_patch16_224", _VIT)),
+    "hybrid": lambda: _timm_pair(("test_coatnet", {"img_size": 32}), ("resnet18", {"channels": (8, 16, 32, 64)})),
+    "MLP": lambda: _timm_pair(("mixer_s16_224", {"img_size": 32}), ("resmlp_12_224", {"img_size": 32})),
+    "Swin-like": lambda: _timm_pair(
+        (
+            "swin_tiny_patch4_window7_224",
+            {
+                "img_size": 32,
+                "patch_size": 2,
+                "window_size": 4,
+                "embed_dim": 16,
+                "depths": (1, 1, 2, 1),
+                "num_heads": (1, 2, 2, 4),
+            },
+        ),
+        ("vit_tiny_patch16_224", _VIT),
+    ),
+    "text encoder": lambda: _hf_text_pair(decoder=False),
+    "text decoder": lambda: _hf_text_pair(decoder=True),
+}
+"""One (source, target) pair per family group, small and random-init: the run checks mechanics, not accuracy."""
+
+
+def _clone_data(text: bool, count: int, seed: int) -> tuple[Any, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 3
+    if not text:
+        return torch.randn(count, 3, 32, 32, generator=gen) + labels[:, None, None, None].float(), labels
+    ids = torch.randint(10, 64, (count, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[:, 0] = 2 + labels  # a marker token per class
+    mask[1::2, 8:] = 0
+    ids[1::2, 8:] = 0
+    ids[torch.arange(count), mask.sum(1) - 1] = 1  # an eos ends each text, as a tokenizer writes it
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def run_clone(group: str, directory: Path) -> dict[str, Any]:
+    """Clone three classes for one pair with small budgets; check width, exact detach and save/load."""
+    from pnc_surgery import CloneConfig, Patch, clone
+    from pnc_surgery.demo import parameter_digest
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    source, target = CLONE_PAIRS[group]()
+    text = group.startswith("text")
+    inputs, labels = _clone_data(text, 48, seed=0)
+    probe, _ = _clone_data(text, 8, seed=1)
+    rows = [({k: v[i] for k, v in inputs.items()} if text else inputs[i], int(labels[i])) for i in range(len(labels))]
+    config = CloneConfig(max_cuts=2, max_insertions=2, search_steps=5, train_steps=10, keep_ratio=0.5, batch_size=16)
+
+    def logits(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            out = model(**probe) if text else model(probe)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    before, digest = logits(target), parameter_digest(target)
+    try:
+        patch = clone(source, target, rows, config=config, seed=0, progress=False)
+        with patch.attached(target):
+            patched = logits(target)
+        patch.save_pretrained(directory / group.replace(" ", "_"))
+        loaded = Patch.from_pretrained(directory / group.replace(" ", "_"))
+        with loaded.attached(target):
+            reloaded = logits(target)
+    except Exception as exc:  # reported in the table with its reason
+        return {
+            "group": group,
+            "status": "failed",
+            "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+    checks = {
+        "width": tuple(patched.shape) == (len(before), before.shape[1] + 3),
+        "exact_detach": torch.equal(logits(target), before) and parameter_digest(target) == digest,
+        "own_logits_kept": torch.equal(patched[:, : before.shape[1]], before),
+        "save_load_equal": torch.allclose(reloaded, patched, atol=1e-5),
+    }
+    return {
+        "group": group,
+        "status": "ok" if all(checks.values()) else "failed",
+        **checks,
+        "cut": patch.metrics.get("cut"),
+        "insertion": patch.metrics.get("insertion"),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def clone_table(rows: list[dict]) -> str:
+    lines = [
+        "| group | status | cut -> insertion | width | exact detach | save/load | seconds | reason |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['group']} | {r['status']} | {r.get('cut', '')} -> {r.get('insertion', '')} | {r.get('width', '')} | "
+            f"{r.get('exact_detach', '')} | {r.get('save_load_equal', '')} | {r['seconds']} | "
+            f"{r.get('reason', '')[:160]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _load(path: Path) -> dict[str, dict]:
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["key"]] = row
+    return rows
+
+
+def largest_gap(row: dict) -> float:
+    """The largest depth gap between consecutive valid points of a checked row, depth 0 and 1 included."""
+    depths = sorted(d for n, d in zip(row["names"], row["depths"]) if n not in row["invalid"])
+    return max(b - a for a, b in zip([0.0, *depths], [*depths, 1.0]))
+
+
+def status(row: dict) -> str:
+    """``invalid``, ``ok`` or ``few`` for a row whose points were checked; its recorded status otherwise."""
+    if "depths" not in row:
+        return row["status"]
+    if row["invalid"]:
+        return "invalid"
+    return "ok" if row["valid"] >= 3 and largest_gap(row) <= MAX_GAP else "few"
+
+
+def table(rows: dict[str, dict]) -> str:
+    rows = {key: {**row, "status": status(row)} for key, row in rows.items()}
+    counted = [r for r in rows.values() if r["status"] != "unbuildable"]
+    counts = Counter(r["status"] for r in rows.values())
+    ok = counts["ok"]
+    lines = [
+        f"# Reach of find_points ({len(counted)} models counted, "
+        f"{counts['unbuildable']} not buildable from a small config)",
+        "",
+        f"ok {ok}/{len(counted)} ({100 * ok / max(len(counted), 1):.1f}%); "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "ok"),
+        f"invalid points: {sum(len(r.get('invalid') or {}) for r in rows.values())}",
+        "",
+        "| model | setting | status | points | valid | largest gap | seconds | reason / invalid |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(rows):
+        r = rows[key]
+        note = r.get("reason") or (json.dumps(r["invalid"]) if r.get("invalid") else "")
+        if r["status"] == "few":
+            note = r.get("reasons") or r.get("reason", "")
+        gap = f"{largest_gap(r):.2f}" if "depths" in r else ""
+        lines.append(
+            f"| {key} | {r.get('setting', '')} | {r['status']} | {r.get('points', '')} | {r.get('valid', '')} | "
+            f"{gap} | {r.get('seconds', '')} | "
+            f"{note.replace('|', '/')[:200]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _run_children(keys: list[str], timeout: float) -> Iterator[dict]:
+    """Run ``keys`` in one child process, yielding each result row; a model over ``timeout`` seconds (or one that
+    kills the child) gets a timeout (crash) row and the child is ended, so the caller starts a new one."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.reach", "--children", ",".join(keys)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in child.stdout] + [lines.put(None)], daemon=True).start()
+    for key in list(keys):  # the child runs them in this order; the caller removes finished keys from ``keys``
+        start = time.perf_counter()
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            child.kill()
+            child.wait(timeout=60)
+            yield {
+                "key": key,
+                "status": "timeout",
+                "reason": f"over {timeout:.0f} s",
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            return
+        if line is None:
+            child.wait(timeout=60)
+            yield {
+                "key": key,
+                "status": "crashed",
+                "reason": f"the process died (exit {child.returncode})",
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            return
+        row = json.loads(line)
+        assert row["key"] == key, f"the child answered {row['key']} for {key}"
+        yield row
+    child.wait(timeout=60)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--children", help=argparse.SUPPRESS)
+    parser.add_argument("--only", help="comma-separated keys (timm:<name>, hf:<Class>) instead of all")
+    parser.add_argument("--family", choices=("timm", "hf", "all"), default="all")
+    parser.add_argument("--part", default="1/1", help="run the i-th of n interleaved chunks, e.g. 2/4")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds per model, building included")
+    parser.add_argument("--out", type=Path, default=RESULTS / "reach.jsonl")
+    parser.add_argument("--fresh", action="store_true", help="rerun models already in the results file")
+    parser.add_argument("--table", action="store_true", help="only rewrite the table from the results file")
+    parser.add_argument("--clone", action="store_true", help="clone() end to end on one pair per family group instead")
+    args = parser.parse_args(argv)
+    if args.clone:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as directory:
+            results = []
+            for group in CLONE_PAIRS:
+                results.append(run_clone(group, Path(directory)))
+                print(json.dumps(results[-1]), flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "reach_clone.md").write_text(clone_table(results))
+        print(clone_table(results))
+        return
+    if args.children:
+        for key in args.children.split(","):
+            print(json.dumps(run_one(key)), flush=True)
+        return
+    rows = _load(args.out)
+    if not args.table:
+        if args.only:
+            keys = args.only.split(",")
+        else:
+            keys = []
+            if args.family in ("timm", "all"):
+                keys += [f"timm:{n}" for n in timm_models(RESULTS / "reach_timm_models.json")]
+            if args.family in ("hf", "all"):
+                keys += [f"hf:{n}" for n in transformers_classes()]
+            index, count = (int(v) for v in args.part.split("/"))
+            keys = keys[index - 1 :: count]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        pending = [key for key in keys if args.fresh or key not in rows]
+        while pending:
+            for row in _run_children(pending, args.timeout):
+                pending.remove(row["key"])
+                rows[row["key"]] = row
+                with args.out.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                print(
+                    f"{row['key']}: {row['status']} {row.get('valid', '')}/{row.get('points', '')} "
+                    f"{row.get('seconds', '')}s {(row.get('reason') or '')[:100]}",
+                    flush=True,
+                )
+    (args.out.with_suffix(".md")).write_text(table(rows))
+    print(table(rows).split("\n\n")[1])
+
+
+if __name__ == "__main__":
+    main()

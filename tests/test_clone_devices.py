@@ -1,0 +1,92 @@
+"""Specification of where ``clone()`` runs and what it is told in the user's terms (issue 15, items 1 and 4).
+
+* ``CloneConfig(precision="bfloat16")`` runs extraction and training under autocast; the patch's tensors stay
+  float32 and finite, and it still adds the cloned classes.
+* ``classes=`` takes the source's label names as well as ids; an unknown name is refused with the names it knows.
+* On a GPU (tests marked ``cuda``, skipped without one): models on CUDA clone with data given on the CPU, and a source
+  on the CPU clones into a target on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pnc_surgery import CloneConfig, InvalidInputError, clone
+from pnc_surgery.backends.timm import create_model
+
+TINY = CloneConfig(max_cuts=1, max_insertions=1, search_steps=2, train_steps=6, keep_ratio=0.5)
+
+
+def _model(num_classes: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model("resnet18", num_classes=num_classes, in_chans=1, channels=(8, 8, 16, 16)).eval()
+
+
+def _data(count: int = 16, classes: int = 2) -> list[tuple[torch.Tensor, int]]:
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(1, 16, 16, generator=generator), i % classes) for i in range(count)]
+
+
+def test_a_bfloat16_clone_gives_a_finite_float32_patch():
+    source, target = _model(4, 0), _model(5, 1)
+    patch = clone(
+        source, target, _data(), config=CloneConfig(**{**TINY.__dict__, "precision": "bfloat16"}), progress=False
+    )
+    assert all(
+        t.dtype == torch.float32 and torch.isfinite(t).all() for t in patch.tensors().values() if t.is_floating_point()
+    )
+    with patch.attached(target), torch.no_grad():
+        assert target(torch.randn(2, 1, 16, 16)).shape == (2, 5 + 2)
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(InvalidInputError, match="precision"):
+        CloneConfig(precision="int8")
+
+
+def _named_source() -> torch.nn.Module:
+    source = _model(4, 0)
+    source.pretrained_cfg = {**source.pretrained_cfg, "label_names": ["ant", "bee", "cat", "dog"]}
+    return source
+
+
+def test_classes_may_be_named_by_the_sources_label_names():
+    source, target = _named_source(), _model(5, 1)
+    data = [(x, y + 1) for x, y in _data()]  # bee and cat
+    by_name = clone(source, target, data, classes=["cat", "bee"], config=TINY, progress=False)
+    by_id = clone(source, target, data, classes=[2, 1], config=TINY, progress=False)
+    assert by_name.class_ids == by_id.class_ids == [2, 1]
+    assert all(torch.equal(by_name.tensors()[k], v) for k, v in by_id.tensors().items())
+
+
+def test_an_unknown_label_name_is_refused_with_the_names_the_source_knows():
+    with pytest.raises(InvalidInputError, match=r"'cow' is not a label name.*ant"):
+        clone(_named_source(), _model(5, 1), _data(), classes=["cow"], config=TINY, progress=False)
+
+
+def test_label_names_need_a_source_that_has_them():
+    with pytest.raises(InvalidInputError, match="no label names"):
+        clone(_model(4, 0), _model(5, 1), _data(), classes=["cat"], config=TINY, progress=False)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.cuda
+def test_models_on_cuda_clone_from_data_on_the_cpu():
+    source, target = _model(4, 0).cuda(), _model(5, 1).cuda()
+    patch = clone(source, target, _data(), replay=[(x,) for x, _ in _data(8)], config=TINY, progress=False)
+    with patch.attached(target), torch.no_grad():
+        out = target(torch.randn(2, 1, 16, 16, device="cuda"))
+    assert out.shape == (2, 7) and out.is_cuda
+
+
+@cuda
+@pytest.mark.cuda
+def test_a_source_on_the_cpu_clones_into_a_target_on_cuda():
+    source, target = _model(4, 0), _model(5, 1).cuda()
+    patch = clone(source, target, _data(), config=TINY, progress=False)
+    with patch.attached(target), torch.no_grad():
+        assert target(torch.randn(2, 1, 16, 16, device="cuda")).shape == (2, 7)
