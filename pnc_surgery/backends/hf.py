@@ -11,7 +11,7 @@ from ..errors import InvalidInputError, UnsupportedModelError
 from .base import Backend, ModelInputs, ordinary_tokens
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 __all__ = ["TransformersBackend", "SUPPORTED_CLASS_SUFFIXES"]
 
@@ -147,9 +147,9 @@ class TransformersBackend(Backend):
             return cls(config).eval()
 
 
-def _config(model: nn.Module) -> PretrainedConfig:
+def _config(model: nn.Module) -> PreTrainedConfig:
     """A transformers model's config (torch's stubs type every module attribute as a tensor or module)."""
-    return cast("PretrainedConfig", model.config)
+    return cast("PreTrainedConfig", model.config)
 
 
 def _num_labels(model: nn.Module) -> int:
