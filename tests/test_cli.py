@@ -47,6 +47,13 @@ def test_points_json_is_machine_readable(capsys):
     assert {"name", "shape", "layout", "reduction", "width"} <= set(points[0])
 
 
+def test_points_explain_says_why_each_candidate_is_or_is_not_a_point(capsys):
+    assert main(["points", "resnet18", "--kwargs", TINY_RESNET, "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "layer2: point" in out
+    assert "not a point:" in out, "the rejected candidates are listed with their reason"
+
+
 def test_a_model_that_is_neither_timm_nor_a_folder_is_a_clear_error(capsys):
     assert main(["points", "no-such-model"]) == USAGE
     assert "neither a timm model name, a Hub id (namespace/name) nor a folder" in error_line(capsys)

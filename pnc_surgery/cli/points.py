@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--kwargs", help='create_model kwargs (timm) or config fields, as JSON: {"img_size": 64}')
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--explain", action="store_true", help="also print every candidate module and why it is not a point"
+    )
     parser.set_defaults(func=_run)
 
 
@@ -40,6 +43,6 @@ def format_points(points: list[Point]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     model = load_model(args.model, pretrained=args.pretrained, **json_object(args.kwargs, "--kwargs"))
-    points = find_points(model)
+    points = find_points(model, explain=args.explain and not args.json)
     print(json.dumps([p.to_dict() for p in points], indent=2) if args.json else format_points(points))
     return 0
