@@ -46,7 +46,7 @@ BASELINE_ROWS = ("finetune", "lwf", "ewc")
 
 
 def split_at(split: ClassSplit, image_size: int) -> ClassSplit:
-    """``split`` with every image resized to ``image_size`` and repeated to three channels (what ImageNet models take)."""
+    """``split`` with every image resized to ``image_size`` and repeated to three channels (as ImageNet models take)."""
 
     def view(data: ImageDataset) -> ImageDataset:
         return data.with_tensors(to_view(data.images, 3, (image_size, image_size)).contiguous(), data.labels)
