@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -162,8 +162,7 @@ def resolve_patch_folder(
         if not folder.is_dir():
             raise PatchFormatError(f"{local}: no subfolder {subfolder!r} here")
         _check_inside(folder, local, what="subfolder")
-        _check_patch_folder(folder)
-        return folder
+        return _check_patch_folder(folder, str(folder), lambda: [p.name for p in folder.iterdir() if p.is_file()])
     if exists:
         raise PatchFormatError(f"{local} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     repo_id = os.fspath(repo_id_or_dir)
@@ -172,16 +171,29 @@ def resolve_patch_folder(
     if force_download and (local_files_only or constants.is_offline_mode()):
         why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
         raise InvalidInputError(f"force_download=True needs the network, but {why}")
+    prefix = "".join(f"{part}/" for part in parts)
+    where = (
+        repo_id + (f" (subfolder {prefix[:-1]!r})" if prefix else "") + (f" at revision {revision!r}" * bool(revision))
+    )
     with _deadline(f"downloading {', '.join(PATCH_FILES)} of {repo_id} (not in the local cache)"):
-        return _download_patch(
-            repo_id,
-            parts,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
-        )
+        try:
+            snapshot = snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=[prefix + name for name in PATCH_FILES],
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                force_download=force_download,
+                etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
+                **_agent(),
+            )
+        except (HfHubHTTPError, OSError) as exc:  # LocalEntryNotFoundError is an OSError too
+            if _timed_out(exc):
+                raise  # _deadline says what timed out
+            raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
+        folder = Path(snapshot).joinpath(*parts)
+        return _check_patch_folder(folder, where, lambda: _remote_names(repo_id, parts, revision, token))
 
 
 class _Agent(TypedDict):
@@ -259,13 +271,14 @@ def _check_links(folder: Path, names: Sequence[str]) -> None:
                 raise PatchFormatError(f"{path} is a link to {target}, outside the patch folder; refusing to use it")
 
 
-def _check_patch_folder(folder: Path) -> None:
-    """Check that a local folder holds a patch whose files all stay inside it."""
+def _check_patch_folder(folder: Path, where: str, names: Callable[[], list[str]]) -> Path:
+    """Return ``folder`` if it holds a patch whose files all stay inside it; ``names()`` lists what ``where`` holds."""
     _check_links(folder, PATCH_FILES)
     if not (folder / CONFIG_NAME).is_file():
-        raise _not_a_patch(str(folder), [p.name for p in folder.iterdir() if p.is_file()])
+        raise _not_a_patch(where, names())
     if not (folder / WEIGHTS_NAME).is_file():
-        raise PatchFormatError(f"{folder}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    return folder
 
 
 def _not_a_patch(where: str, names: Sequence[str]) -> PatchFormatError:
@@ -278,47 +291,6 @@ def _not_a_patch(where: str, names: Sequence[str]) -> PatchFormatError:
         )
     listed = f" (it holds: {', '.join(sorted(names)[:8])})" if names else " (it is empty)"
     return PatchFormatError(f"{where}: no {CONFIG_NAME}{listed}; is this a pnc_surgery patch?")
-
-
-def _download_patch(
-    repo_id: str,
-    parts: tuple[str, ...],
-    *,
-    revision: str | None,
-    token: str | bool | None,
-    cache_dir: str | Path | None,
-    local_files_only: bool,
-    force_download: bool,
-) -> Path:
-    """The patch files of one commit of a Hub repo, through the cache (``snapshot_download``); return their folder."""
-    prefix = "".join(f"{part}/" for part in parts)
-    where = (
-        repo_id
-        + (f" (subfolder {prefix[:-1]!r})" if prefix else "")
-        + (f" at revision {revision!r}" if revision else "")
-    )
-    try:
-        snapshot = snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=[prefix + name for name in PATCH_FILES],
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
-            etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
-            **_agent(),
-        )
-    except (HfHubHTTPError, OSError) as exc:  # LocalEntryNotFoundError is an OSError too
-        if _timed_out(exc):
-            raise  # _deadline says what timed out
-        raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
-    folder = Path(snapshot).joinpath(*parts)
-    if not (folder / CONFIG_NAME).is_file():
-        raise _not_a_patch(where, _remote_names(repo_id, parts, revision, token))
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    return folder
 
 
 def _remote_names(repo_id: str, parts: tuple[str, ...], revision: str | None, token: str | bool | None) -> list[str]:
@@ -390,7 +362,9 @@ def push_folder(
         raise InvalidInputError(f"repo_id must look like 'namespace/name', got {repo_id!r}")
     if not folder.is_dir():
         raise PatchFormatError(f"{folder}: no such folder")
-    _check_patch_folder(folder)  # never upload a file that a link pulls in from elsewhere
+    _check_patch_folder(
+        folder, str(folder), lambda: [p.name for p in folder.iterdir() if p.is_file()]
+    )  # never upload a file that a link pulls in from elsewhere
     config = read_config(folder / CONFIG_NAME)
     local_card = _load_card(folder / CARD_NAME) if (folder / CARD_NAME).is_file() else None
     card = build_model_card(config, repo_id)
