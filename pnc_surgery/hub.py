@@ -162,7 +162,7 @@ def resolve_patch_folder(
         if not folder.is_dir():
             raise PatchFormatError(f"{local}: no subfolder {subfolder!r} here")
         _check_inside(folder, local, what="subfolder")
-        return _check_patch_folder(folder, str(folder), lambda: [p.name for p in folder.iterdir() if p.is_file()])
+        return _check_patch_folder(folder)
     if exists:
         raise PatchFormatError(f"{local} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     repo_id = os.fspath(repo_id_or_dir)
@@ -271,11 +271,15 @@ def _check_links(folder: Path, names: Sequence[str]) -> None:
                 raise PatchFormatError(f"{path} is a link to {target}, outside the patch folder; refusing to use it")
 
 
-def _check_patch_folder(folder: Path, where: str, names: Callable[[], list[str]]) -> Path:
-    """Return ``folder`` if it holds a patch whose files all stay inside it; ``names()`` lists what ``where`` holds."""
+def _check_patch_folder(folder: Path, where: str = "", names: Callable[[], list[str]] | None = None) -> Path:
+    """Return ``folder`` if it holds a patch whose files all stay inside it.
+
+    ``where`` names it in errors (default: the folder), ``names()`` lists what it holds (default: its files).
+    """
     _check_links(folder, PATCH_FILES)
+    where = where or str(folder)
     if not (folder / CONFIG_NAME).is_file():
-        raise _not_a_patch(where, names())
+        raise _not_a_patch(where, names() if names else [p.name for p in folder.iterdir() if p.is_file()])
     if not (folder / WEIGHTS_NAME).is_file():
         raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     return folder
@@ -362,9 +366,7 @@ def push_folder(
         raise InvalidInputError(f"repo_id must look like 'namespace/name', got {repo_id!r}")
     if not folder.is_dir():
         raise PatchFormatError(f"{folder}: no such folder")
-    _check_patch_folder(
-        folder, str(folder), lambda: [p.name for p in folder.iterdir() if p.is_file()]
-    )  # never upload a file that a link pulls in from elsewhere
+    _check_patch_folder(folder)  # never upload a file that a link pulls in from elsewhere
     config = read_config(folder / CONFIG_NAME)
     local_card = _load_card(folder / CARD_NAME) if (folder / CARD_NAME).is_file() else None
     card = build_model_card(config, repo_id)
