@@ -1,22 +1,12 @@
 """Sharing patches on the Hugging Face Hub: finding a patch folder to load, pushing one, and its model card.
 
 ``Patch`` gets ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` from ``huggingface_hub.ModelHubMixin``;
-this module is what those methods call. A patch on the Hub is a plain model repo holding the three files of
-:mod:`pnc_surgery.patch.serialization`. Pushing makes one ``upload_folder`` commit of those files only
-(``allow_patterns``), after the card and files are checked and before anything else is created; loading takes a
-``snapshot_download`` of the three files (one commit) through ``huggingface_hub``'s cache, so revisions, tokens,
-``HF_HUB_OFFLINE`` and ``local_files_only`` behave as for transformers and timm. A folder or repo holding pickle
-weights instead of a patch is refused, and so is any path that leads out of the folder it names.
-
-Every network call has a timeout: no request waits longer than the larger of ``HF_HUB_ETAG_TIMEOUT`` and
-``HF_HUB_DOWNLOAD_TIMEOUT`` (default 10 s) for an answer, including the API calls (create a repo, commit, list files)
-that ``huggingface_hub`` lets wait forever and its 60 s metadata retries; its own retries and back-off still apply,
-so a Hub that never answers fails within about six timeouts plus 23 s. The error is :class:`HubTimeoutError`,
-saying what was being waited for.
-
-The card is rendered from :data:`CARD_TEMPLATE`; its generated part sits between two HTML-comment markers and is the
-only text rewritten on the next save or push. Outside the markers, and in a card without them, the text is kept and
-only the metadata (``library_name``, ``base_model``, ``tags``) is brought up to date.
+this module is what those methods call. Loading is one ``snapshot_download`` of the patch files (cache, revisions,
+tokens, ``HF_HUB_OFFLINE`` as for transformers); pushing is one ``upload_folder`` commit of those files only, after
+everything local is checked. Pickle weights and paths or links leading out of the folder are refused. Every request,
+API calls included, waits at most :func:`hub_timeout` for an answer, else :class:`HubTimeoutError`. The card comes
+from the template ``patch_card.md``; on the next save or push only its metadata and the text between its markers
+are rewritten.
 """
 
 from __future__ import annotations
@@ -26,10 +16,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from importlib.resources import files
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, TypedDict
 
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download, snapshot_download
@@ -60,69 +51,11 @@ __all__ = ["CARD_TAGS", "CARD_TEMPLATE", "build_model_card", "card_for_folder", 
 
 CARD_TAGS = ("pnc_surgery", "partial-network-cloning", "model-patch")
 DEFAULT_TIMEOUT = 10.0
-_CARD_START = (
-    "<!-- pnc_surgery:start (generated from patch_config.json: text between these markers is rewritten on every "
-    "save and push; write yours outside them) -->"
-)
 _CARD_START_PREFIX = "<!-- pnc_surgery:start"
 _CARD_END = "<!-- pnc_surgery:end -->"
 _TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar("pnc_surgery_hub_timeout", default=None)
 
-CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-{{ start }}
-
-# pnc_surgery patch: {{ summary }}
-
-This patch adds {{ rows | length }} classes of the source model {{ source_code }} to the target model \
-{{ target_code }} by Partial Network Cloning. It copies the part of the source that carries those classes \
-(a pruned copy of its blocks after the cut point, their head rows, a small adapter from the target's features, and \
-a gate that tells whether an input is one of the new classes) and hooks it onto the target. No parameter of the \
-target is changed: attached, the target scores its own classes followed by the cloned ones; detached, it is exactly \
-the original model again. Loading needs this patch and the target only, never the source model.
-
-## Usage
-
-```python
-import pnc_surgery
-patch = pnc_surgery.Patch.from_pretrained({{ where }})
-patch.attach(target_model)   # target_model(x) now scores the target's classes followed by the cloned ones
-```
-
-`target_model` must be {{ target_code }}, the model the patch was made for (attach checks its architecture and \
-weights). `patch.detach()` removes every hook; `with patch.attached(target_model):` does both.
-
-## Cloned classes
-
-Attached, outputs 0 to {{ num_own - 1 }} of the target are its own classes, unchanged; then come these:
-
-| output | source class id | name |
-|---|---|---|
-{% for output, class_id, name in rows %}| {{ output }} | {{ class_id }} | {{ name }} |
-{% endfor %}
-## Where the patch connects
-
-| point | model | module |
-|---|---|---|
-| cut (the cloned part starts after it) | source {{ source_cell }} | `{{ cut }}` |
-| insertion (feeds the cloned part) | target {{ target_cell }} | `{{ insertion }}` |
-
-## Metrics
-
-{% if metrics %}| metric | value |
-|---|---|
-{% for key, value in metrics %}| {{ key }} | {{ value }} |
-{% endfor %}{% else %}No metrics were recorded when this patch was made.
-{% endif %}
-## Files
-
-`patch_config.json` (JSON, format version {{ format_version }}, made with pnc_surgery {{ made_with }}) and \
-`patch_model.safetensors` (safetensors). Nothing is unpickled and no code runs when the patch is loaded.
-
-{{ end }}
-"""
+CARD_TEMPLATE = files(__package__).joinpath("patch_card.md").read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------- timeouts
@@ -195,10 +128,9 @@ def resolve_patch_folder(
     local_files_only: bool = False,
     force_download: bool = False,
 ) -> Path:
-    """Find the local folder holding a patch's files, downloading them from the Hub if needed.
+    """Find the local folder holding a patch's files, downloading them from the Hub (through its cache) if needed.
 
-    A local directory wins over a Hub repo of the same name, as in ``transformers``. Downloads go through the
-    ``huggingface_hub`` cache, so a second call (or one with ``HF_HUB_OFFLINE=1``) reads the cached files.
+    A local directory wins over a Hub repo of the same name, as in ``transformers``.
 
     Args:
         repo_id_or_dir: a folder written by ``Patch.save_pretrained`` or a Hub repo id (``"user/name"``).
@@ -210,8 +142,7 @@ def resolve_patch_folder(
         force_download: download again even if the files are cached.
 
     Returns:
-        A folder with ``patch_config.json`` and ``patch_model.safetensors`` (and ``README.md`` when the patch
-        has one). Files downloaded from the Hub live in the cache's ``snapshots/<commit>/``, all from one commit.
+        A folder with ``patch_config.json``, ``patch_model.safetensors`` and maybe ``README.md``, all from one commit.
 
     Raises:
         PatchFormatError: nothing loadable there (missing, pickle weights, unsafe symlinks, Hub errors).
@@ -231,8 +162,7 @@ def resolve_patch_folder(
         if not folder.is_dir():
             raise PatchFormatError(f"{local}: no subfolder {subfolder!r} here")
         _check_inside(folder, local, what="subfolder")
-        _check_patch_folder(folder)
-        return folder
+        return _check_patch_folder(folder)
     if exists:
         raise PatchFormatError(f"{local} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     repo_id = os.fspath(repo_id_or_dir)
@@ -241,23 +171,41 @@ def resolve_patch_folder(
     if force_download and (local_files_only or constants.is_offline_mode()):
         why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
         raise InvalidInputError(f"force_download=True needs the network, but {why}")
-    with _deadline(f"downloading the patch {repo_id}"):
-        return _download_patch(
-            repo_id,
-            parts,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
-        )
+    prefix = "".join(f"{part}/" for part in parts)
+    where = (
+        repo_id + (f" (subfolder {prefix[:-1]!r})" if prefix else "") + (f" at revision {revision!r}" * bool(revision))
+    )
+    with _deadline(f"downloading {', '.join(PATCH_FILES)} of {repo_id} (not in the local cache)"):
+        try:
+            snapshot = snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=[prefix + name for name in PATCH_FILES],
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                force_download=force_download,
+                etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
+                **_agent(),
+            )
+        except (HfHubHTTPError, OSError) as exc:  # LocalEntryNotFoundError is an OSError too
+            if _timed_out(exc):
+                raise  # _deadline says what timed out
+            raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
+        folder = Path(snapshot).joinpath(*parts)
+        return _check_patch_folder(folder, where, lambda: _remote_names(repo_id, parts, revision, token))
 
 
-def _version() -> str:
-    """This library's version, for the Hub client's user agent (imported late: the package imports us)."""
+class _Agent(TypedDict):
+    library_name: str
+    library_version: str
+
+
+def _agent() -> _Agent:
+    """The Hub client's user agent: this library and its version (imported late: the package imports us)."""
     from . import __version__
 
-    return __version__
+    return {"library_name": "pnc_surgery", "library_version": __version__}
 
 
 def _subfolder_parts(subfolder: str | None) -> tuple[str, ...]:
@@ -323,13 +271,18 @@ def _check_links(folder: Path, names: Sequence[str]) -> None:
                 raise PatchFormatError(f"{path} is a link to {target}, outside the patch folder; refusing to use it")
 
 
-def _check_patch_folder(folder: Path) -> None:
-    """Check that a local folder holds a patch whose files all stay inside it."""
+def _check_patch_folder(folder: Path, where: str = "", names: Callable[[], list[str]] | None = None) -> Path:
+    """Return ``folder`` if it holds a patch whose files all stay inside it.
+
+    ``where`` names it in errors (default: the folder), ``names()`` lists what it holds (default: its files).
+    """
     _check_links(folder, PATCH_FILES)
+    where = where or str(folder)
     if not (folder / CONFIG_NAME).is_file():
-        raise _not_a_patch(str(folder), [p.name for p in folder.iterdir() if p.is_file()])
+        raise _not_a_patch(where, names() if names else [p.name for p in folder.iterdir() if p.is_file()])
     if not (folder / WEIGHTS_NAME).is_file():
-        raise PatchFormatError(f"{folder}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    return folder
 
 
 def _not_a_patch(where: str, names: Sequence[str]) -> PatchFormatError:
@@ -344,60 +297,10 @@ def _not_a_patch(where: str, names: Sequence[str]) -> PatchFormatError:
     return PatchFormatError(f"{where}: no {CONFIG_NAME}{listed}; is this a pnc_surgery patch?")
 
 
-def _download_patch(
-    repo_id: str,
-    parts: tuple[str, ...],
-    *,
-    revision: str | None,
-    token: str | bool | None,
-    cache_dir: str | Path | None,
-    local_files_only: bool,
-    force_download: bool,
-) -> Path:
-    """The patch files of one commit of a Hub repo, through the cache (``snapshot_download``); return their folder."""
-    prefix = "".join(f"{part}/" for part in parts)
-    where = (
-        repo_id
-        + (f" (subfolder {prefix[:-1]!r})" if prefix else "")
-        + (f" at revision {revision!r}" if revision else "")
-    )
-    try:
-        snapshot = snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=[prefix + name for name in PATCH_FILES],
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
-            etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
-            library_name="pnc_surgery",
-            library_version=_version(),
-        )
-    except Exception as exc:
-        if _timed_out(exc):
-            raise HubTimeoutError(
-                f"{where}: the Hub did not answer within {hub_timeout():g} s while listing and downloading "
-                f"{', '.join(PATCH_FILES)}, and they are not in the local cache (set HF_HUB_ETAG_TIMEOUT / "
-                "HF_HUB_DOWNLOAD_TIMEOUT to wait longer)"
-            ) from None
-        if isinstance(exc, (HfHubHTTPError, OSError)):  # LocalEntryNotFoundError is an OSError too
-            raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
-        raise
-    folder = Path(snapshot).joinpath(*parts)
-    if not (folder / CONFIG_NAME).is_file():
-        raise _not_a_patch(where, _remote_names(repo_id, parts, revision, token))
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    return folder
-
-
 def _remote_names(repo_id: str, parts: tuple[str, ...], revision: str | None, token: str | bool | None) -> list[str]:
     """Names of the files directly in the repo's (sub)folder, or ``[]`` when the Hub cannot be asked."""
     try:
-        info = HfApi(library_name="pnc_surgery", library_version=_version()).model_info(
-            repo_id, revision=revision, token=token
-        )
+        info = HfApi(**_agent()).model_info(repo_id, revision=revision, token=token)
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
         return []
     prefix = "/".join(parts) + "/" if parts else ""
@@ -443,10 +346,8 @@ def push_folder(
 ) -> str:
     """Upload a saved patch folder to a Hub model repo in one commit, creating the repo if needed.
 
-    Everything local is checked first (the files, their links, the config, the card), so a bad folder leaves
-    nothing behind on the Hub. Only the patch files are uploaded, whatever else the folder holds. The uploaded
-    card is the repo's existing card (if any, else the folder's) with its metadata and generated part brought up
-    to date, and a loading snippet that names ``repo_id``.
+    Everything local is checked first, so a bad folder leaves nothing behind on the Hub; only the patch files are
+    uploaded. The card is the repo's (else the folder's) with its metadata and generated part brought up to date.
 
     Args:
         folder: a folder written by ``Patch.save_pretrained``.
@@ -470,7 +371,7 @@ def push_folder(
     local_card = _load_card(folder / CARD_NAME) if (folder / CARD_NAME).is_file() else None
     card = build_model_card(config, repo_id)
 
-    api = HfApi(token=token, library_name="pnc_surgery", library_version=_version())
+    api = HfApi(token=token, **_agent())
     with _deadline(f"pushing to {repo_id}"):
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and not create_pr:
@@ -529,8 +430,6 @@ def build_model_card(config: PatchConfig, repo_id_or_dir: str = "<repo_or_dir>")
     return ModelCard.from_template(
         data,
         template_str=CARD_TEMPLATE,
-        start=_CARD_START,
-        end=_CARD_END,
         summary=_summary(config),
         source_code=_code(source),
         target_code=_code(target),

@@ -5,7 +5,8 @@ It answers the requests the real ``huggingface_hub`` client makes to create a re
 YAML, describe a repo (``model_info``), list its files (``/tree/``) and download a file (``/resolve/``, with the
 ETag and X-Repo-Commit headers ``hf_hub_download`` needs), and it answers errors with the ``X-Error-Code`` headers
 the client maps to RepositoryNotFoundError, RevisionNotFoundError and EntryNotFoundError. Tests point the client at
-it instead of huggingface.co, so a round trip exercises the real client code with no network.
+it instead of huggingface.co, so a round trip exercises the real client code with no network; :func:`go_offline`
+keeps every other test off the network.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import pytest
 import yaml
+from huggingface_hub import constants
 
-__all__ = ["FakeHub", "FakeRepo", "git_blob_sha1"]
+__all__ = ["FakeHub", "FakeRepo", "git_blob_sha1", "go_offline"]
 
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
 _ROUTES = [
@@ -41,6 +45,17 @@ _ROUTES = [
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a file, which the Hub uses as ETag and oid of regular files."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def go_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Keep a test off huggingface.co: offline, with a private cache under ``tmp_path`` and a fake token."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_token"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
 
 
 @dataclass

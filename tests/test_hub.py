@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_hub import FakeHub
+from fake_hub import FakeHub, go_offline
 from huggingface_hub import ModelCard, constants
 
 from pnc_surgery.errors import InvalidInputError, PatchFormatError
@@ -87,14 +87,8 @@ def huge_header_file() -> bytes:
 
 @pytest.fixture(autouse=True)
 def offline_by_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test may reach huggingface.co: offline, with a private cache and a fake token."""
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_token"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
-    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    """No test may reach huggingface.co."""
+    go_offline(monkeypatch, tmp_path)
 
 
 @pytest.fixture

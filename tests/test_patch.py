@@ -443,6 +443,15 @@ def test_save_pretrained_then_from_pretrained_attaches_with_the_same_outputs(cas
     assert_all_equal(outputs(case.target, case.inputs), target_before)
 
 
+def test_the_hub_mixins_own_load_step_loads_the_same_patch(tmp_path: Path) -> None:
+    patch = make_case("timm_cnn").patch
+    folder = patch.save_pretrained(tmp_path / "patch")
+    hub_options = {"revision": None, "cache_dir": None, "force_download": False, "local_files_only": False}
+    loaded = Patch._from_pretrained(model_id=str(folder), token=None, proxies=None, **hub_options)
+    assert loaded.class_ids == patch.class_ids and loaded.class_names == patch.class_names
+    _assert_same_tensors(loaded, patch)
+
+
 def test_save_then_load_single_file_attaches_with_the_same_outputs(case: Case, tmp_path: Path) -> None:
     expected = new_columns(case)
     path = case.patch.save(tmp_path / "patch.safetensors")

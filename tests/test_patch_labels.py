@@ -10,35 +10,29 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_patch import SEQ, VOCAB, hf_bert, hf_vit, images, text, timm_resnet, timm_vit
+from test_patch import SEQ, VOCAB, make_case
 
 from pnc_surgery import Patch
 
 ANIMALS = ["cat", "dog", "cow", "pig", "hen", "fox", "elk"]
 
 
-def named(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
-    model.config.id2label = dict(enumerate(names))
-    model.config.label2id = {name: i for i, name in enumerate(names)}
-    return model
+def copy_of_case(name: str, class_names: tuple[str, ...] | None = None) -> tuple[torch.nn.Module, Patch]:
+    """A copy of ``test_patch``'s case ``name``: target labelled with ANIMALS, patch naming ``class_names``."""
+    case = make_case(name)
+    target, patch = copy.deepcopy(case.target), copy.deepcopy(case.patch)
+    if hasattr(target, "config"):
+        target.config.id2label = dict(enumerate(ANIMALS))
+        target.config.label2id = {label: i for i, label in enumerate(ANIMALS)}
+    if class_names is not None:
+        patch.update_config(class_names=class_names)
+    return target, patch
 
 
 @pytest.fixture(scope="module")
 def vit_pair() -> tuple[torch.nn.Module, Patch]:
     """A transformers ViT target with animal labels and a patch whose first name collides with one of them."""
-    source, target = timm_vit(0, 5), named(hf_vit(1), ANIMALS)
-    x = images(2, 0)
-    patch = Patch.assemble(
-        source,
-        target,
-        "blocks.0",
-        "vit.layers.0",
-        [1, 2],
-        source_input=x,
-        target_input={"pixel_values": x},
-        class_names=["cat", "owl"],
-    )
-    return target, patch
+    return copy_of_case("hf_vit", ("cat", "owl"))
 
 
 def pil_images(count: int) -> list[Image.Image]:
@@ -82,18 +76,7 @@ def test_text_classification_pipeline_returns_the_new_names(tmp_path: Path) -> N
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(VOCAB - 5))]))
     tokenizer = BertTokenizer(vocab_file=str(vocab), model_max_length=SEQ)
-    source, target = hf_bert(0, 5), named(hf_bert(1), ANIMALS)
-    example = text(2, 0)
-    patch = Patch.assemble(
-        source,
-        target,
-        "bert.encoder.layer.0",
-        "bert.encoder.layer.0",
-        [0, 3],
-        source_input=example,
-        target_input=example,
-        class_names=["owl", "bee"],
-    )
+    target, patch = copy_of_case("hf_bert", ("owl", "bee"))
     classify = pipeline("text-classification", model=target, tokenizer=tokenizer, device="cpu")
     before = copy.deepcopy(target.config.to_dict())
     with patch.attached(target):
@@ -117,9 +100,7 @@ def test_stacked_patches_name_their_classes_in_attach_order_and_detach_in_any_or
 
 
 def test_timm_labels_come_from_the_pretrained_config_where_it_has_them() -> None:
-    source, target = timm_resnet(0, 5), timm_resnet(1)
-    x = images(2, 0)
-    patch = Patch.assemble(source, target, "layer3", "layer2", [1, 3], source_input=x, target_input=x)
+    target, patch = copy_of_case("timm_cnn")
     assert patch.labels(target) == [f"class_{i}" for i in range(7)] + ["class_1 (2)", "class_3 (2)"]
     target.pretrained_cfg = {**target.pretrained_cfg, "label_names": ANIMALS}
     assert patch.labels(target) == [*ANIMALS, "class_1", "class_3"]

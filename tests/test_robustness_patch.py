@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_hub import FakeHub
+from fake_hub import FakeHub, go_offline
 from huggingface_hub import constants
 from safetensors import safe_open
 from test_patch import fresh_patch, images, make_case, timm_resnet
@@ -44,14 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def offline_by_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test may reach huggingface.co: offline, with a private cache and a fake token."""
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_token"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
-    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    """No test may reach huggingface.co."""
+    go_offline(monkeypatch, tmp_path)
 
 
 def attached_copy(name: str = "timm_cnn") -> tuple[torch.nn.Module, Patch]:

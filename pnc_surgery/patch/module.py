@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -24,12 +24,10 @@ import torch
 from huggingface_hub import ModelHubMixin
 from torch import nn
 
-from ..backends import ModelInputs
 from ..branch import SourceTail
 from ..errors import InvalidInputError, PatchFormatError, PatchStateError
 from ..evidence import patch_gate_inputs
 from ..gate import Gate
-from ..points import Point
 from . import build, labels, serialization
 from .config import FORMAT_VERSION, PatchConfig
 from .hooks import Attachment, check_fits, drop_dead_captures
@@ -77,54 +75,8 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         return new
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_parts(
-        cls,
-        source: nn.Module,
-        target: nn.Module,
-        cut: Point,
-        insertion: Point,
-        branch: SourceTail,
-        adapter: Adapter,
-        gate: Gate | str,
-        *,
-        class_names: Sequence[str] | None = None,
-        target_input: ModelInputs | None = None,
-        source_kwargs: Mapping[str, Any] | None = None,
-    ) -> Patch:
-        """A patch from ready parts, with the config (source architecture, target fingerprint) filled in.
-
-        See :func:`pnc_surgery.patch.build.from_parts` for the arguments.
-        """
-        return build.from_parts(
-            cls,
-            source,
-            target,
-            cut,
-            insertion,
-            branch,
-            adapter,
-            gate,
-            class_names=class_names,
-            target_input=target_input,
-            source_kwargs=source_kwargs,
-        )
-
-    @classmethod
-    def assemble(
-        cls,
-        source: nn.Module,
-        target: nn.Module,
-        cut: Point | str,
-        insertion: Point | str,
-        classes: Sequence[int] | None = None,
-        **options: Any,
-    ) -> Patch:
-        """Build an untrained patch by hand: the source tail from ``cut``, an identity-where-possible adapter.
-
-        See :func:`pnc_surgery.patch.build.assemble` for the arguments.
-        """
-        return build.assemble(cls, source, target, cut, insertion, classes, **options)
+    from_parts = classmethod(build.from_parts)
+    assemble = classmethod(build.assemble)
 
     # ------------------------------------------------------------------ description
     @property
@@ -352,34 +304,10 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
 
         See :func:`pnc_surgery.hub.resolve_patch_folder` for the arguments.
         """
-        return cls._from_pretrained(
-            model_id=repo_id_or_dir,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-            subfolder=subfolder,
-        )
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str | Path,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        subfolder: str | None = None,
-        **unused: Any,
-    ) -> Patch:
-        """The mixin's load step: find the files (local or through the Hub cache), check them, rebuild."""
         from .. import hub
 
         folder = hub.resolve_patch_folder(
-            model_id,
+            repo_id_or_dir,
             revision=revision,
             subfolder=subfolder,
             token=token,
@@ -390,6 +318,12 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         config = serialization.read_config(folder / serialization.CONFIG_NAME)
         tensors, _ = serialization.read_tensors(folder / serialization.WEIGHTS_NAME)
         return serialization.rebuild(cls, config, tensors, str(folder))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str | Path, **options: Any) -> Patch:
+        """The mixin's load step: :meth:`from_pretrained` with the options it knows."""
+        known = ("revision", "subfolder", "token", "cache_dir", "local_files_only", "force_download")
+        return cls.from_pretrained(model_id, **{k: v for k, v in options.items() if k in known})
 
     def save(self, path: str | Path) -> Path:
         """Single-file form: tensors in safetensors, the config in its metadata (replaced in one step)."""
