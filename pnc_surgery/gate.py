@@ -255,7 +255,7 @@ class Gate(nn.Module):
             What the fit saw: the method used and the rates on the data it had (``gate_candidates``: each tried
             kind's out-of-fold pass rate).
         """
-        fit_kwargs = {
+        fit_kwargs: dict[str, Any] = {
             "negative_sources": negative_sources,
             "max_false_positive_rate": max_false_positive_rate,
             "folds": folds,
@@ -338,7 +338,7 @@ class Gate(nn.Module):
         self._load(other.weight.data, other.bias.data, other.num_positive, other.mean, other.std)
         self._set_spaces(
             {
-                space: (other._buffers[f"{space}_precision"], other._buffers[f"{space}_means"])
+                space: (other.get_buffer(f"{space}_precision"), other.get_buffer(f"{space}_means"))
                 for space, width in zip(SPACES, other.space_widths)
                 if width
             }
