@@ -89,12 +89,17 @@ class Candidate:
         return {
             "cut": self.cut.name,
             "insertion": self.insertion.name,
-            "heldout_accuracy": round(self.accuracy, 4),
-            "heldout_loss": round(self.loss, 4),
+            "heldout_accuracy": _measured(self.accuracy),
+            "heldout_loss": _measured(self.loss),
             "cost": round(self.cost, 4),
             "steps": self.steps,
             "rounds": self.rounds,
         }
+
+
+def _measured(value: float) -> float | None:
+    """``value`` rounded for the patch file, or ``None`` where it was never measured (NaN is not JSON)."""
+    return round(value, 4) if math.isfinite(value) else None
 
 
 LOSS_WEIGHT = 0.01

@@ -256,7 +256,7 @@ def test_demo_overwrites_when_asked(tmp_path, capsys, monkeypatch):
 
 
 def test_an_unexpected_error_is_one_line_with_exit_code_1(capsys, monkeypatch):
-    monkeypatch.setattr("pnc_surgery.cli.points.find_points", lambda model: 1 / 0)
+    monkeypatch.setattr("pnc_surgery.cli.points.find_points", lambda model, **options: 1 / 0)
     assert main(["points", "resnet18", "--kwargs", TINY_RESNET]) == 1
     line = error_line(capsys)
     assert "internal error: ZeroDivisionError" in line and "--traceback" in line

@@ -216,3 +216,13 @@ def test_a_bad_config_is_refused():
         CloneConfig(keep_ratio=1.5)
     with pytest.raises(InvalidInputError, match="feature_memory_gb"):
         CloneConfig(feature_memory_gb=0)
+
+
+def test_a_clone_whose_search_had_one_candidate_saves_and_loads(digits, tmp_path):
+    """A one-pair search never measures held-out accuracy; the saved ranking says so (null), and the file loads."""
+    split, target, source = digits
+    config = CloneConfig(max_cuts=1, max_insertions=1, search_steps=2, train_steps=5)
+    patch = clone(source, target, split.clone, classes=split.clone_source_ids, config=config, seed=0, progress=False)
+    patch.save_pretrained(tmp_path / "patch")
+    loaded = pnc_surgery.Patch.from_pretrained(tmp_path / "patch")
+    assert [dict(row) for row in loaded.config.search] == [dict(row) for row in patch.config.search]
