@@ -215,3 +215,42 @@ def test_a_transformers_image_processor_feeds_its_model():
     data = [(image, i % 2) for i, image in enumerate(_images())]
     clone(source, target, data, config=TINY, progress=False, target_processor=processor)
     _assert_each_model_got_its_own_pixels(*seen)
+
+
+WORDS = ["[PAD]", "[UNK]", "ant", "bee", "cat", "dog", "eel", "fox"]
+
+
+def _tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def test_raw_strings_are_tokenized_for_each_model_with_its_own_tokenizer():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def bert(num_labels: int) -> torch.nn.Module:
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=16, num_labels=num_labels,
+        )).eval()
+
+    torch.manual_seed(0)
+    source, target = bert(4), bert(3)
+    reordered = WORDS[:2] + WORDS[:1:-1]  # the target's ids of the same words, in the other order
+    seen: dict[str, list[torch.Tensor]] = {"source": [], "target": []}
+    for name, model in (("source", source), ("target", target)):
+        model.bert.embeddings.word_embeddings.register_forward_pre_hook(
+            lambda module, args, name=name: seen[name].append(args[0].detach().clone())
+        )
+    data = [("ant bee", 0), ("ant", 0), ("ant bee cat", 0), ("fox eel dog", 1), ("fox", 1), ("fox eel", 1)]
+    clone(
+        source, target, data, config=TINY, progress=False,
+        source_processor=_tokenizer(WORDS), target_processor=_tokenizer(reordered),
+    )
+    first_word = {name: next(x for x in ids if x.shape[0] == 6)[:, 0].tolist() for name, ids in seen.items()}
+    assert first_word["source"] == [WORDS.index(w) for w in ("ant", "ant", "ant", "fox", "fox", "fox")]
+    assert first_word["target"] == [reordered.index(w) for w in ("ant", "ant", "ant", "fox", "fox", "fox")]
