@@ -359,7 +359,8 @@ class CloneRun:
     classes: list[int]
     replay: Examples | None
     source_input: Callable[[ModelInputs], ModelInputs] | None
-    """How inputs in the target's format become the source's (``None``: as they are)."""
+    """How inputs in the target's format (or, with raw data, the source's own) become the source's (``None``: as
+    they are)."""
     source_sample: ModelInputs
     target_sample: ModelInputs
     config: CloneConfig
@@ -517,10 +518,10 @@ def _checked_run(
     head = examples.select(torch.arange(min(2, len(examples))))
     sample = head.inputs
     check_target_input(target, target_backend, sample)
-    transform = None if examples.source is not None else source_transform(
-        source, source_backend, sample, target_backend.normalization(target), user_source_transform
-    )
-    source_head = head.for_source().inputs
+    source_head = head.for_source().inputs  # the source's own inputs (raw data) or the target's
+    stats = (source_backend.normalization(source) if examples.source is not None
+             else target_backend.normalization(target))
+    transform = source_transform(source, source_backend, source_head, stats, user_source_transform)
     source_sample = source_backend.call_inputs(
         source, to_device(transform(source_head) if transform else source_head, model_device(source))
     )

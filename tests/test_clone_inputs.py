@@ -254,3 +254,12 @@ def test_raw_strings_are_tokenized_for_each_model_with_its_own_tokenizer():
     first_word = {name: next(x for x in ids if x.shape[0] == 6)[:, 0].tolist() for name, ids in seen.items()}
     assert first_word["source"] == [WORDS.index(w) for w in ("ant", "ant", "ant", "fox", "fox", "fox")]
     assert first_word["target"] == [reordered.index(w) for w in ("ant", "ant", "ant", "fox", "fox", "fox")]
+
+
+def test_a_source_processor_whose_output_the_source_cannot_take_is_refused():
+    def broken(images, return_tensors):
+        return {"pixel_values": torch.zeros(len(images), 3, 0, 0)}
+
+    data = [(image, i % 2) for i, image in enumerate(_images())]
+    with pytest.raises(InvalidInputError, match="source .*cannot run"):
+        clone(*_models(), data, config=TINY, progress=False, source_processor=broken)
