@@ -269,6 +269,11 @@ def _shape(inputs: ModelInputs) -> tuple[int, ...]:
     return tuple(_first(inputs).shape[1:])
 
 
+def _empty(inputs: ModelInputs) -> bool:
+    """Whether the inputs hold no values at all (images of size 0 cannot be resized)."""
+    return _first(inputs).numel() == 0
+
+
 def check_target_input(target: nn.Module, backend: Backend, sample: ModelInputs) -> None:
     """Raise :class:`InvalidInputError` unless the target runs on the clone data as given."""
     error = runs_on(target, backend, sample)
@@ -289,7 +294,7 @@ def source_view(source: nn.Module, backend: Backend, sample: ModelInputs) -> tup
     if error is None:
         return None
     expected = backend.expected_image(source)
-    if expected is not None and runs_on(source, backend, to_view(sample, *expected)) is None:
+    if expected is not None and not _empty(sample) and runs_on(source, backend, to_view(sample, *expected)) is None:
         return expected
     raise InvalidInputError(
         f"the source ({type(source).__name__}) cannot run on the clone data (inputs of shape {_shape(sample)}"

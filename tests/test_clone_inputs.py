@@ -261,5 +261,5 @@ def test_a_source_processor_whose_output_the_source_cannot_take_is_refused():
         return {"pixel_values": torch.zeros(len(images), 3, 0, 0)}
 
     data = [(image, i % 2) for i, image in enumerate(_images())]
-    with pytest.raises(InvalidInputError, match="source .*cannot run"):
+    with pytest.raises(InvalidInputError, match=r"source .*cannot run"):
         clone(*_models(), data, config=TINY, progress=False, source_processor=broken)
