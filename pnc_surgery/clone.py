@@ -48,6 +48,7 @@ from .gate import AUTO_ALTERNATIVES, GATE_KINDS
 from .localize import branch_parameters, local_accuracy, localize
 from .patch import Patch
 from .points import Point, find_points
+from .preprocess import encode, is_raw
 from .search import Candidate, FitData, evaluate, spread_points, successive_halving, train_candidate
 from .tracing import classifier_names, eval_mode, trace_model
 
@@ -358,7 +359,8 @@ class CloneRun:
     classes: list[int]
     replay: Examples | None
     source_input: Callable[[ModelInputs], ModelInputs] | None
-    """How inputs in the target's format become the source's (``None``: as they are)."""
+    """How inputs in the target's format (or, with raw data, the source's own) become the source's (``None``: as
+    they are)."""
     source_sample: ModelInputs
     target_sample: ModelInputs
     config: CloneConfig
@@ -428,6 +430,11 @@ def clone(
     seed: int = 0,
     progress: bool = True,
     source_transform: Callable[[ModelInputs], ModelInputs] | None = None,
+    source_processor: Any = None,
+    target_processor: Any = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    text_column: str = "text",
 ) -> Patch:
     """Clone classes of ``source`` into ``target`` as a :class:`Patch` (neither model is modified).
 
@@ -435,9 +442,11 @@ def clone(
         source: classifier that knows the classes to clone (timm or transformers, to save the patch).
         target: classifier that gains them.
         data: labelled examples of the classes to clone (``Dataset``, ``DataLoader`` or iterable of
-            ``(x, y)``; ``y`` are source class ids). Images are in the target's input format; for the source they
+            ``(x, y)``; ``y`` are source class ids). Tensors are in the target's input format; for the source they
             are resized when it expects another size, and normalised again when both models record their
-            normalisation and the two differ (or mapped by ``source_transform``).
+            normalisation and the two differ (or mapped by ``source_transform``). Raw data (``(PIL image | path |
+            string, label)`` pairs, an image folder with one sub-folder per class id or label name, or
+            ``datasets``-like rows) is preprocessed for each model in its own format (:mod:`pnc_surgery.preprocess`).
         classes: source classes to clone, as class ids or the source's label names, in output order (default:
             the classes present in ``data``).
         replay: optional target-domain inputs (with or without labels) that help the gate protect the
@@ -447,6 +456,9 @@ def clone(
         progress: show progress bars.
         source_transform: maps a batch of inputs in the target's format to the source's (instead of the automatic
             resizing and normalisation).
+        source_processor: image processor or tokenizer for raw data fed to the source (default: a timm model's
+            data config, or the one saved with its ``name_or_path``); ``target_processor`` likewise.
+        image_column: column of the images in ``datasets`` rows; ``label_column`` and ``text_column`` likewise.
 
     Returns:
         The patch; ``patch.attach(target)`` adds the cloned classes after the target's own.
@@ -456,7 +468,8 @@ def clone(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         run = _checked_run(
-            source, target, data, classes, replay, config, torch.Generator().manual_seed(seed), progress, source_transform
+            source, target, data, classes, replay, config, torch.Generator().manual_seed(seed), progress,
+            source_transform, (source_processor, target_processor), (image_column, label_column, text_column),
         )
         metrics: dict[str, Any] = {"clone_examples": len(run.examples), "cloned_classes": len(run.classes)}
         seconds: dict[str, float] = {}
@@ -484,21 +497,33 @@ def _checked_run(
     config: CloneConfig,
     generator: torch.Generator,
     progress: bool,
-    user_source_transform: Callable[[ModelInputs], ModelInputs] | None = None,
+    user_source_transform: Callable[[ModelInputs], ModelInputs] | None,
+    processors: tuple[Any, Any],
+    columns: tuple[str, str, str],
 ) -> CloneRun:
     """Check models, data, classes and replay against each other; the run state every stage starts from."""
     for role, model in (("source", source), ("target", target)):
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"{role} must be a torch.nn.Module classifier, got {type(model).__name__}")
     source_backend, target_backend = backend_for(source), backend_for(target)
+    names, (source_processor, target_processor) = source_backend.class_names(source), processors
+    if is_raw(data) and user_source_transform is not None:
+        raise InvalidInputError("source_transform maps tensors; with raw data pass source_processor= instead")
+    if is_raw(data):
+        data = encode(
+            data, target, source, target_processor=target_processor, source_processor=source_processor,
+            columns=columns, names=names,
+        )
     examples = collect(data, "data")
-    sample = examples.select(torch.arange(min(2, len(examples)))).inputs
+    head = examples.select(torch.arange(min(2, len(examples))))
+    sample = head.inputs
     check_target_input(target, target_backend, sample)
-    transform = source_transform(
-        source, source_backend, sample, target_backend.normalization(target), user_source_transform
-    )
+    source_head = head.for_source().inputs  # the source's own inputs (raw data) or the target's
+    stats = (source_backend.normalization(source) if examples.source is not None
+             else target_backend.normalization(target))
+    transform = source_transform(source, source_backend, source_head, stats, user_source_transform)
     source_sample = source_backend.call_inputs(
-        source, to_device(transform(sample) if transform else sample, model_device(source))
+        source, to_device(transform(source_head) if transform else source_head, model_device(source))
     )
     assert examples.labels is not None
     chosen = select_classes(
@@ -507,6 +532,11 @@ def _checked_run(
     examples = examples.select(torch.isin(examples.labels, torch.tensor(chosen)).nonzero().flatten())
     assert examples.labels is not None
     local_labels = torch.tensor([chosen.index(int(y)) for y in examples.labels])
+    if is_raw(replay):
+        replay = encode(
+            replay, target, target_processor=target_processor, columns=columns, names=names, what="replay",
+            labelled=False,
+        )
     replay_examples = collect(replay, "replay", labelled=False) if replay is not None else None
     if replay_examples is not None:
         check_replay(replay_examples, examples, target, target_backend)
@@ -574,8 +604,8 @@ def prepare(run: CloneRun) -> dict[str, Any]:
         run.progress, backend=run.target_backend, store=run.store, precision=run.precision,
     )
     run.source_features, source_logits, _ = _extract(
-        run.source, sorted(cuts), run.examples, config.feature_batch_size, run.source_input, "pnc: source features",
-        run.progress, backend=run.source_backend, store=run.store, precision=run.precision,
+        run.source, sorted(cuts), run.examples.for_source(), config.feature_batch_size, run.source_input,
+        "pnc: source features", run.progress, backend=run.source_backend, store=run.store, precision=run.precision,
     )
     run.teacher = source_logits[:, run.classes]
     inputs = run.examples.inputs

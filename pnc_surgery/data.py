@@ -33,6 +33,7 @@ __all__ = [
     "check_target_input",
     "source_view",
     "select_classes",
+    "class_id",
     "check_replay",
     "short",
     "model_device",
@@ -46,16 +47,27 @@ Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 @dataclass
 class Examples:
-    """Inputs and (optional) labels, held as tensors."""
+    """Inputs (in the target's format) and (optional) labels, held as tensors; with raw data, also the same
+    examples in the source's own format."""
 
     inputs: ModelInputs
     labels: torch.Tensor | None
+    source: ModelInputs | None = None
+    """The same examples as the source's inputs, when each model was given its own preprocessing."""
 
     def __len__(self) -> int:
         return int(_first(self.inputs).shape[0])
 
     def select(self, index: torch.Tensor) -> Examples:
-        return Examples(_index(self.inputs, index), None if self.labels is None else self.labels[index])
+        return Examples(
+            _index(self.inputs, index),
+            None if self.labels is None else self.labels[index],
+            None if self.source is None else _index(self.source, index),
+        )
+
+    def for_source(self) -> Examples:
+        """The examples in the source's format (themselves when they carry no source inputs)."""
+        return self if self.source is None else Examples(self.source, self.labels)
 
 
 def _first(inputs: ModelInputs) -> torch.Tensor:
@@ -159,7 +171,8 @@ def _as_labels(y: Any, what: str) -> torch.Tensor:
         labels = torch.as_tensor(y)
     except (TypeError, ValueError, RuntimeError):
         raise InvalidInputError(
-            f"{what} labels must be integer class ids of the source, got {short(y) if isinstance(y, list) else repr(y)[:80]}"
+            f"{what} labels must be integer class ids of the source, got "
+            + (short(y) if isinstance(y, list) else repr(y)[:80])
         ) from None
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise InvalidInputError(f"{what} labels must be integer class ids, got {labels.dtype}")
@@ -256,12 +269,18 @@ def _shape(inputs: ModelInputs) -> tuple[int, ...]:
     return tuple(_first(inputs).shape[1:])
 
 
+def _empty(inputs: ModelInputs) -> bool:
+    """Whether the inputs hold no values at all (images of size 0 cannot be resized)."""
+    return _first(inputs).numel() == 0
+
+
 def check_target_input(target: nn.Module, backend: Backend, sample: ModelInputs) -> None:
     """Raise :class:`InvalidInputError` unless the target runs on the clone data as given."""
     error = runs_on(target, backend, sample)
     if error:
         raise InvalidInputError(
-            f"the target ({type(target).__name__}) cannot run on the clone data (inputs of shape {_shape(sample)}): {error}"
+            f"the target ({type(target).__name__}) cannot run on the clone data "
+            f"(inputs of shape {_shape(sample)}): {error}"
         )
 
 
@@ -275,7 +294,7 @@ def source_view(source: nn.Module, backend: Backend, sample: ModelInputs) -> tup
     if error is None:
         return None
     expected = backend.expected_image(source)
-    if expected is not None and runs_on(source, backend, to_view(sample, *expected)) is None:
+    if expected is not None and not _empty(sample) and runs_on(source, backend, to_view(sample, *expected)) is None:
         return expected
     raise InvalidInputError(
         f"the source ({type(source).__name__}) cannot run on the clone data (inputs of shape {_shape(sample)}"
@@ -381,7 +400,7 @@ def select_classes(
     asked = list(present if classes is None else classes)
     if not asked:
         raise InvalidInputError("classes is empty: name at least one source class to clone")
-    chosen = [_class_id(c, names) for c in asked]
+    chosen = [class_id(c, names) for c in asked]
     if len(set(chosen)) != len(chosen):
         raise InvalidInputError(f"classes has duplicates: {short(sorted({c for c in chosen if chosen.count(c) > 1}))}")
     outside = [c for c in chosen if not 0 <= c < num_source_classes]
@@ -400,7 +419,7 @@ def select_classes(
     return chosen
 
 
-def _class_id(value: Any, names: Sequence[str] | None) -> int:
+def class_id(value: Any, names: Sequence[str] | None) -> int:
     """A class given by id or by the source's label name, as an id."""
     if isinstance(value, str):
         if names is None:
