@@ -34,7 +34,7 @@ __all__ = [
     "find_prune_groups",
     "unit_importance",
     "keep_indices",
-    "masked",
+    "MaskedUnits",
     "prune",
     "branch_parameters",
     "local_accuracy",
@@ -132,7 +132,7 @@ def find_prune_groups(branch: SourceTail, feature: torch.Tensor, context: dict |
 
 def _proves_exact(branch: SourceTail, group: PruneGroup, feature: torch.Tensor, context: dict) -> bool:
     keep = torch.arange(group.size)[torch.arange(group.size) % 4 != 1]
-    with torch.no_grad(), masked(branch, {group.consumer: keep}):
+    with torch.no_grad(), MaskedUnits(branch, {group.consumer: keep}):
         expected = branch(feature, **context)
     twin = copy.deepcopy(branch)
     try:
@@ -144,14 +144,14 @@ def _proves_exact(branch: SourceTail, group: PruneGroup, feature: torch.Tensor, 
     return got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
-class masked:
+class MaskedUnits:
     """Context manager: zero the consumer inputs of every unit not in ``keep`` (a mask, no weights changed)."""
 
     def __init__(self, branch: SourceTail, keep: dict[str, torch.Tensor]) -> None:
         self.branch, self.keep = branch, keep
         self.handles: list[RemovableHandle] = []
 
-    def __enter__(self) -> masked:
+    def __enter__(self) -> MaskedUnits:
         for consumer, kept in self.keep.items():
             module = self.branch.model.get_submodule(consumer)
             assert isinstance(module, (nn.Conv2d, nn.Linear)), "prune groups end in a linear or conv consumer"
@@ -311,7 +311,7 @@ def localize(
     if ratio is None:
         ratio = 1.0
         for candidate in tqdm(sorted(keep_ratios), desc="pnc: localize", disable=not progress, leave=False):
-            with masked(branch, keep_indices(groups, scores, candidate)):
+            with MaskedUnits(branch, keep_indices(groups, scores, candidate)):
                 accuracy = local_accuracy(branch, data)
             if accuracy >= baseline - tolerance:
                 ratio = candidate
