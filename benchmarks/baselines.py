@@ -13,6 +13,7 @@
 All trained baselines use :class:`~benchmarks.protocol.Hyper`'s step budget on
 :attr:`~benchmarks.protocol.Context.joint_data` (clone data + replay set), so they see exactly what PNC sees.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,9 +43,16 @@ def _train_grown(ctx: Context, extra_loss=None, description: str = "finetune") -
     start = time.perf_counter()
     model = grow_head(ctx.target, head_name(ctx.target), ctx.num_new, ctx.seed)
     train_classifier(
-        model, ctx.joint_data, steps=ctx.hyper.steps, lr=ctx.hyper.lr, batch_size=ctx.hyper.batch_size,
-        seed=ctx.seed, progress=ctx.progress, extra_loss=extra_loss(model) if extra_loss else None,
-        balanced=ctx.hyper.balanced, description=description,
+        model,
+        ctx.joint_data,
+        steps=ctx.hyper.steps,
+        lr=ctx.hyper.lr,
+        batch_size=ctx.hyper.batch_size,
+        seed=ctx.seed,
+        progress=ctx.progress,
+        extra_loss=extra_loss(model) if extra_loss else None,
+        balanced=ctx.hyper.balanced,
+        description=description,
     )
     return model, time.perf_counter() - start
 
@@ -69,10 +77,14 @@ def lwf(ctx: Context) -> Outcome:
         def loss(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 old = logits_of(teacher(x))
-            return weight * temperature**2 * F.kl_div(
-                F.log_softmax(logits[:, :num_old] / temperature, dim=1),
-                F.softmax(old / temperature, dim=1),
-                reduction="batchmean",
+            return (
+                weight
+                * temperature**2
+                * F.kl_div(
+                    F.log_softmax(logits[:, :num_old] / temperature, dim=1),
+                    F.softmax(old / temperature, dim=1),
+                    reduction="batchmean",
+                )
             )
 
         return loss
@@ -123,10 +135,11 @@ def ewc(ctx: Context) -> Outcome:
 def _lora_targets(model: nn.Module, head: str) -> list[str]:
     """Names of the layers peft's LoRA supports and merges: linears and ungrouped 2-D convs, minus the head."""
     return [
-        name for name, module in model.named_modules()
-        if name and name != head and (
-            isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
-        )
+        name
+        for name, module in model.named_modules()
+        if name
+        and name != head
+        and (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1))
     ]
 
 
@@ -153,15 +166,25 @@ def lora(ctx: Context) -> Outcome:
     head = head_name(ctx.target)
     grown = grow_head(ctx.target, head, ctx.num_new, ctx.seed)
     config = LoraConfig(
-        r=ctx.hyper.lora_rank, lora_alpha=2 * ctx.hyper.lora_rank, lora_dropout=0.0,
-        target_modules=_lora_targets(grown, head), modules_to_save=[head],
+        r=ctx.hyper.lora_rank,
+        lora_alpha=2 * ctx.hyper.lora_rank,
+        lora_dropout=0.0,
+        target_modules=_lora_targets(grown, head),
+        modules_to_save=[head],
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)
         model = get_peft_model(grown, config)
     train_classifier(
-        model, ctx.joint_data, steps=ctx.hyper.steps, lr=ctx.hyper.lora_lr, batch_size=ctx.hyper.batch_size,
-        seed=ctx.seed, progress=ctx.progress, balanced=ctx.hyper.balanced, description="lora",
+        model,
+        ctx.joint_data,
+        steps=ctx.hyper.steps,
+        lr=ctx.hyper.lora_lr,
+        batch_size=ctx.hyper.batch_size,
+        seed=ctx.seed,
+        progress=ctx.progress,
+        balanced=ctx.hyper.balanced,
+        description="lora",
     )
     seconds = time.perf_counter() - start
     lora_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
@@ -170,10 +193,17 @@ def lora(ctx: Context) -> Outcome:
         adapter_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     merged = copy.deepcopy(model).merge_and_unload().eval()
     return Outcome(
-        model.eval(), merged, lora_params + _new_row_params(ctx), adapter_bytes, seconds,
+        model.eval(),
+        merged,
+        lora_params + _new_row_params(ctx),
+        adapter_bytes,
+        seconds,
         release=lambda: _AdapterDisabled(model, ctx.num_old).eval(),
-        notes={"rank": ctx.hyper.lora_rank, "adapted_layers": len(config.target_modules),
-               "params_changed_counted_on": "merged weights (W + BA)"},
+        notes={
+            "rank": ctx.hyper.lora_rank,
+            "adapted_layers": len(config.target_modules),
+            "params_changed_counted_on": "merged weights (W + BA)",
+        },
     )
 
 
@@ -193,7 +223,11 @@ def ensemble(ctx: Context) -> Outcome:
     """No training: run the whole source next to the target."""
     model = Ensemble(ctx.target, ctx.source, ctx.split.clone_source_ids).eval()
     return Outcome(
-        model, ctx.target, count_parameters(ctx.source), safetensors_bytes(ctx.source), 0.0,
+        model,
+        ctx.target,
+        count_parameters(ctx.source),
+        safetensors_bytes(ctx.source),
+        0.0,
         release=lambda: ctx.target,
     )
 

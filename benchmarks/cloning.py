@@ -4,6 +4,7 @@ Each variant is ``pnc_surgery.CloneConfig`` with one switch turned off, so the t
 method buys: localization (pruning the cloned source tail), the joint search of cut and insertion points, and
 the gate that keeps the target's answers on its own classes.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,14 @@ def pnc_method(overrides: dict[str, Any], base: dict[str, Any] | None = None) ->
         config = CloneConfig(**{**(base or {}), **overrides})
         start = time.perf_counter()
         patch = clone(
-            ctx.source, ctx.target, ctx.split.clone, classes=list(ctx.split.clone_source_ids),
-            replay=ctx.split.replay, config=config, seed=ctx.seed, progress=ctx.progress,
+            ctx.source,
+            ctx.target,
+            ctx.split.clone,
+            classes=list(ctx.split.clone_source_ids),
+            replay=ctx.split.replay,
+            config=config,
+            seed=ctx.seed,
+            progress=ctx.progress,
         )
         seconds = time.perf_counter() - start
         extra_params = int(patch.num_parameters)  # read before attaching (see the report's open problems)
@@ -55,7 +62,12 @@ def pnc_method(overrides: dict[str, Any], base: dict[str, Any] | None = None) ->
             return ctx.target
 
         return Outcome(
-            ctx.target, ctx.target, extra_params, patch_bytes, seconds, release,
+            ctx.target,
+            ctx.target,
+            extra_params,
+            patch_bytes,
+            seconds,
+            release,
             notes={"clone_config": {**(base or {}), **overrides}, "patch_metrics": dict(patch.metrics)},
         )
 

@@ -7,13 +7,14 @@ Definitions (BENCHMARK.md), over the combined label space A then K:
       (for a grown head, its old rows); ``target_buffers_changed`` likewise for buffers (BatchNorm statistics).
     * ``detach_max_abs_diff``: after the method's own undo, max |logits - original logits| on the test set.
 """
+
 from __future__ import annotations
 
 import os
 import statistics
 import tempfile
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from safetensors.torch import save_model
@@ -104,7 +105,9 @@ def safetensors_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def median_latencies(models: Sequence[Callable[[torch.Tensor], object]], batch: torch.Tensor, repeats: int = 9) -> list[float]:
+def median_latencies(
+    models: Sequence[Callable[[torch.Tensor], object]], batch: torch.Tensor, repeats: int = 9
+) -> list[float]:
     """Median wall seconds of one eval forward of ``batch`` through each model.
 
     The models are timed in interleaved rounds (after one warm-up call each), so a change in machine load

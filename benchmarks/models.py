@@ -5,6 +5,7 @@ for the comparison is that every method sees exactly the same source and target.
 safetensors under ``<cache>/<dataset>/``, keyed by everything that changes them (architecture and its config,
 role, classes, image size, training budget, seed), so a rerun only measures.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,7 +55,8 @@ ARCHS: dict[str, Arch] = {
     "convnext": Arch("timm", "convnext_atto", dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), output_stride=16)),
     "vit": Arch("timm", "vit_tiny_patch16_224", dict(patch_size=4, embed_dim=64, depth=4, num_heads=4), lr=1e-3),
     "hf_vit": Arch(
-        "transformers", "vit",
+        "transformers",
+        "vit",
         dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, patch_size=4),
         lr=1e-3,
     ),
@@ -70,19 +72,29 @@ MATRIX_ARCHS: dict[str, Arch] = {
     "mobilevit": Arch("timm", "mobilevit_xxs", lr=1e-3),
     "levit": Arch("timm", "levit_128s", dict(img_size=32), lr=1e-3),
     "hf_vit_small": Arch(
-        "transformers", "vit",
+        "transformers",
+        "vit",
         dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768, patch_size=8),
         lr=5e-4,
     ),
     "bert": Arch(
-        "transformers-text", "bert",
-        dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-             max_position_embeddings=64),
+        "transformers-text",
+        "bert",
+        dict(
+            vocab_size=256,
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+            max_position_embeddings=64,
+        ),
         lr=5e-4,
     ),
     "distilbert": Arch(
-        "transformers-text", "distilbert",
-        dict(vocab_size=256, dim=128, n_layers=4, n_heads=4, hidden_dim=512, max_position_embeddings=64), lr=5e-4,
+        "transformers-text",
+        "distilbert",
+        dict(vocab_size=256, dim=128, n_layers=4, n_heads=4, hidden_dim=512, max_position_embeddings=64),
+        lr=5e-4,
     ),
 }
 """The pair matrix's architectures (:mod:`benchmarks.pair_matrix`): timm default widths at 32 px (ViT and MLP
@@ -144,7 +156,8 @@ def count_parameters(model: nn.Module) -> int:
 def _cache_key(arch: str, role: str, classes: tuple[int, ...], image_size: int, steps: int, seed: int) -> str:
     spec = json.dumps(
         {"arch": asdict(ARCHS[arch]), "role": role, "classes": classes, "image_size": image_size, "steps": steps},
-        sort_keys=True, default=str,
+        sort_keys=True,
+        default=str,
     )
     return f"{arch}_{role}_{image_size}px_seed{seed}_{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
 

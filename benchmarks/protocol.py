@@ -5,12 +5,14 @@ level, seed) the same :class:`Context`: the same source, its own untouched copy 
 clone data and the same replay set. The method returns an :class:`Outcome`: a model that scores ``A`` then ``K``,
 plus what the cost metrics need. Keeping this in one place is what makes the rows of the table comparable.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

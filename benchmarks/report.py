@@ -7,14 +7,16 @@ Files written to the results folder:
     * ``accuracy_vs_locality.png``: ``acc_all`` against ``locality``, one point a method (headline numbers).
     * ``cost.png``: bars of extra parameters and latency per method, relative to the source and the target.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 __all__ = ["write", "markdown", "headline", "aggregate", "frontier_plot", "COLUMNS"]
 
@@ -33,22 +35,39 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 """Table columns: (row key, header)."""
 
-_NUMERIC = ("acc_old", "acc_new", "acc_all", "locality", "target_params_changed", "target_buffers_changed",
-            "detach_max_abs_diff", "extra_params", "extra_params_ratio", "patch_bytes", "patch_bytes_ratio",
-            "clone_seconds", "latency_vs_target", "latency_vs_target_plus_source")
+_NUMERIC = (
+    "acc_old",
+    "acc_new",
+    "acc_all",
+    "locality",
+    "target_params_changed",
+    "target_buffers_changed",
+    "detach_max_abs_diff",
+    "extra_params",
+    "extra_params_ratio",
+    "patch_bytes",
+    "patch_bytes_ratio",
+    "clone_seconds",
+    "latency_vs_target",
+    "latency_vs_target_plus_source",
+)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def aggregate(rows: Iterable[dict[str, Any]], by: tuple[str, ...]) -> dict[tuple, dict[str, tuple[float, float] | None]]:
+def aggregate(
+    rows: Iterable[dict[str, Any]], by: tuple[str, ...]
+) -> dict[tuple, dict[str, tuple[float, float] | None]]:
     """Mean and std over seeds of every numeric column, per ``by`` key (a value is ``None`` when it is n/a).
 
     When ``by`` leaves out ``pair`` (the headline), each seed's value is first averaged over the pairs, so the
     std is the spread over seeds of the all-pairs mean.
     """
-    per_seed: dict[tuple, dict[int, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    per_seed: dict[tuple, dict[int, dict[str, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
     missing: dict[tuple, set[str]] = defaultdict(set)
     for row in rows:
         key = tuple(row[k] for k in by)
@@ -60,7 +79,8 @@ def aggregate(rows: Iterable[dict[str, Any]], by: tuple[str, ...]) -> dict[tuple
     result: dict[tuple, dict[str, tuple[float, float] | None]] = {}
     for key, seeds in per_seed.items():
         result[key] = {
-            column: None if column in missing[key]
+            column: None
+            if column in missing[key]
             else _mean_std([statistics.fmean(seeds[s][column]) for s in sorted(seeds)])
             for column in _NUMERIC
         }
@@ -144,10 +164,18 @@ def markdown(document: dict[str, Any]) -> str:
                 parts += ["", f"### {pair}, {_level_name(lvl)}", "", _table(stats, methods)]
     models = document["models"]
     if models:
-        parts += ["", "### Trained models", "", "| pair | seed | target acc on A | source acc on K (among K) |",
-                  "|---|---|---|---|"]
-        parts += [f"| {m['pair']} | {m['seed']} | {100 * m['target_acc_on_A']:.1f} | "
-                  f"{100 * m['source_acc_on_K_among_K']:.1f} |" for m in models]
+        parts += [
+            "",
+            "### Trained models",
+            "",
+            "| pair | seed | target acc on A | source acc on K (among K) |",
+            "|---|---|---|---|",
+        ]
+        parts += [
+            f"| {m['pair']} | {m['seed']} | {100 * m['target_acc_on_A']:.1f} | "
+            f"{100 * m['source_acc_on_K_among_K']:.1f} |"
+            for m in models
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -169,8 +197,15 @@ def _plots(document: dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method in methods:
         (x, xs), (y, ys) = head[method]["locality"], head[method]["acc_all"]
-        ax.errorbar(100 * x, 100 * y, xerr=100 * xs, yerr=100 * ys, fmt="o", capsize=3,
-                    color="tab:red" if method.startswith("pnc") else "tab:blue")
+        ax.errorbar(
+            100 * x,
+            100 * y,
+            xerr=100 * xs,
+            yerr=100 * ys,
+            fmt="o",
+            capsize=3,
+            color="tab:red" if method.startswith("pnc") else "tab:blue",
+        )
         ax.annotate(method, (100 * x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("locality (% of A's test predictions unchanged)")
     ax.set_ylabel("acc all (% on A ∪ K)")
@@ -224,17 +259,42 @@ def frontier_plot(document: dict[str, Any], path: Path) -> None:
     budgets = sorted({r["budget"] for r in rows if r["method"] == "pnc"})
     curve = [[r for r in rows if r["method"] == "pnc" and r["budget"] == b] for b in budgets]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.plot([mean(c, "locality") for c in curve], [mean(c, "acc_all") for c in curve], "o-", color="tab:red", label="pnc (gate budget sweep)")
+    ax.plot(
+        [mean(c, "locality") for c in curve],
+        [mean(c, "acc_all") for c in curve],
+        "o-",
+        color="tab:red",
+        label="pnc (gate budget sweep)",
+    )
     for budget, chosen in zip(budgets, curve):
-        ax.annotate(f"{budget:g}", (mean(chosen, "locality"), mean(chosen, "acc_all")), textcoords="offset points",
-                    xytext=(3, -10), fontsize=7, color="tab:red")
+        ax.annotate(
+            f"{budget:g}",
+            (mean(chosen, "locality"), mean(chosen, "acc_all")),
+            textcoords="offset points",
+            xytext=(3, -10),
+            fontsize=7,
+            color="tab:red",
+        )
     for method, style in (("pnc_learned_gate", "s"), ("finetune", "^"), ("lwf", "v"), ("ewc", "D")):
         chosen = [r for r in rows if r["method"] == method]
         if chosen:
-            ax.plot(mean(chosen, "locality"), mean(chosen, "acc_all"), style, color="tab:orange" if method.startswith("pnc") else "tab:blue")
-            ax.annotate(method, (mean(chosen, "locality"), mean(chosen, "acc_all")), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.plot(
+                mean(chosen, "locality"),
+                mean(chosen, "acc_all"),
+                style,
+                color="tab:orange" if method.startswith("pnc") else "tab:blue",
+            )
+            ax.annotate(
+                method,
+                (mean(chosen, "locality"), mean(chosen, "acc_all")),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
     oracle = [r for r in rows if r["method"] == "oracle"]
-    ax.axhline(mean(oracle, "acc_all"), color="tab:green", linestyle="--", label="oracle (joint training on A ∪ K, all data)")
+    ax.axhline(
+        mean(oracle, "acc_all"), color="tab:green", linestyle="--", label="oracle (joint training on A ∪ K, all data)"
+    )
     ax.set_xlabel("locality (% of A's test predictions unchanged)")
     ax.set_ylabel("acc all (% on A ∪ K)")
     ax.set_title(f"Fashion-MNIST frontier, {len(cells)} cells")

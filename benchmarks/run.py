@@ -11,6 +11,7 @@ Examples::
     python -m benchmarks.run --dataset fashion --seeds 0 1 2 --levels 1.0 0.3 20 --out results/fashion
     python -m benchmarks.run --pairs "resnet->resnet" "vit->vit" --seeds 0 --levels 0.3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,10 @@ import logging
 import platform
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -121,9 +123,7 @@ def _methods(config: RunConfig) -> dict[str, Method]:
     return {m: available[m] for m in config.methods}
 
 
-def _evaluate(
-    method: Method, ctx: Context, reference: dict[str, Any], latency_input: torch.Tensor
-) -> dict[str, Any]:
+def _evaluate(method: Method, ctx: Context, reference: dict[str, Any], latency_input: torch.Tensor) -> dict[str, Any]:
     """Run one method on one cell and measure it."""
     outcome = method(ctx)
     test = ctx.split.test
@@ -186,10 +186,15 @@ def run(config: RunConfig, out: Path, cache: Path, progress: bool = True) -> dic
             "clone_classes": list(base.clone_classes),
             "test_images": len(base.test),
             "same_data": "every method of a (pair, seed, level) cell gets the same clone images and the same "
-                         f"replay set ({config.replay_per_class} images per class of A)",
+            f"replay set ({config.replay_per_class} images per class of A)",
         },
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "threads": config.threads, "machine": platform.machine(), "git": _git_revision()},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": config.threads,
+            "machine": platform.machine(),
+            "git": _git_revision(),
+        },
         "models": [],
         "rows": [],
         "wall_seconds": 0.0,
@@ -205,14 +210,27 @@ def run(config: RunConfig, out: Path, cache: Path, progress: bool = True) -> dic
 
 
 def _run_cell(
-    config: RunConfig, methods: dict[str, Method], train: ImageDataset, test: ImageDataset, pair: str, seed: int,
-    level: float | int, cache: Path, progress: bool, document: dict[str, Any],
+    config: RunConfig,
+    methods: dict[str, Method],
+    train: ImageDataset,
+    test: ImageDataset,
+    pair: str,
+    seed: int,
+    level: float | int,
+    cache: Path,
+    progress: bool,
+    document: dict[str, Any],
 ) -> None:
     """Every method on one (pair, seed, level) cell; appends its rows (and the models' record) to ``document``."""
     split = class_split(train, test, clone_level=level, replay_per_class=config.replay_per_class, seed=seed)
     common = dict(
-        dataset_name=config.dataset, image_size=config.image_size, steps=config.model_steps, seed=seed,
-        cache_dir=cache, train_per_class=config.train_per_class, progress=progress,
+        dataset_name=config.dataset,
+        image_size=config.image_size,
+        steps=config.model_steps,
+        seed=seed,
+        cache_dir=cache,
+        train_per_class=config.train_per_class,
+        progress=progress,
     )
     source_arch, target_arch = PAIRS[pair]
     source, source_info = trained_model(source_arch, "source", split.source_train, split.source_classes, **common)
@@ -226,24 +244,39 @@ def _run_cell(
         row = _evaluate(method, ctx, reference, split.test.images[: config.latency_batch])
         assert count_changed(reference["state"], target) == (0, 0), f"{name} wrote the original target"
         assert count_changed(reference["source_state"], source) == (0, 0), f"{name} wrote the source"
-        document["rows"].append({"pair": pair, "seed": seed, "level": level, "method": name,
-                                 "clone_images": len(split.clone), "replay_images": len(split.replay), **row})
+        document["rows"].append(
+            {
+                "pair": pair,
+                "seed": seed,
+                "level": level,
+                "method": name,
+                "clone_images": len(split.clone),
+                "replay_images": len(split.replay),
+                **row,
+            }
+        )
 
 
 def _git_revision() -> str | None:
     """The checked-out commit (with ``+dirty`` when tracked files differ), so results name their code."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")
 
 
 def _model_record(
-    pair: str, seed: int, split: ClassSplit, source: torch.nn.Module, target: torch.nn.Module,
-    source_info: dict, target_info: dict,
+    pair: str,
+    seed: int,
+    split: ClassSplit,
+    source: torch.nn.Module,
+    target: torch.nn.Module,
+    source_info: dict,
+    target_info: dict,
 ) -> dict[str, Any]:
     """Accuracies of the trained models: the target on A's test images, the source on K's (acc_new's ceiling)."""
     test_old = select_classes(split.test, range(split.num_old))
@@ -251,21 +284,34 @@ def _model_record(
     source_logits = predict_logits(source, test_new)[:, list(split.clone_source_ids)]
     source_on_k = (source_logits.argmax(1) == test_new.labels - split.num_old).float().mean().item()
     return {
-        "pair": pair, "seed": seed,
-        "target_acc_on_A": accuracy(target, test_old), "source_acc_on_K_among_K": source_on_k,
-        "source_params": count_parameters(source), "target_params": count_parameters(target),
-        "source": source_info, "target": target_info,
+        "pair": pair,
+        "seed": seed,
+        "target_acc_on_A": accuracy(target, test_old),
+        "source_acc_on_K_among_K": source_on_k,
+        "source_params": count_parameters(source),
+        "target_params": count_parameters(target),
+        "source": source_info,
+        "target": target_info,
     }
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     config = SMOKE if args.smoke else RunConfig()
     overrides = {
-        key: value for key, value in {
-            "dataset": args.dataset, "pairs": args.pairs, "seeds": args.seeds, "levels": args.levels,
-            "methods": args.methods, "image_size": args.image_size, "train_per_class": args.train_per_class,
-            "model_steps": args.model_steps, "test_per_class": args.test_per_class, "threads": args.threads,
-        }.items() if value is not None
+        key: value
+        for key, value in {
+            "dataset": args.dataset,
+            "pairs": args.pairs,
+            "seeds": args.seeds,
+            "levels": args.levels,
+            "methods": args.methods,
+            "image_size": args.image_size,
+            "train_per_class": args.train_per_class,
+            "model_steps": args.model_steps,
+            "test_per_class": args.test_per_class,
+            "threads": args.threads,
+        }.items()
+        if value is not None
     }
     if args.steps is not None:
         overrides["hyper"] = replace(config.hyper, steps=args.steps)
@@ -287,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model-steps", type=int)
     parser.add_argument("--test-per-class", type=int)
     parser.add_argument("--steps", type=int, help="optimizer steps of every trained baseline")
-    parser.add_argument("--clone-config", help='JSON of CloneConfig settings shared by the PNC rows')
+    parser.add_argument("--clone-config", help="JSON of CloneConfig settings shared by the PNC rows")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/<dataset>)")
     parser.add_argument("--cache", type=Path, default=Path("results/cache"), help="trained-model cache")

@@ -14,12 +14,14 @@ than the benchmark's. ``--folds 0`` fits and scores the same images, which high-
 
     python -m benchmarks.separability --dataset fashion --seeds 0 1 2 --features target target+source+pixels
 """
+
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -38,10 +40,14 @@ FEATURES = ("target", "target+source", "target+source+pixels")
 
 
 @torch.no_grad()
-def pre_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def pre_logits(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The input of the model's classifier and its logits, for every image."""
     captured: list[torch.Tensor] = []
-    hook = model.get_submodule(head_name(model)).register_forward_pre_hook(lambda _, args: captured.append(args[0].flatten(1)))
+    hook = model.get_submodule(head_name(model)).register_forward_pre_hook(
+        lambda _, args: captured.append(args[0].flatten(1))
+    )
     logits = []
     try:
         for batch in images.split(batch_size):
@@ -53,8 +59,13 @@ def pre_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 2
 
 
 def linear_bound(
-    features: torch.Tensor, labels: torch.Tensor, target_correct: torch.Tensor, num_old: int, budget: float,
-    strengths: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0), folds: int = 5,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    target_correct: torch.Tensor,
+    num_old: int,
+    budget: float,
+    strengths: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0),
+    folds: int = 5,
 ) -> dict[str, Any]:
     """Per cloned class, the share of its images a linear gate passes at ``budget`` of the target's; the implied
     ``acc_all`` ceiling (every passed image answered right, every other one answered as the target does). The
@@ -62,12 +73,18 @@ def linear_bound(
     are out-of-fold with ``folds`` >= 2, in-sample with 0."""
     cloned = labels >= num_old
     x, y = features.double().numpy(), cloned.numpy()
-    splits = list(StratifiedKFold(folds, shuffle=True, random_state=0).split(x, labels.numpy())) if folds else [(slice(None), slice(None))]
+    splits = (
+        list(StratifiedKFold(folds, shuffle=True, random_state=0).split(x, labels.numpy()))
+        if folds
+        else [(slice(None), slice(None))]
+    )
     best: dict[str, Any] = {}
     for strength in strengths:
         scores = torch.zeros(len(labels), dtype=torch.float64)
         for fit, held in splits:
-            probe = make_pipeline(StandardScaler(), LogisticRegression(C=strength, class_weight="balanced", max_iter=5000))
+            probe = make_pipeline(
+                StandardScaler(), LogisticRegression(C=strength, class_weight="balanced", max_iter=5000)
+            )
             scores[held] = torch.from_numpy(probe.fit(x[fit], y[fit]).decision_function(x[held]))
         threshold = torch.quantile(scores[~cloned], 1.0 - budget)
         passed = scores > threshold
@@ -86,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--level", type=float, default=0.3)
     parser.add_argument("--image-size", type=int, default=RunConfig().image_size)
-    parser.add_argument("--budget", type=float, default=0.01, help="share of the target's test images the gate may pass")
+    parser.add_argument(
+        "--budget", type=float, default=0.01, help="share of the target's test images the gate may pass"
+    )
     parser.add_argument("--features", nargs="+", default=["target"], choices=FEATURES, help="what the probe sees")
     parser.add_argument("--folds", type=int, default=5, help="score out of fold (0: in-sample, optimistic)")
     parser.add_argument("--cache", type=Path, default=Path("results/cache"))
@@ -98,10 +117,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for pair in args.pairs:
         for seed in args.seeds:
-            split = class_split(train, test, clone_level=args.level, replay_per_class=config.replay_per_class, seed=seed)
+            split = class_split(
+                train, test, clone_level=args.level, replay_per_class=config.replay_per_class, seed=seed
+            )
             common = dict(
-                dataset_name=args.dataset, image_size=config.image_size, steps=config.model_steps, seed=seed,
-                cache_dir=args.cache, train_per_class=config.train_per_class, progress=False,
+                dataset_name=args.dataset,
+                image_size=config.image_size,
+                steps=config.model_steps,
+                seed=seed,
+                cache_dir=args.cache,
+                train_per_class=config.train_per_class,
+                progress=False,
             )
             source_arch, target_arch = PAIRS[pair]
             target, _ = trained_model(target_arch, "target", split.target_train, split.target_classes, **common)
@@ -122,7 +148,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         means[name] = sum(ceilings) / len(ceilings)
     fitted = f"{args.folds}-fold out-of-fold" if args.folds else "in-sample"
     for name, mean in means.items():
-        print(f"mean acc_all ceiling of a linear gate on {name} ({fitted}) at {args.budget:.0%} of the target's images: {100 * mean:.1f}")
+        print(
+            f"mean acc_all ceiling of a linear gate on {name} ({fitted}) "
+            f"at {args.budget:.0%} of the target's images: {100 * mean:.1f}"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         summary = {"budget": args.budget, "folds": args.folds, "rows": rows, "mean_acc_all_ceiling": means}

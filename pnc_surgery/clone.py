@@ -11,6 +11,7 @@
 
 Each stage reads the run state, sets what it produces on it, and returns its metrics.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,7 +97,8 @@ class CloneConfig:
     each pair, how many pairs survive its first look, and how long the final training may run. ``search_steps`` and
     ``train_steps``, when set, override it."""
     search_positions: bool = True
-    """Search (cut, insertion) pairs jointly; ``False`` cuts at the source's last stage and inserts at the target's (ablation)."""
+    """Search (cut, insertion) pairs jointly; ``False`` cuts at the source's last stage and inserts at the
+    target's (ablation)."""
     max_cuts: int = 3
     """Source cut points considered (evenly spaced over the source's depth, stage ends first)."""
     max_insertions: int = 3
@@ -116,7 +118,8 @@ class CloneConfig:
     localize: bool = True
     """Prune the branch to what the cloned classes need; ``False`` keeps the full source tail (ablation)."""
     keep_ratio: float | None = None
-    """Fraction of prunable units to keep; ``None`` picks the smallest that keeps local accuracy within ``accuracy_tolerance``."""
+    """Fraction of prunable units to keep; ``None`` picks the smallest that keeps local accuracy within
+    ``accuracy_tolerance``."""
     keep_ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7)
     """Ratios tried when ``keep_ratio`` is ``None``."""
     accuracy_tolerance: float = 0.01
@@ -196,7 +199,12 @@ class CloneConfig:
 
 
 _INT_FIELDS = {
-    "max_cuts": 1, "max_insertions": 1, "search_steps": 1, "train_steps": 1, "batch_size": 1, "adapter_hidden": 0,
+    "max_cuts": 1,
+    "max_insertions": 1,
+    "search_steps": 1,
+    "train_steps": 1,
+    "batch_size": 1,
+    "adapter_hidden": 0,
     "feature_batch_size": 1,
 }
 """Integer fields of :class:`CloneConfig` and their smallest value."""
@@ -259,7 +267,11 @@ def _extract(
             inputs = to_device(transform(batch.inputs) if transform else batch.inputs, device)
             with _autocast(device, precision):
                 trace = trace_model(
-                    model, backend.call_inputs(model, inputs), backend, keep=wanted.__contains__, classifiers=list(classifiers)
+                    model,
+                    backend.call_inputs(model, inputs),
+                    backend,
+                    keep=wanted.__contains__,
+                    classifiers=list(classifiers),
                 )
             for name in names:
                 output = trace.calls[name].output
@@ -313,7 +325,9 @@ def _affordable(points: list[Point], examples: int, budget_bytes: float) -> list
     return [p for p in points if 4 * math.prod(p.shape) * examples <= budget_bytes] or points[-1:]
 
 
-def _least_squares_rows(index: torch.Tensor, point: Point, generator: torch.Generator, max_rows: int = 2**18) -> torch.Tensor:
+def _least_squares_rows(
+    index: torch.Tensor, point: Point, generator: torch.Generator, max_rows: int = 2**18
+) -> torch.Tensor:
     """Examples for an adapter's least-squares start: at most ``max_rows`` feature positions in all."""
     positions = math.prod(point.shape[:-1]) if point.layout != "NCHW" else math.prod(point.shape[1:])
     count = min(len(index), max(16, max_rows // max(positions, 1)))
@@ -329,7 +343,9 @@ def _last_stage(points: Sequence[Point]) -> Point:
     return points[len(points) // 2]
 
 
-def _stratified_split(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _stratified_split(
+    labels: torch.Tensor, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     fit, held = [], []
     for value in labels.unique():
         index = (labels == value).nonzero().flatten()
@@ -416,7 +432,12 @@ class CloneRun:
     def train_kwargs(self) -> dict[str, Any]:
         """The loss and optimiser settings every adapter training of the run shares."""
         config = self.config
-        return dict(lr=config.lr, batch_size=config.batch_size, temperature=config.temperature, feature_weight=config.feature_weight)
+        return dict(
+            lr=config.lr,
+            batch_size=config.batch_size,
+            temperature=config.temperature,
+            feature_weight=config.feature_weight,
+        )
 
 
 def clone(
@@ -468,8 +489,17 @@ def clone(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         run = _checked_run(
-            source, target, data, classes, replay, config, torch.Generator().manual_seed(seed), progress,
-            source_transform, (source_processor, target_processor), (image_column, label_column, text_column),
+            source,
+            target,
+            data,
+            classes,
+            replay,
+            config,
+            torch.Generator().manual_seed(seed),
+            progress,
+            source_transform,
+            (source_processor, target_processor),
+            (image_column, label_column, text_column),
         )
         metrics: dict[str, Any] = {"clone_examples": len(run.examples), "cloned_classes": len(run.classes)}
         seconds: dict[str, float] = {}
@@ -511,38 +541,63 @@ def _checked_run(
         raise InvalidInputError("source_transform maps tensors; with raw data pass source_processor= instead")
     if is_raw(data):
         data = encode(
-            data, target, source, target_processor=target_processor, source_processor=source_processor,
-            columns=columns, names=names,
+            data,
+            target,
+            source,
+            target_processor=target_processor,
+            source_processor=source_processor,
+            columns=columns,
+            names=names,
         )
     examples = collect(data, "data")
     head = examples.select(torch.arange(min(2, len(examples))))
     sample = head.inputs
     check_target_input(target, target_backend, sample)
     source_head = head.for_source().inputs  # the source's own inputs (raw data) or the target's
-    stats = (source_backend.normalization(source) if examples.source is not None
-             else target_backend.normalization(target))
+    stats = (
+        source_backend.normalization(source) if examples.source is not None else target_backend.normalization(target)
+    )
     transform = source_transform(source, source_backend, source_head, stats, user_source_transform)
     source_sample = source_backend.call_inputs(
         source, to_device(transform(source_head) if transform else source_head, model_device(source))
     )
     assert examples.labels is not None
     chosen = select_classes(
-        examples.labels, classes, _num_classes(source, source_backend, source_sample), source_backend.class_names(source)
+        examples.labels,
+        classes,
+        _num_classes(source, source_backend, source_sample),
+        source_backend.class_names(source),
     )
     examples = examples.select(torch.isin(examples.labels, torch.tensor(chosen)).nonzero().flatten())
     assert examples.labels is not None
     local_labels = torch.tensor([chosen.index(int(y)) for y in examples.labels])
     if is_raw(replay):
         replay = encode(
-            replay, target, target_processor=target_processor, columns=columns, names=names, what="replay",
+            replay,
+            target,
+            target_processor=target_processor,
+            columns=columns,
+            names=names,
+            what="replay",
             labelled=False,
         )
     replay_examples = collect(replay, "replay", labelled=False) if replay is not None else None
     if replay_examples is not None:
         check_replay(replay_examples, examples, target, target_backend)
     return CloneRun(
-        source, target, source_backend, target_backend, examples, local_labels, chosen, replay_examples, transform,
-        source_sample, target_backend.call_inputs(target, to_device(sample, model_device(target))), config, generator,
+        source,
+        target,
+        source_backend,
+        target_backend,
+        examples,
+        local_labels,
+        chosen,
+        replay_examples,
+        transform,
+        source_sample,
+        target_backend.call_inputs(target, to_device(sample, model_device(target))),
+        config,
+        generator,
         progress,
     )
 
@@ -573,11 +628,15 @@ def _pairs(run: CloneRun) -> list[tuple[Point, Point]]:
     else:
         cuts, insertions = [_last_stage(source_points)], [_last_stage(target_points)]
     pairs = [
-        (c, p) for c in cuts for p in insertions
+        (c, p)
+        for c in cuts
+        for p in insertions
         if (feature_spec(c, source_size).grid is None) == (feature_spec(p, target_size).grid is None)
     ]
     if not pairs:
-        raise UnsupportedModelError("no (cut, insertion) pair is compatible: one model works on images and the other on text")
+        raise UnsupportedModelError(
+            "no (cut, insertion) pair is compatible: one model works on images and the other on text"
+        )
     detailed = [(c, p) for c, p in pairs if not _coarser(feature_spec(p, target_size), feature_spec(c, source_size))]
     return detailed or pairs
 
@@ -600,16 +659,34 @@ def prepare(run: CloneRun) -> dict[str, Any]:
     cached = 4 * len(run.examples) * sum(math.prod(p.shape) for p in [*cuts.values(), *insertions.values()])
     run.store = run.device if cached <= config.feature_memory_gb * 2**30 else torch.device("cpu")
     run.target_features, _, _ = _extract(
-        run.target, sorted(insertions), run.examples, config.feature_batch_size, None, "pnc: target features",
-        run.progress, backend=run.target_backend, store=run.store, precision=run.precision,
+        run.target,
+        sorted(insertions),
+        run.examples,
+        config.feature_batch_size,
+        None,
+        "pnc: target features",
+        run.progress,
+        backend=run.target_backend,
+        store=run.store,
+        precision=run.precision,
     )
     run.source_features, source_logits, _ = _extract(
-        run.source, sorted(cuts), run.examples.for_source(), config.feature_batch_size, run.source_input,
-        "pnc: source features", run.progress, backend=run.source_backend, store=run.store, precision=run.precision,
+        run.source,
+        sorted(cuts),
+        run.examples.for_source(),
+        config.feature_batch_size,
+        run.source_input,
+        "pnc: source features",
+        run.progress,
+        backend=run.source_backend,
+        store=run.store,
+        precision=run.precision,
     )
     run.teacher = source_logits[:, run.classes]
     inputs = run.examples.inputs
-    run.context = {k: v.to(run.store) for k, v in inputs.items() if k == "attention_mask"} if isinstance(inputs, dict) else {}
+    run.context = (
+        {k: v.to(run.store) for k, v in inputs.items() if k == "attention_mask"} if isinstance(inputs, dict) else {}
+    )
     run.fit_index, run.held_index = _stratified_split(run.labels, config.heldout_fraction, run.generator)
     if len(run.held_index) == 0:
         run.held_index = run.fit_index
@@ -625,9 +702,12 @@ def prepare(run: CloneRun) -> dict[str, Any]:
     costs = _branch_costs(run, branches)
     run.candidates = [
         Candidate(
-            c, p, branches[c.name],
+            c,
+            p,
+            branches[c.name],
             Adapter(feature_spec(p, target_size), feature_spec(c, source_size), config.adapter_hidden).to(run.device),
-            cost=costs[c.name], cost_weight=config.cost_weight,
+            cost=costs[c.name],
+            cost_weight=config.cost_weight,
         )
         for c, p in pairs
     ]
@@ -650,7 +730,11 @@ def _flops(model: nn.Module, *args: Any, **kwargs: Any) -> float:
 def _branch_costs(run: CloneRun, branches: dict[str, SourceTail]) -> dict[str, float]:
     """Each cut's cost: the mean of its branch's share of the source's parameters and of its FLOPs per example."""
     source_params = sum(p.numel() for p in run.source.parameters())
-    sample = {k: v[:1] for k, v in run.source_sample.items()} if isinstance(run.source_sample, Mapping) else run.source_sample[:1]
+    sample = (
+        {k: v[:1] for k, v in run.source_sample.items()}
+        if isinstance(run.source_sample, Mapping)
+        else run.source_sample[:1]
+    )
     with eval_mode(run.source):
         source_flops = _flops(run.source, **sample) if isinstance(sample, dict) else _flops(run.source, sample)
     costs = {}
@@ -669,9 +753,14 @@ def search(run: CloneRun) -> dict[str, Any]:
     fit_index, held_index = run.fit_index, run.held_index
     if len(run.candidates) > 1:
         run.winner, run.ranking = successive_halving(
-            run.candidates, lambda c: run.rows(c, fit_index), lambda c: run.rows(c, held_index),
+            run.candidates,
+            lambda c: run.rows(c, fit_index),
+            lambda c: run.rows(c, held_index),
             first_steps=run.config.search_steps or run.epoch_steps(run.budget.search_epochs),
-            survivors=run.budget.survivors, generator=run.generator, progress=run.progress, **run.train_kwargs(),
+            survivors=run.budget.survivors,
+            generator=run.generator,
+            progress=run.progress,
+            **run.train_kwargs(),
         )
     else:
         run.winner, run.ranking = run.candidates[0], [run.candidates[0].record()]
@@ -693,8 +782,12 @@ def localize_branch(run: CloneRun) -> dict[str, Any]:
     ratio = 1.0
     if config.localize:
         ratio, found = localize(
-            branch, data, keep_ratio=config.keep_ratio, keep_ratios=config.keep_ratios,
-            tolerance=config.accuracy_tolerance, progress=run.progress,
+            branch,
+            data,
+            keep_ratio=config.keep_ratio,
+            keep_ratios=config.keep_ratios,
+            tolerance=config.accuracy_tolerance,
+            progress=run.progress,
         )
         metrics.update(found)
     metrics.update(
@@ -715,9 +808,16 @@ def train(run: CloneRun) -> dict[str, Any]:
     heldout = run.rows(winner, run.held_index)
     with tqdm(total=steps, desc="pnc: train adapter + branch", disable=not run.progress, leave=False) as bar:
         train_candidate(
-            winner, run.rows(winner, run.fit_index), steps, generator=run.generator, progress=bar.update,
-            branch_lr=config.branch_lr if config.finetune_branch else 0.0, heldout=heldout,
-            eval_every=max(run.epoch_steps(1), MIN_EVAL_STEPS), patience=run.budget.patience, **run.train_kwargs(),
+            winner,
+            run.rows(winner, run.fit_index),
+            steps,
+            generator=run.generator,
+            progress=bar.update,
+            branch_lr=config.branch_lr if config.finetune_branch else 0.0,
+            heldout=heldout,
+            eval_every=max(run.epoch_steps(1), MIN_EVAL_STEPS),
+            patience=run.budget.patience,
+            **run.train_kwargs(),
         )
     accuracy, _ = evaluate(winner, heldout, config.temperature, config.feature_weight)
     return {"heldout_local_accuracy": round(accuracy, 4), "train_steps": winner.steps - before}
@@ -729,8 +829,15 @@ def _build(run: CloneRun) -> Patch:
     config, winner = run.config, run.winner
     kind = config.gate if config.gate != "auto" else ("novelty" if run.replay is not None else "energy")
     patch = Patch.from_parts(
-        run.source, run.target, winner.cut, winner.insertion, winner.branch, winner.adapter, kind,
-        target_input=run.target_sample, source_kwargs=config.source_kwargs or None,
+        run.source,
+        run.target,
+        winner.cut,
+        winner.insertion,
+        winner.branch,
+        winner.adapter,
+        kind,
+        target_input=run.target_sample,
+        source_kwargs=config.source_kwargs or None,
     )
     return patch.to("cpu").eval()  # the gate is fitted on the CPU; attaching moves the patch to the target's device
 
@@ -743,11 +850,18 @@ def fit_gate(run: CloneRun, patch: Patch) -> dict[str, Any]:
     if replay is not None:
         replay, negative_sources = with_shifted_copies(replay) if config.shift_replay else (replay, None)
         negatives, replay_logits = _evidence(patch, target, replay, config, run.progress)
-        labels_given = replay.labels is not None and bool(((replay.labels >= 0) & (replay.labels < replay_logits.shape[1])).all())
+        labels_given = replay.labels is not None and bool(
+            ((replay.labels >= 0) & (replay.labels < replay_logits.shape[1])).all()
+        )
         negative_groups = replay.labels if labels_given else replay_logits.argmax(-1)
     return patch.gate.fit(
-        positives, run.labels, negatives, negative_groups, negative_sources=negative_sources,
-        max_false_positive_rate=config.max_false_positive_rate, seed=int(torch.randint(2**31, (), generator=run.generator)),
+        positives,
+        run.labels,
+        negatives,
+        negative_groups,
+        negative_sources=negative_sources,
+        max_false_positive_rate=config.max_false_positive_rate,
+        seed=int(torch.randint(2**31, (), generator=run.generator)),
         also_try=AUTO_ALTERNATIVES if config.gate == "auto" else (),
     )
 
@@ -759,7 +873,8 @@ def package(run: CloneRun, patch: Patch, metrics: dict[str, Any]) -> Patch:
         CloneError: a tensor of the patch is not finite (the training diverged); nothing is returned.
     """
     broken = [
-        name for name, tensor in {**dict(patch.named_parameters()), **dict(patch.named_buffers())}.items()
+        name
+        for name, tensor in {**dict(patch.named_parameters()), **dict(patch.named_buffers())}.items()
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
     ]
     if broken:
@@ -769,8 +884,11 @@ def package(run: CloneRun, patch: Patch, metrics: dict[str, Any]) -> Patch:
         )
     patch.update_config(search=tuple(run.ranking))
     patch.metrics.update(metrics)
-    patch.update_config(clone_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(run.config).items()})
+    patch.update_config(
+        clone_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(run.config).items()}
+    )
     return patch
+
 
 @torch.no_grad()
 def _evidence(
@@ -784,11 +902,15 @@ def _evidence(
     )
     if pre_logits is None:
         pre_logits = logits.new_zeros(len(logits), 0)
-    context = {k: v for k, v in examples.inputs.items() if k == "attention_mask"} if isinstance(examples.inputs, dict) else {}
+    context = (
+        {k: v for k, v in examples.inputs.items() if k == "attention_mask"} if isinstance(examples.inputs, dict) else {}
+    )
     rows = []
     for index in torch.arange(len(logits)).split(256):
         batch_context = {k: v[index] for k, v in context.items()}
-        rows.append(patch_gate_inputs(patch, features[insertion][index], logits[index], pre_logits[index], **batch_context))
+        rows.append(
+            patch_gate_inputs(patch, features[insertion][index], logits[index], pre_logits[index], **batch_context)
+        )
     return GateInputs.cat(rows), logits
 
 

@@ -179,7 +179,8 @@ def unit_importance(
     groups: Sequence[PruneGroup],
     batches: Sequence[tuple[torch.Tensor, torch.Tensor, dict]],
 ) -> dict[str, torch.Tensor]:
-    """First-order Taylor importance |sum(a * dL/da)| of each unit, on the local loss (cross-entropy over the cloned classes).
+    """First-order Taylor importance |sum(a * dL/da)| of each unit, on the local loss (cross-entropy over the
+    cloned classes).
 
     Args:
         batches: ``(feature at the cut, label index among the cloned classes, context)``.

@@ -4,6 +4,7 @@ The tests' models are tiny: one thread is faster than two, two OpenMP threads on
 against each other (100x slowdowns seen), and seeded training then gives the same numbers whichever tests run
 first and on whichever machine. So the whole suite runs single-threaded.
 """
+
 import torch
 
 torch.set_num_threads(1)

@@ -1,4 +1,5 @@
 """Specification of ``pnc_surgery.clone``: the method end to end on scikit-learn's digits, and its refusals."""
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,16 @@ def cloned(digits):
     split, target, source = digits
     before = parameter_digest(target)
     original = predict_logits(target, split.test)
-    patch = clone(source, target, split.clone, classes=split.clone_source_ids, replay=split.replay, config=FAST, seed=0, progress=False)
+    patch = clone(
+        source,
+        target,
+        split.clone,
+        classes=split.clone_source_ids,
+        replay=split.replay,
+        config=FAST,
+        seed=0,
+        progress=False,
+    )
     return patch, before, original
 
 
@@ -66,7 +76,15 @@ def test_clone_adds_the_cloned_classes_and_keeps_the_targets_answers(digits, clo
 
 def test_clone_records_what_it_measured(cloned):
     patch = cloned[0]
-    for key in ("source_local_accuracy", "heldout_local_accuracy", "kept_ratio", "cut", "insertion", "clone_seconds", "locality_protection"):
+    for key in (
+        "source_local_accuracy",
+        "heldout_local_accuracy",
+        "kept_ratio",
+        "cut",
+        "insertion",
+        "clone_seconds",
+        "locality_protection",
+    ):
         assert key in patch.metrics, key
     assert patch.config.search, "the (cut, insertion) ranking is recorded"
     assert patch.config.search[0]["cut"] == patch.metrics["cut"]
@@ -75,7 +93,7 @@ def test_clone_records_what_it_measured(cloned):
 
 
 def test_localization_makes_the_branch_and_the_file_smaller(digits, cloned, tmp_path):
-    split, target, source = digits
+    _, _, source = digits
     patch = cloned[0]
     assert patch.metrics["branch_parameters"] < patch.metrics["unpruned_branch_parameters"]
     patch.save(tmp_path / "patch.safetensors")
@@ -99,14 +117,22 @@ def test_points_whose_features_would_not_fit_in_memory_are_left_out_of_the_searc
     split, target, source = digits
     example = split.clone[0][0][None]
     examples = len(split.clone)
-    budget = CloneConfig(max_cuts=3, max_insertions=3, search_steps=2, train_steps=2, keep_ratio=0.5,
-                         feature_memory_gb=4 * 256 * examples / 2**30)
+    budget = CloneConfig(
+        max_cuts=3,
+        max_insertions=3,
+        search_steps=2,
+        train_steps=2,
+        keep_ratio=0.5,
+        feature_memory_gb=4 * 256 * examples / 2**30,
+    )
     patch = clone(source, target, split.clone, config=budget, progress=False)
     sizes = {("cut", p.name): math.prod(p.shape) for p in find_points(source, example)}
     sizes |= {("insertion", p.name): math.prod(p.shape) for p in find_points(target, example)}
     searched = {(role, row[role]) for row in patch.config.search for role in ("cut", "insertion")}
     assert searched and all(sizes[key] <= 256 for key in searched), searched
-    assert min(sizes.values()) <= 256 < max(sizes.values()), "the budget must leave some points out for this to test anything"
+    assert min(sizes.values()) <= 256 < max(sizes.values()), (
+        "the budget must leave some points out for this to test anything"
+    )
 
 
 def test_clone_is_reproducible_with_a_seed(digits):
@@ -129,7 +155,16 @@ def test_without_replay_the_gate_says_how_locality_was_protected(digits):
 @pytest.mark.parametrize(
     "make_source",
     [
-        lambda: create_model("vit_tiny_patch16_224", num_classes=5, in_chans=1, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+        lambda: create_model(
+            "vit_tiny_patch16_224",
+            num_classes=5,
+            in_chans=1,
+            img_size=16,
+            patch_size=4,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+        ),
         lambda: _hf_vit_source(),
     ],
     ids=["timm-vit-into-timm-resnet", "transformers-vit-into-timm-resnet"],
@@ -149,7 +184,16 @@ def test_a_cnn_source_clones_into_a_transformers_vit_target(digits):
     from transformers import ViTConfig, ViTForImageClassification
 
     target = ViTForImageClassification(
-        ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=5)
+        ViTConfig(
+            image_size=16,
+            patch_size=4,
+            num_channels=1,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=5,
+        )
     ).eval()
     tiny = CloneConfig(max_cuts=1, max_insertions=2, search_steps=5, train_steps=20)
     patch = clone(source, target, split.clone, classes=[2], config=tiny, progress=False)
@@ -167,7 +211,16 @@ def _hf_vit_source():
     from transformers import ViTConfig, ViTForImageClassification
 
     return ViTForImageClassification(
-        ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=5)
+        ViTConfig(
+            image_size=16,
+            patch_size=4,
+            num_channels=1,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=5,
+        )
     )
 
 
@@ -202,7 +255,10 @@ def test_images_of_the_wrong_channels_are_refused(digits, no_training):
         clone(source, target, rgb, progress=False)
 
 
-@pytest.mark.parametrize("classes, message", [([], "empty"), ([4], "no examples"), ([7], "not classes of the source"), ([0, 0], "duplicates")])
+@pytest.mark.parametrize(
+    "classes, message",
+    [([], "empty"), ([4], "no examples"), ([7], "not classes of the source"), ([0, 0], "duplicates")],
+)
 def test_a_classes_list_that_names_nothing_useful_is_refused(digits, no_training, classes, message):
     split, target, source = digits
     with pytest.raises(InvalidInputError, match=message):

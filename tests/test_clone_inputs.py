@@ -90,7 +90,11 @@ def _rgb_model(num_classes: int, seed: int, mean: float, std: float) -> torch.nn
     torch.manual_seed(seed)
     model = create_model("resnet18", num_classes=num_classes, channels=(8, 8, 16, 16)).eval()
     model.pretrained_cfg = {
-        **model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0, "mean": (mean,) * 3, "std": (std,) * 3,
+        **model.pretrained_cfg,
+        "input_size": (3, 32, 32),
+        "crop_pct": 1.0,
+        "mean": (mean,) * 3,
+        "std": (std,) * 3,
     }
     return model
 
@@ -191,8 +195,15 @@ def test_raw_data_with_a_source_transform_is_refused():
 def test_a_transformers_model_without_name_or_processor_asks_for_the_processor():
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, num_labels=3)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
     target = ViTForImageClassification(config).eval()
     data = [(image, i % 2) for i, image in enumerate(_images())]
     with pytest.raises(InvalidInputError, match="target_processor"):
@@ -202,8 +213,15 @@ def test_a_transformers_model_without_name_or_processor_asks_for_the_processor()
 def test_a_transformers_image_processor_feeds_its_model():
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, num_labels=3)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
     torch.manual_seed(1)
     target = ViTForImageClassification(config).eval()
     processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.2] * 3, image_std=[0.1] * 3)
@@ -233,10 +251,17 @@ def test_raw_strings_are_tokenized_for_each_model_with_its_own_tokenizer():
     from transformers import BertConfig, BertForSequenceClassification
 
     def bert(num_labels: int) -> torch.nn.Module:
-        return BertForSequenceClassification(BertConfig(
-            vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=16, num_labels=num_labels,
-        )).eval()
+        return BertForSequenceClassification(
+            BertConfig(
+                vocab_size=len(WORDS),
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=16,
+                num_labels=num_labels,
+            )
+        ).eval()
 
     torch.manual_seed(0)
     source, target = bert(4), bert(3)
@@ -248,8 +273,13 @@ def test_raw_strings_are_tokenized_for_each_model_with_its_own_tokenizer():
         )
     data = [("ant bee", 0), ("ant", 0), ("ant bee cat", 0), ("fox eel dog", 1), ("fox", 1), ("fox eel", 1)]
     clone(
-        source, target, data, config=TINY, progress=False,
-        source_processor=_tokenizer(WORDS), target_processor=_tokenizer(reordered),
+        source,
+        target,
+        data,
+        config=TINY,
+        progress=False,
+        source_processor=_tokenizer(WORDS),
+        target_processor=_tokenizer(reordered),
     )
     first_word = {name: next(x for x in ids if x.shape[0] == 6)[:, 0].tolist() for name, ids in seen.items()}
     assert first_word["source"] == [WORDS.index(w) for w in ("ant", "ant", "ant", "fox", "fox", "fox")]

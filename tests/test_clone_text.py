@@ -1,4 +1,5 @@
 """``pnc_surgery.clone`` on transformers sequence classifiers: padded token data, a BERT source, a DistilBERT target."""
+
 from __future__ import annotations
 
 import pytest
@@ -42,19 +43,39 @@ def as_pairs(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> list[tupl
 
 @pytest.fixture(scope="module")
 def models():
-    from transformers import BertConfig, BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+    )
 
     torch.manual_seed(0)
-    source = BertForSequenceClassification(BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32, num_labels=5,
-    ))
-    target = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=32, num_labels=5,
-    ))
-    train(source, *sentences([0, 1, 2, 3, 4], 60, seed=1))     # the source's classes 0-4 are markers 0-4
+    source = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            num_labels=5,
+        )
+    )
+    target = DistilBertForSequenceClassification(
+        DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=64,
+            max_position_embeddings=32,
+            num_labels=5,
+        )
+    )
+    train(source, *sentences([0, 1, 2, 3, 4], 60, seed=1))  # the source's classes 0-4 are markers 0-4
     target_inputs, target_labels = sentences([5, 6, 7, 8, 9], 60, seed=2)
-    train(target, target_inputs, target_labels - 5)           # the target's classes 0-4 are markers 5-9
+    train(target, target_inputs, target_labels - 5)  # the target's classes 0-4 are markers 5-9
     return source, target
 
 

@@ -1,4 +1,5 @@
 """Specification of the replay copies that calibrate the gate (``pnc_surgery.data.with_shifted_copies``)."""
+
 import torch
 
 from pnc_surgery.data import Examples, with_shifted_copies

@@ -21,7 +21,10 @@ SLOW = {"real_weights"}  # real pretrained EfficientNet-Lites fine-tuned and clo
     ids=[p.stem for p in EXAMPLES],
 )
 def test_example_runs(script: Path, tmp_path: Path) -> None:
-    single_threaded = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the suite (conftest.py): no thread spinning under load
+    single_threaded = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+    }  # as the suite (conftest.py): no thread spinning under load
     result = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=single_threaded, capture_output=True, text=True, timeout=1800
     )

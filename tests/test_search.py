@@ -7,6 +7,7 @@ candidate adapter starts.
   layouts and grid sizes, so that a short search round ranks a shallow pair by what it can do rather than by how
   far a random start is from it.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,21 @@ from pnc_surgery.search import spread_points
 def _cnn_points() -> list[Point]:
     """A resnet-like model at 16 px: a stem, stages that halve the grid down to 1x1, then global pooling."""
     shapes = [(16, 8, 8)] * 3 + [(16, 4, 4)] * 3 + [(32, 2, 2)] * 2 + [(64, 1, 1)] * 2 + [(128, 1, 1)] * 3
-    names = ["conv1", "bn1", "act1", "maxpool", "layer1.0", "layer1", "layer2.0", "layer2", "layer3.0", "layer3",
-             "layer4.0", "layer4", "global_pool"]
+    names = [
+        "conv1",
+        "bn1",
+        "act1",
+        "maxpool",
+        "layer1.0",
+        "layer1",
+        "layer2.0",
+        "layer2",
+        "layer3.0",
+        "layer3",
+        "layer4.0",
+        "layer4",
+        "global_pool",
+    ]
     return [Point(n, i, s, "NCHW", 16 // s[1], s[0]) for i, (n, s) in enumerate(zip(names, shapes))]
 
 
@@ -37,7 +51,9 @@ def test_the_search_spans_the_whole_depth_and_prefers_stage_ends(count):
     chosen = [p.name for p in spread_points(points, count)]
     stage_ends = {"act1", "layer1", "layer2", "layer3", "global_pool"}
     assert len(chosen) == count
-    assert chosen[0] == "act1", "the earliest stage end is searched: a late insertion may have lost what the classes need"
+    assert chosen[0] == "act1", (
+        "the earliest stage end is searched: a late insertion may have lost what the classes need"
+    )
     assert chosen[-1] == "global_pool", "the last point is always searched"
     assert set(chosen) <= stage_ends
     assert chosen == sorted(chosen, key=[p.name for p in points].index)

@@ -1,12 +1,12 @@
 """The test zoo keeps its promises: every model builds fast, answers with logits, and its ``not_points`` are
 really not cuts (so the tests that forbid them as points are right to)."""
+
 from __future__ import annotations
 
 import time
 
 import pytest
 import torch
-
 from zoo import NUM_CLASSES, ZOO, build, cut_error, logits_of, run_model
 
 

@@ -11,18 +11,29 @@ The registry :data:`ZOO` maps a pytest id to a :class:`ZooEntry` that also state
 model: the fewest points ``find_points`` must find (at least one per stage), and module names that must not be points
 because they are inside a block (cutting there loses the residual or the attention context).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from pnc_surgery.backends.base import logits_of
 
-__all__ = ["ZooEntry", "ZOO", "NUM_CLASSES", "build", "run_model", "logits_of", "other_input", "context_of", "cut_error"]
+__all__ = [
+    "ZooEntry",
+    "ZOO",
+    "NUM_CLASSES",
+    "build",
+    "run_model",
+    "logits_of",
+    "other_input",
+    "context_of",
+    "cut_error",
+]
 
 NUM_CLASSES = 7
 """Every zoo classifier has this many classes (a number no default config uses)."""
@@ -74,9 +85,7 @@ def timm_resnet18() -> tuple[nn.Module, torch.Tensor]:
 
 def timm_resnet50() -> tuple[nn.Module, torch.Tensor]:
     """timm ResNet with Bottlenecks (expansion 4), one block a stage."""
-    return _timm(
-        "resnet50", layers=(1, 1, 1, 1), channels=(4, 8, 16, 32), stem_width=8, zero_init_last=False
-    )
+    return _timm("resnet50", layers=(1, 1, 1, 1), channels=(4, 8, 16, 32), stem_width=8, zero_init_last=False)
 
 
 def timm_efficientnet() -> tuple[nn.Module, torch.Tensor]:
@@ -84,9 +93,7 @@ def timm_efficientnet() -> tuple[nn.Module, torch.Tensor]:
     from timm.models.efficientnet import _gen_efficientnet
 
     torch.manual_seed(0)
-    model = _gen_efficientnet(
-        "efficientnet_b0", channel_multiplier=0.25, depth_multiplier=0.5, num_classes=NUM_CLASSES
-    )
+    model = _gen_efficientnet("efficientnet_b0", channel_multiplier=0.25, depth_multiplier=0.5, num_classes=NUM_CLASSES)
     return _ready(model, _images(32)), _images(32)
 
 
@@ -129,9 +136,7 @@ def timm_vit() -> tuple[nn.Module, torch.Tensor]:
 
 def timm_deit_distilled() -> tuple[nn.Module, torch.Tensor]:
     """timm DeiT distilled: two prefix tokens and two heads whose logits are averaged in eval mode."""
-    return _timm(
-        "deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
-    )
+    return _timm("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
 def timm_swin() -> tuple[nn.Module, torch.Tensor]:
@@ -158,8 +163,13 @@ def hf_vit() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        image_size=32, patch_size=8, num_labels=NUM_CLASSES,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=NUM_CLASSES,
     )
     return _hf(ViTForImageClassification, config), {"pixel_values": _images(32)}
 
@@ -169,8 +179,13 @@ def hf_deit() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     from transformers import DeiTConfig, DeiTForImageClassification
 
     config = DeiTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        image_size=32, patch_size=8, num_labels=NUM_CLASSES,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=NUM_CLASSES,
     )
     return _hf(DeiTForImageClassification, config), {"pixel_values": _images(32)}
 
@@ -180,8 +195,13 @@ def hf_dinov2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     from transformers import Dinov2Config, Dinov2ForImageClassification
 
     config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-        image_size=32, patch_size=8, num_labels=NUM_CLASSES,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=32,
+        patch_size=8,
+        num_labels=NUM_CLASSES,
     )
     return _hf(Dinov2ForImageClassification, config), {"pixel_values": _images(32)}
 
@@ -190,9 +210,7 @@ def hf_convnext() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """transformers ConvNextForImageClassification, one block a stage, widths 8..64."""
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
-    config = ConvNextConfig(
-        hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], image_size=32, num_labels=NUM_CLASSES
-    )
+    config = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], image_size=32, num_labels=NUM_CLASSES)
     return _hf(ConvNextForImageClassification, config), {"pixel_values": _images(32)}
 
 
@@ -201,7 +219,10 @@ def hf_resnet() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     from transformers import ResNetConfig, ResNetForImageClassification
 
     config = ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic",
+        embedding_size=8,
+        hidden_sizes=[8, 16, 32, 64],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
         num_labels=NUM_CLASSES,
     )
     return _hf(ResNetForImageClassification, config), {"pixel_values": _images(32)}
@@ -226,8 +247,13 @@ def hf_bert() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        vocab_size=_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=NUM_CLASSES,
+        vocab_size=_VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=NUM_CLASSES,
     )
     return _hf(BertForSequenceClassification, config), _text_batch()
 
@@ -237,7 +263,12 @@ def hf_distilbert() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     config = DistilBertConfig(
-        vocab_size=_VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64,
+        vocab_size=_VOCAB,
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        hidden_dim=64,
+        max_position_embeddings=64,
         num_labels=NUM_CLASSES,
     )
     return _hf(DistilBertForSequenceClassification, config), _text_batch()
@@ -268,7 +299,9 @@ _PATCHES = frozenset({"NLC", "NCHW"})  # image transformers: the patch-embedding
 
 ZOO: dict[str, ZooEntry] = {
     # 4 stages
-    "timm_resnet18": ZooEntry(timm_resnet18, 4, ("layer1.0.conv1", "layer1.0.bn1", "layer2.1.conv2", "layer3.0.downsample")),
+    "timm_resnet18": ZooEntry(
+        timm_resnet18, 4, ("layer1.0.conv1", "layer1.0.bn1", "layer2.1.conv2", "layer3.0.downsample")
+    ),
     "timm_resnet50": ZooEntry(timm_resnet50, 4, ("layer1.0.conv2", "layer2.0.bn3", "layer4.0.downsample.0")),
     # 7 block stages (blocks.0 .. blocks.6)
     "timm_efficientnet": ZooEntry(timm_efficientnet, 7, ("blocks.3.1.conv_pw", "blocks.3.1.bn1", "blocks.4.1.se")),
@@ -277,24 +310,46 @@ ZOO: dict[str, ZooEntry] = {
     # 4 stages s1..s4
     "timm_regnet": ZooEntry(timm_regnet, 4, ("s1.b1.conv1", "s2.b1.conv2", "s3.b1.downsample")),
     # 4 stages
-    "timm_convnext": ZooEntry(timm_convnext, 4, ("stages.0.blocks.0.conv_dw", "stages.2.blocks.1.norm", "stages.1.blocks.0.mlp")),
+    "timm_convnext": ZooEntry(
+        timm_convnext, 4, ("stages.0.blocks.0.conv_dw", "stages.2.blocks.1.norm", "stages.1.blocks.0.mlp")
+    ),
     # 6 blocks; feature_info hooks blocks.N.stack.act3, not a cut (the block's shortcut is added after it)
-    "timm_xception": ZooEntry(timm_xception, 5, ("blocks.0.stack.act3", "blocks.1.stack.act3", "blocks.2.stack.act3", "blocks.4.stack.act3")),
+    "timm_xception": ZooEntry(
+        timm_xception, 5, ("blocks.0.stack.act3", "blocks.1.stack.act3", "blocks.2.stack.act3", "blocks.4.stack.act3")
+    ),
     # 2 transformer blocks
-    "timm_vit": ZooEntry(timm_vit, 2, ("blocks.0.attn", "blocks.0.norm1", "blocks.1.mlp", "blocks.1.attn.qkv"), _PATCHES),
+    "timm_vit": ZooEntry(
+        timm_vit, 2, ("blocks.0.attn", "blocks.0.norm1", "blocks.1.mlp", "blocks.1.attn.qkv"), _PATCHES
+    ),
     "timm_deit_distilled": ZooEntry(timm_deit_distilled, 2, ("blocks.0.attn", "blocks.1.mlp"), _PATCHES),
     # 4 stages; timm swin stages output NHWC
     "timm_swin": ZooEntry(
-        timm_swin, 4, ("layers.0.blocks.0.attn", "layers.2.blocks.1.mlp", "layers.1.blocks.0.norm1"),
+        timm_swin,
+        4,
+        ("layers.0.blocks.0.attn", "layers.2.blocks.1.mlp", "layers.1.blocks.0.norm1"),
         frozenset({"NHWC", "NLC", "NCHW"}),
     ),
-    "hf_vit": ZooEntry(hf_vit, 2, ("vit.layers.0.attention", "vit.layers.1.mlp", "vit.layers.0.layernorm_before"), _PATCHES),
+    "hf_vit": ZooEntry(
+        hf_vit, 2, ("vit.layers.0.attention", "vit.layers.1.mlp", "vit.layers.0.layernorm_before"), _PATCHES
+    ),
     "hf_deit": ZooEntry(hf_deit, 2, ("deit.layers.0.attention", "deit.layers.1.mlp"), _PATCHES),
     "hf_dinov2": ZooEntry(hf_dinov2, 2, ("dinov2.encoder.layer.0.attention", "dinov2.encoder.layer.1.mlp"), _PATCHES),
-    "hf_convnext": ZooEntry(hf_convnext, 4, ("convnext.encoder.stages.0.layers.0.dwconv", "convnext.encoder.stages.1.layers.0.layernorm")),
-    "hf_resnet": ZooEntry(hf_resnet, 4, ("resnet.encoder.stages.0.layers.0.layer.0", "resnet.encoder.stages.1.layers.0.shortcut")),
-    "hf_bert": ZooEntry(hf_bert, 2, ("bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.intermediate"), _TOKENS, text=True),
-    "hf_distilbert": ZooEntry(hf_distilbert, 2, ("distilbert.transformer.layer.0.attention", "distilbert.transformer.layer.1.ffn"), _TOKENS, text=True),
+    "hf_convnext": ZooEntry(
+        hf_convnext, 4, ("convnext.encoder.stages.0.layers.0.dwconv", "convnext.encoder.stages.1.layers.0.layernorm")
+    ),
+    "hf_resnet": ZooEntry(
+        hf_resnet, 4, ("resnet.encoder.stages.0.layers.0.layer.0", "resnet.encoder.stages.1.layers.0.shortcut")
+    ),
+    "hf_bert": ZooEntry(
+        hf_bert, 2, ("bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.intermediate"), _TOKENS, text=True
+    ),
+    "hf_distilbert": ZooEntry(
+        hf_distilbert,
+        2,
+        ("distilbert.transformer.layer.0.attention", "distilbert.transformer.layer.1.ffn"),
+        _TOKENS,
+        text=True,
+    ),
 }
 
 

@@ -5,6 +5,7 @@ make an example input, how to record its architecture and rebuild it without wei
 The rest of the library is family-agnostic: it traces modules with hooks and talks to models through
 :class:`Backend`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,7 +18,15 @@ from .hf import TransformersBackend
 from .timm import TimmBackend
 from .torch import TorchBackend
 
-__all__ = ["Backend", "ModelInputs", "backend_for", "backend_named", "TimmBackend", "TransformersBackend", "TorchBackend"]
+__all__ = [
+    "Backend",
+    "ModelInputs",
+    "backend_for",
+    "backend_named",
+    "TimmBackend",
+    "TransformersBackend",
+    "TorchBackend",
+]
 
 _BACKENDS: tuple[type[Backend], ...] = (TransformersBackend, TimmBackend, TorchBackend)
 
@@ -33,7 +42,9 @@ def backend_for(model: Any) -> Backend:
     for backend_cls in _BACKENDS:
         if backend_cls.handles(model):
             return backend_cls()
-    raise UnsupportedModelError(f"no backend handles {type(model).__name__}")  # pragma: no cover - TorchBackend takes all
+    raise UnsupportedModelError(
+        f"no backend handles {type(model).__name__}"
+    )  # pragma: no cover - TorchBackend takes all
 
 
 def backend_named(family: str) -> Backend:

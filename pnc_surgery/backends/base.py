@@ -1,4 +1,5 @@
 """The backend interface: what the library asks of a model family."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -9,7 +10,16 @@ from torch import nn
 
 from ..errors import InvalidInputError, UnsupportedModelError
 
-__all__ = ["Backend", "ModelInputs", "call_model", "main_tensor", "logits_of", "replace_logits", "image_size", "ordinary_tokens"]
+__all__ = [
+    "Backend",
+    "ModelInputs",
+    "call_model",
+    "main_tensor",
+    "logits_of",
+    "replace_logits",
+    "image_size",
+    "ordinary_tokens",
+]
 
 ModelInputs = torch.Tensor | Mapping[str, torch.Tensor]
 """What a model is called with: one tensor (timm, plain torch) or keyword tensors (transformers)."""
@@ -57,7 +67,9 @@ def replace_logits(output: Any, logits: torch.Tensor) -> Any:
     """``output`` with its logits replaced (same container; a ``ModelOutput`` is updated in place)."""
     if isinstance(output, torch.Tensor):
         return logits
-    if isinstance(getattr(output, "logits", None), torch.Tensor) or (isinstance(output, Mapping) and "logits" in output):
+    if isinstance(getattr(output, "logits", None), torch.Tensor) or (
+        isinstance(output, Mapping) and "logits" in output
+    ):
         output["logits"] = logits
         return output
     items = list(output)
@@ -66,13 +78,16 @@ def replace_logits(output: Any, logits: torch.Tensor) -> Any:
 
 
 def image_size(inputs: ModelInputs) -> tuple[int, int] | None:
-    """``(H, W)`` of the image in ``inputs`` (a 4-D floating tensor, alone or among keyword tensors); ``None`` for text."""
+    """``(H, W)`` of the image in ``inputs`` (a 4-D floating tensor, alone or among keyword tensors); ``None``
+    for text."""
     tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs.values())
     image = next((t for t in tensors if t.is_floating_point() and t.dim() == 4), None)
     return None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
 
 
-def ordinary_tokens(vocab: int, special: Sequence[int], shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+def ordinary_tokens(
+    vocab: int, special: Sequence[int], shape: tuple[int, ...], generator: torch.Generator
+) -> torch.Tensor:
     """Random token ids in ``[0, vocab)`` that are none of the ``special`` ids (pad, eos, ...)."""
     drawn = torch.randint(0, vocab - len(set(special)), shape, generator=generator)
     for token in sorted(set(special)):
@@ -166,7 +181,9 @@ class Backend:
     def check_input(self, model: nn.Module, inputs: ModelInputs) -> None:
         """Raise :class:`InvalidInputError` if ``inputs`` cannot be what the model takes (cheap checks only)."""
         if not isinstance(inputs, (torch.Tensor, Mapping)):
-            raise InvalidInputError(f"example_input must be a tensor or a mapping of tensors, got {type(inputs).__name__}")
+            raise InvalidInputError(
+                f"example_input must be a tensor or a mapping of tensors, got {type(inputs).__name__}"
+            )
 
     def logits(self, output: Any) -> torch.Tensor:
         """The logits tensor of a model output."""
@@ -204,5 +221,6 @@ class Backend:
         )
 
     def build(self, architecture: Mapping[str, Any]) -> nn.Module:
-        """Recreate a model from :meth:`architecture`'s description (weights uninitialised, on the meta device where possible)."""
+        """Recreate a model from :meth:`architecture`'s description (weights uninitialised, on the meta device
+        where possible)."""
         raise UnsupportedModelError(f"family {self.family!r} cannot rebuild models")

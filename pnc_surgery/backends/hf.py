@@ -1,4 +1,5 @@
 """Hugging Face transformers classifiers (``*ForImageClassification``, ``*ForSequenceClassification``)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -64,10 +65,14 @@ class TransformersBackend(Backend):
             mask[1:, length - length // 4 :] = 0  # a padded row, so the mask matters
             vocab = max(int(getattr(config, "vocab_size", None) or 256), 2)  # character models take code points
             special = [i for i in self.special_token_ids(model) if i < vocab]
-            ids = ordinary_tokens(vocab, special, (batch_size, length), gen) if vocab > len(special) + 1 else mask.clone()
+            ids = (
+                ordinary_tokens(vocab, special, (batch_size, length), gen) if vocab > len(special) + 1 else mask.clone()
+            )
             eos, pad = getattr(config, "eos_token_id", None), self.pad_token_id(model)
             eos = eos[0] if isinstance(eos, list) and eos else eos
-            if isinstance(eos, int) and 0 <= eos < vocab:  # as a tokenizer ends each text (BART-style heads pool the last eos)
+            if (
+                isinstance(eos, int) and 0 <= eos < vocab
+            ):  # as a tokenizer ends each text (BART-style heads pool the last eos)
                 ids[torch.arange(batch_size), mask.sum(1) - 1] = eos
             if pad is not None:  # and pads the masked positions
                 ids[mask == 0] = pad
@@ -88,7 +93,9 @@ class TransformersBackend(Backend):
                 f"{{'{main}': tensor, ...}}, got {type(inputs).__name__}"
             )
         if main not in inputs:
-            raise InvalidInputError(f"example input needs {main!r} for {type(model).__name__}; got keys {sorted(inputs)}")
+            raise InvalidInputError(
+                f"example input needs {main!r} for {type(model).__name__}; got keys {sorted(inputs)}"
+            )
         tensor = inputs[main]
         if main == "pixel_values":
             channels = int(getattr(model.config, "num_channels", tensor.shape[1] if tensor.dim() == 4 else 3))
@@ -98,7 +105,9 @@ class TransformersBackend(Backend):
                     f"(B, {channels}, H, W)"
                 )
         elif main == "input_ids" and (tensor.dim() != 2 or tensor.is_floating_point()):
-            raise InvalidInputError(f"input_ids must be an integer tensor (B, L), got {tensor.dtype} {tuple(tensor.shape)}")
+            raise InvalidInputError(
+                f"input_ids must be an integer tensor (B, L), got {tensor.dtype} {tuple(tensor.shape)}"
+            )
 
     def num_classes(self, model: nn.Module) -> int | None:
         return _num_labels(model)

@@ -1,4 +1,5 @@
 """timm classifiers: example inputs from the data config, architecture as (name, kwargs)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -143,7 +144,9 @@ class TimmBackend(Backend):
     def architecture(self, model: nn.Module, **hints: Any) -> dict:
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
         if not name:
-            raise UnsupportedModelError(f"{type(model).__name__} has no pretrained_cfg['architecture']; build it with timm.create_model")
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no pretrained_cfg['architecture']; build it with timm.create_model"
+            )
         kwargs = dict(getattr(model, MODEL_KWARGS_ATTR, None) or {})
         if not kwargs:
             kwargs = {"num_classes": int(cast(int, model.num_classes)), "in_chans": self.in_chans(model)}
@@ -180,7 +183,9 @@ class TimmBackend(Backend):
             with torch.device("meta"):  # never on the CPU: the sizes may come from an untrusted patch file
                 return timm.create_model(name, pretrained=False, **kwargs)
         except (RuntimeError, NotImplementedError, ValueError) as exc:
-            raise UnsupportedModelError(f"timm.create_model({name!r}) cannot be built on the meta device: {exc}") from None
+            raise UnsupportedModelError(
+                f"timm.create_model({name!r}) cannot be built on the meta device: {exc}"
+            ) from None
         except TypeError as exc:
             raise UnsupportedModelError(f"timm.create_model({name!r}) rejected the recorded kwargs: {exc}") from None
 

@@ -1,4 +1,5 @@
 """Fallback backend for plain ``nn.Module`` classifiers: traced generically, not rebuildable from a file."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -1,8 +1,14 @@
 """How tests/data/format_v1_* were written: pnc_surgery at format_version 1 (commit bfcd668), run from the repo root with PYTHONPATH=.:tests."""
-import json, torch
+
+import json
+
+import torch
+
 torch.set_num_threads(1)
-from test_patch import timm_resnet, hf_bert, images, text
+from test_patch import hf_bert, images, text, timm_resnet
+
 from pnc_surgery.patch import Patch
+
 out = "tests/data"
 source, target = timm_resnet(0, 5), timm_resnet(1)
 x = images(2, 0)
