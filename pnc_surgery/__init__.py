@@ -6,7 +6,7 @@ forward hooks; the target's own parameters are never written.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .branch import SourceTail, capture_features
+from .branch import Branch, capture_features
 from .clone import CloneConfig, clone
 from .errors import (
     CloneError,
@@ -34,7 +34,7 @@ __all__ = [
     "Point",
     "find_points",
     "load_model",
-    "SourceTail",
+    "Branch",
     "capture_features",
     "PncError",
     "InvalidInputError",

@@ -1,11 +1,11 @@
-"""The source tail: a model that runs from the feature at a cut point to the logits.
+"""The branch (the cloned source tail): a model that runs from the feature at a cut point to the logits.
 
-The tail reuses the model's own ``forward()``, so every functional step after the cut (cls token and
+The branch reuses the model's own ``forward()``, so every functional step after the cut (cls token and
 position embedding, pooling in ``forward_head``, attention masks, distilled heads) is exactly the model's.
 The cut module is replaced by a *feed* that returns the given feature, and every module that finished
 before the cut by a *stub* that returns a tensor of its recorded shape without computing anything. Stubbed
 modules keep their attributes (models read e.g. ``embeddings.patch_embeddings.projection.weight.dtype``)
-but their parameters shrink to empty placeholders, so the tail holds only the weights after the cut.
+but their parameters shrink to empty placeholders, so the branch holds only the weights after the cut.
 A stub returns zeros, or (where the rest of the model reads an input-independent value such as rotary
 tables) the value it recorded.
 """
@@ -26,7 +26,7 @@ from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
 from .points import Point, check_cut, resolve_example_input
 from .tracing import classifier_names, eval_mode, trace_model
 
-__all__ = ["SourceTail", "capture_features", "STUB_VALUE_BUFFER"]
+__all__ = ["Branch", "capture_features", "STUB_VALUE_BUFFER"]
 
 STUB_VALUE_BUFFER = "pnc_stub_value"
 OVERRIDABLE_ATTRIBUTES = (
@@ -126,11 +126,11 @@ def capture_features(
     return {name: feature for name, feature in features.items() if feature is not None}
 
 
-class SourceTail(nn.Module):
+class Branch(nn.Module):
     """A copy of a classifier that computes its logits from the feature at a cut point.
 
     Build it with :meth:`from_model` (from a live model) or :meth:`from_spec` (from a patch file, without
-    any source weights). Call it as ``tail(feature, **context)``, where ``context`` holds the model's other
+    any source weights). Call it as ``branch(feature, **context)``, where ``context`` holds the model's other
     keyword inputs that matter after the cut (``attention_mask`` for text models).
 
     Args:
@@ -167,7 +167,7 @@ class SourceTail(nn.Module):
         example_input: ModelInputs | None = None,
         *,
         verify: bool = True,
-    ) -> SourceTail:
+    ) -> Branch:
         """Cut ``model`` (left unchanged; the tail holds a deep copy) at ``point``.
 
         Args:
@@ -232,7 +232,7 @@ class SourceTail(nn.Module):
         return tail
 
     @classmethod
-    def from_spec(cls, spec: dict, architecture: dict) -> SourceTail:
+    def from_spec(cls, spec: dict, architecture: dict) -> Branch:
         """Rebuild a tail's structure from its spec and the source architecture (tensors still to be loaded)."""
         model = backend_named(str(architecture.get("family"))).build(architecture)
         tail = cls(model, spec)
@@ -336,7 +336,7 @@ class SourceTail(nn.Module):
                 module.register_buffer(STUB_VALUE_BUFFER, stored)
                 self.stubs[name]["stored"] = True
 
-    def train(self, mode: bool = True) -> SourceTail:
+    def train(self, mode: bool = True) -> Branch:
         """The tail always runs in eval mode (frozen norms, no dropout); gradients still flow."""
         super().train(mode)
         self.model.eval()

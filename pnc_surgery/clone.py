@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, FeatureSpec, feature_spec
 from .backends import Backend, backend_for
 from .backends.base import ModelInputs, image_size
-from .branch import SourceTail
+from .branch import Branch
 from .data import (
     Examples,
     batches,
@@ -691,9 +691,9 @@ def prepare(run: CloneRun) -> dict[str, Any]:
     if len(run.held_index) == 0:
         run.held_index = run.fit_index
 
-    branches: dict[str, SourceTail] = {}
+    branches: dict[str, Branch] = {}
     for cut in tqdm(cuts.values(), desc="pnc: cut the source", disable=not run.progress, leave=False):
-        branch = SourceTail.from_model(run.source, cut, run.source_sample)
+        branch = Branch.from_model(run.source, cut, run.source_sample)
         branch.keep_classes(run.classes)
         for parameter in branch.parameters():
             parameter.requires_grad_(False)
@@ -727,7 +727,7 @@ def _flops(model: nn.Module, *args: Any, **kwargs: Any) -> float:
     return float(counter.get_total_flops())
 
 
-def _branch_costs(run: CloneRun, branches: dict[str, SourceTail]) -> dict[str, float]:
+def _branch_costs(run: CloneRun, branches: dict[str, Branch]) -> dict[str, float]:
     """Each cut's cost: the mean of its branch's share of the source's parameters and of its FLOPs per example."""
     source_params = sum(p.numel() for p in run.source.parameters())
     sample = (

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 if TYPE_CHECKING:
-    from .branch import SourceTail
+    from .branch import Branch
     from .patch import Patch
 
 __all__ = ["GateInputs", "branch_outputs", "patch_gate_inputs"]
@@ -42,9 +42,7 @@ class GateInputs(NamedTuple):
         return GateInputs(*(torch.cat(column) for column in zip(*parts)))
 
 
-def branch_outputs(
-    branch: SourceTail, adapted: torch.Tensor, **context: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def branch_outputs(branch: Branch, adapted: torch.Tensor, **context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The branch's logits for an adapted feature, and the input of its classifier layers.
 
     Returns:

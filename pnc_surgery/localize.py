@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from .branch import SourceTail
+from .branch import Branch
 from .tracing import trace_model
 
 __all__ = [
@@ -55,7 +55,7 @@ class PruneGroup:
     size: int
 
 
-def branch_parameters(branch: SourceTail) -> int:
+def branch_parameters(branch: Branch) -> int:
     """Parameters the branch holds (stub placeholders are empty)."""
     return sum(p.numel() for p in branch.parameters())
 
@@ -82,7 +82,7 @@ def _passes_through(module: nn.Module, width: int) -> bool:
     return not any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.children())
 
 
-def _leaf_order(branch: SourceTail, feature: torch.Tensor, context: dict) -> list[tuple[str, nn.Module, tuple]]:
+def _leaf_order(branch: Branch, feature: torch.Tensor, context: dict) -> list[tuple[str, nn.Module, tuple]]:
     """Leaf modules of the branch's model in call order, with their output shapes."""
     inputs = {"feature": feature, **context}
     trace = trace_model(branch, inputs, keep=lambda name: True)
@@ -102,7 +102,7 @@ def _leaf_order(branch: SourceTail, feature: torch.Tensor, context: dict) -> lis
     return leaves
 
 
-def find_prune_groups(branch: SourceTail, feature: torch.Tensor, context: dict | None = None) -> list[PruneGroup]:
+def find_prune_groups(branch: Branch, feature: torch.Tensor, context: dict | None = None) -> list[PruneGroup]:
     """Producer -> per-channel -> consumer chains of the branch, each proved exact by a physical-vs-mask test.
 
     Args:
@@ -130,7 +130,7 @@ def find_prune_groups(branch: SourceTail, feature: torch.Tensor, context: dict |
     return [g for g in groups if _proves_exact(branch, g, feature, context)]
 
 
-def _proves_exact(branch: SourceTail, group: PruneGroup, feature: torch.Tensor, context: dict) -> bool:
+def _proves_exact(branch: Branch, group: PruneGroup, feature: torch.Tensor, context: dict) -> bool:
     keep = torch.arange(group.size)[torch.arange(group.size) % 4 != 1]
     with torch.no_grad(), MaskedUnits(branch, {group.consumer: keep}):
         expected = branch(feature, **context)
@@ -147,7 +147,7 @@ def _proves_exact(branch: SourceTail, group: PruneGroup, feature: torch.Tensor, 
 class MaskedUnits:
     """Context manager: zero the consumer inputs of every unit not in ``keep`` (a mask, no weights changed)."""
 
-    def __init__(self, branch: SourceTail, keep: dict[str, torch.Tensor]) -> None:
+    def __init__(self, branch: Branch, keep: dict[str, torch.Tensor]) -> None:
         self.branch, self.keep = branch, keep
         self.handles: list[RemovableHandle] = []
 
@@ -175,7 +175,7 @@ class MaskedUnits:
 
 
 def unit_importance(
-    branch: SourceTail,
+    branch: Branch,
     groups: Sequence[PruneGroup],
     batches: Sequence[tuple[torch.Tensor, torch.Tensor, dict]],
 ) -> dict[str, torch.Tensor]:
@@ -242,7 +242,7 @@ def _slice(module: nn.Module, attr: str, index: torch.Tensor, dim: int) -> None:
         module._buffers[attr] = sliced
 
 
-def _slice_group(branch: SourceTail, group: PruneGroup, keep: torch.Tensor) -> None:
+def _slice_group(branch: Branch, group: PruneGroup, keep: torch.Tensor) -> None:
     """Physically remove the units of ``group`` not in ``keep``; record the new shape attributes."""
     count = len(keep)
     producer = branch.model.get_submodule(group.producer)
@@ -263,21 +263,21 @@ def _slice_group(branch: SourceTail, group: PruneGroup, keep: torch.Tensor) -> N
     branch.set_attribute(group.consumer, "in_features" if isinstance(consumer, nn.Linear) else "in_channels", count)
 
 
-def prune(branch: SourceTail, groups: Sequence[PruneGroup], kept: dict[str, torch.Tensor]) -> None:
+def prune(branch: Branch, groups: Sequence[PruneGroup], kept: dict[str, torch.Tensor]) -> None:
     """Apply :func:`keep_indices`' choice to ``branch`` in place."""
     for group in groups:
         _slice_group(branch, group, kept[group.consumer])
 
 
 @torch.no_grad()
-def local_accuracy(branch: SourceTail, data: Sequence[BranchBatch]) -> float:
+def local_accuracy(branch: Branch, data: Sequence[BranchBatch]) -> float:
     """Share of ``data`` whose argmax among the cloned classes is the label."""
     correct = sum(int((branch(f, **c).argmax(-1) == y).sum()) for f, y, c in data)
     return correct / max(sum(len(y) for _, y, _ in data), 1)
 
 
 def localize(
-    branch: SourceTail,
+    branch: Branch,
     data: Sequence[BranchBatch],
     *,
     keep_ratio: float | None,

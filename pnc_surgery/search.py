@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
-from .branch import SourceTail
+from .branch import Branch
 from .points import Point
 
 __all__ = ["Candidate", "FitData", "train_candidate", "evaluate", "successive_halving", "spread_points"]
@@ -68,7 +68,7 @@ class Candidate:
 
     cut: Point
     insertion: Point
-    branch: SourceTail
+    branch: Branch
     adapter: Adapter
     steps: int = 0
     accuracy: float = float("nan")

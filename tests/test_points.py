@@ -7,7 +7,7 @@ alone (plus context such as an attention mask). For every zoo model:
   widths that match what the module really outputs, and at least one point per stage;
 * every point is a real cut, and modules inside a block (a conv of a residual block, attention, a norm) are not
   points;
-* ``SourceTail.from_model(model, point, example)`` fed with the feature captured at the point gives back the model's
+* ``Branch.from_model(model, point, example)`` fed with the feature captured at the point gives back the model's
   logits, for the example input and for other inputs and batch sizes; for text models the attention mask is honoured;
 * the model is left exactly as it was: same parameters and buffers, same train/eval modes, no hooks left behind.
 
@@ -28,7 +28,7 @@ from torch import nn
 from zoo import NUM_CLASSES, ZOO, build, context_of, cut_error, logits_of, other_input, run_model
 
 from pnc_surgery import Point, find_points
-from pnc_surgery.branch import SourceTail, capture_features
+from pnc_surgery.branch import Branch, capture_features
 from pnc_surgery.errors import InvalidInputError, UnsupportedModelError
 
 MODELS = list(ZOO)
@@ -239,7 +239,7 @@ def test_tail_from_every_point_reproduces_the_logits(name: str) -> None:
     expected_other = _logits(model, other)
     for p in _points(name):
         where = f"{name}:{p.name}"
-        tail = SourceTail.from_model(model, p, example)
+        tail = Branch.from_model(model, p, example)
         got = _tail_logits(tail, _feature(model, p, example), example)
         assert got.shape == (2, NUM_CLASSES), where
         assert torch.allclose(got, expected, atol=ATOL), f"{where}: max diff {_max_diff(got, expected):.3g}"
@@ -258,7 +258,7 @@ def test_tail_accepts_other_batch_sizes(name: str, batch: int) -> None:
     x = other_input(example, batch=batch)
     expected = _logits(model, x)
     for p in (points[0], points[len(points) // 2], points[-1]):
-        tail = SourceTail.from_model(model, p, example)
+        tail = Branch.from_model(model, p, example)
         got = _tail_logits(tail, _feature(model, p, x), x)
         assert torch.allclose(got, expected, atol=ATOL), (
             f"{name}:{p.name} batch {batch}: {_max_diff(got, expected):.3g}"
@@ -276,7 +276,7 @@ def test_text_tail_honours_the_attention_mask(name: str) -> None:
     for p in _points(name):
         where = f"{name}:{p.name}"
         assert p.layout == "NLC", where
-        tail = SourceTail.from_model(model, p, example)
+        tail = Branch.from_model(model, p, example)
         feature = _feature(model, p, example)
         with torch.no_grad():
             masked = tail(feature, attention_mask=mask)
@@ -298,7 +298,7 @@ def test_tail_at_a_sub_block_module_is_refused(name: str) -> None:
     model, example = build(name)
     for module_name in ZOO[name].not_points:
         with pytest.raises(UnsupportedModelError):
-            SourceTail.from_model(model, module_name, example)
+            Branch.from_model(model, module_name, example)
 
 
 def test_tail_at_a_non_cut_is_refused_even_when_logits_hardly_move() -> None:
@@ -312,7 +312,7 @@ def test_tail_at_a_non_cut_is_refused_even_when_logits_hardly_move() -> None:
         spread = (fresh(example) - fresh(other_input(example))).abs().max().item()
     assert spread < 1e-4, "this test needs a model whose logits hardly depend on the input"
     with pytest.raises(UnsupportedModelError):
-        SourceTail.from_model(fresh, "blocks.1.stack.act3", example)
+        Branch.from_model(fresh, "blocks.1.stack.act3", example)
 
 
 def test_capture_features_of_an_unknown_module_is_invalid_input() -> None:
@@ -325,7 +325,7 @@ def test_capture_features_of_an_unknown_module_is_invalid_input() -> None:
 def test_tail_is_a_copy(name: str) -> None:
     model, example = build(name)
     p = _points(name)[len(_points(name)) // 2]
-    tail = SourceTail.from_model(model, p, example)
+    tail = Branch.from_model(model, p, example)
     assert isinstance(tail, nn.Module)
     model_storage = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     shared = [n for n, t in tail.named_parameters() if t.untyped_storage().data_ptr() in model_storage]
@@ -351,11 +351,11 @@ def test_model_is_unchanged(name: str, mode: str) -> None:
 
     for p in (points[0], points[-1]):
         feature = capture_features(model, [p.name], example)[p.name]
-        tail = SourceTail.from_model(model, p, example)
+        tail = Branch.from_model(model, p, example)
         tail(feature, **context_of(example))
-    assert _fingerprint(model) == fingerprint, f"{name}: capture_features/SourceTail changed parameters or buffers"
-    assert _modes(model) == modes, f"{name}: capture_features/SourceTail did not restore train/eval modes"
-    assert _hook_counts(model) == hooks, f"{name}: capture_features/SourceTail left hooks behind"
+    assert _fingerprint(model) == fingerprint, f"{name}: capture_features/Branch changed parameters or buffers"
+    assert _modes(model) == modes, f"{name}: capture_features/Branch did not restore train/eval modes"
+    assert _hook_counts(model) == hooks, f"{name}: capture_features/Branch left hooks behind"
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -467,7 +467,7 @@ def test_plain_torch_classifier_is_supported() -> None:
     points = find_points(model, x)
     assert points, "a plain Sequential classifier has cut points"
     for p in points:
-        tail = SourceTail.from_model(model, p, x)
+        tail = Branch.from_model(model, p, x)
         assert torch.allclose(_tail_logits(tail, _feature(model, p, x), x), _logits(model, x), atol=ATOL), p.name
 
 
@@ -496,7 +496,7 @@ def test_shared_module_points_give_exact_tails() -> None:
     points = find_points(model, x)
     assert [p.name for p in points if p.name.startswith("block")] == [], "a shared block's output is not one place"
     for p in points:
-        tail = SourceTail.from_model(model, p, x)
+        tail = Branch.from_model(model, p, x)
         got = _tail_logits(tail, _feature(model, p, x2), x2)
         assert torch.allclose(got, _logits(model, x2), atol=ATOL), p.name
 
@@ -616,7 +616,7 @@ def test_timm_model_keeping_its_image_size_on_the_stem_is_read_at_the_size_it_wa
 def test_transformers_image_model_takes_a_pixel_tensor_as_its_main_input() -> None:
     model, example = build("hf_vit")
     assert _summary(find_points(model, example["pixel_values"])) == _summary(find_points(model, example))
-    tail = SourceTail.from_model(model, find_points(model)[1], example["pixel_values"])
+    tail = Branch.from_model(model, find_points(model)[1], example["pixel_values"])
     assert tail.main_input_name == "pixel_values"
 
 

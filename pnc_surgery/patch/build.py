@@ -15,7 +15,7 @@ from torch import nn
 from .. import adapters as _adapters
 from ..backends import ModelInputs, backend_for
 from ..backends.base import image_size
-from ..branch import SourceTail
+from ..branch import Branch
 from ..errors import InvalidInputError
 from ..gate import Gate
 from ..points import (
@@ -100,7 +100,7 @@ def from_parts(
     target: nn.Module,
     cut: Point,
     insertion: Point,
-    branch: SourceTail,
+    branch: Branch,
     adapter: _adapters.Adapter,
     gate: Gate | str,
     *,
@@ -144,7 +144,7 @@ def from_parts(
     return patch_class(branch, adapter, gate, config)
 
 
-def module_specs(branch: SourceTail, adapter: _adapters.Adapter, gate: Gate) -> dict[str, Any]:
+def module_specs(branch: Branch, adapter: _adapters.Adapter, gate: Gate) -> dict[str, Any]:
     """The ``adapter``, ``branch`` and ``gate`` fields of a :class:`PatchConfig`, read from the live modules."""
     return {
         "adapter": AdapterSpec.from_dict(adapter.spec()),
@@ -189,7 +189,7 @@ def assemble(
     target_input = resolve_example_input(target, target_input, backend_for(target))
     cut_point = _as_point(source, cut, source_input, find_points)
     insertion_point = _as_point(target, insertion, target_input, find_points)
-    branch = SourceTail.from_model(source, cut_point, source_input)
+    branch = Branch.from_model(source, cut_point, source_input)
     all_classes = list(branch.classes)
     classes = list(all_classes if classes is None else classes)
     unknown = [c for c in classes if c not in all_classes]

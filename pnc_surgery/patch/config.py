@@ -438,7 +438,7 @@ class AdapterSpec:
 
 @dataclass(frozen=True)
 class BranchSpec:
-    """What rebuilds the cloned source tail from the source architecture (see :class:`pnc_surgery.SourceTail`).
+    """What rebuilds the cloned source tail from the source architecture (see :class:`pnc_surgery.Branch`).
 
     Attributes:
         family: the source's family.

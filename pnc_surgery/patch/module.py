@@ -24,7 +24,7 @@ import torch
 from huggingface_hub import ModelHubMixin
 from torch import nn
 
-from ..branch import SourceTail
+from ..branch import Branch
 from ..errors import InvalidInputError, PatchFormatError, PatchStateError
 from ..evidence import patch_gate_inputs
 from ..gate import Gate
@@ -52,11 +52,11 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
             whenever :attr:`config` is read.
     """
 
-    branch: SourceTail
+    branch: Branch
     adapter: Adapter
     gate: Gate
 
-    def __init__(self, branch: SourceTail, adapter: Adapter, gate: Gate, config: PatchConfig) -> None:
+    def __init__(self, branch: Branch, adapter: Adapter, gate: Gate, config: PatchConfig) -> None:
         super().__init__()
         self.branch, self.adapter, self.gate = branch, adapter, gate
         self._config = config

@@ -32,7 +32,7 @@ from safetensors.torch import save as _safetensors_bytes
 from torch import nn
 
 from .. import adapters as _adapters
-from ..branch import SourceTail
+from ..branch import Branch
 from ..errors import InvalidInputError, PatchFormatError, PatchStateError, PncError
 from ..gate import Gate
 from .config import PatchConfig
@@ -264,7 +264,7 @@ def rebuild(patch_class: type[Patch], config: PatchConfig, tensors: dict[str, to
 
 
 def _rebuild(patch_class: type[Patch], config: PatchConfig, tensors: dict[str, torch.Tensor]) -> Patch:
-    branch = SourceTail.from_spec(config.branch.to_dict(), dict(config.source.architecture))
+    branch = Branch.from_spec(config.branch.to_dict(), dict(config.source.architecture))
     with torch.device("meta"):  # sizes come from the untrusted config: allocate only what the file holds
         adapter = _adapters.Adapter.from_spec(config.adapter.to_dict())
         spec = config.gate
