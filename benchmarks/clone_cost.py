@@ -97,16 +97,10 @@ def _scores(model: nn.Module, split: ClassSplit, reference: torch.Tensor) -> dic
     return {"acc_all": round(100 * metrics["acc_all"], 2), "locality": round(100 * metrics["locality"], 2)}
 
 
-def ratio_row(
-    name: str, pair: tuple[str, str], image_size: int, seed: int, cache: Path, config: CloneConfig, steps: int
-) -> dict[str, Any]:
-    """One pair: default clone and LwF on the same split and models; seconds, ratio, ``acc_all``, locality, bytes."""
-    split, _, _ = _split(image_size, 1.0, seed)
-    source, target = _models(pair, split, image_size, seed, cache, steps)
-    reference = predict_logits(target, split.test).argmax(-1)
-    context = Context(source, copy.deepcopy(target), target, split, Hyper(), seed)
-    outcome = lwf(context)
-    lwf_scores = _scores(outcome.model, split, reference)
+def timed_clone(
+    source: nn.Module, target: nn.Module, split: ClassSplit, config: CloneConfig, seed: int
+) -> tuple[Any, float]:
+    """The patch of ``clone()`` on the split's clone classes (with its replay set), and its wall seconds."""
     started = time.perf_counter()
     patch = clone(
         source,
@@ -118,7 +112,20 @@ def ratio_row(
         seed=seed,
         progress=False,
     )
-    seconds = time.perf_counter() - started
+    return patch, time.perf_counter() - started
+
+
+def ratio_row(
+    name: str, pair: tuple[str, str], image_size: int, seed: int, cache: Path, config: CloneConfig, steps: int
+) -> dict[str, Any]:
+    """One pair: default clone and LwF on the same split and models; seconds, ratio, ``acc_all``, locality, bytes."""
+    split, _, _ = _split(image_size, 1.0, seed)
+    source, target = _models(pair, split, image_size, seed, cache, steps)
+    reference = predict_logits(target, split.test).argmax(-1)
+    context = Context(source, copy.deepcopy(target), target, split, Hyper(), seed)
+    outcome = lwf(context)
+    lwf_scores = _scores(outcome.model, split, reference)
+    patch, seconds = timed_clone(source, target, split, config, seed)
     with patch.attached(target):
         clone_scores = _scores(target, split, reference)
     return {
@@ -145,18 +152,7 @@ def cost_row(source_arch: str, level: float | int, seed: int, cache: Path, confi
     split, _, _ = _split(32, level, seed)
     source, target = _models((source_arch, "resnet10t"), split, 32, seed, cache, steps)
     flops = source_flops(source, split.clone.images[:1])
-    started = time.perf_counter()
-    clone(
-        source,
-        target,
-        split.clone,
-        classes=list(split.clone_source_ids),
-        replay=split.replay,
-        config=config,
-        seed=seed,
-        progress=False,
-    )
-    seconds = time.perf_counter() - started
+    _, seconds = timed_clone(source, target, split, config, seed)
     work = flops * len(split.clone)
     return {
         "source": source_arch,
