@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
-from .patch.config import FeatureSpec, Layout
+from .errors import PatchMismatchError, UnsupportedModelError
+from .patch.config import AdapterSpec, FeatureSpec, Layout
 from .points import Point
 
 __all__ = ["FeatureSpec", "Adapter", "feature_spec"]
@@ -42,38 +42,39 @@ def feature_spec(point: Point, input_size: tuple[int, int] | None) -> FeatureSpe
 
 
 class Adapter(nn.Module):
-    """Trainable map from a target feature (``source``) to a branch input (``dest``).
+    """Trainable map from the target's feature at the insertion point to the branch's input at the cut.
 
     Args:
-        source: the target's feature at the insertion point.
-        dest: the branch's feature at the cut.
+        insertion: the target's feature at the insertion point.
+        cut: the branch's feature at the cut.
         hidden: width of an optional residual bottleneck (``0``: a single 1x1 projection).
     """
 
-    def __init__(self, source: FeatureSpec, dest: FeatureSpec, hidden: int = 0) -> None:
+    def __init__(self, insertion: FeatureSpec, cut: FeatureSpec, hidden: int = 0) -> None:
         super().__init__()
-        if (source.grid is None) != (dest.grid is None):
+        if (insertion.grid is None) != (cut.grid is None):
             raise UnsupportedModelError(
-                f"cannot adapt a {source.layout} feature {source.shape} to {dest.layout} {dest.shape}: one is an image "
+                f"cannot adapt a {insertion.layout} feature {insertion.shape} to {cut.layout} {cut.shape}: one is an "
+                "image "
                 "feature and the other a text token sequence"
             )
-        self.source, self.dest, self.hidden = source, dest, int(hidden)
-        self.proj = nn.Conv2d(source.channels, dest.channels, kernel_size=1)
+        self.insertion, self.cut, self.hidden = insertion, cut, int(hidden)
+        self.proj = nn.Conv2d(insertion.channels, cut.channels, kernel_size=1)
         self.bottleneck = (
-            nn.Sequential(nn.Conv2d(source.channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dest.channels, 1))
+            nn.Sequential(nn.Conv2d(insertion.channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, cut.channels, 1))
             if hidden
             else None
         )
-        self.prefix = nn.Parameter(torch.zeros(dest.prefix, dest.channels)) if dest.prefix else None
+        self.prefix = nn.Parameter(torch.zeros(cut.prefix, cut.channels)) if cut.prefix else None
         self.reset_identity()
 
     def reset_identity(self) -> None:
         """Identity where widths match (an untouched feature passes through), small random otherwise."""
         with torch.no_grad():
-            if self.source.channels == self.dest.channels:
-                self.proj.weight.copy_(torch.eye(self.dest.channels)[:, :, None, None])
+            if self.insertion.channels == self.cut.channels:
+                self.proj.weight.copy_(torch.eye(self.cut.channels)[:, :, None, None])
             else:
-                nn.init.normal_(self.proj.weight, std=self.source.channels**-0.5)
+                nn.init.normal_(self.proj.weight, std=self.insertion.channels**-0.5)
             assert self.proj.bias is not None, "nn.Conv2d is built with a bias"
             self.proj.bias.zero_()
             if self.bottleneck is not None:
@@ -82,31 +83,26 @@ class Adapter(nn.Module):
                 nn.init.zeros_(last.weight)
                 nn.init.zeros_(last.bias)
 
-    def spec(self) -> dict:
-        """JSON description from which :meth:`from_spec` rebuilds an adapter of the same shapes."""
-        return {"source": self.source.to_dict(), "dest": self.dest.to_dict(), "hidden": self.hidden}
+    def spec(self) -> AdapterSpec:
+        """The shapes from which :meth:`from_spec` rebuilds an adapter of the same shapes."""
+        return AdapterSpec(self.insertion, self.cut, self.hidden)
 
     @classmethod
-    def from_spec(cls, spec: dict) -> Adapter:
-        try:
-            return cls(
-                FeatureSpec.from_dict(spec["source"]), FeatureSpec.from_dict(spec["dest"]), int(spec.get("hidden", 0))
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidInputError(f"invalid adapter spec: {exc}") from None
+    def from_spec(cls, spec: AdapterSpec) -> Adapter:
+        return cls(spec.insertion, spec.cut, spec.hidden)
 
     def to_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The target feature as (B, C, H, W) (text tokens as (B, C, L, 1)), and its prefix tokens."""
-        return _as_grid(x, self.source)
+        return _as_grid(x, self.insertion)
 
     def resample(self, grid: torch.Tensor) -> torch.Tensor:
         """A channels-first grid brought to the branch's grid size (pooled down or interpolated up)."""
-        dest = self.dest.grid
-        if dest is None or tuple(grid.shape[-2:]) == dest:
+        size = self.cut.grid
+        if size is None or tuple(grid.shape[-2:]) == size:
             return grid
-        if grid.shape[-2] >= dest[0] and grid.shape[-1] >= dest[1]:
-            return F.adaptive_avg_pool2d(grid, dest)
-        return F.interpolate(grid, size=dest, mode="bilinear", align_corners=False)
+        if grid.shape[-2] >= size[0] and grid.shape[-1] >= size[1]:
+            return F.adaptive_avg_pool2d(grid, size)
+        return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def fit_least_squares(self, inputs: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3) -> None:
@@ -118,7 +114,7 @@ class Adapter(nn.Module):
         feature looks like anything the branch knows; this lets a short search round rank such pairs fairly.
         """
         grid, _ = self.to_grid(inputs)
-        wanted, prefix = _as_grid(targets, self.dest)
+        wanted, prefix = _as_grid(targets, self.cut)
         resampled = self.resample(grid.double())
         if resampled.shape[-2:] != wanted.shape[-2:]:
             return  # text of different lengths: positions do not correspond
@@ -144,10 +140,10 @@ class Adapter(nn.Module):
         if self.bottleneck is not None:
             y = y + self.bottleneck(grid)
         y = self.resample(y)
-        dest = self.dest
-        if dest.layout == "NCHW":
+        layout = self.cut.layout
+        if layout == "NCHW":
             return y
-        if dest.layout == "NHWC":
+        if layout == "NHWC":
             return y.permute(0, 2, 3, 1)
         tokens = y.flatten(2).transpose(1, 2)
         if self.prefix is not None:

@@ -784,7 +784,7 @@ def test_a_config_with_missing_keys_is_a_format_error(saved: dict[str, Path], tm
             Patch.from_pretrained(folder)
     # nested sections the rebuild needs
     for i, (section, key) in enumerate(
-        [("adapter", "source"), ("branch", "cut"), ("source", "architecture"), ("gate", "kind")]
+        [("adapter", "insertion"), ("branch", "cut"), ("source", "architecture"), ("gate", "kind")]
     ):
         folder = _copy_folder(saved["folder"], tmp_path / f"nested{i}")
         config = json.loads((folder / serialization.CONFIG_NAME).read_text())

@@ -119,7 +119,7 @@ def test_a_format_1_patch_saved_again_is_written_in_the_current_format(tmp_path:
         ("gate.kind", "magic", "gate.kind"),
         ("gate.num_positive", 2, "num_positive"),
         ("adapter.hidden", -4, "adapter.hidden"),
-        ("adapter.source.grid", [4, 4, 4], "adapter.source.grid"),
+        ("adapter.insertion.grid", [4, 4, 4], "adapter.insertion.grid"),
         ("branch.input_dtype", "object", "branch.input_dtype"),
         ("branch.stubs.layer1.stored", "yes", "stored"),
         ("metrics.accuracy", float("inf"), "finite"),
@@ -136,7 +136,7 @@ def test_a_field_of_the_wrong_type_or_size_is_named(path: str, value: Any, messa
 def test_fields_that_must_agree_are_checked() -> None:
     with pytest.raises(PatchFormatError, match=r"branch\.cut must equal cut\.name"):
         PatchConfig.from_dict(changed("cut.name", "layer4"))
-    with pytest.raises(PatchFormatError, match=r"adapter\.source\.shape must equal target\.feature_shape"):
+    with pytest.raises(PatchFormatError, match=r"adapter\.insertion\.shape must equal target\.feature_shape"):
         PatchConfig.from_dict(changed("target.feature_shape", [16, 2, 2]))
 
 

@@ -26,7 +26,6 @@ from ..points import (
     trace_model,
 )
 from .config import (
-    AdapterSpec,
     BranchSpec,
     GateSpec,
     PatchConfig,
@@ -147,7 +146,7 @@ def from_parts(
 def module_specs(branch: Branch, adapter: _adapters.Adapter, gate: Gate) -> dict[str, Any]:
     """The ``adapter``, ``branch`` and ``gate`` fields of a :class:`PatchConfig`, read from the live modules."""
     return {
-        "adapter": AdapterSpec.from_dict(adapter.spec()),
+        "adapter": adapter.spec(),
         "branch": BranchSpec.from_dict(branch.spec()),
         "gate": GateSpec.from_dict(gate.spec()),
     }

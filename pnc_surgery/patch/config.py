@@ -417,21 +417,24 @@ class TargetFingerprint:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """The adapter's shapes: target feature in, branch feature out, and the bottleneck width (0: none)."""
+    """The adapter's shapes: the target's feature at the insertion point in, the branch's feature at the cut out, and
+    the bottleneck width (0: none)."""
 
-    source: FeatureSpec
-    dest: FeatureSpec
+    insertion: FeatureSpec
+    cut: FeatureSpec
     hidden: int = 0
 
     def to_dict(self) -> dict:
-        return {"source": self.source.to_dict(), "dest": self.dest.to_dict(), "hidden": self.hidden}
+        return {"insertion": self.insertion.to_dict(), "cut": self.cut.to_dict(), "hidden": self.hidden}
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "adapter") -> AdapterSpec:
+    def from_dict(cls, data: Any, where: str = "adapter", format_version: int = FORMAT_VERSION) -> AdapterSpec:
+        """Read an adapter spec; format 1 named the two features ``source`` and ``dest``."""
         data = _obj(data, where)
+        insertion_key, cut_key = ("source", "dest") if format_version == 1 else ("insertion", "cut")
         return cls(
-            FeatureSpec.from_dict(data.get("source"), f"{where}.source"),
-            FeatureSpec.from_dict(data.get("dest"), f"{where}.dest"),
+            FeatureSpec.from_dict(data.get(insertion_key), f"{where}.{insertion_key}"),
+            FeatureSpec.from_dict(data.get(cut_key), f"{where}.{cut_key}"),
             _int(data.get("hidden", 0), f"{where}.hidden", 0, MAX_DIM),
         )
 
@@ -675,7 +678,7 @@ class PatchConfig:
             target=TargetFingerprint.from_dict(data["target"]),
             class_ids=ids,
             class_names=names,
-            adapter=AdapterSpec.from_dict(data["adapter"]),
+            adapter=AdapterSpec.from_dict(data["adapter"], format_version=version),
             branch=BranchSpec.from_dict(data["branch"]),
             gate=GateSpec.from_dict(data["gate"]),
             tensors_sha256=_hex(data.get("tensors_sha256"), "tensors_sha256"),
@@ -694,14 +697,14 @@ class PatchConfig:
         target, adapter, branch = self.target, self.adapter, self.branch
         checks: list[tuple[bool, str]] = [
             (
-                adapter.source.shape == target.feature_shape
-                or (adapter.source.layout == "NLC" and adapter.source.grid is None),
-                "adapter.source.shape must equal target.feature_shape",
+                adapter.insertion.shape == target.feature_shape
+                or (adapter.insertion.layout == "NLC" and adapter.insertion.grid is None),
+                "adapter.insertion.shape must equal target.feature_shape",
             ),
-            (adapter.dest.shape == branch.cut_shape, "adapter.dest.shape must equal branch.cut_shape"),
+            (adapter.cut.shape == branch.cut_shape, "adapter.cut.shape must equal branch.cut_shape"),
             (
-                adapter.source.shape == self.insertion.shape or adapter.source.grid is None,
-                "adapter.source.shape must equal insertion.shape",
+                adapter.insertion.shape == self.insertion.shape or adapter.insertion.grid is None,
+                "adapter.insertion.shape must equal insertion.shape",
             ),
             (branch.cut == self.cut.name, "branch.cut must equal cut.name"),
             (

@@ -206,7 +206,7 @@ class Attachment:
                 f"insertion module {self.insertion!r} returned {type(output).__name__}, not a tensor"
             )
         got = tuple(output.shape[1:])
-        text = self.patch.adapter.source.grid is None and self.patch.adapter.source.layout == "NLC"
+        text = self.patch.adapter.insertion.grid is None and self.patch.adapter.insertion.layout == "NLC"
         if got != self.feature_shape and not (text and len(got) == 2 and got[1] == self.feature_shape[1]):
             raise PatchMismatchError(
                 f"insertion module {self.insertion!r} produced features of shape {got}; "

@@ -266,7 +266,7 @@ def rebuild(patch_class: type[Patch], config: PatchConfig, tensors: dict[str, to
 def _rebuild(patch_class: type[Patch], config: PatchConfig, tensors: dict[str, torch.Tensor]) -> Patch:
     branch = Branch.from_spec(config.branch.to_dict(), dict(config.source.architecture))
     with torch.device("meta"):  # sizes come from the untrusted config: allocate only what the file holds
-        adapter = _adapters.Adapter.from_spec(config.adapter.to_dict())
+        adapter = _adapters.Adapter.from_spec(config.adapter)
         spec = config.gate
         gate = Gate.from_spec(spec.to_dict())
     patch = patch_class(branch, adapter, gate, config)
