@@ -48,6 +48,7 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "WEIGHTS_NAME",
     "check_finite",
+    "check_safetensors",
     "check_folder_path",
     "decode_json",
     "read_config",
@@ -98,14 +99,12 @@ def read_config(path: str | Path) -> PatchConfig:
     return PatchConfig.from_dict(read_json(path), str(path))
 
 
-def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file after checking that it is one.
+def check_safetensors(path: str | Path) -> Path:
+    """``path``, once it can only be a safetensors file: not pickle-based by name or by content, with a header that
+    fits the file and :data:`MAX_HEADER_BYTES` (checked before ``safe_open`` reads it).
 
-    Refuses pickle-based formats by name and by content, headers that claim more bytes than the file has or
-    than :data:`MAX_HEADER_BYTES`, anything safetensors itself rejects, and non-finite values.
-
-    Returns:
-        ``(tensors, metadata)``: CPU tensors by name and the string metadata of the header.
+    Raises:
+        PatchFormatError: naming the file and what is wrong with it.
     """
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -123,6 +122,17 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             f"{path}: not a valid safetensors file (header claims {header_len} bytes, file has {size}); "
             "pickle files (.bin/.pt) are refused"
         )
+    return path
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file that :func:`check_safetensors` accepts, with at most :data:`MAX_TENSORS` tensors,
+    refusing anything ``safe_open`` itself rejects and non-finite values.
+
+    Returns:
+        ``(tensors, metadata)``: CPU tensors by name and the string metadata of the header.
+    """
+    path = check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as reader:
             metadata = reader.metadata() or {}
