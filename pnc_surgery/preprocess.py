@@ -96,8 +96,8 @@ def _open(item: Any) -> Any:
         with Image.open(item) as image:
             image.load()
             return image
-    except (OSError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidInputError(f"cannot read image {str(item)[:200]!r}: {exc}") from None
+    except (OSError, TypeError, ValueError, AttributeError) as exc:  # kept as the cause: a file that cannot be used
+        raise InvalidInputError(f"cannot read image {str(item)[:200]!r}: {exc}") from exc
 
 
 def _local_only() -> bool:
@@ -135,8 +135,14 @@ def _timm_encoder(model: nn.Module) -> Callable[[list[Any]], ModelInputs]:
     from timm.data import create_transform, resolve_model_data_config
 
     config = resolve_model_data_config(model)
+    expected = backend_for(model).expected_image(model)
+    channels = expected[0] if expected else config["input_size"][0]  # timm's data config assumes 3 whatever in_chans
+    if channels not in (1, 3):
+        raise InvalidInputError(f"{type(model).__name__} takes {channels}-channel inputs; images give 1 or 3")
+    if len(config["mean"]) != channels:  # a model built with in_chans=1: grey images, the channels' mean statistics
+        config["mean"], config["std"] = ((sum(config[k]) / len(config[k]),) * channels for k in ("mean", "std"))
     transform = create_transform(**config, is_training=False)
-    mode = "L" if config["input_size"][0] == 1 else "RGB"
+    mode = "L" if channels == 1 else "RGB"
     return lambda images: torch.stack([transform(image.convert(mode)) for image in images])
 
 
