@@ -149,11 +149,8 @@ def resolve_patch_folder(
         why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
         raise InvalidInputError(f"force_download=True needs the network, but {why}")
     prefix = "".join(f"{part}/" for part in parts)
-    where = (
-        repo_id
-        + (f" (subfolder {prefix[:-1]!r})" if prefix else "")
-        + (f" at revision {revision!r}" if revision else "")
-    )
+    where = repo_id + (f" (subfolder {prefix[:-1]!r})" if prefix else "")
+    where += f" at revision {revision!r}" if revision else ""
     with _deadline(f"downloading {', '.join(PATCH_FILES)} of {repo_id} (not in the local cache)"):
         try:
             snapshot = _api(token).snapshot_download(
@@ -163,6 +160,7 @@ def resolve_patch_folder(
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
                 force_download=force_download,
+                etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,  # as set now, not as when huggingface_hub was imported
             )
         except (HfHubHTTPError, OSError) as exc:  # LocalEntryNotFoundError is an OSError too
             if _timed_out(exc):
