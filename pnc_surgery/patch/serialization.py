@@ -52,7 +52,6 @@ __all__ = [
     "check_folder_path",
     "decode_json",
     "read_config",
-    "read_json",
     "read_tensors",
     "rebuild",
     "tensor_bytes",
@@ -83,29 +82,20 @@ def decode_json(text: str | bytes, where: str) -> Any:
         raise PatchFormatError(f"{where}: not valid JSON ({exc})") from None
 
 
-def read_json(path: str | Path) -> Any:
-    """The JSON in ``patch_config.json``, read only if the file is small enough (not yet validated)."""
+def read_config(path: str | Path) -> PatchConfig:
+    """Read ``patch_config.json`` (only if small enough) and validate it."""
     path = Path(path)
     if not path.is_file():
         raise PatchFormatError(f"{path}: no patch config here (expected a file named {CONFIG_NAME})")
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise PatchFormatError(f"{path}: config is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
-    return decode_json(path.read_bytes(), str(path))
-
-
-def read_config(path: str | Path) -> PatchConfig:
-    """Read and validate ``patch_config.json``."""
-    return PatchConfig.from_dict(read_json(path), str(path))
+    return PatchConfig.from_dict(decode_json(path.read_bytes(), str(path)), str(path))
 
 
 def check_safetensors(path: str | Path) -> Path:
-    """``path``, once it can only be a safetensors file: not pickle-based by name or by content, with a header that
-    fits the file and :data:`MAX_HEADER_BYTES` (checked before ``safe_open`` reads it).
-
-    Raises:
-        PatchFormatError: naming the file and what is wrong with it.
-    """
+    """``path``, once it can only be a safetensors file (else :class:`PatchFormatError`): not pickle-based by name or
+    by content, with a header that fits the file and :data:`MAX_HEADER_BYTES`, checked before ``safe_open`` reads it."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise PatchFormatError(f"{path}: refusing to load a pickle-based file; patches are safetensors only")
