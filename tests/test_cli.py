@@ -323,3 +323,26 @@ def test_clone_from_folders_feeds_each_model_its_own_pixels_and_the_patch_works(
             patched = target(x)
         assert torch.equal(target(x), plain)
     assert patched.shape == (2, 3 + 2) and torch.equal(patched[:, :3], plain)
+
+
+def test_a_transformers_target_saved_without_a_processor_takes_one_from_target_processor(tmp_path, capsys):
+    """A folder with a model but no image processor cannot preprocess images by itself: the command says which
+    option gives it one, and with ``--target-processor`` the clone runs on that processor's pixels."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "processor")
+    data = _image_folder(tmp_path / "data", {"1": 1, "2": 2}, per_class=6)
+    argv = _clone_argv(tmp_path, data)
+    argv[argv.index("--target") + 1] = str(tmp_path / "vit")
+    del argv[argv.index("--target-kwargs") : argv.index("--target-kwargs") + 2]
+    del argv[argv.index("--source-kwargs") : argv.index("--source-kwargs") + 2]
+
+    assert main([*argv, "--source-kwargs", json.dumps({"num_classes": 3, "channels": [8, 8, 16, 16]})]) == USAGE
+    assert "--target-processor" in capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress
+    argv += ["--source-kwargs", json.dumps({"num_classes": 3, "channels": [8, 8, 16, 16]})]
+    assert main([*argv, "--target-processor", str(tmp_path / "processor")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "patch" / "patch_model.safetensors").is_file()

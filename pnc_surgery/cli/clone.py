@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="load pretrained weights (default: yes for Hub ids and folders, no for timm names)",
     )
+    for role in ("source", "target"):
+        parser.add_argument(
+            f"--{role}-processor",
+            help=f"Hub id or folder of the {role}'s image processor, for a transformers {role} saved without one "
+            "(default: the model's own; timm models: their data config)",
+        )
     parser.add_argument("--data", required=True, help="image folder: one sub-folder per source class (id or name)")
     parser.add_argument("--replay", help="image folder of target-domain images (any sub-folders) that keep locality")
     parser.add_argument("--classes", nargs="+", type=int, help="source class ids to clone (default: all sub-folders)")
@@ -141,6 +147,18 @@ def _load_checkpoint(model: nn.Module, path: str, option: str) -> None:
     model.load_state_dict(tensors)
 
 
+def _processor(spec: str | None, option: str) -> Any:
+    """The image processor saved at ``spec`` (a Hub id or folder); ``None`` (the model's own) when not given."""
+    if spec is None:
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"{option} {spec}: no image processor there ({exc})", UNUSABLE) from None
+
+
 def _model(spec: str, pretrained: bool | None, kwargs: str | None, checkpoint: str | None, role: str) -> nn.Module:
     model = load_model(spec, pretrained=pretrained, **json_object(kwargs, f"--{role}-kwargs"))
     if checkpoint:
@@ -155,6 +173,8 @@ def _clone(args: argparse.Namespace) -> int:
     replay_root = _data_folder(args.replay, "--replay") if args.replay else None
     source = _model(args.source, args.pretrained, args.source_kwargs, args.source_checkpoint, "source")
     target = _model(args.target, args.pretrained, args.target_kwargs, args.target_checkpoint, "target")
+    source_processor = _processor(args.source_processor, "--source-processor")
+    target_processor = _processor(args.target_processor, "--target-processor")
     patch = clone(  # each model gets the folders' images through its own preprocessing (pnc_surgery.preprocess)
         source,
         target,
@@ -164,6 +184,8 @@ def _clone(args: argparse.Namespace) -> int:
         config=config,
         seed=args.seed,
         progress=not args.no_progress,
+        source_processor=source_processor,
+        target_processor=target_processor,
     )
     folder = patch.save_pretrained(out)
     print(patch.summary())
