@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from huggingface_hub import ModelHubMixin
+from huggingface_hub import ModelCard, ModelHubMixin
 from torch import nn
 
 from ..branch import Branch
@@ -344,6 +344,16 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         """The mixin's load step: :meth:`from_pretrained` with the options it knows."""
         known = ("revision", "subfolder", "token", "cache_dir", "local_files_only", "force_download")
         return cls.from_pretrained(model_id, **{k: v for k, v in options.items() if k in known})
+
+    def generate_model_card(self, repo_id_or_dir: str = "<repo_or_dir>") -> ModelCard:
+        """The mixin's card step: this patch's model card, as :meth:`save_pretrained` writes it to a new folder.
+
+        Args:
+            repo_id_or_dir: what the card's loading snippet passes to :meth:`from_pretrained`.
+        """
+        from .. import hub
+
+        return hub.build_model_card(self.config, repo_id_or_dir)
 
     def save(self, path: str | Path) -> Path:
         """Single-file form: tensors in safetensors, the config in its metadata (replaced in one step)."""
