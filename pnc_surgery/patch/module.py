@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["Patch"]
 
 
-class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_surgery", "partial-network-cloning"]):
+class Patch(nn.Module, ModelHubMixin):  # the card (library_name, tags) comes from generate_model_card
     """Cloned classes for a target model: branch + adapter + gate + config.
 
     Make one with :func:`pnc_surgery.clone` (learned), :meth:`from_parts` or :meth:`assemble` (by hand); load one
