@@ -239,10 +239,15 @@ def with_shifted_copies(examples: Examples, fraction: float = 1 / 16) -> tuple[E
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); the CPU for a model without tensors."""
+    """The device ``model`` computes on: its first parameter's (or buffer's), the CPU for a model without tensors, and
+    for weights that accelerate offloaded (left on the meta device) the execution device of its hooks."""
     tensor: torch.Tensor | None = next(model.parameters(), None)
     if tensor is None:
         tensor = next(model.buffers(), None)
+    if tensor is not None and tensor.device.type == "meta":
+        devices = (getattr(getattr(module, "_hf_hook", None), "execution_device", None) for module in model.modules())
+        device = next((d for d in devices if d is not None), None)
+        return tensor.device if device is None else torch.device(device)
     return torch.device("cpu") if tensor is None else tensor.device
 
 

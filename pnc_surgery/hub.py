@@ -2,11 +2,11 @@
 
 ``Patch`` gets ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` from ``huggingface_hub.ModelHubMixin``;
 this module is what those methods call. Loading is one ``snapshot_download`` of the patch files (cache, revisions,
-tokens, ``HF_HUB_OFFLINE`` as for transformers); pushing is one ``upload_folder`` commit of those files only, after
+tokens, ``HF_HUB_OFFLINE`` as for transformers); pushing is one ``create_commit`` of those files only, after
 everything local is checked. Pickle weights and paths or links leading out of the folder are refused. Every request,
-API calls included, waits at most :func:`hub_timeout` for an answer, else :class:`HubTimeoutError`. The card comes
-from the template ``patch_card.md``; on the next save or push only its metadata and the text between its markers
-are rewritten.
+API calls included, waits at most :func:`hub_timeout` for an answer, else :class:`HubTimeoutError`. The card is
+rendered from the ``ModelCard`` template ``patch_card.md``; on the next save or push only its metadata and the text
+between its markers are rewritten.
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ from __future__ import annotations
 import contextvars
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, TypedDict
+from pathlib import Path, PureWindowsPath
+from typing import Any
 
 import yaml
-from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download, snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants
 from huggingface_hub.errors import (
-    EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
@@ -38,27 +36,24 @@ from huggingface_hub.utils import get_session, validate_repo_id
 
 from .errors import HubTimeoutError, InvalidInputError, PatchFormatError
 from .patch.config import PatchConfig
-from .patch.serialization import (
-    CARD_NAME,
-    CONFIG_NAME,
-    PATCH_FILES,
-    PICKLE_SUFFIXES,
-    WEIGHTS_NAME,
-    read_config,
-)
+from .patch.serialization import CARD_NAME, CONFIG_NAME, PATCH_FILES, PICKLE_SUFFIXES, WEIGHTS_NAME, read_config
 
 __all__ = ["CARD_TAGS", "CARD_TEMPLATE", "build_model_card", "card_for_folder", "push_folder", "resolve_patch_folder"]
 
 CARD_TAGS = ("pnc_surgery", "partial-network-cloning", "model-patch")
-DEFAULT_TIMEOUT = 10.0
+CARD_TEMPLATE = files(__package__).joinpath("patch_card.md").read_text(encoding="utf-8")
 _CARD_START_PREFIX = "<!-- pnc_surgery:start"
 _CARD_END = "<!-- pnc_surgery:end -->"
 _TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar("pnc_surgery_hub_timeout", default=None)
 
-CARD_TEMPLATE = files(__package__).joinpath("patch_card.md").read_text(encoding="utf-8")
-
 
 # --------------------------------------------------------------------------------------------- timeouts
+
+
+def hub_timeout() -> float:
+    """Seconds any Hub request may wait for an answer: the larger of ``huggingface_hub``'s ``HF_HUB_ETAG_TIMEOUT``
+    and ``HF_HUB_DOWNLOAD_TIMEOUT`` (10 unless set)."""
+    return float(max(constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT))
 
 
 def _request_timeout(request: Any) -> None:
@@ -71,18 +66,6 @@ def _request_timeout(request: Any) -> None:
         }
 
 
-def hub_timeout() -> float:
-    """Seconds any Hub request may wait for an answer: the larger of ``HF_HUB_ETAG_TIMEOUT`` and
-    ``HF_HUB_DOWNLOAD_TIMEOUT`` (read now from the environment, else as ``huggingface_hub`` read them; default 10)."""
-    values = []
-    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
-        try:
-            values.append(float(os.environ.get(name) or getattr(constants, name)))
-        except (TypeError, ValueError):
-            values.append(DEFAULT_TIMEOUT)
-    return max(values)
-
-
 @contextmanager
 def _deadline(doing: str) -> Iterator[None]:
     """Run Hub calls with finite timeouts; a timeout becomes :class:`HubTimeoutError` saying what waited."""
@@ -92,8 +75,6 @@ def _deadline(doing: str) -> Iterator[None]:
     token = _TIMEOUT.set(hub_timeout())
     try:
         yield
-    except HubTimeoutError:
-        raise
     except Exception as exc:
         if _timed_out(exc):
             raise HubTimeoutError(
@@ -107,12 +88,20 @@ def _deadline(doing: str) -> Iterator[None]:
 
 def _timed_out(exc: BaseException | None) -> bool:
     """Whether ``exc`` or what caused it is a network timeout."""
-    seen = 0
-    while exc is not None and seen < 16:
+    for _ in range(16):
+        if exc is None:
+            return False
         if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
             return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+        exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _api(token: str | bool | None = None) -> HfApi:
+    """A Hub client that names this library in its user agent (imported late: the package imports this module)."""
+    from . import __version__
+
+    return HfApi(token=token, library_name="pnc_surgery", library_version=__version__)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -128,24 +117,12 @@ def resolve_patch_folder(
     local_files_only: bool = False,
     force_download: bool = False,
 ) -> Path:
-    """Find the local folder holding a patch's files, downloading them from the Hub (through its cache) if needed.
-
-    A local directory wins over a Hub repo of the same name, as in ``transformers``.
-
-    Args:
-        repo_id_or_dir: a folder written by ``Patch.save_pretrained`` or a Hub repo id (``"user/name"``).
-        revision: branch, tag or commit of the Hub repo (default ``main``); ignored for a local folder.
-        subfolder: folder inside the repo or directory that holds the patch; must stay inside it.
-        token: Hub token for private or gated repos (default: the logged-in one).
-        cache_dir: Hub cache to use instead of ``HF_HUB_CACHE``.
-        local_files_only: never touch the network; use the cache only.
-        force_download: download again even if the files are cached.
-
-    Returns:
-        A folder with ``patch_config.json``, ``patch_model.safetensors`` and maybe ``README.md``, all from one commit.
+    """The local folder holding a patch's files (``patch_config.json``, ``patch_model.safetensors``, maybe
+    ``README.md``, all from one commit), downloaded from the Hub through its cache if needed; a local directory wins
+    over a Hub repo of the same name. Arguments as for :meth:`pnc_surgery.Patch.from_pretrained`.
 
     Raises:
-        PatchFormatError: nothing loadable there (missing, pickle weights, unsafe symlinks, Hub errors).
+        PatchFormatError: nothing loadable there (missing, pickle weights, unsafe links, Hub errors).
         HubTimeoutError: the Hub did not answer in time.
         InvalidInputError: ``subfolder`` leaves the repo, or the options contradict each other.
     """
@@ -161,7 +138,7 @@ def resolve_patch_folder(
         folder = local.joinpath(*parts)
         if not folder.is_dir():
             raise PatchFormatError(f"{local}: no subfolder {subfolder!r} here")
-        _check_inside(folder, local, what="subfolder")
+        _check_links(local, ["/".join(parts)] if parts else [])
         return _check_patch_folder(folder)
     if exists:
         raise PatchFormatError(f"{local} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -172,40 +149,26 @@ def resolve_patch_folder(
         why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
         raise InvalidInputError(f"force_download=True needs the network, but {why}")
     prefix = "".join(f"{part}/" for part in parts)
-    where = (
-        repo_id + (f" (subfolder {prefix[:-1]!r})" if prefix else "") + (f" at revision {revision!r}" * bool(revision))
-    )
+    where = repo_id + (f" (subfolder {prefix[:-1]!r})" if prefix else "")
+    where += f" at revision {revision!r}" if revision else ""
     with _deadline(f"downloading {', '.join(PATCH_FILES)} of {repo_id} (not in the local cache)"):
         try:
-            snapshot = snapshot_download(
+            snapshot = _api(token).snapshot_download(
                 repo_id,
                 revision=revision,
                 allow_patterns=[prefix + name for name in PATCH_FILES],
-                token=token,
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
                 force_download=force_download,
-                etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
-                **_agent(),
+                etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,  # as set now, not as when huggingface_hub was imported
             )
         except (HfHubHTTPError, OSError) as exc:  # LocalEntryNotFoundError is an OSError too
             if _timed_out(exc):
                 raise  # _deadline says what timed out
             raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
-        folder = Path(snapshot).joinpath(*parts)
-        return _check_patch_folder(folder, where, lambda: _remote_names(repo_id, parts, revision, token))
-
-
-class _Agent(TypedDict):
-    library_name: str
-    library_version: str
-
-
-def _agent() -> _Agent:
-    """The Hub client's user agent: this library and its version (imported late: the package imports us)."""
-    from . import __version__
-
-    return {"library_name": "pnc_surgery", "library_version": __version__}
+        return _check_patch_folder(
+            Path(snapshot).joinpath(*parts), where, lambda: _remote_names(repo_id, prefix, revision, token)
+        )
 
 
 def _subfolder_parts(subfolder: str | None) -> tuple[str, ...]:
@@ -214,12 +177,9 @@ def _subfolder_parts(subfolder: str | None) -> tuple[str, ...]:
         return ()
     if not isinstance(subfolder, str):
         raise InvalidInputError(f"subfolder must be a string, got {type(subfolder).__name__}")
-    normalized = subfolder.replace("\\", "/")
-    if PurePosixPath(normalized).is_absolute() or PureWindowsPath(subfolder).anchor:
-        raise InvalidInputError(f"subfolder {subfolder!r} is absolute; it must be a path inside the repo")
-    parts = tuple(part for part in normalized.split("/") if part not in ("", "."))
-    if ".." in parts:
-        raise InvalidInputError(f"subfolder {subfolder!r} contains '..'; it must stay inside the repo")
+    parts = tuple(part for part in subfolder.replace("\\", "/").split("/") if part not in ("", "."))
+    if subfolder.startswith(("/", "\\")) or PureWindowsPath(subfolder).anchor or ".." in parts:
+        raise InvalidInputError(f"subfolder {subfolder!r} must be a relative path inside the repo, without '..'")
     return parts
 
 
@@ -232,34 +192,15 @@ def _is_repo_id(text: str) -> bool:
     return True
 
 
-def _is_within(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-def _check_inside(path: Path, root: Path, what: str) -> None:
-    """Refuse ``path`` if, once symlinks are followed, it lies outside ``root``."""
-    resolved, resolved_root = path.resolve(), root.resolve()
-    if not _is_within(resolved, resolved_root):
-        raise PatchFormatError(f"{path}: this {what} resolves to {resolved}, outside {root}; refusing to use it")
-
-
-def _trusted_roots(folder: Path) -> list[Path]:
-    """Where the patch files of ``folder`` may point: the folder itself, and for a Hub cache snapshot
-    (``models--x--y/snapshots/<commit>/...``, as left by ``snapshot_download``) the repo's ``blobs/``."""
-    resolved = folder.resolve()
-    roots = [resolved]
-    for parent in (resolved, *resolved.parents):
-        if parent.name == "snapshots" and (parent.parent / "blobs").is_dir():
-            roots.append(parent.parent / "blobs")
-            break
-    return roots
-
-
 def _check_links(folder: Path, names: Sequence[str]) -> None:
-    """Refuse any of ``folder``'s files ``names`` that is a link leading out of it (e.g. to ``~/.ssh``) or in a loop."""
-    roots = _trusted_roots(folder)
-    for name in names:
-        path = folder / name
+    """Refuse any path ``names`` in ``folder`` that, once links are followed, leaves it (e.g. to ``~/.ssh``) or loops.
+
+    The files of a Hub cache snapshot (``models--x--y/snapshots/<commit>/``) may lead into the repo's ``blobs/``.
+    """
+    root = folder.resolve()
+    snapshots = next((p for p in (root, *root.parents) if p.name == "snapshots"), None)
+    roots = [root] if snapshots is None else [root, snapshots.parent / "blobs"]
+    for path in (folder / name for name in names):
         if path.is_symlink() or path.exists():
             try:
                 target = path.resolve(strict=True)
@@ -267,44 +208,40 @@ def _check_links(folder: Path, names: Sequence[str]) -> None:
                 raise PatchFormatError(
                     f"{path} is a link that cannot be followed ({exc}); refusing to use it"
                 ) from None
-            if not any(_is_within(target, root) for root in roots):
+            if not any(target == r or r in target.parents for r in roots):
                 raise PatchFormatError(f"{path} is a link to {target}, outside the patch folder; refusing to use it")
 
 
 def _check_patch_folder(folder: Path, where: str = "", names: Callable[[], list[str]] | None = None) -> Path:
     """Return ``folder`` if it holds a patch whose files all stay inside it.
 
-    ``where`` names it in errors (default: the folder), ``names()`` lists what it holds (default: its files).
+    ``where`` names it in errors (default: the folder), ``names()`` lists what it holds (default: its files); a place
+    without a patch config but with pickle weights is said to be a pickle checkpoint.
     """
     _check_links(folder, PATCH_FILES)
     where = where or str(folder)
     if not (folder / CONFIG_NAME).is_file():
-        raise _not_a_patch(where, names() if names else [p.name for p in folder.iterdir() if p.is_file()])
+        held = sorted(names() if names else [p.name for p in folder.iterdir() if p.is_file()])
+        pickles = [name for name in held if name.lower().endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise PatchFormatError(
+                f"{where}: no {CONFIG_NAME}, but {', '.join(pickles[:5])}: this looks like a pickle checkpoint, "
+                "pnc_surgery loads safetensors only"
+            )
+        listed = f" (it holds: {', '.join(held[:8])})" if held else " (it is empty)"
+        raise PatchFormatError(f"{where}: no {CONFIG_NAME}{listed}; is this a pnc_surgery patch?")
     if not (folder / WEIGHTS_NAME).is_file():
         raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     return folder
 
 
-def _not_a_patch(where: str, names: Sequence[str]) -> PatchFormatError:
-    """The most helpful error for a place without a patch config, naming pickle weights if there are any."""
-    pickles = sorted(name for name in names if name.lower().endswith(PICKLE_SUFFIXES))
-    if pickles:
-        return PatchFormatError(
-            f"{where}: no {CONFIG_NAME}, but {', '.join(pickles[:5])}: this looks like a pickle checkpoint, "
-            "pnc_surgery loads safetensors only"
-        )
-    listed = f" (it holds: {', '.join(sorted(names)[:8])})" if names else " (it is empty)"
-    return PatchFormatError(f"{where}: no {CONFIG_NAME}{listed}; is this a pnc_surgery patch?")
-
-
-def _remote_names(repo_id: str, parts: tuple[str, ...], revision: str | None, token: str | bool | None) -> list[str]:
-    """Names of the files directly in the repo's (sub)folder, or ``[]`` when the Hub cannot be asked."""
+def _remote_names(repo_id: str, prefix: str, revision: str | None, token: str | bool | None) -> list[str]:
+    """Names of the files directly in the repo's folder ``prefix``, or ``[]`` when the Hub cannot be asked."""
     try:
-        info = HfApi(**_agent()).model_info(repo_id, revision=revision, token=token)
+        paths = _api(token).list_repo_files(repo_id, revision=revision)
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
         return []
-    prefix = "/".join(parts) + "/" if parts else ""
-    names = [s.rfilename[len(prefix) :] for s in info.siblings or [] if s.rfilename.startswith(prefix)]
+    names = [path[len(prefix) :] for path in paths if path.startswith(prefix)]
     return [name for name in names if "/" not in name]
 
 
@@ -325,9 +262,6 @@ def _explain(exc: BaseException, where: str, local_files_only: bool) -> str:
         if local_files_only:
             return f"{where}: not found in the local cache and local_files_only=True"
         return f"{where}: the Hub could not be reached and the patch is not in the local cache; check the connection"
-    if isinstance(exc, HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else "an error"
-        return f"{where}: the Hub answered {status}: {exc}"
     return f"{where}: could not download the patch ({type(exc).__name__}: {exc})"
 
 
@@ -344,22 +278,11 @@ def push_folder(
     create_pr: bool = False,
     commit_message: str | None = None,
 ) -> str:
-    """Upload a saved patch folder to a Hub model repo in one commit, creating the repo if needed.
+    """Upload a saved patch folder to a Hub model repo in one commit, creating the repo if needed; returns the URL of
+    the commit (of the pull request with ``create_pr``). Arguments as for :meth:`pnc_surgery.Patch.push_to_hub`.
 
     Everything local is checked first, so a bad folder leaves nothing behind on the Hub; only the patch files are
     uploaded. The card is the repo's (else the folder's) with its metadata and generated part brought up to date.
-
-    Args:
-        folder: a folder written by ``Patch.save_pretrained``.
-        repo_id: ``"namespace/name"`` of the model repo.
-        private: visibility of a repo this call creates (an existing repo keeps its own).
-        token: Hub token with write access (default: the logged-in one).
-        revision: branch to commit to (created from ``main`` if missing), or the base of the pull request.
-        create_pr: open a pull request instead of committing to ``revision``.
-        commit_message: summary of the commit (a default names the classes and models).
-
-    Returns:
-        The URL of the pull request when ``create_pr``, else of the commit.
     """
     folder = Path(folder)
     if not isinstance(repo_id, str) or not _is_repo_id(repo_id):
@@ -371,27 +294,21 @@ def push_folder(
     local_card = _load_card(folder / CARD_NAME) if (folder / CARD_NAME).is_file() else None
     card = build_model_card(config, repo_id)
 
-    api = HfApi(token=token, **_agent())
+    api = _api(token)
     with _deadline(f"pushing to {repo_id}"):
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)  # pushing to a new branch just works
         base = _fetch_remote_card(api, repo_id, revision) or local_card
-        if base is not None:
-            card = _merge_cards(base, card)
-        with tempfile.TemporaryDirectory() as staging:
-            stage = Path(staging)
-            for name in (CONFIG_NAME, WEIGHTS_NAME):
-                shutil.copyfile(folder / name, stage / name)
-            (stage / CARD_NAME).write_text(str(card), encoding="utf-8")
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=stage,
-                allow_patterns=list(PATCH_FILES),
-                revision=revision,
-                create_pr=create_pr,
-                commit_message=commit_message or f"Upload pnc_surgery patch: {_summary(config)}",
-            )
+        card = card if base is None else _merge_cards(base, card)
+        info = api.create_commit(
+            repo_id,
+            [CommitOperationAdd(name, folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+            + [CommitOperationAdd(CARD_NAME, str(card).encode())],
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or f"Upload pnc_surgery patch: {_summary(config)}",
+        )
     return info.pr_url if create_pr and info.pr_url else info.commit_url
 
 
@@ -399,9 +316,8 @@ def _fetch_remote_card(api: HfApi, repo_id: str, revision: str | None) -> ModelC
     """The repo's current card, or ``None`` when it has none or it cannot be fetched or parsed."""
     with tempfile.TemporaryDirectory() as cache:  # do not leave a stale card in the user's cache
         try:
-            path = hf_hub_download(repo_id, CARD_NAME, revision=revision, token=api.token, cache_dir=cache)
-            return ModelCard.load(path)
-        except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            return ModelCard.load(api.hf_hub_download(repo_id, CARD_NAME, revision=revision, cache_dir=cache))
+        except (HfHubHTTPError, OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
             if _timed_out(exc):
                 raise
             return None
@@ -417,32 +333,18 @@ def build_model_card(config: PatchConfig, repo_id_or_dir: str = "<repo_or_dir>")
         config: the patch config.
         repo_id_or_dir: what the loading snippet passes to ``Patch.from_pretrained``.
     """
-    source, target = config.source.id, config.target.id
-    base_models = list(dict.fromkeys(i for i in (target, source) if "/" in i and _is_repo_id(i)))
+    base_models = list(dict.fromkeys(i for i in (config.target.id, config.source.id) if "/" in i and _is_repo_id(i)))
     data = ModelCardData(library_name="pnc_surgery", base_model=base_models or None, tags=list(CARD_TAGS))
     if base_models:
         data["base_model_relation"] = "adapter"  # the patch plugs into the target; not a merge of the two
-    num_own = config.target.num_classes
-    rows = [
-        (num_own + i, class_id, _cell(name))
-        for i, (class_id, name) in enumerate(zip(config.class_ids, config.class_names))
-    ]
     return ModelCard.from_template(
         data,
         template_str=CARD_TEMPLATE,
+        config=config,
         summary=_summary(config),
-        source_code=_code(source),
-        target_code=_code(target),
-        source_cell=_cell(source),
-        target_cell=_cell(target),
         where=json.dumps(repo_id_or_dir),
-        num_own=num_own,
-        rows=rows,
-        cut=_cell(config.cut.name),
-        insertion=_cell(config.insertion.name),
-        metrics=[(_cell(k), _cell(v)) for k, v in config.metrics.items()],
-        format_version=config.format_version,
-        made_with=_cell(config.versions.get("pnc_surgery", "?")),
+        cell=_cell,
+        code=_code,
     )
 
 
@@ -473,14 +375,11 @@ def _load_card(path: Path) -> ModelCard:
 
 def _merge_cards(existing: ModelCard, fresh: ModelCard) -> ModelCard:
     """``existing`` with ``fresh``'s metadata merged in and its generated part (if marked) replaced."""
-    data = existing.data
-    data["library_name"] = fresh.data.get("library_name")
-    if fresh.data.get("base_model"):
-        data["base_model"] = fresh.data.get("base_model")
-        data["base_model_relation"] = fresh.data.get("base_model_relation")
-    tags = data.get("tags") or []
-    tags = [tags] if isinstance(tags, str) else list(tags)
-    data["tags"] = tags + [tag for tag in fresh.data.get("tags") or [] if tag not in tags]
+    for key in ("library_name", "base_model", "base_model_relation"):
+        if fresh.data.get(key):
+            existing.data[key] = fresh.data.get(key)
+    tags = existing.data.get("tags") or []
+    existing.data["tags"] = list(dict.fromkeys([*([tags] if isinstance(tags, str) else tags), *CARD_TAGS]))
     start, end = existing.text.find(_CARD_START_PREFIX), existing.text.find(_CARD_END)
     if 0 <= start < end:
         generated = fresh.text[fresh.text.index(_CARD_START_PREFIX) : fresh.text.index(_CARD_END) + len(_CARD_END)]

@@ -190,6 +190,7 @@ def _without_dead_paths(model: nn.Module) -> nn.Module:
         and param.numel() > 1
         and not name.endswith("bias")
         and param.is_floating_point()
+        and param.device.type != "meta"  # weights offloaded by accelerate: not in the model to read
         and param.detach().abs().max().item() <= DEAD_WEIGHT
     ]
     if not dead:

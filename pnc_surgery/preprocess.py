@@ -25,6 +25,9 @@ from .errors import InvalidInputError
 
 __all__ = ["Columns", "is_raw", "encode"]
 
+_MODES = {1: "L", 3: "RGB"}
+"""The PIL mode images are read in for a model of that many channels."""
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 Columns = tuple[str, str, str]
@@ -96,8 +99,8 @@ def _open(item: Any) -> Any:
         with Image.open(item) as image:
             image.load()
             return image
-    except (OSError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidInputError(f"cannot read image {str(item)[:200]!r}: {exc}") from None
+    except (OSError, TypeError, ValueError, AttributeError) as exc:  # kept as the cause: a file that cannot be used
+        raise InvalidInputError(f"cannot read image {str(item)[:200]!r}: {exc}") from exc
 
 
 def _local_only() -> bool:
@@ -111,18 +114,19 @@ def _encoder(model: nn.Module, role: str, processor: Any, text: bool) -> Callabl
     if processor is None and isinstance(backend_for(model), TimmBackend):
         if text:
             raise InvalidInputError(f"the {role} is a timm image model; it cannot take strings")
-        return _timm_encoder(model)
+        return _timm_encoder(model, role)
     if processor is None:
         processor = _hub_processor(model, role, text)
     if not callable(processor):
         raise InvalidInputError(f"{role}_processor must be callable, got {type(processor).__name__}")
+    mode = None if text else _MODES[_channels(model, role)]
 
     def encode(items: list[Any]) -> ModelInputs:
         try:
             if text:
                 encoded = processor(items, padding=True, truncation=True, return_tensors="pt")
                 return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-            return processor(images=items, return_tensors="pt")["pixel_values"]
+            return processor(images=[image.convert(mode) for image in items], return_tensors="pt")["pixel_values"]
         except Exception as exc:  # the user's or the hub's processor: any failure is reported as what it is
             raise InvalidInputError(
                 f"the {role}'s processor failed on the clone data: {type(exc).__name__}: {exc}"
@@ -131,13 +135,24 @@ def _encoder(model: nn.Module, role: str, processor: Any, text: bool) -> Callabl
     return encode
 
 
-def _timm_encoder(model: nn.Module) -> Callable[[list[Any]], ModelInputs]:
+def _channels(model: nn.Module, role: str) -> int:
+    """How many channels ``model`` takes (1: grey, 3: RGB), by its own config (timm's data config assumes 3 whatever
+    ``in_chans``); 3 when it cannot tell."""
+    expected = backend_for(model).expected_image(model)
+    channels = 3 if expected is None else expected[0]
+    if channels not in _MODES:
+        raise InvalidInputError(f"the {role} takes {channels}-channel inputs; images give 1 (grey) or 3 (RGB)")
+    return channels
+
+
+def _timm_encoder(model: nn.Module, role: str) -> Callable[[list[Any]], ModelInputs]:
     from timm.data import create_transform, resolve_model_data_config
 
-    config = resolve_model_data_config(model)
+    config, channels = resolve_model_data_config(model), _channels(model, role)
+    if len(config["mean"]) != channels:  # a model built with in_chans=1: grey images, the channels' mean statistics
+        config["mean"], config["std"] = ((sum(config[k]) / len(config[k]),) * channels for k in ("mean", "std"))
     transform = create_transform(**config, is_training=False)
-    mode = "L" if config["input_size"][0] == 1 else "RGB"
-    return lambda images: torch.stack([transform(image.convert(mode)) for image in images])
+    return lambda images: torch.stack([transform(image.convert(_MODES[channels])) for image in images])
 
 
 def _hub_processor(model: nn.Module, role: str, text: bool) -> Any:
@@ -146,7 +161,7 @@ def _hub_processor(model: nn.Module, role: str, text: bool) -> Any:
     if not name:
         raise InvalidInputError(
             f"the {role} ({type(model).__name__}) has no name_or_path to load its {kind} from: "
-            f"pass {role}_processor= (an AutoTokenizer or AutoImageProcessor)"
+            f"pass {role}_processor= (an AutoTokenizer or AutoImageProcessor; pnc-surgery clone: --{role}-processor)"
         )
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -155,7 +170,8 @@ def _hub_processor(model: nn.Module, role: str, text: bool) -> Any:
         return loader.from_pretrained(name, local_files_only=_local_only())
     except (OSError, ValueError) as exc:
         raise InvalidInputError(
-            f"cannot load the {role}'s {kind} from {name!r} ({exc}): pass {role}_processor="
+            f"cannot load the {role}'s {kind} from {name!r} ({exc}): pass {role}_processor= "
+            f"(pnc-surgery clone: --{role}-processor)"
         ) from None
 
 

@@ -272,11 +272,77 @@ def test_a_hub_that_cannot_be_reached_is_exit_code_4_in_every_command(capsys, mo
     assert "someone/some-repo" in error_line(capsys)
 
 
-def test_image_folders_are_normalised_with_the_target_models_own_statistics(tmp_path):
-    (tmp_path / "data" / "1").mkdir(parents=True)
-    Image.new("RGB", (32, 32), (128, 128, 128)).save(tmp_path / "data" / "1" / "grey.png")
-    model = create_model("resnet18", num_classes=3)  # timm's data config: ImageNet mean and std
-    [(image, label)] = cli_clone.image_folder(tmp_path / "data", model)
-    mean, std = torch.tensor(model.pretrained_cfg["mean"]), torch.tensor(model.pretrained_cfg["std"])
-    assert label == 1
-    assert torch.allclose(image[:, 0, 0], (128 / 255 - mean) / std, atol=1e-5)
+def test_clone_from_folders_feeds_each_model_its_own_pixels_and_the_patch_works(tmp_path, capsys, monkeypatch):
+    """Source and target have their own data configs: the source normalises with mean 0.5 / std 0.25 and looks at the
+    central half of an image (crop 0.5), the target normalises with 0.2 / 0.1 and sees it whole. The images are a
+    white square on black, so each model's stem shows which preprocessing it got: pixels prepared once for both
+    (one normalisation, or the target's pixels renormalised for the source) fail this. The patch then works."""
+    from pnc_surgery import Patch
+
+    for label in ("1", "2"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(6):
+            image = Image.new("RGB", (32, 32))
+            image.paste((255, 255, 255), (6, 6, 26, 26))
+            image.save(tmp_path / "data" / label / f"{i}.png")
+    configs = {"source": (0.5, 0.25, 0.5), "target": (0.2, 0.1, 1.0)}  # mean, std, crop_pct
+    models, seen = {}, {}
+
+    def load_model_with_its_data_config(spec, **kwargs):
+        """As a Hub model comes: with its own data config (32 px, mean, std, crop); its stem's inputs recorded."""
+        role = "source" if not models else "target"
+        torch.manual_seed(len(models))
+        model = models[role] = create_model(spec, **kwargs).eval()
+        mean, std, crop = configs[role]
+        model.pretrained_cfg = {
+            **model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": crop, "mean": (mean,) * 3, "std": (std,) * 3
+        }  # fmt: skip
+        seen[role] = []
+        model.conv1.register_forward_pre_hook(lambda module, args: seen[role].append(args[0].detach().clone()))
+        return model
+
+    monkeypatch.setattr(cli_clone, "load_model", load_model_with_its_data_config)
+    argv = _clone_argv(tmp_path, tmp_path / "data")
+    argv[argv.index("--source-kwargs") + 1] = json.dumps({"num_classes": 4, "channels": [8, 8, 16, 16]})
+    argv[argv.index("--target-kwargs") + 1] = json.dumps({"num_classes": 3, "channels": [8, 8, 16, 16]})
+    assert main(argv) == 0, capsys.readouterr().err
+
+    white, black = ({role: (v - mean) / std for role, (mean, std, _) in configs.items()} for v in (1.0, 0.0))
+    [source_batch, *_] = [x for x in seen["source"] if x.shape[0] == 12]  # the whole clone set in one batch
+    [target_batch, *_] = [x for x in seen["target"] if x.shape[0] == 12]
+    assert source_batch.shape[1:] == target_batch.shape[1:] == (3, 32, 32)
+    torch.testing.assert_close(source_batch, torch.full_like(source_batch, white["source"]), atol=0.05, rtol=0)
+    torch.testing.assert_close(target_batch.amax(), torch.tensor(white["target"]), atol=0.05, rtol=0)
+    torch.testing.assert_close(target_batch.amin(), torch.tensor(black["target"]), atol=0.05, rtol=0)
+
+    target, x = models["target"], target_batch[:2]
+    patch = Patch.from_pretrained(tmp_path / "patch")
+    with torch.no_grad():
+        plain = target(x)
+        with patch.attached(target):
+            patched = target(x)
+        assert torch.equal(target(x), plain)
+    assert patched.shape == (2, 3 + 2) and torch.equal(patched[:, :3], plain)
+
+
+def test_a_transformers_target_saved_without_a_processor_takes_one_from_target_processor(tmp_path, capsys):
+    """A folder with a model but no image processor cannot preprocess images by itself: the command says which
+    option gives it one, and with ``--target-processor`` the clone runs on that processor's pixels."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "processor")
+    data = _image_folder(tmp_path / "data", {"1": 1, "2": 2}, per_class=6)
+    argv = _clone_argv(tmp_path, data)
+    argv[argv.index("--target") + 1] = str(tmp_path / "vit")
+    del argv[argv.index("--target-kwargs") : argv.index("--target-kwargs") + 2]
+    del argv[argv.index("--source-kwargs") : argv.index("--source-kwargs") + 2]
+
+    assert main([*argv, "--source-kwargs", json.dumps({"num_classes": 3, "channels": [8, 8, 16, 16]})]) == USAGE
+    assert "--target-processor" in capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress
+    argv += ["--source-kwargs", json.dumps({"num_classes": 3, "channels": [8, 8, 16, 16]})]
+    assert main([*argv, "--target-processor", str(tmp_path / "processor")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "patch" / "patch_model.safetensors").is_file()

@@ -3,11 +3,17 @@
 * ``CloneConfig(precision="bfloat16")`` runs extraction and training under autocast; the patch's tensors stay
   float32 and finite, and it still adds the cloned classes.
 * ``classes=`` takes the source's label names as well as ids; an unknown name is refused with the names it knows.
+* A target dispatched by accelerate (CPU offload, disk offload, a device map with modules on disk; weights on the meta
+  device in between forwards) is cloned into as the same target undispatched: the same fingerprint, weights sample
+  included, and the same outputs attached; detached it answers exactly as before.
 * On a GPU (tests marked ``cuda``, skipped without one): models on CUDA clone with data given on the CPU, and a source
   on the CPU clones into a target on CUDA.
 """
 
 from __future__ import annotations
+
+import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +74,41 @@ def test_an_unknown_label_name_is_refused_with_the_names_the_source_knows():
 def test_label_names_need_a_source_that_has_them():
     with pytest.raises(InvalidInputError, match="no label names"):
         clone(_model(4, 0), _model(5, 1), _data(), classes=["cat"], config=TINY, progress=False)
+
+
+def _dispatch(model: torch.nn.Module, how: str, folder: Path) -> None:
+    accelerate = pytest.importorskip("accelerate")
+    cpu = torch.device("cpu")
+    if how == "cpu_offload":
+        accelerate.cpu_offload(model, execution_device=cpu)
+    elif how == "disk_offload":
+        accelerate.disk_offload(model, str(folder), execution_device=cpu)
+    else:
+        device_map = {name: "disk" if name in ("layer2", "layer3") else "cpu" for name, _ in model.named_children()}
+        accelerate.dispatch_model(model, device_map=device_map, offload_dir=str(folder), main_device="cpu")
+    assert any(p.device.type == "meta" for p in model.parameters())  # weights live in the offload hooks
+
+
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload", "dispatch_model"])
+def test_a_clone_into_a_target_dispatched_by_accelerate_is_the_clone_into_the_plain_target(how, tmp_path):
+    source, target = _model(4, 0), _model(5, 1)
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    plain_patch = clone(source, target, _data(), config=TINY, progress=False)
+    with torch.no_grad(), plain_patch.attached(target):
+        expected = target(x)
+    dispatched = copy.deepcopy(target)
+    _dispatch(dispatched, how, tmp_path)
+    with torch.no_grad():
+        before = dispatched(x)
+
+    patch = clone(source, dispatched, _data(), config=TINY, progress=False)
+
+    assert patch.config.target == plain_patch.config.target  # the weights sample is read from the offload hooks
+    with torch.no_grad(), patch.attached(dispatched):
+        got = dispatched(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(dispatched(x), before)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -236,6 +236,16 @@ def test_a_real_patch_goes_to_the_hub_and_comes_back_working(
     assert torch.equal(target(x), plain)
 
 
+def test_the_mixins_generate_model_card_is_the_card_a_save_writes(tmp_path: Path) -> None:
+    from pnc_surgery.patch import Patch
+
+    source, target = tiny_resnet(0, num_classes=6), tiny_resnet(1, num_classes=5)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    patch = Patch.assemble(source, target, "layer3", "layer2", classes=[1, 4], source_input=x, target_input=x)
+    folder = patch.save_pretrained(tmp_path / "p")
+    assert str(patch.generate_model_card(folder.as_posix())) == (folder / CARD_NAME).read_text()
+
+
 # --------------------------------------------------------------------------------------------- offline and cache
 
 

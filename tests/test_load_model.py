@@ -40,7 +40,7 @@ def hub_models(tmp_path_factory) -> dict:
     """A huggingface_hub cache holding a tiny timm model and a tiny transformers ViT, with their weights."""
     import timm
     from timm.models import save_for_hf
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     cache = tmp_path_factory.mktemp("hf_cache")
     torch.manual_seed(0)
@@ -50,7 +50,9 @@ def hub_models(tmp_path_factory) -> dict:
         ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=64, num_labels=3)
     )  # fmt: skip
-    vit.save_pretrained(_snapshot(cache, HF_REPO))
+    folder = _snapshot(cache, HF_REPO)
+    vit.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)  # as a Hub ViT repo has it
     return {"cache": cache, "timm": cnn.state_dict(), "transformers": vit.state_dict()}
 
 

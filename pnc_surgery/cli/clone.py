@@ -1,7 +1,8 @@
 """``pnc-surgery clone`` (clone classes from image folders) and ``pnc-surgery demo`` (the built-in story).
 
 Every argument is checked before any model is built or trained: the output folder, the JSON options, the data
-folders; then the models, their checkpoints and every image are read, and only then does the clone start.
+folders; then the models and their checkpoints are read, and ``clone`` reads every image (for each model through its
+own preprocessing, as for a folder passed in Python) before any training.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from typing import Any
 
 from torch import nn
 
-from ..backends import backend_for
 from ..clone import CloneConfig, clone
 from ..models import load_model
 from .errors import UNUSABLE, CommandError
 
-__all__ = ["register", "image_folder", "check_output_folder", "json_object"]
+__all__ = ["register", "check_output_folder", "json_object"]
 
 _MODEL_HELP = "timm name (resnet18), Hub id (timm/resnet18.a1_in1k, google/vit-base-patch16-224) or local folder"
 
@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="load pretrained weights (default: yes for Hub ids and folders, no for timm names)",
     )
+    for role in ("source", "target"):
+        parser.add_argument(
+            f"--{role}-processor",
+            help=f"Hub id or folder of the {role}'s image processor, for a transformers {role} saved without one "
+            "(default: the model's own; timm models: their data config)",
+        )
     parser.add_argument("--data", required=True, help="image folder: one sub-folder per source class (id or name)")
     parser.add_argument("--replay", help="image folder of target-domain images (any sub-folders) that keep locality")
     parser.add_argument("--classes", nargs="+", type=int, help="source class ids to clone (default: all sub-folders)")
@@ -141,64 +147,16 @@ def _load_checkpoint(model: nn.Module, path: str, option: str) -> None:
     model.load_state_dict(tensors)
 
 
-def image_folder(
-    folder: str | Path, model: nn.Module, class_ids: dict[str, int] | None = None, labelled: bool = True
-) -> list[tuple[Any, ...]]:
-    """``(image, label)`` pairs from ``folder/<class>/*`` sized for ``model`` (``(image,)`` when not ``labelled``).
+def _processor(spec: str | None, option: str) -> Any:
+    """The image processor saved at ``spec`` (a Hub id or folder); ``None`` (the model's own) when not given."""
+    if spec is None:
+        return None
+    from transformers import AutoImageProcessor
 
-    Args:
-        folder: one sub-folder per class.
-        model: the model whose input size and channels the images take.
-        class_ids: sub-folder name -> class id; by default sub-folder names must be integers.
-        labelled: whether sub-folder names are class labels (replay folders may use any names).
-
-    Raises:
-        CommandError: no images, a sub-folder that names no class, or a file that is not a readable image.
-    """
-    from torchvision import datasets, transforms
-
-    root = Path(folder)
-    expected = backend_for(model).expected_image(model)
-    if expected is None:
-        raise CommandError(f"{type(model).__name__} does not take images; image folders cannot feed it")
-    channels, size = expected
-    steps: list[Any] = [transforms.Resize(size)]
-    if channels == 1:
-        steps.append(transforms.Grayscale(1))
-    steps += [transforms.ToTensor(), transforms.Normalize(*_normalization(model, channels))]
-    transform = transforms.Compose(steps)
     try:
-        dataset = datasets.ImageFolder(str(root))
-    except FileNotFoundError as exc:  # torchvision's words for "no class folder" and "no image file"
-        raise CommandError(f"{root}: no images found ({exc})") from None
-    to_id = (
-        {index: _class_id(name, class_ids, root) for name, index in dataset.class_to_idx.items()} if labelled else {}
-    )
-    pairs: list[tuple[Any, ...]] = []
-    for path, label in dataset.samples:
-        try:
-            image = transform(dataset.loader(path))
-        except (OSError, ValueError) as exc:  # PIL: UnidentifiedImageError, truncated files, bad modes
-            raise CommandError(f"{path}: not a readable image ({exc})", UNUSABLE) from None
-        pairs.append((image, to_id[label]) if labelled else (image,))
-    return pairs
-
-
-def _normalization(model: nn.Module, channels: int) -> tuple[list[float], list[float]]:
-    """The mean and std a timm model's data config asks for; 0.5 and 0.5 for models that record none."""
-    config = getattr(model, "pretrained_cfg", None) or {}
-    mean, std = config.get("mean"), config.get("std")
-    if isinstance(mean, (tuple, list)) and isinstance(std, (tuple, list)) and len(mean) == len(std) == channels:
-        return [float(m) for m in mean], [float(s) for s in std]
-    return [0.5] * channels, [0.5] * channels
-
-
-def _class_id(name: str, class_ids: dict[str, int] | None, root: Path) -> int:
-    if class_ids is not None and name in class_ids:
-        return class_ids[name]
-    if name.isdigit():
-        return int(name)
-    raise CommandError(f"sub-folder {name!r} of {root} is neither a class id nor a label name of the source")
+        return AutoImageProcessor.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"{option} {spec}: no image processor there ({exc})", UNUSABLE) from None
 
 
 def _model(spec: str, pretrained: bool | None, kwargs: str | None, checkpoint: str | None, role: str) -> nn.Module:
@@ -215,18 +173,19 @@ def _clone(args: argparse.Namespace) -> int:
     replay_root = _data_folder(args.replay, "--replay") if args.replay else None
     source = _model(args.source, args.pretrained, args.source_kwargs, args.source_checkpoint, "source")
     target = _model(args.target, args.pretrained, args.target_kwargs, args.target_checkpoint, "target")
-    names = backend_for(source).class_names(source) or []
-    data = image_folder(data_root, target, {name: i for i, name in enumerate(names)})
-    replay = image_folder(replay_root, target, labelled=False) if replay_root else None
-    patch = clone(
+    source_processor = _processor(args.source_processor, "--source-processor")
+    target_processor = _processor(args.target_processor, "--target-processor")
+    patch = clone(  # each model gets the folders' images through its own preprocessing (pnc_surgery.preprocess)
         source,
         target,
-        data,
+        data_root,
         classes=args.classes,
-        replay=replay,
+        replay=replay_root,
         config=config,
         seed=args.seed,
         progress=not args.no_progress,
+        source_processor=source_processor,
+        target_processor=target_processor,
     )
     folder = patch.save_pretrained(out)
     print(patch.summary())

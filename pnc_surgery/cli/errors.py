@@ -87,7 +87,7 @@ def exit_code(exc: BaseException) -> int:
     if isinstance(exc, (PatchFormatError, PatchMismatchError, UnsupportedModelError)):
         return UNUSABLE
     if isinstance(exc, PncError):
-        return USAGE
+        return UNUSABLE if isinstance(exc.__cause__, OSError) else USAGE  # an input file that cannot be read
     if isinstance(exc, ImportError):
         return MISSING_PACKAGE
     if isinstance(exc, json.JSONDecodeError):

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import PatchFormatError
 from ..hub import push_folder, resolve_patch_folder
-from ..patch.serialization import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config
+from ..patch.serialization import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_safetensors, read_config
 
 __all__ = ["patch_info", "register"]
 
@@ -91,8 +91,7 @@ def patch_info(folder: Path) -> dict[str, Any]:
 
 def _tensor_table(path: Path) -> dict[str, dict[str, Any]]:
     """Name -> dtype, shape, element count and bytes of each tensor, from the safetensors header alone."""
-    if not path.is_file():
-        raise PatchFormatError(f"{path}: file not found")
+    check_safetensors(path)
     table: dict[str, dict[str, Any]] = {}
     try:
         with safe_open(str(path), framework="pt") as handle:

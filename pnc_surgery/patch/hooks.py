@@ -43,11 +43,12 @@ def weights_sample(model: nn.Module) -> tuple[float, ...] | None:
     weights in another dtype or on another device give (nearly) the same sample and retrained weights another one.
 
     Returns:
-        The sampled values as floats, or ``None`` when the weights cannot be read (parameters on the meta device,
-        as under accelerate's offloading).
+        The sampled values as floats (weights that accelerate offloaded are read where its hooks keep them), or
+        ``None`` when the weights cannot be read (parameters on the meta device with nothing behind them).
     """
-    params = [p for _, p in model.named_parameters()]
-    if not params or any(p.device.type == "meta" for p in params):
+    readable = [_offloaded(model, name) if p.device.type == "meta" else p for name, p in model.named_parameters()]
+    params = [p for p in readable if p is not None and p.device.type != "meta"]
+    if not params or len(params) < len(readable):
         return None
     total = sum(p.numel() for p in params)
     positions = (
@@ -60,6 +61,20 @@ def weights_sample(model: nn.Module) -> tuple[float, ...] | None:
             values.append(p.detach().reshape(-1)[inside.to(p.device)].float().cpu())
         start += p.numel()
     return tuple(float(v) for v in torch.cat(values))
+
+
+def _offloaded(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The value of parameter ``name`` that accelerate offloaded: the ``weights_map`` of the hook (on its module or,
+    for hooks that place submodules, on an ancestor) that loads it before each forward; ``None`` if none has it."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        hook = getattr(model.get_submodule(".".join(parts[:cut])), "_hf_hook", None)
+        key = ".".join(parts[cut:])
+        for single in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+            weights = getattr(single, "weights_map", None)
+            if weights is not None and key in weights:
+                return weights[key]
+    return None
 
 
 def check_fits(config: PatchConfig, model: nn.Module, strict: bool = True) -> None:

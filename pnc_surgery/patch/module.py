@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from huggingface_hub import ModelHubMixin
+from huggingface_hub import ModelCard, ModelHubMixin
 from torch import nn
 
 from ..branch import Branch
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["Patch"]
 
 
-class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_surgery", "partial-network-cloning"]):
+class Patch(nn.Module, ModelHubMixin):  # the card (library_name, tags) comes from generate_model_card
     """Cloned classes for a target model: branch + adapter + gate + config.
 
     Make one with :func:`pnc_surgery.clone` (learned), :meth:`from_parts` or :meth:`assemble` (by hand); load one
@@ -270,9 +270,20 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         create_pr: bool = False,
         commit_message: str | None = None,
     ) -> str:
-        """Upload the patch to the Hugging Face Hub in one commit; returns the commit (or PR) URL.
+        """Upload the patch to a Hugging Face Hub model repo in one commit, creating the repo if needed.
 
-        See :func:`pnc_surgery.hub.push_folder` for the arguments.
+        Only the patch files go up; the repo's model card keeps its text (metadata and generated part updated).
+
+        Args:
+            repo_id: ``"namespace/name"`` of the model repo.
+            private: visibility of a repo this call creates (an existing repo keeps its own).
+            token: Hub token with write access (default: the logged-in one).
+            revision: branch to commit to (created from ``main`` if missing), or the base of the pull request.
+            create_pr: open a pull request instead of committing to ``revision``.
+            commit_message: summary of the commit (a default names the classes and models).
+
+        Returns:
+            The URL of the pull request when ``create_pr``, else of the commit.
         """
         from .. import hub
 
@@ -302,7 +313,16 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
     ) -> Patch:
         """Load a patch from a local folder or a Hub repo (safetensors + JSON only; no code runs).
 
-        See :func:`pnc_surgery.hub.resolve_patch_folder` for the arguments.
+        A local directory wins over a Hub repo of the same name, as in ``transformers``.
+
+        Args:
+            repo_id_or_dir: a folder written by :meth:`save_pretrained` or a Hub repo id (``"user/name"``).
+            revision: branch, tag or commit of the Hub repo (default ``main``); ignored for a local folder.
+            subfolder: folder inside the repo or directory that holds the patch; must stay inside it.
+            token: Hub token for private or gated repos (default: the logged-in one).
+            cache_dir: Hub cache to use instead of ``HF_HUB_CACHE``.
+            local_files_only: never touch the network; use the cache only.
+            force_download: download again even if the files are cached.
         """
         from .. import hub
 
@@ -324,6 +344,16 @@ class Patch(nn.Module, ModelHubMixin, library_name="pnc_surgery", tags=["pnc_sur
         """The mixin's load step: :meth:`from_pretrained` with the options it knows."""
         known = ("revision", "subfolder", "token", "cache_dir", "local_files_only", "force_download")
         return cls.from_pretrained(model_id, **{k: v for k, v in options.items() if k in known})
+
+    def generate_model_card(self, repo_id_or_dir: str = "<repo_or_dir>") -> ModelCard:
+        """The mixin's card step: this patch's model card, as :meth:`save_pretrained` writes it to a new folder.
+
+        Args:
+            repo_id_or_dir: what the card's loading snippet passes to :meth:`from_pretrained`.
+        """
+        from .. import hub
+
+        return hub.build_model_card(self.config, repo_id_or_dir)
 
     def save(self, path: str | Path) -> Path:
         """Single-file form: tensors in safetensors, the config in its metadata (replaced in one step)."""

@@ -48,10 +48,10 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "WEIGHTS_NAME",
     "check_finite",
+    "check_safetensors",
     "check_folder_path",
     "decode_json",
     "read_config",
-    "read_json",
     "read_tensors",
     "rebuild",
     "tensor_bytes",
@@ -82,31 +82,20 @@ def decode_json(text: str | bytes, where: str) -> Any:
         raise PatchFormatError(f"{where}: not valid JSON ({exc})") from None
 
 
-def read_json(path: str | Path) -> Any:
-    """The JSON in ``patch_config.json``, read only if the file is small enough (not yet validated)."""
+def read_config(path: str | Path) -> PatchConfig:
+    """Read ``patch_config.json`` (only if small enough) and validate it."""
     path = Path(path)
     if not path.is_file():
         raise PatchFormatError(f"{path}: no patch config here (expected a file named {CONFIG_NAME})")
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise PatchFormatError(f"{path}: config is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
-    return decode_json(path.read_bytes(), str(path))
+    return PatchConfig.from_dict(decode_json(path.read_bytes(), str(path)), str(path))
 
 
-def read_config(path: str | Path) -> PatchConfig:
-    """Read and validate ``patch_config.json``."""
-    return PatchConfig.from_dict(read_json(path), str(path))
-
-
-def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file after checking that it is one.
-
-    Refuses pickle-based formats by name and by content, headers that claim more bytes than the file has or
-    than :data:`MAX_HEADER_BYTES`, anything safetensors itself rejects, and non-finite values.
-
-    Returns:
-        ``(tensors, metadata)``: CPU tensors by name and the string metadata of the header.
-    """
+def check_safetensors(path: str | Path) -> Path:
+    """``path``, once it can only be a safetensors file (else :class:`PatchFormatError`): not pickle-based by name or
+    by content, with a header that fits the file and :data:`MAX_HEADER_BYTES`, checked before ``safe_open`` reads it."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise PatchFormatError(f"{path}: refusing to load a pickle-based file; patches are safetensors only")
@@ -123,6 +112,17 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             f"{path}: not a valid safetensors file (header claims {header_len} bytes, file has {size}); "
             "pickle files (.bin/.pt) are refused"
         )
+    return path
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file that :func:`check_safetensors` accepts, with at most :data:`MAX_TENSORS` tensors,
+    refusing anything ``safe_open`` itself rejects and non-finite values.
+
+    Returns:
+        ``(tensors, metadata)``: CPU tensors by name and the string metadata of the header.
+    """
+    path = check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as reader:
             metadata = reader.metadata() or {}
