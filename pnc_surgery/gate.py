@@ -17,11 +17,11 @@ sharing one shrunk covariance::
 
 The kinds differ in ``f``:
 
-* ``"novelty"``: in the target's pre-logit space and in the branch's (the source's
-  own features of the cloned classes), the log squared Mahalanobis distance to the nearest cloned class and to
-  the nearest target class, under one shrunk covariance per space. Target-domain inputs lie on every side of the
-  cloned classes' clusters, which no linear function of the features themselves separates; distances to the
-  clusters do. Four numbers a discriminant fits well from a hundred replay inputs.
+* ``"novelty"``: in the target's pre-logit space, in the branch's (the source's own features of the cloned
+  classes) and in the target's pooled feature at the insertion point, the log squared Mahalanobis distance to
+  the nearest cloned class and to the nearest target class, under one shrunk covariance per space. Target-domain
+  inputs lie on every side of the cloned classes' clusters, which no linear function of the features themselves
+  separates; distances to the clusters do. Six numbers a discriminant fits well from a hundred replay inputs.
 * ``"learned"``: the logits, energies and confidences of both models and the target's pre-logits themselves.
   With replay data, ``clone`` fits both and keeps the one that passes more held-out clone inputs at the budget
   (:data:`AUTO_ALTERNATIVES`).
@@ -64,7 +64,7 @@ AUTO_ALTERNATIVES = ("learned",)
 CALIBRATION = 0.5
 """The gate aims at this share of its false-positive budget: a tail quantile estimated from a hundred replay inputs
 misses by a factor of two either way in single fits, and the budget is a bound, not a target."""
-SPACES = ("pre_logits", "branch_features")
+SPACES = ("pre_logits", "branch_features", "insertion_features")
 """The :class:`GateInputs` feature spaces in which a ``"novelty"`` gate measures distances."""
 
 
@@ -119,7 +119,7 @@ class Gate(nn.Module):
         num_components: int = 2,
         num_positive: int = 1,
         shrinkage: float = 0.1,
-        space_widths: tuple[int, ...] = (0, 0),
+        space_widths: tuple[int, ...] = (0,) * len(SPACES),
     ) -> None:
         super().__init__()
         if kind not in GATE_KINDS:
@@ -212,11 +212,12 @@ class Gate(nn.Module):
         branch_logits: torch.Tensor,
         pre_logits: torch.Tensor,
         branch_features: torch.Tensor,
+        insertion_features: torch.Tensor,
     ) -> torch.Tensor:
         """Logits of the cloned classes, on the target's scale (see the module docstring)."""
         if self.kind == "none":
             return branch_logits.to(target_logits.dtype)
-        g = self.log_odds(GateInputs(target_logits, branch_logits, pre_logits, branch_features))
+        g = self.log_odds(GateInputs(target_logits, branch_logits, pre_logits, branch_features, insertion_features))
         z = (
             target_logits.float().logsumexp(-1, keepdim=True)
             + g.float().unsqueeze(-1)
