@@ -105,7 +105,8 @@ class Gate(nn.Module):
         num_components: rows of ``weight``: linear scores whose logsumexps are compared (the discriminant's
             Gaussian components; the energy gate's gap and a constant zero).
         num_positive: how many of them, first, stand for the cloned classes.
-        shrinkage: how far covariances are pulled towards a scaled identity when fitting, in [0, 1].
+        shrinkage: how far the discriminant's covariance is pulled towards a scaled identity when fitting, in
+            [0, 1] (a novelty space's covariance takes the Ledoit-Wolf amount of its own data).
         space_widths: for ``"novelty"``, the width of each of :data:`SPACES` (0: the space is not used).
     """
 
@@ -399,7 +400,6 @@ class Gate(nn.Module):
                     positive_groups[p_rows],
                     getattr(negatives, space)[n_rows],
                     negative_groups[n_rows],
-                    self.shrinkage,
                 )
                 for space in used
             }
@@ -533,11 +533,10 @@ def _mahalanobis(
     positive_groups: torch.Tensor,
     negatives: torch.Tensor,
     negative_groups: torch.Tensor,
-    shrinkage: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One novelty space: the shrunk precision matrix of the within-component residuals, and the components' means."""
     means, residual, _ = _components(positives.double(), positive_groups, negatives.double(), negative_groups)
-    precision = torch.linalg.inv(_shrunk_covariance(residual, shrinkage))
+    precision = torch.linalg.inv(_shrunk_covariance(residual, _ledoit_wolf_shrinkage(residual)))
     return precision.float(), means.float()
 
 
@@ -555,6 +554,21 @@ def _space_features(
         squared = squared.clamp_min(1e-6)
         columns += [squared[:, :num_positive].amin(-1).log(), squared[:, num_positive:].amin(-1).log()]
     return torch.stack(columns, dim=-1)
+
+
+def _ledoit_wolf_shrinkage(residual: torch.Tensor) -> float:
+    """How far to pull the covariance of ``residual`` towards a scaled identity (Ledoit and Wolf, 2004).
+
+    A fixed amount cannot suit both a 6-wide space and a 1024-wide one fitted from a few hundred rows: too little
+    leaves a singular estimate, too much blurs the directions in which the cloned classes stand apart."""
+    count, width = residual.shape
+    covariance = residual.T @ residual / count
+    scale = covariance.diagonal().mean()
+    spread = (covariance - scale * torch.eye(width, dtype=covariance.dtype)).square().sum()
+    # the mean squared distance of each row's outer product from the covariance, divided by the row count
+    fourth = residual.square().sum(-1).square().sum()
+    noise = (fourth - 2 * ((residual @ covariance) * residual).sum() + count * covariance.square().sum()) / count**2
+    return 1.0 if spread <= 0 else float(noise.clamp(min=0.0).minimum(spread) / spread)
 
 
 def _shrunk_covariance(residual: torch.Tensor, shrinkage: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from pnc_surgery import InvalidInputError, Patch, PatchFormatError
 from pnc_surgery.backends.timm import create_model
 from pnc_surgery.evidence import GateInputs
-from pnc_surgery.gate import Gate, _tail_quantile, evidence_width, gate_evidence
+from pnc_surgery.gate import Gate, _ledoit_wolf_shrinkage, _tail_quantile, evidence_width, gate_evidence
 from pnc_surgery.patch.config import GateSpec
 
 NUM_OLD, NUM_NEW, PRE_LOGITS, BRANCH_FEATURES, INSERTION = 5, 3, 16, 12, 16
@@ -124,7 +124,7 @@ def test_a_larger_budget_opens_the_gate_wider(kind: str) -> None:
 
 
 def test_where_only_what_an_input_is_made_of_tells_the_domains_apart_the_novelty_gate_still_passes_them() -> None:
-    gate, metrics = fitted("novelty", positives=600, negatives=100, composition=True)
+    gate, _ = fitted("novelty", positives=600, negatives=100, composition=True)
     linear, _ = fitted("learned", positives=600, negatives=100, composition=True)
     fresh_cloned, _ = cloned(2000, seed=9, composition=True)
     fresh_target, _ = target_domain(5000, seed=10, composition=True)
@@ -233,3 +233,12 @@ def test_a_gate_also_trying_other_kinds_keeps_the_one_that_passes_more_held_out_
     fresh, _ = target_domain(500, seed=5)
     with torch.no_grad():
         assert torch.equal(linear(*fresh), alone(*fresh)), "the kept gate is the one fitted alone"
+
+
+@pytest.mark.parametrize(("rows", "width"), [(400, 6), (460, 1024), (50, 300)])
+def test_novelty_spaces_shrink_their_covariance_by_the_ledoit_wolf_amount(rows: int, width: int) -> None:
+    sklearn_covariance = pytest.importorskip("sklearn.covariance")
+    residual = torch.randn(rows, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    residual[:, 0] *= 10.0
+    expected = sklearn_covariance.ledoit_wolf_shrinkage(residual.numpy(), assume_centered=True)
+    assert _ledoit_wolf_shrinkage(residual) == pytest.approx(expected, rel=1e-6)
