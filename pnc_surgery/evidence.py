@@ -1,9 +1,10 @@
 """What the gate sees: :class:`GateInputs`, and how a patch computes them.
 
-The gate decides from four tensors per input, all of which the patched forward computes anyway: the target's
-logits and the input of its classifier (its pre-logits), and the branch's logits and the input of the branch's
-classifier (the source's own pre-logits for the cloned classes). :func:`branch_outputs` runs the branch and
-keeps the latter; :func:`patch_gate_inputs` is what the attached patch hands its gate for a batch.
+The gate decides from five tensors per input, all of which the patched forward computes anyway: the target's
+logits and the input of its classifier (its pre-logits), the branch's logits and the input of the branch's
+classifier (the source's own pre-logits for the cloned classes), and the target's feature at the insertion point
+averaged over its positions. :func:`branch_outputs` runs the branch and keeps its classifier's input;
+:func:`patch_gate_inputs` is what the attached patch hands its gate for a batch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from .branch import Branch
     from .patch import Patch
 
-__all__ = ["GateInputs", "branch_outputs", "patch_gate_inputs"]
+__all__ = ["GateInputs", "branch_outputs", "patch_gate_inputs", "pooled_feature"]
 
 _CAPTURE_LOCK = threading.RLock()
 
@@ -31,6 +32,10 @@ class GateInputs(NamedTuple):
     """Input of the target's classifier layers (flattened, concatenated; width 0 where it has none)."""
     branch_features: torch.Tensor
     """Input of the branch's classifier layers (flattened, concatenated; width 0 where it has none)."""
+    insertion_features: torch.Tensor
+    """The target's feature at the insertion point, averaged over its positions (grid cells or unpadded tokens).
+    Pooled earlier in the network than the pre-logits, it still shows what an input is made of (which words, which
+    textures), where the classifier's input shows mostly which of the target's classes it resembles."""
 
     def select(self, index: torch.Tensor) -> GateInputs:
         """The rows ``index`` of every part."""
@@ -71,4 +76,14 @@ def patch_gate_inputs(
     """What ``patch``'s gate sees for a batch, from the target's feature at the insertion point, its logits and
     pre-logits (as the attached patch computes them)."""
     branch_logits, branch_features = branch_outputs(patch.branch, patch.adapter(feature), **context)
-    return GateInputs(target_logits, branch_logits, pre_logits, branch_features)
+    pooled = pooled_feature(patch.adapter.to_grid(feature)[0], context.get("attention_mask"))
+    return GateInputs(target_logits, branch_logits, pre_logits, branch_features, pooled)
+
+
+def pooled_feature(grid: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A (B, C, H, W) feature (text: (B, C, L, 1)) averaged over its positions; text averages its unmasked tokens."""
+    grid = grid.float()
+    if attention_mask is None or grid.shape[-1] != 1 or attention_mask.shape[-1] != grid.shape[-2]:
+        return grid.mean(dim=(-2, -1))
+    weight = attention_mask.to(grid.dtype)[:, None, :, None]
+    return (grid * weight).sum(dim=(-2, -1)) / weight.sum(dim=(-2, -1)).clamp_min(1.0)

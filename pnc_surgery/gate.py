@@ -17,11 +17,11 @@ sharing one shrunk covariance::
 
 The kinds differ in ``f``:
 
-* ``"novelty"``: in the target's pre-logit space and in the branch's (the source's
-  own features of the cloned classes), the log squared Mahalanobis distance to the nearest cloned class and to
-  the nearest target class, under one shrunk covariance per space. Target-domain inputs lie on every side of the
-  cloned classes' clusters, which no linear function of the features themselves separates; distances to the
-  clusters do. Four numbers a discriminant fits well from a hundred replay inputs.
+* ``"novelty"``: in the target's pre-logit space, in the branch's (the source's own features of the cloned
+  classes) and in the target's pooled feature at the insertion point, the log squared Mahalanobis distance to
+  the nearest cloned class and to the nearest target class, under one shrunk covariance per space. Target-domain
+  inputs lie on every side of the cloned classes' clusters, which no linear function of the features themselves
+  separates; distances to the clusters do. Six numbers a discriminant fits well from a hundred replay inputs.
 * ``"learned"``: the logits, energies and confidences of both models and the target's pre-logits themselves.
   With replay data, ``clone`` fits both and keeps the one that passes more held-out clone inputs at the budget
   (:data:`AUTO_ALTERNATIVES`).
@@ -64,7 +64,7 @@ AUTO_ALTERNATIVES = ("learned",)
 CALIBRATION = 0.5
 """The gate aims at this share of its false-positive budget: a tail quantile estimated from a hundred replay inputs
 misses by a factor of two either way in single fits, and the budget is a bound, not a target."""
-SPACES = ("pre_logits", "branch_features")
+SPACES = ("pre_logits", "branch_features", "insertion_features")
 """The :class:`GateInputs` feature spaces in which a ``"novelty"`` gate measures distances."""
 
 
@@ -105,7 +105,8 @@ class Gate(nn.Module):
         num_components: rows of ``weight``: linear scores whose logsumexps are compared (the discriminant's
             Gaussian components; the energy gate's gap and a constant zero).
         num_positive: how many of them, first, stand for the cloned classes.
-        shrinkage: how far covariances are pulled towards a scaled identity when fitting, in [0, 1].
+        shrinkage: how far the discriminant's covariance is pulled towards a scaled identity when fitting, in
+            [0, 1] (a novelty space's covariance takes the Ledoit-Wolf amount of its own data).
         space_widths: for ``"novelty"``, the width of each of :data:`SPACES` (0: the space is not used).
     """
 
@@ -119,7 +120,7 @@ class Gate(nn.Module):
         num_components: int = 2,
         num_positive: int = 1,
         shrinkage: float = 0.1,
-        space_widths: tuple[int, ...] = (0, 0),
+        space_widths: tuple[int, ...] = (0,) * len(SPACES),
     ) -> None:
         super().__init__()
         if kind not in GATE_KINDS:
@@ -212,11 +213,12 @@ class Gate(nn.Module):
         branch_logits: torch.Tensor,
         pre_logits: torch.Tensor,
         branch_features: torch.Tensor,
+        insertion_features: torch.Tensor,
     ) -> torch.Tensor:
         """Logits of the cloned classes, on the target's scale (see the module docstring)."""
         if self.kind == "none":
             return branch_logits.to(target_logits.dtype)
-        g = self.log_odds(GateInputs(target_logits, branch_logits, pre_logits, branch_features))
+        g = self.log_odds(GateInputs(target_logits, branch_logits, pre_logits, branch_features, insertion_features))
         z = (
             target_logits.float().logsumexp(-1, keepdim=True)
             + g.float().unsqueeze(-1)
@@ -398,7 +400,6 @@ class Gate(nn.Module):
                     positive_groups[p_rows],
                     getattr(negatives, space)[n_rows],
                     negative_groups[n_rows],
-                    self.shrinkage,
                 )
                 for space in used
             }
@@ -532,11 +533,10 @@ def _mahalanobis(
     positive_groups: torch.Tensor,
     negatives: torch.Tensor,
     negative_groups: torch.Tensor,
-    shrinkage: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One novelty space: the shrunk precision matrix of the within-component residuals, and the components' means."""
     means, residual, _ = _components(positives.double(), positive_groups, negatives.double(), negative_groups)
-    precision = torch.linalg.inv(_shrunk_covariance(residual, shrinkage))
+    precision = torch.linalg.inv(_shrunk_covariance(residual, _ledoit_wolf_shrinkage(residual)))
     return precision.float(), means.float()
 
 
@@ -554,6 +554,21 @@ def _space_features(
         squared = squared.clamp_min(1e-6)
         columns += [squared[:, :num_positive].amin(-1).log(), squared[:, num_positive:].amin(-1).log()]
     return torch.stack(columns, dim=-1)
+
+
+def _ledoit_wolf_shrinkage(residual: torch.Tensor) -> float:
+    """How far to pull the covariance of ``residual`` towards a scaled identity (Ledoit and Wolf, 2004).
+
+    A fixed amount cannot suit both a 6-wide space and a 1024-wide one fitted from a few hundred rows: too little
+    leaves a singular estimate, too much blurs the directions in which the cloned classes stand apart."""
+    count, width = residual.shape
+    covariance = residual.T @ residual / count
+    scale = covariance.diagonal().mean()
+    spread = (covariance - scale * torch.eye(width, dtype=covariance.dtype)).square().sum()
+    # the mean squared distance of each row's outer product from the covariance, divided by the row count
+    fourth = residual.square().sum(-1).square().sum()
+    noise = (fourth - 2 * ((residual @ covariance) * residual).sum() + count * covariance.square().sum()) / count**2
+    return 1.0 if spread <= 0 else float(noise.clamp(min=0.0).minimum(spread) / spread)
 
 
 def _shrunk_covariance(residual: torch.Tensor, shrinkage: float) -> torch.Tensor:

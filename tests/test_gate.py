@@ -10,10 +10,10 @@ import torch
 from pnc_surgery import InvalidInputError, Patch, PatchFormatError
 from pnc_surgery.backends.timm import create_model
 from pnc_surgery.evidence import GateInputs
-from pnc_surgery.gate import Gate, _tail_quantile, evidence_width, gate_evidence
+from pnc_surgery.gate import Gate, _ledoit_wolf_shrinkage, _tail_quantile, evidence_width, gate_evidence
 from pnc_surgery.patch.config import GateSpec
 
-NUM_OLD, NUM_NEW, PRE_LOGITS, BRANCH_FEATURES = 5, 3, 16, 12
+NUM_OLD, NUM_NEW, PRE_LOGITS, BRANCH_FEATURES, INSERTION = 5, 3, 16, 12, 16
 
 TOLERANCE = 3.0
 """Out of sample, a gate fitted against 100 replay inputs sends on average at most its budget of fresh
@@ -21,12 +21,17 @@ target-domain inputs to a cloned class, and in single fits at most ``TOLERANCE``
 tail quantile estimated from 100 inputs)."""
 
 
-def domain(count: int, classes: torch.Tensor, cloned: bool, seed: int) -> tuple[GateInputs, torch.Tensor]:
+def domain(
+    count: int, classes: torch.Tensor, cloned: bool, seed: int, composition: bool = False
+) -> tuple[GateInputs, torch.Tensor]:
     """Gate inputs of one domain and each row's class.
 
     The target recognises its own classes (pre-logit centres on its axes) and the branch the cloned ones. In the
     branch's feature space the cloned classes are tight clusters; target-domain inputs form a wide cloud around
-    and between them, which no linear function of the features separates from the clusters."""
+    and between them, which no linear function of the features separates from the clusters. The pooled insertion
+    feature says nothing, unless ``composition``: then the classifiers' inputs no longer tell the domains apart
+    (the branch is as sure of target-domain inputs as of its own classes, as when a sentence holds one cloned
+    class's keyword) and only the pooled feature does (what the input is made of)."""
     gen = torch.Generator().manual_seed(seed)
     groups = classes[torch.randint(len(classes), (count,), generator=gen)]
     centres = torch.zeros(NUM_OLD + NUM_NEW, PRE_LOGITS)
@@ -37,17 +42,25 @@ def domain(count: int, classes: torch.Tensor, cloned: bool, seed: int) -> tuple[
         branch_features = clusters[groups - NUM_OLD] + 0.5 * torch.randn(count, BRANCH_FEATURES, generator=gen)
     else:
         branch_features = 2.5 * torch.randn(count, BRANCH_FEATURES, generator=gen)
-    inputs = GateInputs(pre_logits[:, :NUM_OLD] * 2, branch_features[:, :NUM_NEW] * 2, pre_logits, branch_features)
+    insertion = torch.randn(count, INSERTION, generator=gen)
+    if composition:
+        branch_features = 4.0 * torch.eye(NUM_NEW, BRANCH_FEATURES)[groups % NUM_NEW]
+        branch_features = branch_features + 0.5 * torch.randn(count, BRANCH_FEATURES, generator=gen)
+        pre_logits = torch.randn(count, PRE_LOGITS, generator=gen)
+        insertion[:, 0] += 3.0 if cloned else -3.0
+    inputs = GateInputs(
+        pre_logits[:, :NUM_OLD] * 2, branch_features[:, :NUM_NEW] * 2, pre_logits, branch_features, insertion
+    )
     return inputs, groups
 
 
-def cloned(count: int, seed: int) -> tuple[GateInputs, torch.Tensor]:
-    inputs, groups = domain(count, torch.arange(NUM_OLD, NUM_OLD + NUM_NEW), cloned=True, seed=seed)
+def cloned(count: int, seed: int, composition: bool = False) -> tuple[GateInputs, torch.Tensor]:
+    inputs, groups = domain(count, torch.arange(NUM_OLD, NUM_OLD + NUM_NEW), True, seed, composition)
     return inputs, groups - NUM_OLD
 
 
-def target_domain(count: int, seed: int) -> tuple[GateInputs, torch.Tensor]:
-    return domain(count, torch.arange(NUM_OLD), cloned=False, seed=seed)
+def target_domain(count: int, seed: int, composition: bool = False) -> tuple[GateInputs, torch.Tensor]:
+    return domain(count, torch.arange(NUM_OLD), False, seed, composition)
 
 
 def changed_answers(gate: Gate, inputs: GateInputs) -> torch.Tensor:
@@ -57,10 +70,12 @@ def changed_answers(gate: Gate, inputs: GateInputs) -> torch.Tensor:
     return scores.amax(-1) > inputs.target_logits.amax(-1)
 
 
-def fitted(kind: str, positives: int, negatives: int, budget: float = 0.01, seed: int = 0) -> tuple[Gate, dict]:
+def fitted(
+    kind: str, positives: int, negatives: int, budget: float = 0.01, seed: int = 0, composition: bool = False
+) -> tuple[Gate, dict]:
     gate = Gate.unfitted(kind, NUM_OLD, NUM_NEW, PRE_LOGITS)
-    pos, pos_groups = cloned(positives, seed)
-    neg, neg_groups = target_domain(negatives, seed + 1)
+    pos, pos_groups = cloned(positives, seed, composition)
+    neg, neg_groups = target_domain(negatives, seed + 1, composition)
     return gate, gate.fit(pos, pos_groups, neg, neg_groups, max_false_positive_rate=budget, seed=seed)
 
 
@@ -76,7 +91,7 @@ def test_on_separable_features_the_novelty_gate_passes_the_cloned_classes_within
     for seed in range(10):
         gate, metrics = fitted("novelty", positives=600, negatives=100, seed=seed)
         assert metrics["gate"] == "novelty" and metrics["gate_components"] == [NUM_NEW, NUM_OLD]
-        assert gate.space_widths == (PRE_LOGITS, BRANCH_FEATURES)
+        assert gate.space_widths == (PRE_LOGITS, BRANCH_FEATURES, INSERTION)
         passed = changed_answers(gate, fresh_cloned).float().mean().item()
         assert passed >= 0.9
         assert metrics["gate_positive_rate_heldout"] == pytest.approx(passed, abs=0.05), (
@@ -108,6 +123,16 @@ def test_a_larger_budget_opens_the_gate_wider(kind: str) -> None:
     assert changed_answers(loose, fresh_cloned).sum() >= changed_answers(strict, fresh_cloned).sum()
 
 
+def test_where_only_what_an_input_is_made_of_tells_the_domains_apart_the_novelty_gate_still_passes_them() -> None:
+    gate, _ = fitted("novelty", positives=600, negatives=100, composition=True)
+    linear, _ = fitted("learned", positives=600, negatives=100, composition=True)
+    fresh_cloned, _ = cloned(2000, seed=9, composition=True)
+    fresh_target, _ = target_domain(5000, seed=10, composition=True)
+    assert changed_answers(gate, fresh_cloned).float().mean() >= 0.9
+    assert changed_answers(gate, fresh_target).float().mean() <= TOLERANCE * 0.01
+    assert changed_answers(linear, fresh_cloned).float().mean() < 0.5, "the classifiers' inputs alone do not tell"
+
+
 def test_with_few_rows_against_the_features_the_gate_still_keeps_the_budget() -> None:
     gate, _ = fitted("novelty", positives=60, negatives=40)
     fresh_target, _ = target_domain(5000, seed=7)
@@ -119,7 +144,7 @@ def test_with_few_rows_against_the_features_the_gate_still_keeps_the_budget() ->
 def test_without_features_to_measure_distances_in_the_novelty_gate_is_the_linear_one() -> None:
     pos, groups = cloned(200, seed=0)
     neg, neg_groups = target_domain(100, seed=1)
-    no_features = [GateInputs(*x[:2], x.pre_logits[:, :0], x.branch_features[:, :0]) for x in (pos, neg)]
+    no_features = [GateInputs(*x[:2], *(part[:, :0] for part in x[2:])) for x in (pos, neg)]
     gate = Gate.unfitted("novelty", NUM_OLD, NUM_NEW, 0)
     assert gate.fit(no_features[0], groups, no_features[1], neg_groups)["gate"] == "learned"
     assert gate.spec() == {
@@ -203,8 +228,17 @@ def test_a_gate_also_trying_other_kinds_keeps_the_one_that_passes_more_held_out_
     assert set(metrics["gate_candidates"]) == {"learned", "novelty"}
     assert metrics["gate_candidates"]["novelty"] > metrics["gate_candidates"]["learned"]
     assert linear.kind == "novelty" and metrics["gate"] == "novelty"
-    assert linear.space_widths == (PRE_LOGITS, BRANCH_FEATURES)
+    assert linear.space_widths == (PRE_LOGITS, BRANCH_FEATURES, INSERTION)
     alone, _ = fitted("novelty", positives=600, negatives=100)
     fresh, _ = target_domain(500, seed=5)
     with torch.no_grad():
         assert torch.equal(linear(*fresh), alone(*fresh)), "the kept gate is the one fitted alone"
+
+
+@pytest.mark.parametrize(("rows", "width"), [(400, 6), (460, 1024), (50, 300)])
+def test_novelty_spaces_shrink_their_covariance_by_the_ledoit_wolf_amount(rows: int, width: int) -> None:
+    sklearn_covariance = pytest.importorskip("sklearn.covariance")
+    residual = torch.randn(rows, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    residual[:, 0] *= 10.0
+    expected = sklearn_covariance.ledoit_wolf_shrinkage(residual.numpy(), assume_centered=True)
+    assert _ledoit_wolf_shrinkage(residual) == pytest.approx(expected, rel=1e-6)

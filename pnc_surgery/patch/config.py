@@ -713,6 +713,10 @@ class PatchConfig:
             ),
             (tuple(branch.classes) == self.class_ids, "branch.classes must equal classes.ids"),
             (
+                self.gate.kind != "novelty" or self.gate.space_widths[-1] in (0, adapter.insertion.channels),
+                "gate.space_widths must end with adapter.insertion.channels (the pooled insertion feature)",
+            ),
+            (
                 self.gate.kind == "none"
                 or self.gate.num_positive <= len(self.class_ids)
                 or self.gate.num_positive == 1,

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..backends import backend_for
 from ..errors import InvalidInputError, PatchMismatchError, PatchStateError
+from ..evidence import pooled_feature
 from .config import PatchConfig
 from .labels import SAVED_ATTR
 
@@ -236,6 +237,9 @@ class Attachment:
             parts = state.pop("branch_parts")
         state["branch_logits"] = logits
         state["branch_features"] = torch.cat(parts, dim=1) if parts else logits.new_zeros(len(logits), 0)
+        state["insertion_features"] = pooled_feature(
+            self.patch.adapter.to_grid(feature)[0], state["context"].get("attention_mask")
+        )
 
     def on_classifier(self, module: nn.Module, args: tuple) -> None:
         stack = self._stack()
@@ -262,7 +266,11 @@ class Attachment:
                 f"the patch expects {self.pre_logits_width}"
             )
         scores = self.patch.gate(
-            self.patch.receive(own), state["branch_logits"], self.patch.receive(pre_logits), state["branch_features"]
+            self.patch.receive(own),
+            state["branch_logits"],
+            self.patch.receive(pre_logits),
+            state["branch_features"],
+            state["insertion_features"],
         )
         return self.backend.with_logits(output, torch.cat([logits, scores.to(logits.dtype)], dim=-1))
 
