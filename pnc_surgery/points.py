@@ -6,7 +6,9 @@ stage outputs pass this test; a conv inside a residual block, attention, or a no
 Candidates come from the module tree (stages, blocks, embeddings: children of ``Sequential``/``ModuleList``
 containers and the top levels), and each one is kept only if it passes the substitution test on one example
 forward. The test compares the classifier's input (pre-logits) as well as the logits, since random-init
-heads give near-constant logits.
+heads give near-constant logits. A module that returns a tuple leading with a tensor (transformers layers
+returning ``(hidden, attention)``, patch embeddings returning ``(tokens, height, width)``) is a point when that
+tensor alone passes the test: only it is swapped, and only it is the point's feature.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 from .backends import Backend, ModelInputs, backend_for
 from .backends.base import main_tensor
 from .errors import InvalidInputError, UnsupportedModelError
-from .tracing import ModuleCall, Trace, classifier_names, eval_mode, trace_model
+from .tracing import ModuleCall, Trace, classifier_names, eval_mode, main_output, trace_model, with_main_output
 
 __all__ = [
     "Point",
@@ -234,9 +236,11 @@ def _substitution_errors(
 
         def swap_rows(rows: slice, recorded: torch.Tensor) -> Callable:
             def hook(module: nn.Module, args: Any, output: Any) -> Any:
-                swapped = output.clone()
+                feature, _ = main_output(output)
+                assert feature is not None, "candidates produce a feature"
+                swapped = feature.clone()
                 swapped[rows] = recorded
-                return swapped
+                return with_main_output(output, swapped)
 
             return hook
 
@@ -318,7 +322,8 @@ def check_cut(model: nn.Module, name: str, inputs: ModelInputs) -> None:
         call = reference.calls.get(name)
         if call is None or call.output is None or call.calls != 1:
             raise UnsupportedModelError(
-                f"module {name!r} is not called exactly once with a single tensor output; it cannot be cut"
+                f"module {name!r} is not called exactly once with a tensor output (or a tuple that leads with one); "
+                "it cannot be cut"
             )
         if call.output.shape[0] != reference.logits.shape[0]:
             raise UnsupportedModelError(
@@ -346,7 +351,7 @@ def _shape_verdict(call: ModuleCall, batch: int) -> str | None:
     if call.calls != 1:
         return f"called {call.calls} times (a shared module is not one place in the model)"
     if out is None:
-        return "its output is not a single tensor"
+        return "its output is neither a tensor nor a tuple that leads with one"
     if out.dim() == 0 or out.shape[0] != batch:
         return f"its output {tuple(out.shape)} does not lead with the batch (windows, heads?)"
     if out.dim() not in (3, 4):

@@ -169,6 +169,10 @@ class Backend:
         """The token id that marks padding for text models, where the model says so."""
         return None
 
+    def eos_token_id(self, model: nn.Module) -> int | None:
+        """The token id that ends a text for text models, where the model says so (the first, if several)."""
+        return None
+
     def special_token_ids(self, model: nn.Module) -> set[int]:
         """Token ids that mark structure rather than content (pad, bos, eos, sep, cls) for text models."""
         pad = self.pad_token_id(model)
