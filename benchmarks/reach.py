@@ -313,7 +313,8 @@ def _other_input(model: nn.Module, example: Any) -> Any:
 
 def _answer(model: nn.Module, inputs: Any, swap: tuple[str, torch.Tensor] | None = None) -> tuple[dict, list, dict]:
     """One forward: the flattened logits and classifier inputs (with the step each classifier was entered at), and
-    each module's first output with the step it completed at. ``swap`` replaces one module's output."""
+    each module's first output with the step it completed at. ``swap`` replaces one module's output (the first
+    element of a tuple output that leads with a tensor, the rest kept as this input made it)."""
     outputs: dict[str, tuple[int, torch.Tensor | None]] = {}
     heads: list[tuple[int, torch.Tensor]] = []
     step = iter(range(10**9))
@@ -323,8 +324,15 @@ def _answer(model: nn.Module, inputs: Any, swap: tuple[str, torch.Tensor] | None
         def keep(m: nn.Module, args: Any, out: Any, name: str = name) -> Any:
             if name in outputs:
                 return None
-            outputs[name] = (next(step), out.detach().clone() if isinstance(out, torch.Tensor) else None)
-            return swap[1] if swap is not None and name == swap[0] else None
+            packed = isinstance(out, (tuple, list)) and len(out) > 0 and isinstance(out[0], torch.Tensor)
+            tensor = out[0] if packed else out if isinstance(out, torch.Tensor) else None
+            outputs[name] = (next(step), tensor.detach().clone() if tensor is not None else None)
+            if swap is None or name != swap[0]:
+                return None
+            if not packed:
+                return swap[1]
+            rest = list(out[1:])
+            return type(out)(swap[1], *rest) if hasattr(out, "_fields") else type(out)([swap[1], *rest])
 
         handles.append(module.register_forward_hook(keep))
         if isinstance(module, (nn.Linear, nn.Conv2d)) and NUM_CLASSES in (

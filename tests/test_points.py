@@ -661,3 +661,80 @@ def test_timm_model_whose_stem_is_not_a_convolution_takes_its_stated_channels() 
 
     model = timm.create_model("csatv2", pretrained=False, num_classes=NUM_CLASSES)
     assert TimmBackend().in_chans(model) == 3
+
+
+def _gpt_neo() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """GPT-Neo's blocks return ``(hidden, attention weights)``."""
+    from transformers import GPTNeoConfig, GPTNeoForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPTNeoConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1], [["global"], 1]],
+        max_position_embeddings=32,
+        num_labels=NUM_CLASSES,
+        pad_token_id=0,
+    )
+    model, example = GPTNeoForSequenceClassification(config).eval(), _gpt2_padded()[1]
+    return model, example
+
+
+def _pvt() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """PVT's patch embeddings return ``(tokens, height, width)``, its blocks a one-element tuple."""
+    from transformers import PvtConfig, PvtForImageClassification
+
+    torch.manual_seed(0)
+    config = PvtConfig(
+        image_size=32,
+        hidden_sizes=[8, 16, 16, 32],
+        depths=[1, 1, 1, 1],
+        num_attention_heads=[1, 2, 2, 4],
+        mlp_ratios=[2] * 4,
+        num_labels=NUM_CLASSES,
+    )
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return PvtForImageClassification(config).eval(), {"pixel_values": pixels}
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (_gpt_neo, ["transformer.h.0", "transformer.h.1", "transformer.h.2"]),
+        (_pvt, [f"pvt.encoder.{part}" for i in range(3) for part in (f"patch_embeddings.{i}", f"block.{i}.0")]),
+    ],
+    ids=["gpt_neo", "pvt"],
+)
+def test_layers_returning_a_tuple_are_points_whose_feature_is_its_first_element(
+    make: Callable[[], tuple[nn.Module, Any]], expected: list[str]
+) -> None:
+    """Only the tuple's leading tensor is swapped in the cut test, captured as the feature, and fed to the tail
+    (with the tuple's other elements recorded as constants: PVT's height and width)."""
+    from pnc_surgery.patch.config import BranchSpec
+
+    model, example = make()
+    points = {p.name: p for p in find_points(model, example)}
+    assert set(expected) <= set(points), sorted(points)
+    expected_logits = _logits(model, example)
+    for name in expected:
+        module_output = _trace(model, example)[1][name]
+        assert (points[name].shape, points[name].width) == (module_output[1:], module_output[-1]), name
+        tail = Branch.from_model(model, points[name], example)
+        assert BranchSpec.from_dict(tail.spec()).to_dict() == tail.spec()
+        logits = _tail_logits(tail, _feature(model, points[name], example), example)
+        assert torch.allclose(logits, expected_logits, atol=ATOL), f"{name}: {_max_diff(logits, expected_logits)}"
+    assert Branch.from_model(model, expected[0], example).cut_extras is not None
+
+
+def test_tuple_constants_in_a_branch_spec_are_capped_by_the_feature_size() -> None:
+    """A patch file's constants reach the source's forward (PVT reshapes by them): no size beyond the feature's."""
+    from pnc_surgery.errors import PatchFormatError
+    from pnc_surgery.patch.config import BranchSpec
+
+    model, example = _pvt()
+    spec = Branch.from_model(model, "pvt.encoder.patch_embeddings.1", example).spec()
+    assert BranchSpec.from_dict(spec).cut_extras == (4, 4)
+    with pytest.raises(PatchFormatError, match="cut_extras"):
+        BranchSpec.from_dict({**spec, "cut_extras": [2**20, 4]})

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..backends import backend_for
 from ..errors import InvalidInputError, PatchMismatchError, PatchStateError
+from ..tracing import main_output
 from .config import PatchConfig
 from .labels import SAVED_ATTR
 
@@ -201,10 +202,9 @@ class Attachment:
         stack = self._stack()
         if not stack or "branch_logits" in stack[-1]:
             return  # a call of the module outside the target's forward, or a second call of a shared module
-        if not isinstance(output, torch.Tensor):
-            raise PatchMismatchError(
-                f"insertion module {self.insertion!r} returned {type(output).__name__}, not a tensor"
-            )
+        returned, output = type(output).__name__, main_output(output)[0]  # a tuple's leading tensor is the feature
+        if output is None:
+            raise PatchMismatchError(f"insertion module {self.insertion!r} returned {returned}, not a tensor")
         got = tuple(output.shape[1:])
         text = self.patch.adapter.source.grid is None and self.patch.adapter.source.layout == "NLC"
         if got != self.feature_shape and not (text and len(got) == 2 and got[1] == self.feature_shape[1]):
