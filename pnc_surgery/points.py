@@ -42,7 +42,9 @@ LAYOUTS = ("NCHW", "NHWC", "NLC")
 SUBSTITUTION_RTOL = 1e-4
 SUBSTITUTION_CHUNK = 16
 DEAD_WEIGHT = 1e-4
-"""Weight tensors no larger than this (zero-init norms, layer scales) are set to one in the substitution probe."""
+"""Weight tensors no larger than this (zero-init norms, layer scales) are woken up in the substitution probe."""
+WAKE_VALUES = (1.0, 0.1, 0.01)
+"""What the probe sets dead weights to: one, or less where one makes the answers overflow (deep attention stacks)."""
 
 
 @dataclass(frozen=True)
@@ -177,8 +179,8 @@ def _describe(
     return Point(name=name, index=index, shape=tuple(shape), layout=layout, reduction=reduction, width=int(width))
 
 
-def _without_dead_paths(model: nn.Module) -> nn.Module:
-    """A copy whose all-but-zero weights are set to one, or ``model`` itself when it has none.
+def _without_dead_paths(model: nn.Module, value: float) -> nn.Module:
+    """A copy whose all-but-zero weights are set to ``value``, or ``model`` itself when it has none.
 
     Random-init models often zero a residual branch's last norm or start its layer scale at 1e-5 or 1e-6
     (timm's ``zero_init_last``, ``init_values``); that branch then contributes (almost) nothing and a module on
@@ -199,7 +201,7 @@ def _without_dead_paths(model: nn.Module) -> nn.Module:
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for name in dead:
-            twin.get_parameter(name).fill_(1.0)
+            twin.get_parameter(name).fill_(value)
     return twin
 
 
@@ -298,13 +300,21 @@ def _substitution_errors_of(
     """The substitution test's relative error of each of ``names`` (on a twin without dead residual paths);
     a name passes when its error is at most ``SUBSTITUTION_RTOL``."""
     second_inputs = backend.second_input(model, inputs)
-    probe = _without_dead_paths(model)
     wanted = set(names)
-    first = trace_model(probe, inputs, backend, keep=wanted.__contains__, classifiers=classifiers)
-    baseline = _compare_outputs(first)
-    other = _compare_outputs(trace_model(probe, second_inputs, backend, classifiers=classifiers))
-    spread = (other - baseline).abs().max().item()
-    if not math.isfinite(spread) or spread <= 1e-7 * max(1.0, baseline.abs().max().item()):
+    for value in WAKE_VALUES:
+        probe = _without_dead_paths(model, value)
+        first = trace_model(probe, inputs, backend, keep=wanted.__contains__, classifiers=classifiers)
+        baseline = _compare_outputs(first)
+        other = _compare_outputs(trace_model(probe, second_inputs, backend, classifiers=classifiers))
+        spread = (other - baseline).abs().max().item()
+        if math.isfinite(spread) or probe is model:
+            break
+    if not math.isfinite(spread):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s answers are not finite (NaN or inf) on the example and a second input; "
+            "cut points cannot be tested"
+        )
+    if spread <= 1e-7 * max(1.0, baseline.abs().max().item()):
         raise UnsupportedModelError(
             f"{type(model).__name__}'s output does not depend on its input here (difference {spread:.3g}); "
             "cut points cannot be told apart"

@@ -738,3 +738,47 @@ def test_tuple_constants_in_a_branch_spec_are_capped_by_the_feature_size() -> No
     assert BranchSpec.from_dict(spec).cut_extras == (4, 4)
     with pytest.raises(PatchFormatError, match="cut_extras"):
         BranchSpec.from_dict({**spec, "cut_extras": [2**20, 4]})
+
+
+def test_timm_model_with_a_space_to_depth_stem_takes_the_image_channels() -> None:
+    """TResNet folds 4x4 pixels into channels before its first conv, which therefore takes 48 channels."""
+    import timm
+
+    from pnc_surgery.backends import TimmBackend
+
+    with torch.device("meta"):
+        model = timm.create_model("tresnet_m", pretrained=False)
+    assert TimmBackend().in_chans(model) == 3
+
+
+def test_a_classifier_whose_output_names_its_logits_otherwise_is_read() -> None:
+    """PPLCNet returns its class scores as ``last_hidden_state`` of a ``ModelOutput`` that has no ``logits``."""
+    from transformers.modeling_outputs import BaseModelOutputWithNoAttention
+
+    from pnc_surgery.backends.base import logits_of, replace_logits
+
+    scores = torch.randn(2, NUM_CLASSES)
+    output = BaseModelOutputWithNoAttention(last_hidden_state=scores)
+    assert logits_of(output) is scores
+    assert logits_of(replace_logits(output, scores * 2)).equal(scores * 2)
+
+
+def test_a_model_whose_woken_residual_paths_overflow_is_still_tested() -> None:
+    """Zero-init gains woken to one can overflow a deep stack (NaN answers); the probe then wakes them less."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix, self.gain = nn.Linear(8, 8), nn.Parameter(torch.zeros(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.gain * self.mix(x) * 80  # over 30 blocks: finite with gains of 0.1, infinite with one
+
+    class Mean(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(1)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), *[Block() for _ in range(30)], Mean(), nn.Linear(8, NUM_CLASSES)).eval()
+    names = [p.name for p in find_points(model, torch.randn(2, 5, 8))]
+    assert [str(i) for i in range(1, 31)] == names[1:31], names
