@@ -164,7 +164,7 @@ def capture_features(
     features = {name: trace.calls[name].output for name in names if name in trace.calls}
     silent = [name for name in names if features.get(name) is None]
     if silent:
-        raise UnsupportedModelError(f"modules {silent} did not produce a single tensor on this input")
+        raise UnsupportedModelError(f"modules {silent} did not produce a tensor (or a tuple leading with one) here")
     return {name: feature for name, feature in features.items() if feature is not None}
 
 
@@ -177,7 +177,8 @@ class Branch(nn.Module):
 
     Args:
         model: the model to turn into a tail, modified in place (pass a copy).
-        spec: what :meth:`spec` records: cut name and shape, stubs, data-input facts.
+        spec: what :meth:`spec` records (a :class:`~pnc_surgery.patch.config.BranchSpec`): cut name and shape,
+            stubs, data-input facts.
     """
 
     def __init__(self, model: nn.Module, spec: BranchSpec) -> None:
