@@ -152,12 +152,19 @@ class Unbuildable(Exception):
 
 
 def _calibrate(model: nn.Module, example: Any) -> nn.Module:
-    """BatchNorm statistics from a few random batches, as a trained model has them; then eval mode."""
+    """BatchNorm statistics from a few random batches, as a trained model has them; then eval mode.
+
+    Scales drawn near zero at random (transformers' EfficientNet draws them from N(0, 0.02), so with eps 1e-3 every
+    norm shrinks the signal until the output no longer depends on the input) are set to one. Scales that are all
+    zero (zero-init residual branches) are left for ``find_points`` to handle."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if norms and isinstance(example, torch.Tensor):
         for norm in norms:
             norm.reset_running_stats()
             norm.momentum = None
+            weight = norm.weight
+            if weight is not None and 0 < weight.detach().abs().max() < 0.1:
+                nn.init.ones_(weight)
         model.train()
         with torch.no_grad():
             for seed in range(3):
@@ -272,6 +279,9 @@ def build_transformers(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], s
                 channels = int(getattr(config, "num_channels", 3))
                 for side in dict.fromkeys([64, size or 224]):
                     pixels = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
+                    if side != 64:  # a model that failed at another size can keep state from it (DonutSwin)
+                        torch.manual_seed(0)
+                        model = cls(config)
                     if _runs(model, {"pixel_values": pixels}):
                         return _calibrate(model, pixels), {"pixel_values": pixels}, f"{setting}, {side}px"
             elif _runs(model, _text_example(config)):
@@ -313,7 +323,8 @@ def _other_input(model: nn.Module, example: Any) -> Any:
 
 def _answer(model: nn.Module, inputs: Any, swap: tuple[str, torch.Tensor] | None = None) -> tuple[dict, list, dict]:
     """One forward: the flattened logits and classifier inputs (with the step each classifier was entered at), and
-    each module's first output with the step it completed at. ``swap`` replaces one module's output."""
+    each module's first output with the step it completed at. ``swap`` replaces one module's output (the first
+    element of a tuple output that leads with a tensor, the rest kept as this input made it)."""
     outputs: dict[str, tuple[int, torch.Tensor | None]] = {}
     heads: list[tuple[int, torch.Tensor]] = []
     step = iter(range(10**9))
@@ -323,8 +334,15 @@ def _answer(model: nn.Module, inputs: Any, swap: tuple[str, torch.Tensor] | None
         def keep(m: nn.Module, args: Any, out: Any, name: str = name) -> Any:
             if name in outputs:
                 return None
-            outputs[name] = (next(step), out.detach().clone() if isinstance(out, torch.Tensor) else None)
-            return swap[1] if swap is not None and name == swap[0] else None
+            packed = isinstance(out, (tuple, list)) and len(out) > 0 and isinstance(out[0], torch.Tensor)
+            tensor = out[0] if packed else out if isinstance(out, torch.Tensor) else None
+            outputs[name] = (next(step), tensor.detach().clone() if tensor is not None else None)
+            if swap is None or name != swap[0]:
+                return None
+            if not packed:
+                return swap[1]
+            rest = list(out[1:])
+            return type(out)(swap[1], *rest) if hasattr(out, "_fields") else type(out)([swap[1], *rest])
 
         handles.append(module.register_forward_hook(keep))
         if isinstance(module, (nn.Linear, nn.Conv2d)) and NUM_CLASSES in (

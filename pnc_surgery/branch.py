@@ -15,16 +15,20 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .backends import ModelInputs, backend_for, backend_named
+from .backends import Backend, ModelInputs, backend_for, backend_named
 from .backends.base import call_model, logits_of, main_tensor
 from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
 from .points import Point, check_cut, resolve_example_input
 from .tracing import classifier_names, eval_mode, trace_model
+
+if TYPE_CHECKING:
+    from .patch.config import BranchSpec
 
 __all__ = ["Branch", "capture_features", "STUB_VALUE_BUFFER"]
 
@@ -69,14 +73,52 @@ class _LiveFeature(threading.local):
 
 
 class _Feed:
-    """Replacement ``forward`` of the cut module: return the live feature."""
+    """Replacement ``forward`` of the cut module: return the live feature, packed with the recorded ``extras``
+    where the module returned a tuple."""
 
-    def __init__(self, live: _LiveFeature) -> None:
-        self.live = live
+    def __init__(self, live: _LiveFeature, extras: tuple | None) -> None:
+        self.live, self.extras = live, extras
 
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple:
         assert self.live.feature is not None, "feed called outside a tail forward"
-        return self.live.feature
+        if self.extras is None:
+            return self.live.feature
+        return (self.live.feature, *(_as_tuples(item) for item in self.extras))
+
+
+def _constant(value: Any) -> Any:
+    """A tuple output's extra element as a JSON constant: numbers and nested tuples as they are, anything else (an
+    attention map, a cache) as ``None`` (the tail's exactness check proves the rest of the model does not read it)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_constant(item) for item in value]
+    return None
+
+
+def _as_tuples(value: Any) -> Any:
+    """A recorded extra as the model returned it: lists (JSON's sequences) become tuples."""
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, list) else value
+
+
+def _text_ids(model: nn.Module, backend: Backend, inputs: ModelInputs, ids: torch.Tensor) -> dict[str, int | None]:
+    """The token ids a text tail's stand-in input is made of: ``pad`` under the mask, ``eos`` at each text's end
+    where every text of the example ends with it, ``filler`` elsewhere. A tail that finds its pooled position
+    from the ids (the last non-pad token, the last eos) then finds the one the model found."""
+    special = backend.special_token_ids(model)
+    vocab = backend.vocab_size(model) or int(ids.max()) + 1
+    filler = next((i for i in range(int(vocab)) if i not in special), 0)
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    last = _last_attended(mask if isinstance(mask, torch.Tensor) else torch.ones_like(ids))
+    eos = backend.eos_token_id(model)
+    ends = eos is not None and bool((ids.gather(1, last[:, None]) == eos).all())
+    return {"filler": filler, "pad": backend.pad_token_id(model), "eos": eos if ends else None}
+
+
+def _last_attended(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last position under the attention mask (left or right padding)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (positions * (mask != 0)).argmax(dim=1)
 
 
 class _Stub:
@@ -122,7 +164,7 @@ def capture_features(
     features = {name: trace.calls[name].output for name in names if name in trace.calls}
     silent = [name for name in names if features.get(name) is None]
     if silent:
-        raise UnsupportedModelError(f"modules {silent} did not produce a single tensor on this input")
+        raise UnsupportedModelError(f"modules {silent} did not produce a tensor (or a tuple leading with one) here")
     return {name: feature for name, feature in features.items() if feature is not None}
 
 
@@ -135,29 +177,33 @@ class Branch(nn.Module):
 
     Args:
         model: the model to turn into a tail, modified in place (pass a copy).
-        spec: what :meth:`spec` records: cut name and shape, stubs, data-input facts.
+        spec: what :meth:`spec` records (a :class:`~pnc_surgery.patch.config.BranchSpec`): cut name and shape,
+            stubs, data-input facts.
     """
 
-    def __init__(self, model: nn.Module, spec: dict) -> None:
+    def __init__(self, model: nn.Module, spec: BranchSpec) -> None:
         super().__init__()
         self.model = model.eval()
-        self.family = str(spec["family"])
+        self.recorded = spec
+        self.family = str(spec.family)
         self.backend = backend_named(self.family)
-        self.cut = str(spec["cut"])
-        self.cut_shape = tuple(int(s) for s in spec["cut_shape"])
-        self.main_input_name = str(spec["main_input_name"])
-        self.context_keys = tuple(str(k) for k in spec.get("context_keys", ()))
-        self.input_shape = tuple(int(s) for s in spec["input_shape"])
-        self.input_dtype = getattr(torch, str(spec["input_dtype"]))
-        self.stubs: dict[str, dict] = {str(k): dict(v) for k, v in spec.get("stubs", {}).items()}
-        self.classifiers = [str(n) for n in spec.get("classifiers", [])]
-        self.classes = [int(c) for c in spec.get("classes", [])]
+        self.cut = spec.cut
+        self.cut_shape = tuple(spec.cut_shape)
+        self.cut_extras = None if spec.cut_extras is None else tuple(spec.cut_extras)
+        self.main_input_name = spec.main_input_name
+        self.context_keys = tuple(spec.context_keys)
+        self.input_shape = tuple(spec.input_shape)
+        self.input_dtype = getattr(torch, spec.input_dtype)
+        self.text_ids = None if spec.text_ids is None else dict(spec.text_ids)
+        self.stubs: dict[str, dict] = {str(k): dict(v) for k, v in spec.stubs.items()}
+        self.classifiers = list(spec.classifiers)
+        self.classes = list(spec.classes)
         self.overrides: dict[str, dict] = {}
         self.live = _LiveFeature(self.cut_shape)
         self._install()
-        for name, attrs in dict(spec.get("overrides", {})).items():
-            for attr, value in dict(attrs).items():
-                self.set_attribute(str(name), str(attr), value)
+        for name, attrs in spec.overrides.items():
+            for attr, value in attrs.items():
+                self.set_attribute(name, attr, value)
 
     @classmethod
     def from_model(
@@ -188,7 +234,9 @@ class Branch(nn.Module):
             trace = trace_model(model, inputs, backend, keep=lambda n: True)
         cut_call = trace.calls.get(name)
         if cut_call is None or cut_call.output is None:
-            raise UnsupportedModelError(f"module {name!r} was not called with a single tensor output; it cannot be cut")
+            raise UnsupportedModelError(
+                f"module {name!r} was not called with a tensor output (or a tuple that leads with one): not a cut"
+            )
         main_name = backend.main_input_name(model)
         main = main_tensor(inputs, main_name)
         before = trace.completed_before(name)
@@ -204,6 +252,7 @@ class Branch(nn.Module):
                 and not module_name.startswith(name + ".")
                 and call is not None
                 and call.output is not None
+                and not call.packed
                 and before(call)
             ):
                 stubs[module_name] = {
@@ -212,19 +261,22 @@ class Branch(nn.Module):
                     "stored": False,
                 }
                 recorded[module_name] = call.output[:1]
-        spec = {
-            "family": backend.family,
-            "cut": name,
-            "cut_shape": list(cut_call.output.shape[1:]),
-            "main_input_name": main_name,
-            "context_keys": [k for k in inputs if k != main_name] if isinstance(inputs, Mapping) else [],
-            "input_shape": list(main.shape[1:]),
-            "input_dtype": str(main.dtype).removeprefix("torch."),
-            "stubs": stubs,
-            "classifiers": classifier_names(trace, int(trace.logits.shape[-1]), after=cut_call.post),
-            "classes": list(range(int(trace.logits.shape[-1]))),
-            "overrides": {},
-        }
+        from .patch.config import BranchSpec  # the patch package imports this module
+
+        spec = BranchSpec(
+            family=backend.family,  # type: ignore[arg-type]  # "torch" too: such a branch works but is not saved
+            cut=name,
+            cut_shape=tuple(cut_call.output.shape[1:]),
+            cut_extras=tuple(_constant(item) for item in cut_call.extras) if cut_call.packed else None,
+            main_input_name=main_name,
+            context_keys=tuple(k for k in inputs if k != main_name) if isinstance(inputs, Mapping) else (),
+            input_shape=tuple(main.shape[1:]),
+            input_dtype=str(main.dtype).removeprefix("torch."),
+            text_ids=None if main.is_floating_point() else _text_ids(model, backend, inputs, main),
+            stubs=stubs,
+            classifiers=tuple(classifier_names(trace, int(trace.logits.shape[-1]), after=cut_call.post)),
+            classes=tuple(range(int(trace.logits.shape[-1]))),
+        )
         tail = cls(copy.deepcopy(model), spec)
         if verify:
             context = {k: inputs[k] for k in tail.context_keys} if isinstance(inputs, Mapping) else {}
@@ -232,8 +284,13 @@ class Branch(nn.Module):
         return tail
 
     @classmethod
-    def from_spec(cls, spec: dict, architecture: dict) -> Branch:
-        """Rebuild a tail's structure from its spec and the source architecture (tensors still to be loaded)."""
+    def from_spec(cls, spec: BranchSpec | Mapping[str, Any], architecture: Mapping[str, Any]) -> Branch:
+        """Rebuild a tail's structure from its spec (a :class:`BranchSpec` or its dict, checked) and the source
+        architecture (tensors still to be loaded)."""
+        if isinstance(spec, Mapping):
+            from .patch.config import BranchSpec  # the patch package imports this module
+
+            spec = BranchSpec.from_dict(spec)
         model = backend_named(str(architecture.get("family"))).build(architecture)
         tail = cls(model, spec)
         for name, stub in tail.stubs.items():
@@ -245,20 +302,15 @@ class Branch(nn.Module):
         return tail
 
     def spec(self) -> dict:
-        """JSON description that, with the source architecture, rebuilds this tail's structure."""
-        return {
-            "family": self.family,
-            "cut": self.cut,
-            "cut_shape": list(self.cut_shape),
-            "main_input_name": self.main_input_name,
-            "context_keys": list(self.context_keys),
-            "input_shape": list(self.input_shape),
-            "input_dtype": str(self.input_dtype).removeprefix("torch."),
-            "stubs": self.stubs,
-            "classifiers": self.classifiers,
-            "classes": self.classes,
-            "overrides": self.overrides,
-        }
+        """JSON description that, with the source architecture, rebuilds this tail's structure (a
+        :class:`BranchSpec`'s dict, with what pruning and class selection changed)."""
+        return replace(
+            self.recorded,
+            stubs=self.stubs,
+            classifiers=tuple(self.classifiers),
+            classes=tuple(self.classes),
+            overrides=self.overrides,
+        ).to_dict()
 
     def set_attribute(self, module_name: str, attr: str, value: Any) -> None:
         """Set a shape attribute of a module (``out_features`` after pruning, ...) and record it for rebuilding."""
@@ -295,7 +347,7 @@ class Branch(nn.Module):
         missing = [n for n in [self.cut, *self.stubs] if n not in modules]
         if missing:
             raise UnsupportedModelError(f"the source model has no modules {missing}")
-        modules[self.cut].forward = _Feed(self.live)
+        modules[self.cut].forward = _Feed(self.live, self.cut_extras)
         for name, stub in self.stubs.items():
             modules[name].forward = _Stub(modules[name], stub["shape"], getattr(torch, stub["dtype"]), self.live)
         replaced = [self.cut, *self.stubs]
@@ -342,14 +394,27 @@ class Branch(nn.Module):
         self.model.eval()
         return self
 
-    def _dummy_input(self, feature: torch.Tensor) -> torch.Tensor:
-        """A stand-in for the model's data input: only its shape is read before the stubs take over."""
+    def _dummy_input(self, feature: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """A stand-in for the model's data input: only its shape is read before the stubs take over, and for text
+        the positions of pad and eos tokens (see :func:`_text_ids`)."""
         if self.input_dtype.is_floating_point:
             return torch.zeros((), dtype=feature.dtype, device=feature.device).expand(
                 feature.shape[0], *self.input_shape
             )
         shape = self.live.shape_like(self.input_shape)
-        return torch.zeros((), dtype=self.input_dtype, device=feature.device).expand(shape)
+        if self.text_ids is None or len(shape) != 2:
+            return torch.zeros((), dtype=self.input_dtype, device=feature.device).expand(shape)
+        if mask is None or tuple(mask.shape) != shape:
+            mask = torch.ones(shape, dtype=torch.long, device=feature.device)
+        filler = self.text_ids["filler"]
+        assert filler is not None, "BranchSpec always records a filler id"
+        ids = torch.full(shape, filler, dtype=self.input_dtype, device=feature.device)
+        if self.text_ids["pad"] is not None:
+            ids = ids.masked_fill(mask == 0, self.text_ids["pad"])
+        if self.text_ids["eos"] is not None:
+            at_end = torch.arange(shape[1], device=feature.device) == _last_attended(mask)[:, None]
+            ids = ids.masked_fill(at_end, self.text_ids["eos"])
+        return ids
 
     def forward(self, feature: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
         """Logits of the model for inputs whose feature at the cut is ``feature``."""
@@ -359,7 +424,7 @@ class Branch(nn.Module):
             )
         self.live.feature = feature
         try:
-            dummy = self._dummy_input(feature)
+            dummy = self._dummy_input(feature, context.get("attention_mask"))
             inputs = self.backend.call_inputs(self.model, dummy)
             if context:
                 assert isinstance(inputs, Mapping), "context tensors only come with keyword inputs"

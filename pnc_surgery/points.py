@@ -6,7 +6,9 @@ stage outputs pass this test; a conv inside a residual block, attention, or a no
 Candidates come from the module tree (stages, blocks, embeddings: children of ``Sequential``/``ModuleList``
 containers and the top levels), and each one is kept only if it passes the substitution test on one example
 forward. The test compares the classifier's input (pre-logits) as well as the logits, since random-init
-heads give near-constant logits.
+heads give near-constant logits. A module that returns a tuple leading with a tensor (transformers layers
+returning ``(hidden, attention)``, patch embeddings returning ``(tokens, height, width)``) is a point when that
+tensor alone passes the test: only it is swapped, and only it is the point's feature.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 from .backends import Backend, ModelInputs, backend_for
 from .backends.base import main_tensor
 from .errors import InvalidInputError, UnsupportedModelError
-from .tracing import ModuleCall, Trace, classifier_names, eval_mode, trace_model
+from .tracing import ModuleCall, Trace, classifier_names, eval_mode, main_output, trace_model, with_main_output
 
 __all__ = [
     "Point",
@@ -40,7 +42,9 @@ LAYOUTS = ("NCHW", "NHWC", "NLC")
 SUBSTITUTION_RTOL = 1e-4
 SUBSTITUTION_CHUNK = 16
 DEAD_WEIGHT = 1e-4
-"""Weight tensors no larger than this (zero-init norms, layer scales) are set to one in the substitution probe."""
+"""Weight tensors no larger than this (zero-init norms, layer scales) are woken up in the substitution probe."""
+WAKE_VALUES = (1.0, 0.1, 0.01)
+"""What the probe sets dead weights to: one, or less where one makes the answers overflow (deep attention stacks)."""
 
 
 @dataclass(frozen=True)
@@ -175,8 +179,8 @@ def _describe(
     return Point(name=name, index=index, shape=tuple(shape), layout=layout, reduction=reduction, width=int(width))
 
 
-def _without_dead_paths(model: nn.Module) -> nn.Module:
-    """A copy whose all-but-zero weights are set to one, or ``model`` itself when it has none.
+def _without_dead_paths(model: nn.Module, value: float) -> nn.Module:
+    """A copy whose all-but-zero weights are set to ``value``, or ``model`` itself when it has none.
 
     Random-init models often zero a residual branch's last norm or start its layer scale at 1e-5 or 1e-6
     (timm's ``zero_init_last``, ``init_values``); that branch then contributes (almost) nothing and a module on
@@ -198,7 +202,7 @@ def _without_dead_paths(model: nn.Module) -> nn.Module:
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for name in dead:
-            twin.get_parameter(name).fill_(1.0)
+            twin.get_parameter(name).fill_(value)
     return twin
 
 
@@ -235,9 +239,11 @@ def _substitution_errors(
 
         def swap_rows(rows: slice, recorded: torch.Tensor) -> Callable:
             def hook(module: nn.Module, args: Any, output: Any) -> Any:
-                swapped = output.clone()
+                feature, _ = main_output(output)
+                assert feature is not None, "candidates produce a feature"
+                swapped = feature.clone()
                 swapped[rows] = recorded
-                return swapped
+                return with_main_output(output, swapped)
 
             return hook
 
@@ -295,13 +301,21 @@ def _substitution_errors_of(
     """The substitution test's relative error of each of ``names`` (on a twin without dead residual paths);
     a name passes when its error is at most ``SUBSTITUTION_RTOL``."""
     second_inputs = backend.second_input(model, inputs)
-    probe = _without_dead_paths(model)
     wanted = set(names)
-    first = trace_model(probe, inputs, backend, keep=wanted.__contains__, classifiers=classifiers)
-    baseline = _compare_outputs(first)
-    other = _compare_outputs(trace_model(probe, second_inputs, backend, classifiers=classifiers))
-    spread = (other - baseline).abs().max().item()
-    if not math.isfinite(spread) or spread <= 1e-7 * max(1.0, baseline.abs().max().item()):
+    for value in WAKE_VALUES:
+        probe = _without_dead_paths(model, value)
+        first = trace_model(probe, inputs, backend, keep=wanted.__contains__, classifiers=classifiers)
+        baseline = _compare_outputs(first)
+        other = _compare_outputs(trace_model(probe, second_inputs, backend, classifiers=classifiers))
+        spread = (other - baseline).abs().max().item()
+        if math.isfinite(spread) or probe is model:
+            break
+    if not math.isfinite(spread):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s answers are not finite (NaN or inf) on the example and a second input; "
+            "cut points cannot be tested"
+        )
+    if spread <= 1e-7 * max(1.0, baseline.abs().max().item()):
         raise UnsupportedModelError(
             f"{type(model).__name__}'s output does not depend on its input here (difference {spread:.3g}); "
             "cut points cannot be told apart"
@@ -319,7 +333,8 @@ def check_cut(model: nn.Module, name: str, inputs: ModelInputs) -> None:
         call = reference.calls.get(name)
         if call is None or call.output is None or call.calls != 1:
             raise UnsupportedModelError(
-                f"module {name!r} is not called exactly once with a single tensor output; it cannot be cut"
+                f"module {name!r} is not called exactly once with a tensor output (or a tuple that leads with one); "
+                "it cannot be cut"
             )
         if call.output.shape[0] != reference.logits.shape[0]:
             raise UnsupportedModelError(
@@ -347,7 +362,7 @@ def _shape_verdict(call: ModuleCall, batch: int) -> str | None:
     if call.calls != 1:
         return f"called {call.calls} times (a shared module is not one place in the model)"
     if out is None:
-        return "its output is not a single tensor"
+        return "its output is neither a tensor nor a tuple that leads with one"
     if out.dim() == 0 or out.shape[0] != batch:
         return f"its output {tuple(out.shape)} does not lead with the batch (windows, heads?)"
     if out.dim() not in (3, 4):

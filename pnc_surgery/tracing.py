@@ -17,12 +17,17 @@ from torch import nn
 from .backends import Backend, ModelInputs, backend_for
 from .backends.base import call_model
 
-__all__ = ["ModuleCall", "Trace", "classifier_names", "eval_mode", "trace_model"]
+__all__ = ["ModuleCall", "Trace", "classifier_names", "eval_mode", "main_output", "trace_model", "with_main_output"]
 
 
 @dataclass
 class ModuleCall:
-    """What one module did during a traced forward."""
+    """What one module did during a traced forward.
+
+    ``output`` is the module's feature (kept only where asked): its tensor output, or the first element of a tuple
+    output that leads with a tensor (``packed``; transformers layers returning ``(hidden, attention)``), whose other
+    elements are kept in ``extras``.
+    """
 
     name: str
     module: nn.Module
@@ -31,6 +36,8 @@ class ModuleCall:
     calls: int = 0
     output: torch.Tensor | None = None
     output_id: int | None = None
+    packed: bool = False
+    extras: tuple = ()
 
 
 @dataclass
@@ -60,8 +67,28 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = mode
 
 
-def _single_tensor(output: Any) -> torch.Tensor | None:
-    return output if isinstance(output, torch.Tensor) else None
+def main_output(output: Any) -> tuple[torch.Tensor | None, bool]:
+    """A module output's feature and whether it came packed in a tuple: the tensor itself, the first element of
+    a tuple or list that leads with a tensor, else ``None``."""
+    if isinstance(output, torch.Tensor):
+        return output, False
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0], True
+    return None, False
+
+
+def with_main_output(output: Any, feature: torch.Tensor) -> Any:
+    """``output`` with its feature (see :func:`main_output`) replaced by ``feature``, in the same container type."""
+    if isinstance(output, torch.Tensor):
+        return feature
+    items = [feature, *output[1:]]
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+        return type(output)(*items)
+    return type(output)(items)
+
+
+def _detached(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def trace_model(
@@ -105,10 +132,12 @@ def trace_model(
             call = calls[name]
             if call.post < 0:
                 call.post = next(counter)
-                tensor = _single_tensor(output)
+                tensor, call.packed = main_output(output)
                 call.output_id = id(tensor) if tensor is not None else None
                 if tensor is not None and keep(name):
                     call.output = tensor.detach().clone()
+                    if call.packed:
+                        call.extras = tuple(_detached(item) for item in output[1:])
             return None
 
         return hook

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pnc_surgery import CloneConfig, clone
+from pnc_surgery import CloneConfig, Patch, clone
 
 VOCAB, LENGTH, MARKERS = 64, 12, 10
 """Sentence ``i`` of class ``c`` holds marker token ``10 + c`` three times among filler tokens, then padding."""
@@ -101,3 +101,26 @@ def test_a_sequence_classifier_gains_classes_from_another_architecture(models):
     assert torch.equal(patched_old[:, :5], original) and torch.equal(restored, original)
     assert (patched_new.argmax(-1) == new_labels + 5).float().mean() >= 0.8
     assert (patched_old.argmax(-1) == original.argmax(-1)).float().mean() >= 0.95
+
+
+def test_a_decoder_that_pools_the_last_non_pad_token_is_a_source(models, tmp_path):
+    """GPT-2 finds the token it classifies from the ids (the last non-pad one): its branch must pool that position
+    of a padded batch, not the first, or the cloned classes are noise."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    _, target = models
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32, num_labels=5, pad_token_id=0)
+    source = train(GPT2ForSequenceClassification(config), *sentences([0, 1, 2, 3, 4], 60, seed=1))
+    clone_inputs, clone_labels = sentences([0, 1, 2], 40, seed=3)
+    config = CloneConfig(max_cuts=2, max_insertions=2, search_steps=10, train_steps=100)
+    patch = clone(source, target, as_pairs(clone_inputs, clone_labels), config=config, progress=False)
+
+    test_new, new_labels = sentences([0, 1, 2], 30, seed=5)
+    assert (test_new["attention_mask"] == 0).any(), "the test batch is padded"
+    with torch.no_grad(), patch.attached(target):
+        patched_new = target(**test_new).logits
+    assert (patched_new[:, 5:].argmax(-1) == new_labels).float().mean() >= 0.8, "chance is 1/3"
+    patch.save_pretrained(tmp_path / "patch")
+    with torch.no_grad(), Patch.from_pretrained(tmp_path / "patch").attached(target):
+        assert torch.allclose(target(**test_new).logits, patched_new, atol=1e-5), "the pad and eos ids are saved"

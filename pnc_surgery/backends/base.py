@@ -41,12 +41,20 @@ def main_tensor(inputs: ModelInputs, main_input_name: str) -> torch.Tensor:
     return inputs
 
 
-def _logits_index(output: Any) -> int:
-    """Position of the logits in a tuple output: the first tensor that is not a scalar loss."""
-    if isinstance(output, (tuple, list)):
-        for index, item in enumerate(output):
-            if isinstance(item, torch.Tensor) and item.dim() >= 1:
-                return index
+def _logits_index(output: Any) -> int | str:
+    """Where a model output keeps its logits: ``"logits"``, else the first tensor that is not a scalar loss (a
+    ``return_dict=False`` tuple, or a ``ModelOutput`` that names them otherwise, as PPLCNet's ``last_hidden_state``)."""
+    if isinstance(output, Mapping):
+        if isinstance(output.get("logits"), torch.Tensor):
+            return "logits"
+        items: list[tuple[int | str, Any]] = list(output.items())
+    elif isinstance(output, (tuple, list)):
+        items = list(enumerate(output))
+    else:
+        items = []
+    for key, item in items:
+        if isinstance(item, torch.Tensor) and item.dim() >= 1:
+            return key
     raise UnsupportedModelError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
@@ -56,8 +64,6 @@ def logits_of(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
     if isinstance(logits, torch.Tensor):
         return logits
     return output[_logits_index(output)]
@@ -67,13 +73,12 @@ def replace_logits(output: Any, logits: torch.Tensor) -> Any:
     """``output`` with its logits replaced (same container; a ``ModelOutput`` is updated in place)."""
     if isinstance(output, torch.Tensor):
         return logits
-    if isinstance(getattr(output, "logits", None), torch.Tensor) or (
-        isinstance(output, Mapping) and "logits" in output
-    ):
-        output["logits"] = logits
+    index = _logits_index(output)
+    if isinstance(index, str):
+        output[index] = logits
         return output
     items = list(output)
-    items[_logits_index(output)] = logits
+    items[index] = logits
     return type(output)(items) if isinstance(output, list) else tuple(items)
 
 
@@ -167,6 +172,10 @@ class Backend:
 
     def pad_token_id(self, model: nn.Module) -> int | None:
         """The token id that marks padding for text models, where the model says so."""
+        return None
+
+    def eos_token_id(self, model: nn.Module) -> int | None:
+        """The token id that ends a text for text models, where the model says so (the first, if several)."""
         return None
 
     def special_token_ids(self, model: nn.Module) -> set[int]:

@@ -44,6 +44,11 @@ class TransformersBackend(Backend):
         pad = getattr(model.config, "pad_token_id", None)
         return pad if isinstance(pad, int) else None
 
+    def eos_token_id(self, model: nn.Module) -> int | None:
+        eos = getattr(model.config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        return eos if isinstance(eos, int) and eos >= 0 else None
+
     def special_token_ids(self, model: nn.Module) -> set[int]:
         ids: set[int] = set()
         for key in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
@@ -68,11 +73,8 @@ class TransformersBackend(Backend):
             ids = (
                 ordinary_tokens(vocab, special, (batch_size, length), gen) if vocab > len(special) + 1 else mask.clone()
             )
-            eos, pad = getattr(config, "eos_token_id", None), self.pad_token_id(model)
-            eos = eos[0] if isinstance(eos, list) and eos else eos
-            if (
-                isinstance(eos, int) and 0 <= eos < vocab
-            ):  # as a tokenizer ends each text (BART-style heads pool the last eos)
+            eos, pad = self.eos_token_id(model), self.pad_token_id(model)
+            if eos is not None and eos < vocab:  # as a tokenizer ends each text (BART-style heads pool the last eos)
                 ids[torch.arange(batch_size), mask.sum(1) - 1] = eos
             if pad is not None:  # and pads the masked positions
                 ids[mask == 0] = pad

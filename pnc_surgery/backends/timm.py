@@ -82,8 +82,9 @@ class TimmBackend(Backend):
 
     def in_chans(self, model: nn.Module) -> int:
         channels = getattr(_first_conv(model), "in_channels", None)
-        if channels is not None:
-            return int(channels)
+        if channels is not None:  # after a space-to-depth stem (TResNet) the first conv sees block_size**2 times more
+            folds = [m.bs for m in model.modules() if type(m).__name__ == "SpaceToDepth" and isinstance(m.bs, int)]
+            return int(channels) // (folds[0] ** 2 if folds else 1)
         declared = getattr(model, "in_chans", None)
         if isinstance(declared, int):
             return declared

@@ -127,6 +127,24 @@ def _names(value: Any, where: str, limit: int = MAX_CLASSES) -> tuple[str, ...]:
     return tuple(_str(v, f"{where}[{i}]") for i, v in enumerate(_list(value, where, limit)))
 
 
+def _constants(value: Any, where: str, largest: int, depth: int = 0) -> Any:
+    """Null, a boolean, an integer of at most ``largest`` (sizes), a finite number, or a short list of these."""
+    if value is None or isinstance(value, bool) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    if isinstance(value, int):
+        return _int(value, where, -largest, largest)
+    if isinstance(value, (list, tuple)) and depth < 2:
+        return [_constants(v, f"{where}[{i}]", largest, depth + 1) for i, v in enumerate(_list(value, where, 16))]
+    raise _fail(where, "must be null, a boolean, a finite number or a short list of these", value)
+
+
+def _text_ids(value: Any, where: str) -> dict[str, int | None]:
+    """``{"filler": id, "pad": id or null, "eos": id or null}``."""
+    data = _obj(value, where)
+    ids = {key: None if data.get(key) is None else _int(data[key], f"{where}.{key}") for key in ("pad", "eos")}
+    return {"filler": _int(data.get("filler"), f"{where}.filler"), **ids}
+
+
 def _literal(value: Any, where: str, allowed: tuple) -> Any:
     if value not in allowed:
         raise _fail(where, f"must be one of {list(allowed)}", value)
@@ -446,9 +464,13 @@ class BranchSpec:
     Attributes:
         family: the source's family.
         cut: the source module where the tail starts; ``cut_shape`` its feature shape.
+        cut_extras: where the cut module returns a tuple that leads with the feature, its other elements as
+            constants (numbers, lists of them, ``null`` for tensors the tail does not read); ``None`` otherwise.
         main_input_name: the source's data input (``"x"``, ``"pixel_values"``, ``"input_ids"``).
         context_keys: the other inputs the tail reads (``attention_mask``).
         input_shape, input_dtype: one example of the data input.
+        text_ids: for token inputs, the ids of the tail's stand-in input: ``{"filler", "pad", "eos"}`` (pad under
+            the mask, eos at each text's end, either ``null`` when unused); ``None``: all zeros (files before it).
         stubs: modules before the cut replaced by placeholders: ``{name: {"shape", "dtype", "stored"}}``.
         classifiers: the tail's classifier modules; ``classes`` the source class ids they score.
         overrides: shape attributes changed by pruning: ``{module: {attribute: int or [int]}}``.
@@ -465,8 +487,11 @@ class BranchSpec:
     classifiers: tuple[str, ...] = ()
     classes: tuple[int, ...] = ()
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    cut_extras: tuple | None = None
+    text_ids: Mapping[str, int | None] | None = None
 
     def to_dict(self) -> dict:
+        optional = {"cut_extras": self.cut_extras, "text_ids": self.text_ids}
         return {
             "family": self.family,
             "cut": self.cut,
@@ -479,6 +504,7 @@ class BranchSpec:
             "classifiers": list(self.classifiers),
             "classes": list(self.classes),
             "overrides": {k: dict(v) for k, v in self.overrides.items()},
+            **{k: (list(v) if isinstance(v, tuple) else dict(v)) for k, v in optional.items() if v is not None},
         }
 
     @classmethod
@@ -507,10 +533,15 @@ class BranchSpec:
                 )
             overrides[name] = values
         input_shape = _list(data.get("input_shape"), f"{where}.input_shape", MAX_DIMS)
+        cut_shape = _shape(data.get("cut_shape"), f"{where}.cut_shape")
+        extras = data.get("cut_extras")
+        text_ids = data.get("text_ids")
         return cls(
             family=_literal(data.get("family"), f"{where}.family", _FAMILIES),
             cut=_str(data.get("cut"), f"{where}.cut"),
-            cut_shape=_shape(data.get("cut_shape"), f"{where}.cut_shape"),
+            cut_shape=cut_shape,
+            cut_extras=None if extras is None else tuple(_constants(extras, f"{where}.cut_extras", max(cut_shape))),
+            text_ids=None if text_ids is None else _text_ids(text_ids, f"{where}.text_ids"),
             main_input_name=_str(data.get("main_input_name"), f"{where}.main_input_name"),
             input_shape=_shape(input_shape, f"{where}.input_shape") if input_shape else (),
             input_dtype=_literal(data.get("input_dtype"), f"{where}.input_dtype", _DTYPES),

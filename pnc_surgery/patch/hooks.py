@@ -25,6 +25,7 @@ from torch import nn
 from ..backends import backend_for
 from ..errors import InvalidInputError, PatchMismatchError, PatchStateError
 from ..evidence import pooled_feature
+from ..tracing import main_output
 from .config import PatchConfig
 from .labels import SAVED_ATTR
 
@@ -217,10 +218,9 @@ class Attachment:
         stack = self._stack()
         if not stack or "branch_logits" in stack[-1]:
             return  # a call of the module outside the target's forward, or a second call of a shared module
-        if not isinstance(output, torch.Tensor):
-            raise PatchMismatchError(
-                f"insertion module {self.insertion!r} returned {type(output).__name__}, not a tensor"
-            )
+        returned, output = type(output).__name__, main_output(output)[0]  # a tuple's leading tensor is the feature
+        if output is None:
+            raise PatchMismatchError(f"insertion module {self.insertion!r} returned {returned}, not a tensor")
         got = tuple(output.shape[1:])
         text = self.patch.adapter.insertion.grid is None and self.patch.adapter.insertion.layout == "NLC"
         if got != self.feature_shape and not (text and len(got) == 2 and got[1] == self.feature_shape[1]):
