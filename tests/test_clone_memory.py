@@ -9,17 +9,21 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import math
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
-from pnc_surgery import CloneConfig, clone
+from pnc_surgery import CloneConfig, clone, find_points
 from pnc_surgery.adapters import Adapter, FeatureSpec
+from pnc_surgery.backends.timm import create_model
 from pnc_surgery.errors import InvalidInputError
 
 
@@ -88,3 +92,56 @@ def test_a_wide_pooled_feature_starts_against_a_large_grid_under_an_address_spac
         [sys.executable, "-c", textwrap.dedent(CAPPED_START)], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "fitted" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Two small untrained timm CNNs (16 px digits-sized inputs) and 120 clone examples of 3 source classes."""
+    torch.manual_seed(0)
+    source, target = (create_model("resnet18", num_classes=5, in_chans=1, channels=(16, 32, 64, 128)) for _ in range(2))
+    data = TensorDataset(torch.randn(120, 1, 16, 16), torch.arange(120) % 3)
+    return source.eval(), target.eval(), data
+
+
+TINY = {"max_cuts": 3, "max_insertions": 3, "search_steps": 1, "train_steps": 2, "keep_ratio": 0.5}
+
+
+def _refusal(source, target, data, memory_gb: float) -> InvalidInputError:
+    with pytest.raises(InvalidInputError, match="memory_gb") as refused:
+        clone(source, target, data, config=CloneConfig(memory_gb=memory_gb, **TINY), progress=False)
+    return refused.value
+
+
+def test_a_budget_no_pair_fits_is_refused_before_any_feature_is_extracted(pair, monkeypatch):
+    def extract(*args, **kwargs):
+        raise AssertionError("features were extracted")
+
+    monkeypatch.setattr(importlib.import_module("pnc_surgery.clone"), "_extract", extract)
+    message = str(_refusal(*pair, memory_gb=1e-4))
+    assert "120 examples" in message and "at least" in message
+
+
+def test_the_budget_the_refusal_names_is_enough_and_leaves_out_what_does_not_fit(pair, caplog):
+    source, target, data = pair
+    needed = float(re.search(r"at least ([0-9.e+-]+)", str(_refusal(*pair, memory_gb=1e-4))).group(1))
+    with caplog.at_level(logging.INFO, logger="pnc_surgery.clone"):
+        patch = clone(source, target, data, config=CloneConfig(memory_gb=1.01 * needed, **TINY), progress=False)
+    assert patch.metrics["memory_skipped"] > 0
+    assert "left out of the search" in caplog.text and "memory_gb=" in caplog.text
+    full = clone(source, target, data, config=CloneConfig(**TINY), progress=False)
+    assert full.metrics["memory_skipped"] == 0
+    assert len(patch.config.search) < len(full.config.search)
+    cached = {
+        name: math.prod(p.shape)
+        for model, role in ((source, "cut"), (target, "insertion"))
+        for name, p in ((f"{role}:{q.name}", q) for q in find_points(model, data[0][0][None]))
+    }
+    searched = {f"{role}:{row[role]}" for row in patch.config.search for role in ("cut", "insertion")}
+    assert 4 * len(data) * sum(cached[key] for key in searched) <= 1.01 * needed * 2**30
+
+
+def test_a_forced_point_that_does_not_fit_is_refused(pair):
+    source, target, data = pair
+    first = find_points(source, data[0][0][None])[0].name
+    with pytest.raises(InvalidInputError, match=f"memory_gb=.*{first}"):
+        clone(source, target, data, config=CloneConfig(memory_gb=1e-4, cut=first, **TINY), progress=False)
