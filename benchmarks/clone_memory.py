@@ -219,11 +219,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.real_weights:
         cells = [{"pair": "real_weights", "image_size": 64, "examples": 900, "memory_gb": 2.0}]
     else:
-        cells = [
+        cells = [  # the cheaper cells first, so that a time limit leaves out the largest
             {"pair": pair, "image_size": size, "examples": examples, "memory_gb": args.memory_gb}
+            for examples in sorted(args.examples)
+            for size in sorted(args.sizes)
             for pair in args.pairs
-            for size in args.sizes
-            for examples in args.examples
         ]
     print("\n".join(HEADER), flush=True)
     results = []

@@ -304,19 +304,19 @@ def _extract(
 
     Each output is allocated once for all examples and filled batch by batch (no second copy to concatenate)."""
     store = store or torch.device("cpu")
-    columns: dict[str, torch.Tensor] = {}
+    columns: dict[str | None, torch.Tensor] = {}  # None: the logits
     done = 0
     for features, logits, _ in _extracted_batches(
         model, names, examples, batch_size, transform, desc, progress, backend=backend, precision=precision
     ):
-        for name, tensor in {**features, " logits": logits}.items():
+        for name, tensor in [*features.items(), (None, logits)]:
             if name not in columns:
                 dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
                 columns[name] = torch.empty((len(examples), *tensor.shape[1:]), dtype=dtype, device=store)
             columns[name][done : done + len(tensor)] = tensor
         done += len(logits)
-    logits = columns.pop(" logits")
-    return columns, logits
+    logits = columns.pop(None)
+    return {name: tensor for name, tensor in columns.items() if name is not None}, logits
 
 
 def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -732,7 +732,9 @@ def _checked_run(
         _num_classes(source, source_backend, source_sample),
         source_backend.class_names(source),
     )
-    examples = examples.select(torch.isin(examples.labels, torch.tensor(chosen)).nonzero().flatten())
+    wanted = torch.isin(examples.labels, torch.tensor(chosen))
+    if not bool(wanted.all()):  # a copy of the data only when some examples are of other classes
+        examples = examples.select(wanted.nonzero().flatten())
     assert examples.labels is not None
     local_labels = torch.tensor([chosen.index(int(y)) for y in examples.labels])
     if is_raw(replay):
