@@ -8,10 +8,12 @@ and the activations of one batch (every module's output for ``feature_batch_size
 Pairs: a CNN pair at timm's default widths (``resnet18`` into ``resnet18``) and a ViT pair (``vit_tiny_patch16_224``
 into ``vit_tiny_patch16_224``, at the image size), untrained (memory does not depend on the weights), random images.
 ``--real-weights`` runs instead the shape of issue #17: EfficientNet-Lite1 into Lite0 with their ImageNet weights,
-Fashion-MNIST at 64 px, 900 clone and 100 replay images, the default ``CloneConfig``; ``--code DIR`` runs the child
-on another checkout's ``pnc_surgery`` (``DIR/pnc_surgery``) to measure the code before a change::
+Fashion-MNIST at 64 px, 900 clone and 100 replay images, the default ``CloneConfig`` (or ``--config`` overrides, e.g.
+the pair that crashed: a 32x32 cut against the target's pooled 1280 channels); ``--code DIR`` runs the child on another
+checkout's ``pnc_surgery`` (``DIR/pnc_surgery``) to measure the code before a change::
 
     python -m benchmarks.clone_memory --out results/clone_memory
+    python -m benchmarks.clone_memory --real-weights --config '{"cut": "blocks.0", "insertion": "global_pool.pool"}'
     python -m benchmarks.clone_memory --real-weights --code /tmp/old_checkout
 """
 
@@ -110,7 +112,7 @@ def _real_weights(cell: dict[str, Any]) -> dict[str, Any]:
         "target": target,
         "data": split.clone,
         "replay": split.replay,
-        "config": {},
+        "config": cell.get("config", {}),
         "classes": list(split.clone_source_ids),
     }
 
@@ -212,12 +214,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--cap-gb", type=float, default=12.0, help="address-space cap of each child")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds each cell may run")
     parser.add_argument("--real-weights", action="store_true", help="issue #17's shape instead of the grid")
+    parser.add_argument("--config", type=json.loads, default={}, help="CloneConfig overrides (JSON) of --real-weights")
     parser.add_argument("--code", type=Path, help="checkout whose pnc_surgery the children import")
     parser.add_argument("--out", type=Path, help="folder for clone_memory.json / .md")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     if args.real_weights:
-        cells = [{"pair": "real_weights", "image_size": 64, "examples": 900, "memory_gb": 2.0}]
+        memory_gb = args.config.get("memory_gb", 2.0)
+        cells = [
+            {"pair": "real_weights", "image_size": 64, "examples": 900, "memory_gb": memory_gb, "config": args.config}
+        ]
     else:
         cells = [  # the cheaper cells first, so that a time limit leaves out the largest
             {"pair": pair, "image_size": size, "examples": examples, "memory_gb": args.memory_gb}
