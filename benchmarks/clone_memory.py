@@ -25,6 +25,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -117,11 +118,24 @@ def _real_weights(cell: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _peak() -> int:
+    """This process's peak resident set so far, in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _report_peaks(every: float = 10.0) -> None:
+    """Print the peak so far every ``every`` seconds (a cell stopped by its timeout still tells it)."""
+    while True:
+        time.sleep(every)
+        print(json.dumps({"peak_rss_so_far": _peak()}), flush=True)
+
+
 def _child(cell: dict[str, Any]) -> dict[str, Any]:
     """Build the cell, then clone once; what it measured (peak and pre-clone resident set, model sizes, time)."""
     import torch
 
     torch.set_num_threads(1)
+    threading.Thread(target=_report_peaks, daemon=True).start()
     from pnc_surgery import CloneConfig, clone
 
     built = (_real_weights if cell["pair"] == "real_weights" else _synthetic)(cell)
@@ -149,7 +163,7 @@ def _child(cell: dict[str, Any]) -> dict[str, Any]:
     except (RuntimeError, MemoryError) as exc:
         result.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
     result["seconds"] = time.perf_counter() - started
-    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss"] = _peak()
     return result
 
 
@@ -176,12 +190,19 @@ def measure(cell: dict[str, Any], cap_gb: float, timeout: float, code: Path | No
             preexec_fn=limit,
             env={**os.environ, "PYTHONPATH": path},
         )
-    except subprocess.TimeoutExpired:
-        return {**cell, "ok": False, "error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if not lines:
+    except subprocess.TimeoutExpired as stopped:
+        reports = _reports(stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else stopped.stdout or "")
+        peak = max((r.get("peak_rss_so_far", 0) for r in reports), default=0) / 2**30
+        return {**cell, "ok": False, "error": f"timed out after {timeout:.0f} s (peak RSS so far {peak:.2f} GB)"}
+    results = [r for r in _reports(done.stdout) if "ok" in r]
+    if not results:
         return {**cell, "ok": False, "error": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
-    return {**cell, **json.loads(lines[-1])}
+    return {**cell, **results[-1]}
+
+
+def _reports(stdout: str) -> list[dict[str, Any]]:
+    """The JSON lines a child printed."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 def _row(result: dict[str, Any]) -> str:
