@@ -136,7 +136,7 @@ def _child(cell: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     threading.Thread(target=_report_peaks, daemon=True).start()
-    from pnc_surgery import CloneConfig, clone
+    from pnc_surgery import CloneConfig, InvalidInputError, clone
 
     built = (_real_weights if cell["pair"] == "real_weights" else _synthetic)(cell)
     source, target = built["source"], built["target"]
@@ -160,7 +160,7 @@ def _child(cell: dict[str, Any]) -> dict[str, Any]:
         )
         result.update(ok=True, cut=patch.metrics["cut"], insertion=patch.metrics["insertion"])
         result["memory_skipped"] = patch.metrics.get("memory_skipped")
-    except (RuntimeError, MemoryError) as exc:
+    except (RuntimeError, MemoryError, InvalidInputError) as exc:  # out of memory, or refused for its budget
         result.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
     result["seconds"] = time.perf_counter() - started
     result["peak_rss"] = _peak()
