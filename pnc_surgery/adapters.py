@@ -105,34 +105,74 @@ class Adapter(nn.Module):
         return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def fit_least_squares(self, inputs: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3) -> None:
+    def fit_least_squares(
+        self, inputs: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3, max_bytes: int = 2**28
+    ) -> None:
         """Start from the best linear map: the 1x1 projection solves ridge least squares from the target's
         features (``inputs``) to the branch's (``targets``), and prefix tokens take the targets' mean.
 
         Resampling is linear and acts on positions only, so it commutes with the projection and the fit is exact
         for the adapter's linear part. A randomly initialised adapter needs many steps before a shallow cut's
         feature looks like anything the branch knows; this lets a short search round rank such pairs fairly.
+
+        The normal equations are accumulated over chunks of rows (in float64), so the working memory stays near
+        ``max_bytes`` (see :meth:`least_squares_bytes`) whatever the number of rows; a grid brought up to a larger
+        one is never materialised (its products go through the resampling's position matrix instead).
+        Inputs and targets may live on another device than the adapter: one chunk at a time moves to it.
         """
-        grid, _ = self.to_grid(inputs)
-        wanted, prefix = _as_grid(targets, self.cut)
-        resampled = self.resample(grid.double())
-        if resampled.shape[-2:] != wanted.shape[-2:]:
-            return  # text of different lengths: positions do not correspond
-        x = resampled.permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
-        y = wanted.double().permute(0, 2, 3, 1).reshape(-1, wanted.shape[1])
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
-        gram = x.T @ x
+        device = self.proj.weight.device
+        width, out_width = self.insertion.channels, self.cut.channels
+        gram = torch.zeros(width + 1, width + 1, dtype=torch.float64, device=device)
+        cross = torch.zeros(width + 1, out_width, dtype=torch.float64, device=device)
+        resampling: torch.Tensor | None = None  # R: (P_out, P_in), when resampling enlarges the grid
+        prefix_sum: torch.Tensor | None = None
+        rows = max(1, max_bytes // max(self.least_squares_bytes(), 1))
+        for start in range(0, len(inputs), rows):
+            grid, _ = self.to_grid(inputs[start : start + rows].to(device))
+            wanted, prefix = _as_grid(targets[start : start + rows].to(device), self.cut)
+            if self.cut.grid is None and grid.shape[-2:] != wanted.shape[-2:]:
+                return  # text of different lengths: positions do not correspond
+            if prefix is not None:
+                prefix_sum = prefix.double().sum(0) + (0 if prefix_sum is None else prefix_sum)
+            y = wanted.double().flatten(2).transpose(1, 2)  # (rows, P_out, C_out)
+            if grid.shape[-2] * grid.shape[-1] >= y.shape[1]:  # the grid stays or shrinks: resample the chunk
+                x = self.resample(grid.double()).flatten(2).transpose(1, 2)
+                flat = torch.cat([x.reshape(-1, width), x.new_ones(x.shape[0] * x.shape[1], 1)], dim=1)
+                gram += flat.T @ flat
+                cross += flat.T @ y.reshape(-1, out_width)
+                continue
+            # The grid grows: X_n = R G_n for each row's (P_in, C_in) grid G_n, so X^T X = sum_n G_n^T (R^T R) G_n
+            # and X^T Y = sum_n G_n^T (R^T Y_n); the bias column of X is all ones (R^T 1 and the sums of Y).
+            x = grid.double().flatten(2).transpose(1, 2)  # (rows, P_in, C_in)
+            if resampling is None:
+                basis = torch.eye(x.shape[1], dtype=torch.float64, device=device).reshape(1, -1, *grid.shape[-2:])
+                resampling = self.resample(basis).flatten(2)[0].T
+            flat = x.reshape(-1, width)
+            gram[:-1, :-1] += flat.T @ (resampling.T @ resampling @ x).reshape(-1, width)
+            bias = (x * resampling.sum(0)[:, None]).sum((0, 1))
+            gram[:-1, -1] += bias
+            gram[-1, :-1] += bias
+            gram[-1, -1] += len(x) * y.shape[1]
+            cross[:-1] += flat.T @ (resampling.T @ y).reshape(-1, out_width)
+            cross[-1] += y.sum((0, 1))
         gram += (
             ridge
             * gram.diagonal()[:-1].mean().clamp_min(1e-12)
             * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
         )
-        solution = torch.linalg.solve(gram, x.T @ y)
+        solution = torch.linalg.solve(gram, cross)
         self.proj.weight.copy_(solution[:-1].T[:, :, None, None].to(self.proj.weight))
         assert self.proj.bias is not None, "nn.Conv2d is built with a bias"
         self.proj.bias.copy_(solution[-1])
-        if self.prefix is not None and prefix is not None:
-            self.prefix.copy_(prefix.float().mean(0))
+        if self.prefix is not None and prefix_sum is not None:
+            self.prefix.copy_(prefix_sum / len(inputs))
+
+    def least_squares_bytes(self) -> int:
+        """Working memory :meth:`fit_least_squares` needs for one row: its input and target in float32 and in
+        float64, and twice the larger of its two grids at both widths in float64."""
+        size_in, size_out = math.prod(self.insertion.shape), math.prod(self.cut.shape)
+        positions = max(_positions(self.insertion), _positions(self.cut))
+        return 12 * (size_in + size_out) + 16 * positions * (self.insertion.channels + self.cut.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid, _ = self.to_grid(x)
@@ -164,3 +204,8 @@ def _as_grid(x: torch.Tensor, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Te
         return x.transpose(1, 2).unsqueeze(-1), None
     prefix, tokens = x[:, : spec.prefix], x[:, spec.prefix :]
     return tokens.transpose(1, 2).reshape(x.shape[0], spec.channels, *spec.grid), prefix
+
+
+def _positions(spec: FeatureSpec) -> int:
+    """Grid positions of a feature (text: its tokens)."""
+    return math.prod(spec.grid) if spec.grid is not None else spec.shape[0]

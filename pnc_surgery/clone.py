@@ -15,9 +15,10 @@ Each stage reads the run state, sets what it produces on it, and returns its met
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,6 +59,15 @@ __all__ = ["BUDGETS", "Budget", "CloneConfig", "CloneRun", "clone"]
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 """Values of ``CloneConfig.precision``."""
+
+logger = logging.getLogger(__name__)
+
+WORKING_SHARE = 0.25
+"""Share of ``CloneConfig.memory_gb`` that bounds the working memory of the chunked steps (least-squares starts,
+localization, gate evidence); the rest holds what the run keeps (cached features, branches, adapters)."""
+
+TRAINING_COPIES = 5
+"""Copies of a trained tensor a training keeps: the tensor, its gradient, AdamW's two moments and the best weights."""
 
 MIN_EVAL_STEPS = 10
 """The final training scores its held-out data every pass over the data, but never more often than this."""
@@ -160,10 +170,14 @@ class CloneConfig:
     precision: str | None = None
     """Run feature extraction and training under ``torch.autocast`` at this precision (``"bfloat16"``, or
     ``"float16"`` on CUDA); ``None``: full precision. The patch's own tensors stay float32."""
-    feature_memory_gb: float = 2.0
-    """The search keeps every candidate point's features for the whole clone set in memory; points whose features
-    would take more than this (early, high-resolution points of large models) are left out of the search. The cached
-    features stay on the source's device (a GPU) when all of them fit in this budget, else on the CPU."""
+    memory_gb: float = 2.0
+    """Memory the clone may use besides the two models and one batch of their activations (on the source's device).
+    ``1 - WORKING_SHARE`` of it holds what the run keeps: every searched point's features for the whole clone set,
+    one branch (source tail) per searched cut and one adapter per pair with their training state; the rest bounds
+    the working memory of the chunked steps (least-squares starts, localization, gate evidence). Points and pairs that
+    do not fit (early, high-resolution points of large models) are left out of the search, logged on
+    ``pnc_surgery.clone`` and counted in ``patch.metrics["memory_skipped"]``; when not even one pair fits, ``clone``
+    raises ``InvalidInputError`` before any training, saying what it would need. Replaces ``feature_memory_gb``."""
     source_kwargs: dict[str, Any] = field(default_factory=dict)
     """timm ``create_model`` kwargs of the source when they cannot be inferred (see ``backends.timm.create_model``)."""
 
@@ -218,7 +232,7 @@ _REAL_FIELDS = {
     "accuracy_tolerance": (0.0, 1.0, True, True),
     "max_false_positive_rate": (0.0, 1.0, False, False),
     "heldout_fraction": (0.0, 1.0, False, False),
-    "feature_memory_gb": (0.0, math.inf, False, False),
+    "memory_gb": (0.0, math.inf, False, False),
 }
 """Real fields of :class:`CloneConfig`: ``(low, high, low allowed, high allowed)``; all must be finite."""
 
@@ -234,8 +248,12 @@ def _check_real(name: str, value: Any, low: float, high: float, closed_low: bool
         raise InvalidInputError(f"{name} must be in {interval}, got {value!r}")
 
 
+Extracted = tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]
+"""Features at the named points, logits and (with classifiers) pre-logits of a batch, one row an example."""
+
+
 @torch.no_grad()
-def _extract(
+def _extracted_batches(
     model: nn.Module,
     names: Sequence[str],
     examples: Examples,
@@ -245,22 +263,14 @@ def _extract(
     progress: bool,
     classifiers: Sequence[str] = (),
     backend: Backend | None = None,
-    store: torch.device | None = None,
     precision: torch.dtype | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
-    """Features at ``names``, logits and (with ``classifiers``) pre-logits for every example (eval mode, batched).
+) -> Iterator[Extracted]:
+    """:data:`Extracted` for one batch of ``examples`` at a time (eval mode), on the model's device.
 
-    Batches go to the model's device one at a time (under autocast with ``precision``); what comes back is kept in
-    float32 on ``store`` (default: the CPU)."""
+    Batches go to the model's device one at a time (under autocast with ``precision``); only the named points'
+    outputs are kept."""
     backend = backend or backend_for(model)
-    device, store = model_device(model), store or torch.device("cpu")
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(store, torch.float32 if tensor.is_floating_point() else None)
-
-    wanted = set(names)
-    features: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    logits, pre_logits = [], []
+    device, wanted = model_device(model), set(names)
     total = (len(examples) + batch_size - 1) // batch_size
     with eval_mode(model):
         for batch in tqdm(batches(examples, batch_size), total=total, desc=desc, disable=not progress, leave=False):
@@ -273,18 +283,40 @@ def _extract(
                     keep=wanted.__contains__,
                     classifiers=list(classifiers),
                 )
-            for name in names:
-                output = trace.calls[name].output
-                assert output is not None, "points are modules with a single tensor output"
-                features[name].append(keep(output))
-            logits.append(keep(trace.logits))
-            if trace.pre_logits is not None:
-                pre_logits.append(keep(trace.pre_logits))
-    return (
-        {name: torch.cat(parts) for name, parts in features.items()},
-        torch.cat(logits),
-        torch.cat(pre_logits) if pre_logits else None,
-    )
+            outputs = {name: trace.calls[name].output for name in names}
+            assert all(o is not None for o in outputs.values()), "points are modules with a single tensor output"
+            yield {k: v for k, v in outputs.items() if v is not None}, trace.logits, trace.pre_logits
+
+
+def _extract(
+    model: nn.Module,
+    names: Sequence[str],
+    examples: Examples,
+    batch_size: int,
+    transform: Callable[[ModelInputs], ModelInputs] | None,
+    desc: str,
+    progress: bool,
+    backend: Backend | None = None,
+    store: torch.device | None = None,
+    precision: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Features at ``names`` and logits for every example, in float32 on ``store`` (default: the CPU).
+
+    Each output is allocated once for all examples and filled batch by batch (no second copy to concatenate)."""
+    store = store or torch.device("cpu")
+    columns: dict[str | None, torch.Tensor] = {}  # None: the logits
+    done = 0
+    for features, logits, _ in _extracted_batches(
+        model, names, examples, batch_size, transform, desc, progress, backend=backend, precision=precision
+    ):
+        for name, tensor in [*features.items(), (None, logits)]:
+            if name not in columns:
+                dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+                columns[name] = torch.empty((len(examples), *tensor.shape[1:]), dtype=dtype, device=store)
+            columns[name][done : done + len(tensor)] = tensor
+        done += len(logits)
+    logits = columns.pop(None)
+    return {name: tensor for name, tensor in columns.items() if name is not None}, logits
 
 
 def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -299,8 +331,9 @@ def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib
 
 def _with_blocks_after(
     model: nn.Module, backend: Backend, points: list[Point], inputs: ModelInputs, min_share: float = 0.02
-) -> list[Point]:
-    """Points that leave source blocks in the branch: a cut after the last block would clone only head rows.
+) -> tuple[list[Point], dict[str, int]]:
+    """Points that leave source blocks in the branch (a cut after the last block would clone only head rows), and
+    the parameters a branch cut at each of them copies (its classifier included).
 
     A tail must hold at least ``min_share`` of the model's parameters besides the classifier.
     """
@@ -308,29 +341,144 @@ def _with_blocks_after(
         trace = trace_model(model, inputs, backend)
     head = set(classifier_names(trace, int(trace.logits.shape[-1]), after=-1))
     total = sum(p.numel() for p in model.parameters())
-    leaves = [c for c in trace.calls.values() if not any(True for _ in c.module.children()) and c.name not in head]
-    kept = []
+    leaves = [c for c in trace.calls.values() if not any(True for _ in c.module.children())]
+    head_parameters = sum(p.numel() for c in leaves if c.name in head for p in c.module.parameters(recurse=False))
+    kept, tails = [], {}
     for point in points:
         cut_post = trace.calls[point.name].post
-        after = sum(p.numel() for c in leaves if c.pre > cut_post for p in c.module.parameters(recurse=False))
+        after = sum(
+            p.numel() for c in leaves if c.pre > cut_post and c.name not in head for p in c.module.parameters(False)
+        )
         if after >= min_share * total:
             kept.append(point)
+            tails[point.name] = after + head_parameters
     if not kept:
         raise UnsupportedModelError(f"{type(model).__name__} has no cut point with source blocks after it")
-    return kept
+    return kept, tails
 
 
-def _affordable(points: list[Point], examples: int, budget_bytes: float) -> list[Point]:
-    """Points whose float32 features for ``examples`` inputs fit in ``budget_bytes`` (at least the last point)."""
-    return [p for p in points if 4 * math.prod(p.shape) * examples <= budget_bytes] or points[-1:]
+class _Memory:
+    """What a clone's search keeps and works with, in bytes, against ``CloneConfig.memory_gb``.
+
+    Kept for the whole run: every searched point's float32 features for the clone set, one branch per cut, one
+    adapter per pair, each trained tensor :data:`TRAINING_COPIES` times, and the winner's branch as often again.
+    Working (``WORKING_SHARE`` of the budget): one least-squares start at a time, half for its rows and half for its
+    chunks.
+    """
+
+    def __init__(
+        self,
+        config: CloneConfig,
+        examples: int,
+        tails: Mapping[str, int],
+        source_size: tuple[int, int] | None,
+        target_size: tuple[int, int] | None,
+    ) -> None:
+        self.budget, self.examples, self.tails = config.memory_gb * 2**30, examples, tails
+        self.hidden, self.kept_budget = config.adapter_hidden, (1 - WORKING_SHARE) * self.budget
+        self.working_budget = WORKING_SHARE * self.budget
+        self.source_size, self.target_size = source_size, target_size
+        self.skipped: list[str] = []
+
+    def point(self, point: Point, role: str) -> int:
+        """Bytes a searched point keeps: its features for every example and, for a cut, its branch."""
+        branch = self.tails.get(point.name, 0) if role == "source" else 0
+        return 4 * (self.examples * math.prod(point.shape) + branch)
+
+    def adapter(self, cut: Point, insertion: Point) -> Adapter:
+        """The pair's adapter, on the meta device (shapes only, no memory)."""
+        with torch.device("meta"):
+            return Adapter(feature_spec(insertion, self.target_size), feature_spec(cut, self.source_size), self.hidden)
+
+    def need(self, pairs: Sequence[tuple[Point, Point]]) -> int:
+        """Bytes a search over ``pairs`` keeps for the whole run."""
+        cuts, insertions = {c.name: c for c, _ in pairs}, {p.name: p for _, p in pairs}
+        adapters = sum(p.numel() for c, i in pairs for p in self.adapter(c, i).parameters())
+        branches = [self.tails.get(name, 0) for name in cuts]
+        return (
+            sum(self.point(c, "source") for c in cuts.values())
+            + sum(self.point(p, "target") for p in insertions.values())
+            + 4 * TRAINING_COPIES * adapters
+            + 4 * (TRAINING_COPIES - 1) * max(branches)
+        )
+
+    def start(self, cut: Point, insertion: Point) -> int:
+        """Working bytes of the pair's least-squares start with one row: the row's features and its chunk."""
+        features = 4 * (math.prod(insertion.shape) + math.prod(cut.shape))
+        return 2 * max(self.adapter(cut, insertion).least_squares_bytes(), features)
+
+    def fits(self, pairs: Sequence[tuple[Point, Point]]) -> bool:
+        return self.need(pairs) <= self.kept_budget
+
+    def affordable(self, points: list[Point], role: str) -> list[Point]:
+        """The points whose own features (and branch) fit, or else the cheapest (a later check reports its need)."""
+        kept = [p for p in points if self.point(p, role) <= self.kept_budget]
+        for point in points:
+            if point not in kept:
+                self._skip(f"{role} point {point.name}", self.point(point, role))
+        return kept or [min(points, key=lambda p: self.point(p, role))]
+
+    def startable(self, pairs: list[tuple[Point, Point]]) -> list[tuple[Point, Point]]:
+        """The pairs whose least-squares start fits the working memory one row at a time."""
+        kept = []
+        for cut, insertion in pairs:
+            if self.start(cut, insertion) <= self.working_budget:
+                kept.append((cut, insertion))
+            else:
+                self._skip(f"the least-squares start of ({cut.name}, {insertion.name})", self.start(cut, insertion))
+        return kept
+
+    def without_costliest(self, pairs: list[tuple[Point, Point]]) -> list[tuple[Point, Point]]:
+        """``pairs`` less those of the point whose removal saves the most (empty when one pair is left)."""
+        points = {(0, c.name): c for c, _ in pairs} | {(1, p.name): p for _, p in pairs}
+        options = [[pair for pair in pairs if pair[side].name != name] for side, name in points]
+        if len(pairs) == 1 or not any(options):
+            return []
+        (side, name), kept = min(
+            ((key, option) for key, option in zip(points, options) if option), key=lambda item: self.need(item[1])
+        )
+        role = ("source", "target")[side]
+        self._skip(f"{role} point {name} beside the other searched points", self.need(pairs) - self.need(kept))
+        return kept
+
+    def cheapest(self, pairs: list[tuple[Point, Point]]) -> list[tuple[Point, Point]]:
+        """The one pair of ``pairs`` that needs the smallest budget, when it fits.
+
+        Raises:
+            InvalidInputError: it does not fit (the message says what budget it would need).
+        """
+
+        def budget(pair: tuple[Point, Point]) -> float:
+            return max(self.need([pair]) / (1 - WORKING_SHARE), self.start(*pair) / WORKING_SHARE)
+
+        cut, insertion = best = min(pairs, key=budget)
+        if budget(best) > self.budget:
+            raise InvalidInputError(
+                f"memory_gb={self.budget / 2**30:g} is too small to clone from {self.examples} examples: the "
+                f"cheapest pair, cut {cut.name} {tuple(cut.shape)} and insertion {insertion.name} "
+                f"{tuple(insertion.shape)}, keeps {self.need([best]) / 2**30:.3g} GB (features, branch and adapter "
+                f"state; {1 - WORKING_SHARE:.0%} of the budget) and starts with {self.start(*best) / 2**30:.3g} GB "
+                f"({WORKING_SHARE:.0%}); set memory_gb to at least {budget(best) / 2**30:.3g} or clone from fewer "
+                "examples"
+            )
+        logger.info("searching only (%s, %s), the cheapest pair that fits memory_gb", cut.name, insertion.name)
+        return [best]
+
+    def _skip(self, what: str, need: int) -> None:
+        reason = f"{what} needs {need / 2**30:.3g} GB, more than memory_gb={self.budget / 2**30:g} allows"
+        logger.info("left out of the search: %s", reason)
+        self.skipped.append(reason)
 
 
 def _least_squares_rows(
-    index: torch.Tensor, point: Point, generator: torch.Generator, max_rows: int = 2**18
+    index: torch.Tensor, adapter: Adapter, generator: torch.Generator, max_bytes: float, max_rows: int = 2**18
 ) -> torch.Tensor:
-    """Examples for an adapter's least-squares start: at most ``max_rows`` feature positions in all."""
-    positions = math.prod(point.shape[:-1]) if point.layout != "NCHW" else math.prod(point.shape[1:])
-    count = min(len(index), max(16, max_rows // max(positions, 1)))
+    """Examples for an adapter's least-squares start: at most ``max_rows`` input feature positions in all, and no
+    more than ``max_bytes`` of float32 features at both ends."""
+    shape = adapter.insertion.shape
+    positions = math.prod(shape[1:]) if adapter.insertion.layout == "NCHW" else math.prod(shape[:-1])
+    row_bytes = 4 * (math.prod(adapter.insertion.shape) + math.prod(adapter.cut.shape))
+    count = min(len(index), max(16, max_rows // max(positions, 1)), max(1, int(max_bytes // row_bytes)))
     return index[torch.randperm(len(index), generator=generator)[:count]]
 
 
@@ -393,8 +541,6 @@ class CloneRun:
     candidates: list[Candidate] = field(default_factory=list)
     winner: Candidate | None = None
     ranking: list[dict] = field(default_factory=list)
-    store: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    """Where the cached features live: the training device when they fit ``feature_memory_gb``, else the CPU."""
 
     @property
     def device(self) -> torch.device:
@@ -410,14 +556,16 @@ class CloneRun:
         return _autocast(self.device, self.precision)
 
     def rows(self, candidate: Candidate, index: torch.Tensor) -> FitData:
-        """Training rows of ``candidate`` (its insertion's and cut's features) for the examples in ``index``."""
+        """Training rows of ``candidate`` (its insertion's and cut's features) for the examples in ``index``, as a
+        view of the cached features (a batch is copied when it is drawn, never the whole set)."""
         assert self.teacher is not None, "prepare() first"
-        return FitData(
-            self.target_features[candidate.insertion.name][index],
-            self.source_features[candidate.cut.name][index],
-            self.teacher[index],
-            self.labels[index],
-            {k: v[index] for k, v in self.context.items()},
+        return _CachedRows(
+            self.target_features[candidate.insertion.name],
+            self.source_features[candidate.cut.name],
+            self.teacher,
+            self.labels,
+            self.context,
+            index=index,
         )
 
     @property
@@ -438,6 +586,22 @@ class CloneRun:
             temperature=config.temperature,
             feature_weight=config.feature_weight,
         )
+
+
+@dataclass
+class _CachedRows(FitData):
+    """The rows ``index`` of cached tensors, without copying them: :meth:`rows` picks a batch through ``index``."""
+
+    index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, index: torch.Tensor) -> FitData:
+        return FitData.rows(self, self.index[index])
+
+    def to(self, device: torch.device) -> FitData:
+        return self.rows(torch.arange(len(self))).to(device)
 
 
 def clone(
@@ -568,7 +732,9 @@ def _checked_run(
         _num_classes(source, source_backend, source_sample),
         source_backend.class_names(source),
     )
-    examples = examples.select(torch.isin(examples.labels, torch.tensor(chosen)).nonzero().flatten())
+    wanted = torch.isin(examples.labels, torch.tensor(chosen))
+    if not bool(wanted.all()):  # a copy of the data only when some examples are of other classes
+        examples = examples.select(wanted.nonzero().flatten())
     assert examples.labels is not None
     local_labels = torch.tensor([chosen.index(int(y)) for y in examples.labels])
     if is_raw(replay):
@@ -610,23 +776,40 @@ def _num_classes(model: nn.Module, backend: Backend, inputs: ModelInputs) -> int
     return count
 
 
-def _pairs(run: CloneRun) -> list[tuple[Point, Point]]:
-    """The (cut, insertion) pairs to search: the config's forced points, or both models' spread candidates."""
+def _pairs(run: CloneRun) -> tuple[list[tuple[Point, Point]], list[str]]:
+    """The (cut, insertion) pairs to search, the config's forced points or both models' spread candidates, cut
+    down to what ``memory_gb`` holds; and why each point or pair left out was left out.
+
+    Raises:
+        InvalidInputError: not even one pair fits the budget (the message says what it would need).
+    """
     config, source_size, target_size = run.config, image_size(run.source_sample), image_size(run.target_sample)
-    source_points = _with_blocks_after(
+    source_points, tails = _with_blocks_after(
         run.source, run.source_backend, find_points(run.source, run.source_sample), run.source_sample
     )
     target_points = find_points(run.target, run.target_sample)
-    budget = config.feature_memory_gb * 2**30
-    searched_cuts = spread_points(_affordable(source_points, len(run.examples), budget), config.max_cuts)
-    searched_insertions = spread_points(_affordable(target_points, len(run.examples), budget), config.max_insertions)
-    if config.cut or config.insertion:
-        cuts = [_named(source_points, config.cut, "source")] if config.cut else searched_cuts
-        insertions = [_named(target_points, config.insertion, "target")] if config.insertion else searched_insertions
-    elif config.search_positions:
-        cuts, insertions = searched_cuts, searched_insertions
+    if config.cut or config.insertion or config.search_positions:
+        cut_pool = [_named(source_points, config.cut, "source")] if config.cut else source_points
+        insertion_pool = [_named(target_points, config.insertion, "target")] if config.insertion else target_points
     else:
-        cuts, insertions = [_last_stage(source_points)], [_last_stage(target_points)]
+        cut_pool, insertion_pool = [_last_stage(source_points)], [_last_stage(target_points)]
+    memory = _Memory(config, len(run.examples), tails, source_size, target_size)
+    cuts = spread_points(memory.affordable(cut_pool, "source"), config.max_cuts)
+    insertions = spread_points(memory.affordable(insertion_pool, "target"), config.max_insertions)
+    pairs = memory.startable(_compatible(cuts, insertions, source_size, target_size))
+    while pairs and not memory.fits(pairs):
+        pairs = memory.without_costliest(pairs)
+    return pairs or memory.cheapest(_compatible(cut_pool, insertion_pool, source_size, target_size)), memory.skipped
+
+
+def _compatible(
+    cuts: Sequence[Point],
+    insertions: Sequence[Point],
+    source_size: tuple[int, int] | None,
+    target_size: tuple[int, int] | None,
+) -> list[tuple[Point, Point]]:
+    """The pairs an adapter can join (both image features or both text), without those whose insertion grid is
+    coarser than the cut's unless no other pair is left."""
     pairs = [
         (c, p)
         for c in cuts
@@ -654,11 +837,9 @@ def prepare(run: CloneRun) -> dict[str, Any]:
     """Features at every candidate point (once), the held-out split, and an adapter started by least squares
     for every compatible (cut, insertion) pair."""
     config = run.config
-    pairs = _pairs(run)
+    pairs, skipped = _pairs(run)
     cuts, insertions = {c.name: c for c, _ in pairs}, {p.name: p for _, p in pairs}
-    cached = 4 * len(run.examples) * sum(math.prod(p.shape) for p in [*cuts.values(), *insertions.values()])
-    run.store = run.device if cached <= config.feature_memory_gb * 2**30 else torch.device("cpu")
-    run.target_features, _, _ = _extract(
+    run.target_features, _ = _extract(
         run.target,
         sorted(insertions),
         run.examples,
@@ -667,10 +848,10 @@ def prepare(run: CloneRun) -> dict[str, Any]:
         "pnc: target features",
         run.progress,
         backend=run.target_backend,
-        store=run.store,
+        store=run.device,
         precision=run.precision,
     )
-    run.source_features, source_logits, _ = _extract(
+    run.source_features, source_logits = _extract(
         run.source,
         sorted(cuts),
         run.examples.for_source(),
@@ -679,13 +860,13 @@ def prepare(run: CloneRun) -> dict[str, Any]:
         "pnc: source features",
         run.progress,
         backend=run.source_backend,
-        store=run.store,
+        store=run.device,
         precision=run.precision,
     )
     run.teacher = source_logits[:, run.classes]
     inputs = run.examples.inputs
     run.context = (
-        {k: v.to(run.store) for k, v in inputs.items() if k == "attention_mask"} if isinstance(inputs, dict) else {}
+        {k: v.to(run.device) for k, v in inputs.items() if k == "attention_mask"} if isinstance(inputs, dict) else {}
     )
     run.fit_index, run.held_index = _stratified_split(run.labels, config.heldout_fraction, run.generator)
     if len(run.held_index) == 0:
@@ -711,13 +892,18 @@ def prepare(run: CloneRun) -> dict[str, Any]:
         )
         for c, p in pairs
     ]
+    working = WORKING_SHARE * config.memory_gb * 2**30 / 2  # half for the sampled rows, half for the solver's chunks
     for candidate in run.candidates:
-        sample = _least_squares_rows(run.fit_index, candidate.insertion, run.generator)
+        sample = _least_squares_rows(run.fit_index, candidate.adapter, run.generator, working)
         candidate.adapter.fit_least_squares(
-            run.target_features[candidate.insertion.name][sample].to(run.device),
-            run.source_features[candidate.cut.name][sample].to(run.device),
+            run.target_features[candidate.insertion.name][sample],
+            run.source_features[candidate.cut.name][sample],
+            max_bytes=int(working),
         )
-    return {"source_local_accuracy": round(float((run.teacher.argmax(-1).cpu() == run.labels).float().mean()), 4)}
+    return {
+        "source_local_accuracy": round(float((run.teacher.argmax(-1).cpu() == run.labels).float().mean()), 4),
+        "memory_skipped": len(skipped),
+    }
 
 
 def _flops(model: nn.Module, *args: Any, **kwargs: Any) -> float:
@@ -774,9 +960,13 @@ def localize_branch(run: CloneRun) -> dict[str, Any]:
     full_params = branch_parameters(branch)
     cut_features = run.source_features[run.winner.cut.name]
     device = run.device
-    data = [
-        (cut_features[b].to(device), run.labels[b].to(device), {k: v[b].to(device) for k, v in run.context.items()})
-        for b in torch.arange(len(run.labels)).split(config.batch_size)
+    data = [  # views of the cached features, one batch each
+        (
+            cut_features[start : start + config.batch_size].to(device),
+            run.labels[start : start + config.batch_size].to(device),
+            {k: v[start : start + config.batch_size].to(device) for k, v in run.context.items()},
+        )
+        for start in range(0, len(run.labels), config.batch_size)
     ]
     metrics: dict[str, Any] = {"branch_local_accuracy": round(local_accuracy(branch, data), 4)}
     ratio = 1.0
@@ -845,11 +1035,12 @@ def _build(run: CloneRun) -> Patch:
 def fit_gate(run: CloneRun, patch: Patch) -> dict[str, Any]:
     """Fit ``patch``'s gate on the clone data (positives) and the replay data (negatives, when given)."""
     config, target, replay = run.config, run.target, run.replay
-    positives, _ = _evidence(patch, target, run.examples, config, run.progress)
+    positives = _evidence(patch, target, run.examples, config, run.progress)
     negatives = negative_groups = negative_sources = None
     if replay is not None:
         replay, negative_sources = with_shifted_copies(replay) if config.shift_replay else (replay, None)
-        negatives, replay_logits = _evidence(patch, target, replay, config, run.progress)
+        negatives = _evidence(patch, target, replay, config, run.progress)
+        replay_logits = negatives.target_logits
         labels_given = replay.labels is not None and bool(
             ((replay.labels >= 0) & (replay.labels < replay_logits.shape[1])).all()
         )
@@ -891,27 +1082,30 @@ def package(run: CloneRun, patch: Patch, metrics: dict[str, Any]) -> Patch:
 
 
 @torch.no_grad()
-def _evidence(
-    patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool
-) -> tuple[GateInputs, torch.Tensor]:
-    """What the gate of the attached patch would see for ``examples``, and the target's logits."""
+def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool) -> GateInputs:
+    """What the gate of the attached patch would see for ``examples``, computed one batch at a time (the insertion
+    features of all examples are never held at once)."""
     insertion = patch.config.insertion.name
-    classifiers = list(patch.config.target.classifiers)
-    features, logits, pre_logits = _extract(
-        target, [insertion], examples, config.feature_batch_size, None, "pnc: gate evidence", progress, classifiers
-    )
-    if pre_logits is None:
-        pre_logits = logits.new_zeros(len(logits), 0)
     context = (
         {k: v for k, v in examples.inputs.items() if k == "attention_mask"} if isinstance(examples.inputs, dict) else {}
     )
-    rows = []
-    for index in torch.arange(len(logits)).split(256):
-        batch_context = {k: v[index] for k, v in context.items()}
-        rows.append(
-            patch_gate_inputs(patch, features[insertion][index], logits[index], pre_logits[index], **batch_context)
-        )
-    return GateInputs.cat(rows), logits
+    rows, done = [], 0
+    for features, logits, pre_logits in _extracted_batches(
+        target,
+        [insertion],
+        examples,
+        config.feature_batch_size,
+        None,
+        "pnc: gate evidence",
+        progress,
+        list(patch.config.target.classifiers),
+    ):
+        logits = logits.float().cpu()
+        pre_logits = logits.new_zeros(len(logits), 0) if pre_logits is None else pre_logits.float().cpu()
+        batch_context = {k: v[done : done + len(logits)] for k, v in context.items()}
+        rows.append(patch_gate_inputs(patch, features[insertion].float().cpu(), logits, pre_logits, **batch_context))
+        done += len(logits)
+    return GateInputs.cat(rows)
 
 
 def _named(points: Sequence[Point], name: str, role: str) -> Point:
