@@ -261,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         metavar="FIELD=VALUE",
         help="other CloneConfig fields, values as Python literals (e.g. cost_weight=0)",
     )
+    parser.add_argument("--sources", nargs="+", default=list(COST_SOURCES), help="sources of the cost table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-steps", type=int, default=300, help="training steps of the source and target")
     parser.add_argument("--cache", type=Path, default=Path(".cache/pnc_benchmark"))
@@ -280,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 document["ratio"].append(row)
                 print(json.dumps(row), flush=True)
         if "cost" in args.tables:
-            for source_arch in COST_SOURCES:
+            for source_arch in args.sources:
                 for level in (0.3, 1.0):
                     row = cost_row(source_arch, level, args.seed, args.cache, config, args.model_steps)
                     document["cost"].append(row)
