@@ -153,7 +153,7 @@ def cost_row(source_arch: str, level: float | int, seed: int, cache: Path, confi
     split, _, _ = _split(32, level, seed)
     source, target = _models((source_arch, "resnet10t"), split, 32, seed, cache, steps)
     flops = source_flops(source, split.clone.images[:1])
-    _, seconds = timed_clone(source, target, split, config, seed)
+    patch, seconds = timed_clone(source, target, split, config, seed)
     work = flops * len(split.clone)
     return {
         "source": source_arch,
@@ -162,6 +162,9 @@ def cost_row(source_arch: str, level: float | int, seed: int, cache: Path, confi
         "work_gflops": round(work / 1e9, 2),
         "clone_seconds": round(seconds, 2),
         "seconds_per_tflop": round(seconds / (work / 1e12), 1),
+        "cut": patch.metrics.get("cut"),
+        "insertion": patch.metrics.get("insertion"),
+        "stage_seconds": patch.metrics.get("stage_seconds"),
     }
 
 
@@ -307,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if document["cost"]:
         _print(
             document["cost"],
-            ["source", "clone_images", "source_mflops", "work_gflops", "clone_seconds", "seconds_per_tflop"],
+            ["source", "clone_images", "source_mflops", "work_gflops", "clone_seconds", "seconds_per_tflop", "cut"],
         )
     if document["forward"]:
         _print(
