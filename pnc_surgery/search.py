@@ -4,11 +4,11 @@ Which source cut and which target insertion point work best depend on each other
 target feature that is already abstract, a shallow one leaves more of the source to carry the classes.
 Every compatible pair gets an adapter, started from the least-squares linear map between the two features. Round
 zero scores every pair as it starts (one forward of its branch on the held-out data, no training) and keeps the
-best pair of every cut, then the best of the rest up to ``survivors``; successive halving then trains the survivors
-briefly, keeps the better half and doubles the training of the rest until one pair is left. The score is the local
-accuracy on held-out clone data, ties broken by the loss, minus ``cost_weight`` times the pair's cost (the share of
-the source the branch would copy), so that a cheaper branch wins unless a costlier one is clearly more accurate. The
-ranking is returned so the patch can record what was seen.
+best ``survivors``; successive halving then trains the survivors briefly, keeps the better half and doubles the
+training of the rest until one pair is left. The score is the local accuracy on held-out clone data, ties broken
+by the loss, minus ``cost_weight`` times the pair's cost (the share of the source the branch would
+copy), so that a cheaper branch wins unless a costlier one is clearly more accurate. The ranking is returned so
+the patch can record what was seen.
 """
 
 from __future__ import annotations
@@ -236,26 +236,6 @@ def evaluate(
     return correct / max(len(data), 1), total_loss / max(len(data), 1)
 
 
-def _first_look(ranked: list[Candidate], survivors: int) -> tuple[list[Candidate], list[Candidate]]:
-    """The pairs round zero keeps (and those it drops) from ``ranked`` (best first): the best pair of every cut,
-    then the best of the rest up to ``survivors``.
-
-    Untrained scores favour early cuts (a least-squares map between two early features is nearly exact, one
-    between an early target feature and a late source feature is not), yet a late cut often catches up after a
-    little training at a fraction of the cost; so every cut depth is trained at least once.
-    """
-    kept: dict[int, Candidate] = {}
-    for candidate in ranked:
-        if not any(c.cut.name == candidate.cut.name for c in kept.values()):
-            kept[id(candidate)] = candidate
-    for candidate in ranked:
-        if len(kept) >= survivors:
-            break
-        kept.setdefault(id(candidate), candidate)
-    alive = [c for c in ranked if id(c) in kept]
-    return alive, [c for c in ranked if id(c) not in kept]
-
-
 def successive_halving(
     candidates: list[Candidate],
     fit: Callable[[Candidate], FitData],
@@ -270,13 +250,13 @@ def successive_halving(
     survivors: int | None = None,
     progress: bool = True,
 ) -> tuple[Candidate, list[dict]]:
-    """Score all candidates untrained, keep the best of every cut and the best of the rest up to ``survivors``; then
-    train them briefly, keep the better half, double the budget, until one is left.
+    """Score all candidates untrained, keep the best ``survivors``; then train them briefly, keep the better half,
+    double the budget, until one is left.
 
     Args:
         fit, heldout: the training and scoring data of a candidate (features depend on its points).
         first_steps: training steps of each survivor in the first round.
-        survivors: how many candidates round zero keeps at least (``None``: all); more when there are more cuts.
+        survivors: how many candidates round zero keeps (``None``: all).
 
     Returns:
         The winner and the ranking of every candidate (best first) with the round it reached.
@@ -287,7 +267,7 @@ def successive_halving(
         candidate.accuracy, candidate.loss = evaluate(candidate, heldout(candidate), temperature, feature_weight)
     alive.sort(key=lambda c: c.score, reverse=True)
     if survivors is not None and len(alive) > survivors:
-        alive, seen = _first_look(alive, max(survivors, 1))
+        seen, alive = alive[max(survivors, 1) :], alive[: max(survivors, 1)]
     steps = first_steps
     rounds = max(1, math.ceil(math.log2(max(len(alive), 1))) + 1)
     total = sum(first_steps * 2**r * math.ceil(len(alive) / 2**r) for r in range(rounds))

@@ -15,7 +15,7 @@ import torch
 
 from pnc_surgery.adapters import Adapter, FeatureSpec
 from pnc_surgery.points import Point
-from pnc_surgery.search import Candidate, FitData, spread_points, successive_halving
+from pnc_surgery.search import spread_points
 
 
 def _cnn_points() -> list[Point]:
@@ -100,43 +100,3 @@ def test_the_least_squares_start_leaves_text_of_other_lengths_alone():
     before = {k: v.clone() for k, v in adapter.state_dict().items()}
     adapter.fit_least_squares(torch.randn(8, 7, 6), torch.randn(8, 9, 4))
     assert all(torch.equal(before[k], v) for k, v in adapter.state_dict().items())
-
-
-def _pair(cut: str, insertion: str, branch: torch.nn.Module) -> Candidate:
-    spec = FeatureSpec("NCHW", (4, 2, 2), 4, (2, 2))
-    point = lambda name, index: Point(name, index, (4, 2, 2), "NCHW", 8, 4)  # noqa: E731
-    return Candidate(point(cut, 0 if cut == "early" else 5), point(insertion, 0), branch, Adapter(spec, spec))  # type: ignore[arg-type]
-
-
-def test_round_zero_trains_every_cut_depth_once_even_when_its_untrained_pairs_rank_last():
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(96, 4, 2, 2, generator=generator)
-    labels = (features[:, 0].mean((1, 2)) > 0).long()
-    reads_channel_zero = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
-    with torch.no_grad():
-        reads_channel_zero[1].weight.zero_()
-        reads_channel_zero[1].weight[1, :4] = 5.0
-        reads_channel_zero[1].weight[0, :4] = -5.0
-        reads_channel_zero[1].bias.zero_()
-    untrained_late = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
-    with torch.no_grad():
-        untrained_late[1].weight.copy_(-reads_channel_zero[1].weight)  # wrong on every example until trained
-    data = FitData(features, None, reads_channel_zero(features).detach(), labels)
-    candidates = [_pair("early", "a", reads_channel_zero), _pair("early", "b", reads_channel_zero)]
-    candidates.append(_pair("late", "a", untrained_late))
-    _, ranking = successive_halving(
-        candidates,
-        lambda c: data,
-        lambda c: data,
-        first_steps=2,
-        lr=1e-3,
-        batch_size=32,
-        temperature=2.0,
-        feature_weight=0.0,
-        generator=generator,
-        survivors=2,
-        progress=False,
-    )
-    rounds = {(r["cut"], r["insertion"]): r["rounds"] for r in ranking}
-    assert rounds[("late", "a")] >= 1, "the late cut ranks last untrained, yet it is trained in round one"
-    assert rounds[("early", "a")] >= 1 and rounds[("early", "b")] == 0, "the other place goes to the best pair"
