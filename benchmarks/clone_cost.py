@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import json
 import os
@@ -152,7 +153,7 @@ def cost_row(source_arch: str, level: float | int, seed: int, cache: Path, confi
     split, _, _ = _split(32, level, seed)
     source, target = _models((source_arch, "resnet10t"), split, 32, seed, cache, steps)
     flops = source_flops(source, split.clone.images[:1])
-    _, seconds = timed_clone(source, target, split, config, seed)
+    patch, seconds = timed_clone(source, target, split, config, seed)
     work = flops * len(split.clone)
     return {
         "source": source_arch,
@@ -161,6 +162,9 @@ def cost_row(source_arch: str, level: float | int, seed: int, cache: Path, confi
         "work_gflops": round(work / 1e9, 2),
         "clone_seconds": round(seconds, 2),
         "seconds_per_tflop": round(seconds / (work / 1e12), 1),
+        "cut": patch.metrics.get("cut"),
+        "insertion": patch.metrics.get("insertion"),
+        "stage_seconds": patch.metrics.get("stage_seconds"),
     }
 
 
@@ -171,23 +175,30 @@ FORWARD_CASES: dict[str, dict[str, Any]] = {
         "size": 16,
         "batch": 128,
         "cut": "layer1",
+        "repeats": 41,
     },
-    "resnet50": {"kwargs": {}, "name": "resnet50", "size": 224, "batch": 4, "cut": "layer1"},
+    "resnet50": {"kwargs": {}, "name": "resnet50", "size": 224, "batch": 4, "cut": "layer1", "repeats": 9},
 }
-"""The patched-forward cases: a tiny benchmark ResNet and a ResNet-50, an early cut pruned to 0.2."""
+"""The patched-forward cases: a tiny benchmark ResNet and a ResNet-50, an early cut pruned to 0.2; ``repeats``
+timed calls of each (after two warm-up calls)."""
 
 
-def _median_ms(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - started))
-    return sorted(times)[len(times) // 2]
+def _interleaved_ms(fns: dict[str, Any], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds of each ``fns`` entry (a function returning a context to time the call in), the calls
+    taken in turn within every repeat so that a change in the machine's load hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for repeat in range(warmup + repeats):
+        for name, fn in fns.items():
+            with fn() as call:
+                started = time.perf_counter()
+                call()
+                if repeat >= warmup:
+                    times[name].append(1e3 * (time.perf_counter() - started))
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
 @torch.no_grad()
-def forward_row(case: str, repeats: int = 7, keep_ratio: float = 0.2) -> dict[str, Any]:
+def forward_row(case: str, keep_ratio: float = 0.2) -> dict[str, Any]:
     """Patched forward P against the target alone T and the pruned branch run alone B (adapter included)."""
     from pnc_surgery import Patch
     from pnc_surgery.backends.timm import create_model
@@ -204,10 +215,22 @@ def forward_row(case: str, repeats: int = 7, keep_ratio: float = 0.2) -> dict[st
     feature = capture_features(target, [cut], x)[cut]
     groups = find_prune_groups(patch.branch, feature[:2])
     prune(patch.branch, groups, keep_indices(groups, {g.consumer: torch.ones(g.size) for g in groups}, keep_ratio))
-    alone = _median_ms(lambda: target(x), repeats)
-    branch = _median_ms(lambda: patch.branch(patch.adapter(feature)), repeats)
-    with patch.attached(target):
-        patched = _median_ms(lambda: target(x), repeats)
+    plain = lambda call: contextlib.nullcontext(call)  # noqa: E731
+
+    @contextlib.contextmanager
+    def attached() -> Any:
+        with patch.attached(target):
+            yield lambda: target(x)
+
+    ms = _interleaved_ms(
+        {
+            "target": lambda: plain(lambda: target(x)),
+            "branch": lambda: plain(lambda: patch.branch(patch.adapter(feature))),
+            "patched": attached,
+        },
+        spec["repeats"],
+    )
+    alone, branch, patched = ms["target"], ms["branch"], ms["patched"]
     return {
         "case": case,
         "cut": cut,
@@ -241,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         metavar="FIELD=VALUE",
         help="other CloneConfig fields, values as Python literals (e.g. cost_weight=0)",
     )
+    parser.add_argument("--sources", nargs="+", default=list(COST_SOURCES), help="sources of the cost table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-steps", type=int, default=300, help="training steps of the source and target")
     parser.add_argument("--cache", type=Path, default=Path(".cache/pnc_benchmark"))
@@ -260,11 +284,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 document["ratio"].append(row)
                 print(json.dumps(row), flush=True)
         if "cost" in args.tables:
-            for source_arch in COST_SOURCES:
+            for source_arch in args.sources:
                 for level in (0.3, 1.0):
                     row = cost_row(source_arch, level, args.seed, args.cache, config, args.model_steps)
                     document["cost"].append(row)
                     print(json.dumps(row), flush=True)
+        if "forward" in args.tables:
+            for case in FORWARD_CASES:
+                row = forward_row(case)
+                document["forward"].append(row)
+                print(json.dumps(row), flush=True)
     keys = [
         "pair",
         "clone_seconds",
@@ -281,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if document["cost"]:
         _print(
             document["cost"],
-            ["source", "clone_images", "source_mflops", "work_gflops", "clone_seconds", "seconds_per_tflop"],
+            ["source", "clone_images", "source_mflops", "work_gflops", "clone_seconds", "seconds_per_tflop", "cut"],
         )
     if document["forward"]:
         _print(

@@ -43,6 +43,7 @@ OVERRIDABLE_ATTRIBUTES = (
     "normalized_shape",
     "num_heads",
     "hidden_features",
+    "attn_dim",
 )
 EXACT_ATOL = 1e-5
 

@@ -6,11 +6,14 @@ classes apart, measured on the clone data only) does not need, and makes the ten
 
 Prunable units come in *groups*: a producer (``Linear`` or ``Conv2d``) whose output channels pass only
 through per-channel modules (norms, activations, dropout, depthwise convs) into one consumer (``Linear`` /
-``Conv2d``): MLP hidden units of transformer blocks, the inner channels of residual bottlenecks. Residual
-stream widths are never touched. Groups are discovered from the execution order of the branch's leaf
-modules and each one is *proved*: pruning it physically must give exactly what zeroing its channels at
-the consumer gives. Units are ranked by first-order Taylor importance of the local loss, and every group
-keeps the same fraction of its units.
+``Conv2d``): MLP hidden units of transformer blocks, the inner channels of residual bottlenecks; and the heads
+of an attention module (its query, key and value projections, fused or not, into its output projection), a head
+being ``head_dim`` channels at the output projection. Residual stream widths are never touched. Channel groups
+are discovered from the execution order of the branch's leaf modules, head groups from the attention modules
+the branch calls, and each one is *proved*: pruning it physically must give exactly what zeroing its channels at
+the consumer gives. Units are ranked by first-order Taylor importance of the local loss (a head by the sum over
+its channels). Every channel group keeps the same fraction of its units, then every head group the same fraction
+of its heads, each fraction the smallest that keeps local accuracy within the tolerance.
 """
 
 from __future__ import annotations
@@ -47,12 +50,33 @@ BranchBatch = tuple[torch.Tensor, torch.Tensor, dict]
 
 @dataclass
 class PruneGroup:
-    """One set of prunable hidden units: producer -> per-channel modules -> consumer."""
+    """One set of prunable hidden units: producers -> per-channel modules -> consumer.
 
-    producer: str
+    Attributes:
+        producers: the modules whose output channels are the units, each with its number of sections (a fused
+            query-key-value projection has 3, the unit's channels sit at the same place in each section).
+        passthrough: per-channel modules between producers and consumer that hold tensors.
+        consumer: the module whose input channels are the units.
+        size: channels at the consumer's input.
+        unit: channels one unit spans (1; an attention head's width for a head group).
+        heads_of: the attention module whose head count follows the pruning (head groups only).
+    """
+
+    producers: list[tuple[str, int]]
     passthrough: list[str]
     consumer: str
     size: int
+    unit: int = 1
+    heads_of: str | None = None
+
+    @property
+    def units(self) -> int:
+        """Prunable units: channels, or heads."""
+        return self.size // self.unit
+
+    def channels(self, units: torch.Tensor) -> torch.Tensor:
+        """The consumer input channels of ``units`` (sorted unit indices), in order."""
+        return (units[:, None] * self.unit + torch.arange(self.unit)).flatten()
 
 
 def branch_parameters(branch: Branch) -> int:
@@ -121,17 +145,46 @@ def find_prune_groups(branch: Branch, feature: torch.Tensor, context: dict | Non
         passthrough: list[str] = []
         for next_name, next_module, next_shape in leaves[i + 1 :]:
             if _consumes(next_module, width) and next_name not in skip:
-                groups.append(PruneGroup(name, passthrough, next_name, width))
+                groups.append(PruneGroup([(name, 1)], passthrough, next_name, width))
                 break
             if next_shape != shape or not _passes_through(next_module, width):
                 break
             if any(True for _ in next_module.parameters(recurse=False)):
                 passthrough.append(next_name)
+    called = {name for name, _, _ in leaves}
+    groups += [g for g in _head_groups(branch) if g.consumer in called]
     return [g for g in groups if _proves_exact(branch, g, feature, context)]
 
 
+def _head_groups(branch: Branch) -> list[PruneGroup]:
+    """The heads of every attention module of the branch's model: timm's (fused ``qkv`` into ``proj``) and
+    transformers' (``q_proj``, ``k_proj``, ``v_proj`` into ``o_proj``), each with at least two heads."""
+    groups = []
+    for name, module in branch.model.named_modules():
+        head_dim = getattr(module, "head_dim", None)
+        if not isinstance(head_dim, int) or head_dim < 1:
+            continue
+        names = [n for n, _ in module.named_children()]
+        if {"qkv", "proj"} <= set(names):
+            producers, consumer = [(f"{name}.qkv", 3)], f"{name}.proj"
+        elif {"q_proj", "k_proj", "v_proj", "o_proj"} <= set(names):
+            producers, consumer = [(f"{name}.{n}", 1) for n in ("q_proj", "k_proj", "v_proj")], f"{name}.o_proj"
+        else:
+            continue
+        output = branch.model.get_submodule(consumer)
+        inputs = [branch.model.get_submodule(n) for n, _ in producers]
+        if not isinstance(output, nn.Linear) or output.in_features % head_dim or output.in_features // head_dim < 2:
+            continue
+        size = output.in_features
+        if not all(isinstance(m, nn.Linear) and m.out_features == k * size for m, (_, k) in zip(inputs, producers)):
+            continue
+        groups.append(PruneGroup(producers, [], consumer, size, unit=head_dim, heads_of=name))
+    return groups
+
+
 def _proves_exact(branch: Branch, group: PruneGroup, feature: torch.Tensor, context: dict) -> bool:
-    keep = torch.arange(group.size)[torch.arange(group.size) % 4 != 1]
+    units = torch.arange(group.units)
+    keep = group.channels(units[units % 4 != 1])
     with torch.no_grad(), MaskedUnits(branch, {group.consumer: keep}):
         expected = branch(feature, **context)
     twin = copy.deepcopy(branch)
@@ -222,12 +275,13 @@ def unit_importance(
 def keep_indices(
     groups: Sequence[PruneGroup], scores: dict[str, torch.Tensor], ratio: float
 ) -> dict[str, torch.Tensor]:
-    """The most important ``ratio`` of each group's units (at least one), in their original order."""
+    """The consumer input channels of the most important ``ratio`` of each group's units (at least one unit), in
+    their original order; ``scores`` are per channel, a unit's is the sum over its channels."""
     kept = {}
     for group in groups:
-        count = max(1, round(ratio * group.size))
-        top = torch.topk(scores[group.consumer], count).indices
-        kept[group.consumer] = torch.sort(top).values
+        count = max(1, round(ratio * group.units))
+        top = torch.topk(scores[group.consumer].view(group.units, group.unit).sum(-1), count).indices
+        kept[group.consumer] = group.channels(torch.sort(top).values)
     return kept
 
 
@@ -243,12 +297,15 @@ def _slice(module: nn.Module, attr: str, index: torch.Tensor, dim: int) -> None:
 
 
 def _slice_group(branch: Branch, group: PruneGroup, keep: torch.Tensor) -> None:
-    """Physically remove the units of ``group`` not in ``keep``; record the new shape attributes."""
+    """Physically remove the channels of ``group`` not in ``keep``; record the new shape attributes."""
     count = len(keep)
-    producer = branch.model.get_submodule(group.producer)
-    _slice(producer, "weight", keep, 0)
-    _slice(producer, "bias", keep, 0)
-    branch.set_attribute(group.producer, "out_features" if isinstance(producer, nn.Linear) else "out_channels", count)
+    for name, sections in group.producers:
+        producer = branch.model.get_submodule(name)
+        rows = torch.cat([section * group.size + keep for section in range(sections)])
+        _slice(producer, "weight", rows, 0)
+        _slice(producer, "bias", rows, 0)
+        attr = "out_features" if isinstance(producer, nn.Linear) else "out_channels"
+        branch.set_attribute(name, attr, sections * count)
     for name in group.passthrough:
         module = branch.model.get_submodule(name)
         for attr in ("weight", "bias", "running_mean", "running_var"):
@@ -261,6 +318,11 @@ def _slice_group(branch: Branch, group: PruneGroup, keep: torch.Tensor) -> None:
     consumer = branch.model.get_submodule(group.consumer)
     _slice(consumer, "weight", keep, 1)
     branch.set_attribute(group.consumer, "in_features" if isinstance(consumer, nn.Linear) else "in_channels", count)
+    if group.heads_of is not None:
+        attention = branch.model.get_submodule(group.heads_of)
+        for attr, value in (("num_heads", count // group.unit), ("attn_dim", count)):
+            if hasattr(attention, attr):
+                branch.set_attribute(group.heads_of, attr, value)
 
 
 def prune(branch: Branch, groups: Sequence[PruneGroup], kept: dict[str, torch.Tensor]) -> None:
@@ -274,6 +336,27 @@ def local_accuracy(branch: Branch, data: Sequence[BranchBatch]) -> float:
     """Share of ``data`` whose argmax among the cloned classes is the label."""
     correct = sum(int((branch(f, **c).argmax(-1) == y).sum()) for f, y, c in data)
     return correct / max(sum(len(y) for _, y, _ in data), 1)
+
+
+def _smallest_ratio(
+    branch: Branch,
+    data: Sequence[BranchBatch],
+    groups: Sequence[PruneGroup],
+    scores: dict[str, torch.Tensor],
+    fixed: dict[str, torch.Tensor],
+    ratios: Sequence[float],
+    floor: float,
+    progress: bool,
+) -> float:
+    """The smallest of ``ratios`` whose mask of ``groups`` (with the ``fixed`` mask of other groups) keeps local
+    accuracy at ``floor`` or above; 1.0 when none does or there are no groups."""
+    if not groups:
+        return 1.0
+    for candidate in tqdm(sorted(ratios), desc="pnc: localize", disable=not progress, leave=False):
+        with MaskedUnits(branch, {**fixed, **keep_indices(groups, scores, candidate)}):
+            if local_accuracy(branch, data) >= floor:
+                return candidate
+    return 1.0
 
 
 def localize(
@@ -290,16 +373,20 @@ def localize(
     Args:
         branch: the branch (classifier rows already selected).
         data: the clone data's features at the cut, in batches.
-        keep_ratio: the fraction of units to keep; ``None`` picks the smallest of ``keep_ratios`` whose local
-            accuracy is within ``tolerance`` of the unpruned branch's.
+        keep_ratio: the fraction of units (and of attention heads) to keep; ``None`` picks the smallest of
+            ``keep_ratios`` whose local accuracy is within ``tolerance`` of the unpruned branch's, for hidden units
+            first, then for heads with the hidden units so pruned.
         progress: show a progress bar over the ratios tried.
 
     Returns:
-        The keep ratio used and the stage's metrics (groups found, local accuracy after pruning).
+        The keep ratio of hidden units and the stage's metrics (groups found, the heads' keep ratio, local accuracy
+        after pruning).
     """
     probe_feature, _, probe_context = data[0]
     groups = find_prune_groups(branch, probe_feature[:8], {k: v[:8] for k, v in probe_context.items()})
-    metrics: dict[str, Any] = {"prune_groups": len(groups)}
+    channel_groups = [g for g in groups if g.heads_of is None]
+    head_groups = [g for g in groups if g.heads_of is not None]
+    metrics: dict[str, Any] = {"prune_groups": len(channel_groups), "head_groups": len(head_groups)}
     if not groups:
         return 1.0, metrics
     for parameter in branch.parameters():
@@ -307,17 +394,13 @@ def localize(
     scores = unit_importance(branch, groups, data)
     for parameter in branch.parameters():
         parameter.requires_grad_(False)
-    baseline = local_accuracy(branch, data)
-    ratio = keep_ratio
-    if ratio is None:
-        ratio = 1.0
-        for candidate in tqdm(sorted(keep_ratios), desc="pnc: localize", disable=not progress, leave=False):
-            with MaskedUnits(branch, keep_indices(groups, scores, candidate)):
-                accuracy = local_accuracy(branch, data)
-            if accuracy >= baseline - tolerance:
-                ratio = candidate
-                break
-    if ratio < 1.0:
-        prune(branch, groups, keep_indices(groups, scores, ratio))
+    floor = local_accuracy(branch, data) - tolerance
+    ratio = keep_ratio or _smallest_ratio(branch, data, channel_groups, scores, {}, keep_ratios, floor, progress)
+    kept = keep_indices(channel_groups, scores, ratio) if ratio < 1.0 else {}
+    head_ratio = keep_ratio or _smallest_ratio(branch, data, head_groups, scores, kept, keep_ratios, floor, progress)
+    if head_ratio < 1.0:
+        kept.update(keep_indices(head_groups, scores, head_ratio))
+    prune(branch, [g for g in groups if g.consumer in kept], kept)
+    metrics["head_keep_ratio"] = head_ratio
     metrics["pruned_branch_local_accuracy"] = round(local_accuracy(branch, data), 4)
     return ratio, metrics

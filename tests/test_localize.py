@@ -1,0 +1,88 @@
+"""Specification of localization's pruning of attention heads.
+
+* ``find_prune_groups`` finds the heads of every attention block after the cut, in timm's ViT (one fused ``qkv``
+  projection) and in transformers' (separate ``q_proj``, ``k_proj``, ``v_proj``), beside the MLP hidden units.
+* Removing heads physically gives exactly what zeroing their channels at the output projection gives, and a
+  patch with pruned heads saves and reloads with the same answers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pnc_surgery import Patch
+from pnc_surgery.backends.base import logits_of
+from pnc_surgery.backends.timm import create_model
+from pnc_surgery.branch import capture_features
+from pnc_surgery.localize import MaskedUnits, find_prune_groups, keep_indices, prune
+
+IMAGES = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def _timm_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=4, num_classes=5
+    ).eval()
+
+
+def _hf_vit() -> torch.nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=5,
+    )
+    return ViTForImageClassification(config).eval()
+
+
+CASES = {
+    "timm": (_timm_vit, "patch_embed", ["blocks.0.attn.proj", "blocks.1.attn.proj"]),
+    "transformers": (_hf_vit, "vit.embeddings", ["vit.layers.0.attention.o_proj", "vit.layers.1.attention.o_proj"]),
+}
+
+
+def _patch(case: str) -> tuple[Patch, torch.nn.Module, torch.Tensor]:
+    build, cut, _ = CASES[case]
+    source, target = build(), build()
+    patch = Patch.assemble(source, target, cut, cut, [0, 1, 2], source_input=IMAGES[:2], target_input=IMAGES[:2])
+    feature = capture_features(source, [cut], IMAGES)[cut]
+    return patch.eval(), target, feature
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_heads_of_every_attention_block_after_the_cut_are_a_prune_group(case):
+    patch, _, feature = _patch(case)
+    groups = find_prune_groups(patch.branch, feature[:2])
+    heads = {g.consumer: g for g in groups if g.heads_of is not None}
+    assert sorted(heads) == CASES[case][2]
+    assert all(g.units == 4 and g.unit == 8 for g in heads.values()), "4 heads of 8 channels each"
+    assert any(g.heads_of is None for g in groups), "the MLP hidden units stay groups of their own"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_removing_heads_gives_what_zeroing_them_gives_and_survives_a_reload(case, tmp_path):
+    patch, target, feature = _patch(case)
+    groups = [g for g in find_prune_groups(patch.branch, feature[:2]) if g.heads_of is not None]
+    scores = {g.consumer: torch.arange(g.size, dtype=torch.float) for g in groups}
+    kept = keep_indices(groups, scores, 0.5)
+    assert all(torch.equal(k, torch.arange(16, 32)) for k in kept.values()), "the two best heads, all their channels"
+    with torch.no_grad(), MaskedUnits(patch.branch, kept):
+        masked = patch.branch(feature)
+    prune(patch.branch, groups, kept)
+    with torch.no_grad():
+        assert torch.allclose(patch.branch(feature), masked, atol=1e-5)
+    assert all(patch.branch.model.get_submodule(g.consumer).in_features == 16 for g in groups)
+    with patch.attached(target), torch.no_grad():
+        expected = logits_of(target(IMAGES))
+    reloaded = Patch.load(patch.save(tmp_path / "patch.safetensors"))
+    with reloaded.attached(target), torch.no_grad():
+        assert torch.allclose(logits_of(target(IMAGES)), expected, atol=1e-5)
