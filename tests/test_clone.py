@@ -141,7 +141,7 @@ def test_without_replay_the_gate_says_how_locality_was_protected(digits):
             depth=2,
             num_heads=2,
         ),
-        lambda: _hf_vit_source(),
+        lambda: _tiny_hf_vit(),
     ],
     ids=["timm-vit-into-timm-resnet", "transformers-vit-into-timm-resnet"],
 )
@@ -157,20 +157,7 @@ def test_a_heterogeneous_pair_clones_and_attaches(digits, make_source):
 
 def test_a_cnn_source_clones_into_a_transformers_vit_target(digits):
     split, _, source = digits
-    from transformers import ViTConfig, ViTForImageClassification
-
-    target = ViTForImageClassification(
-        ViTConfig(
-            image_size=16,
-            patch_size=4,
-            num_channels=1,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            num_labels=5,
-        )
-    ).eval()
+    target = _tiny_hf_vit().eval()
     tiny = CloneConfig(max_cuts=1, max_insertions=2, search_steps=5, train_steps=20)
     patch = clone(source, target, split.clone, classes=[2], config=tiny, progress=False)
     images = split.test.tensors[0][:4]
@@ -183,7 +170,8 @@ def test_a_cnn_source_clones_into_a_transformers_vit_target(digits):
     assert torch.equal(output.logits[:, :5], plain)
 
 
-def _hf_vit_source():
+def _tiny_hf_vit():
+    """A 5-class transformers ViT on 16 px grey digits."""
     from transformers import ViTConfig, ViTForImageClassification
 
     return ViTForImageClassification(

@@ -374,6 +374,7 @@ def silent_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def test_loading_from_a_hub_that_never_answers_times_out_and_says_what_it_waited_for(silent_hub: str) -> None:
+    assert silent_hub.startswith("http://127.0.0.1:"), "the Hub is a local socket that never answers"
     started = time.monotonic()
     with pytest.raises(HubTimeoutError, match=r"did not answer within .* patch_config\.json"):
         Patch.from_pretrained("alice/cats")
