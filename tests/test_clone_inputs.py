@@ -192,7 +192,8 @@ def test_raw_data_with_a_source_transform_is_refused():
         clone(*_models(), data, config=TINY, progress=False, source_transform=lambda x: x)
 
 
-def test_a_transformers_model_without_name_or_processor_asks_for_the_processor():
+def _tiny_vit() -> torch.nn.Module:
+    """A 3-class transformers ViT on 32 px RGB images, built without a name or a processor."""
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
@@ -204,26 +205,21 @@ def test_a_transformers_model_without_name_or_processor_asks_for_the_processor()
         intermediate_size=32,
         num_labels=3,
     )
-    target = ViTForImageClassification(config).eval()
+    return ViTForImageClassification(config).eval()
+
+
+def test_a_transformers_model_without_name_or_processor_asks_for_the_processor():
+    target = _tiny_vit()
     data = [(image, i % 2) for i, image in enumerate(_images())]
     with pytest.raises(InvalidInputError, match="target_processor"):
         clone(_models()[0], target, data, config=TINY, progress=False)
 
 
 def test_a_transformers_image_processor_feeds_its_model():
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTImageProcessor
 
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-    )
     torch.manual_seed(1)
-    target = ViTForImageClassification(config).eval()
+    target = _tiny_vit()
     processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.2] * 3, image_std=[0.1] * 3)
     source = _models()[0]
     seen = _source_inputs(source), []
