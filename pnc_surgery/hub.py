@@ -4,9 +4,9 @@
 this module is what those methods call. Loading is one ``snapshot_download`` of the patch files (cache, revisions,
 tokens, ``HF_HUB_OFFLINE`` as for transformers); pushing is one ``create_commit`` of those files only, after
 everything local is checked. Pickle weights and paths or links leading out of the folder are refused. Every request,
-API calls included, waits at most :func:`hub_timeout` for an answer, else :class:`HubTimeoutError`. The card is
-rendered from the ``ModelCard`` template ``patch_card.md``; on the next save or push only its metadata and the text
-between its markers are rewritten.
+API calls included (``huggingface_hub`` bounds only its downloads), waits at most ``HF_HUB_DOWNLOAD_TIMEOUT`` /
+``HF_HUB_ETAG_TIMEOUT`` for an answer, else :class:`HubTimeoutError`. The card is rendered from the ``ModelCard``
+template ``patch_card.md``; on the next save or push only its metadata and the text between its markers are rewritten.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,16 +23,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import yaml
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, errors
 from huggingface_hub.utils import get_session, validate_repo_id
 
 from .errors import HubTimeoutError, InvalidInputError, PatchFormatError
@@ -42,57 +34,44 @@ __all__ = ["CARD_TAGS", "CARD_TEMPLATE", "build_model_card", "card_for_folder", 
 
 CARD_TAGS = ("pnc_surgery", "partial-network-cloning", "model-patch")
 CARD_TEMPLATE = files(__package__).joinpath("patch_card.md").read_text(encoding="utf-8")
-_CARD_START_PREFIX = "<!-- pnc_surgery:start"
-_CARD_END = "<!-- pnc_surgery:end -->"
-_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar("pnc_surgery_hub_timeout", default=None)
+_GENERATED = re.compile(r"<!-- pnc_surgery:start.*?<!-- pnc_surgery:end -->", re.DOTALL)  # the card's own part
+_LIMIT: contextvars.ContextVar[float | None] = contextvars.ContextVar("pnc_surgery_hub_timeout", default=None)
 
 
-# --------------------------------------------------------------------------------------------- timeouts
-
-
-def hub_timeout() -> float:
-    """Seconds any Hub request may wait for an answer: the larger of ``huggingface_hub``'s ``HF_HUB_ETAG_TIMEOUT``
-    and ``HF_HUB_DOWNLOAD_TIMEOUT`` (10 unless set)."""
-    return float(max(constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT))
-
-
-def _request_timeout(request: Any) -> None:
-    """httpx request hook: inside :func:`_deadline`, no request waits longer than :func:`hub_timeout` for an answer."""
-    seconds = _TIMEOUT.get()
-    if seconds is not None:
-        current = request.extensions.get("timeout") or {}
+def _cap_timeout(request: Any) -> None:
+    """httpx request hook: inside :func:`_deadline`, no request waits longer than its limit for an answer."""
+    if (limit := _LIMIT.get()) is not None:
+        old = request.extensions.get("timeout") or {}
         request.extensions["timeout"] = {
-            k: min(current.get(k) or seconds, seconds) for k in ("connect", "read", "write", "pool")
+            k: min(old.get(k) or limit, limit) for k in ("connect", "read", "write", "pool")
         }
 
 
 @contextmanager
 def _deadline(doing: str) -> Iterator[None]:
-    """Run Hub calls with finite timeouts; a timeout becomes :class:`HubTimeoutError` saying what waited."""
-    hooks = get_session().event_hooks["request"]
-    if _request_timeout not in hooks:
-        hooks.append(_request_timeout)
-    token = _TIMEOUT.set(hub_timeout())
+    """Run Hub calls with finite timeouts; a timeout (or an error it caused) becomes :class:`HubTimeoutError`."""
+    limit = float(max(constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT))  # as set now
+    if _cap_timeout not in (hooks := get_session().event_hooks["request"]):
+        hooks.append(_cap_timeout)
+    token = _LIMIT.set(limit)
     try:
         yield
     except Exception as exc:
         if _timed_out(exc):
             raise HubTimeoutError(
-                f"the Hub at {constants.ENDPOINT} did not answer within {hub_timeout():g} s while {doing} "
+                f"the Hub at {constants.ENDPOINT} did not answer within {limit:g} s while {doing} "
                 "(set HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT to wait longer)"
             ) from None
         raise
     finally:
-        _TIMEOUT.reset(token)
+        _LIMIT.reset(token)
 
 
 def _timed_out(exc: BaseException | None) -> bool:
-    """Whether ``exc`` or what caused it is a network timeout."""
-    for _ in range(16):
-        if exc is None:
-            return False
-        if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
-            return True
+    """Whether ``exc`` or what caused it is a network timeout (``huggingface_hub`` wraps them in its own errors)."""
+    for _ in range(16):  # cause chains can loop
+        if exc is None or isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
+            return exc is not None
         exc = exc.__cause__ or exc.__context__
     return False
 
@@ -135,11 +114,8 @@ def resolve_patch_folder(
     except OSError as exc:  # a link loop, a name too long
         raise PatchFormatError(f"{local}: cannot be read ({exc})") from None
     if is_dir:
-        folder = local.joinpath(*parts)
-        if not folder.is_dir():
-            raise PatchFormatError(f"{local}: no subfolder {subfolder!r} here")
-        _check_links(local, ["/".join(parts)] if parts else [])
-        return _check_patch_folder(folder)
+        _check_links(local, ["/".join(parts)])  # a subfolder may be a link too
+        return _check_patch_folder(local.joinpath(*parts))
     if exists:
         raise PatchFormatError(f"{local} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     repo_id = os.fspath(repo_id_or_dir)
@@ -149,11 +125,16 @@ def resolve_patch_folder(
         why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
         raise InvalidInputError(f"force_download=True needs the network, but {why}")
     prefix = "".join(f"{part}/" for part in parts)
-    where = repo_id + (f" (subfolder {prefix[:-1]!r})" if prefix else "")
-    where += f" at revision {revision!r}" if revision else ""
+    where = repo_id + (f" (subfolder {prefix[:-1]!r})" if prefix else "") + (f" at {revision=}" if revision else "")
+    api = _api(token)
+
+    def listing() -> list[str]:  # what the repo's folder holds, to say why it is no patch
+        paths = api.list_repo_files(repo_id, revision=revision)
+        return [path[len(prefix) :] for path in paths if path.startswith(prefix) and "/" not in path[len(prefix) :]]
+
     with _deadline(f"downloading {', '.join(PATCH_FILES)} of {repo_id} (not in the local cache)"):
         try:
-            snapshot = _api(token).snapshot_download(
+            snapshot = api.snapshot_download(
                 repo_id,
                 revision=revision,
                 allow_patterns=[prefix + name for name in PATCH_FILES],
@@ -162,23 +143,18 @@ def resolve_patch_folder(
                 force_download=force_download,
                 etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,  # as set now, not as when huggingface_hub was imported
             )
-        except (HfHubHTTPError, OSError) as exc:  # LocalEntryNotFoundError is an OSError too
-            if _timed_out(exc):
-                raise  # _deadline says what timed out
-            raise PatchFormatError(_explain(exc, where, local_files_only)) from exc
-        return _check_patch_folder(
-            Path(snapshot).joinpath(*parts), where, lambda: _remote_names(repo_id, prefix, revision, token)
-        )
+        except (errors.HfHubHTTPError, OSError) as exc:  # their messages say what to do (offline, not found, gated)
+            raise PatchFormatError(f"{where}: not a local folder, and not loadable from the Hub ({exc})") from exc
+        return _check_patch_folder(Path(snapshot).joinpath(*parts), where, listing)
 
 
 def _subfolder_parts(subfolder: str | None) -> tuple[str, ...]:
     """Split a subfolder into path parts, refusing anything that could leave the repo (POSIX or Windows)."""
-    if subfolder is None or subfolder in ("", "."):
-        return ()
-    if not isinstance(subfolder, str):
+    if not isinstance(subfolder, (str, type(None))):
         raise InvalidInputError(f"subfolder must be a string, got {type(subfolder).__name__}")
-    parts = tuple(part for part in subfolder.replace("\\", "/").split("/") if part not in ("", "."))
-    if subfolder.startswith(("/", "\\")) or PureWindowsPath(subfolder).anchor or ".." in parts:
+    text = subfolder or ""
+    parts = tuple(part for part in text.replace("\\", "/").split("/") if part not in ("", "."))
+    if text.startswith(("/", "\\")) or PureWindowsPath(text).anchor or ".." in parts:
         raise InvalidInputError(f"subfolder {subfolder!r} must be a relative path inside the repo, without '..'")
     return parts
 
@@ -187,7 +163,7 @@ def _is_repo_id(text: str) -> bool:
     """Whether ``text`` is a syntactically valid Hub repo id (no network)."""
     try:
         validate_repo_id(text)
-    except HFValidationError:
+    except errors.HFValidationError:
         return False
     return True
 
@@ -200,69 +176,38 @@ def _check_links(folder: Path, names: Sequence[str]) -> None:
     root = folder.resolve()
     snapshots = next((p for p in (root, *root.parents) if p.name == "snapshots"), None)
     roots = [root] if snapshots is None else [root, snapshots.parent / "blobs"]
-    for path in (folder / name for name in names):
-        if path.is_symlink() or path.exists():
-            try:
-                target = path.resolve(strict=True)
-            except (OSError, RuntimeError) as exc:
-                raise PatchFormatError(
-                    f"{path} is a link that cannot be followed ({exc}); refusing to use it"
-                ) from None
-            if not any(target == r or r in target.parents for r in roots):
-                raise PatchFormatError(f"{path} is a link to {target}, outside the patch folder; refusing to use it")
+    for path in (folder / name for name in names if (folder / name).is_symlink() or (folder / name).exists()):
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            raise PatchFormatError(f"{path} is a link that cannot be followed ({exc}); refusing to use it") from None
+        if not any(target == r or r in target.parents for r in roots):
+            raise PatchFormatError(f"{path} is a link to {target}, outside the patch folder; refusing to use it")
 
 
-def _check_patch_folder(folder: Path, where: str = "", names: Callable[[], list[str]] | None = None) -> Path:
+def _check_patch_folder(folder: Path, where: str = "", listing: Callable[[], list[str]] | None = None) -> Path:
     """Return ``folder`` if it holds a patch whose files all stay inside it.
 
-    ``where`` names it in errors (default: the folder), ``names()`` lists what it holds (default: its files); a place
+    ``where`` names it in errors (default: the folder), ``listing()`` says what it holds (default: its files); a place
     without a patch config but with pickle weights is said to be a pickle checkpoint.
     """
-    _check_links(folder, PATCH_FILES)
     where = where or str(folder)
+    _check_links(folder, PATCH_FILES)
     if not (folder / CONFIG_NAME).is_file():
-        held = sorted(names() if names else [p.name for p in folder.iterdir() if p.is_file()])
-        pickles = [name for name in held if name.lower().endswith(PICKLE_SUFFIXES)]
-        if pickles:
+        try:
+            held = sorted(listing() if listing else [p.name for p in folder.iterdir() if p.is_file()])
+        except (errors.HfHubHTTPError, OSError):  # no such folder, or the Hub cannot be asked (offline, say)
+            held = []
+        if pickles := [name for name in held if name.lower().endswith(PICKLE_SUFFIXES)]:
             raise PatchFormatError(
                 f"{where}: no {CONFIG_NAME}, but {', '.join(pickles[:5])}: this looks like a pickle checkpoint, "
                 "pnc_surgery loads safetensors only"
             )
-        listed = f" (it holds: {', '.join(held[:8])})" if held else " (it is empty)"
+        listed = f" (it holds: {', '.join(held[:8])})" if held else " (nothing there)"
         raise PatchFormatError(f"{where}: no {CONFIG_NAME}{listed}; is this a pnc_surgery patch?")
     if not (folder / WEIGHTS_NAME).is_file():
         raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     return folder
-
-
-def _remote_names(repo_id: str, prefix: str, revision: str | None, token: str | bool | None) -> list[str]:
-    """Names of the files directly in the repo's folder ``prefix``, or ``[]`` when the Hub cannot be asked."""
-    try:
-        paths = _api(token).list_repo_files(repo_id, revision=revision)
-    except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
-        return []
-    names = [path[len(prefix) :] for path in paths if path.startswith(prefix)]
-    return [name for name in names if "/" not in name]
-
-
-def _explain(exc: BaseException, where: str, local_files_only: bool) -> str:
-    """Turn a ``huggingface_hub`` error into a message that says what to do."""
-    if isinstance(exc, GatedRepoError):
-        return f"{where}: the repo is gated; accept its conditions on the Hub and pass token= (or log in)"
-    if isinstance(exc, RepositoryNotFoundError):
-        return (
-            f"{where}: not a local folder, and no Hub repo of that name was found "
-            "(if it is private, pass token= or log in with `hf auth login`)"
-        )
-    if isinstance(exc, RevisionNotFoundError):
-        return f"{where}: the Hub repo has no such revision (branch, tag or commit)"
-    if isinstance(exc, LocalEntryNotFoundError):
-        if constants.is_offline_mode():
-            return f"{where}: not found in the local cache and HF_HUB_OFFLINE is set; download it once while online"
-        if local_files_only:
-            return f"{where}: not found in the local cache and local_files_only=True"
-        return f"{where}: the Hub could not be reached and the patch is not in the local cache; check the connection"
-    return f"{where}: could not download the patch ({type(exc).__name__}: {exc})"
 
 
 # --------------------------------------------------------------------------------------------- pushing
@@ -284,23 +229,24 @@ def push_folder(
     Everything local is checked first, so a bad folder leaves nothing behind on the Hub; only the patch files are
     uploaded. The card is the repo's (else the folder's) with its metadata and generated part brought up to date.
     """
-    folder = Path(folder)
     if not isinstance(repo_id, str) or not _is_repo_id(repo_id):
         raise InvalidInputError(f"repo_id must look like 'namespace/name', got {repo_id!r}")
-    if not folder.is_dir():
-        raise PatchFormatError(f"{folder}: no such folder")
-    _check_patch_folder(folder)  # never upload a file that a link pulls in from elsewhere
+    folder = _check_patch_folder(Path(folder))  # never upload a file that a link pulls in from elsewhere
     config = read_config(folder / CONFIG_NAME)
     local_card = _load_card(folder / CARD_NAME) if (folder / CARD_NAME).is_file() else None
-    card = build_model_card(config, repo_id)
-
     api = _api(token)
     with _deadline(f"pushing to {repo_id}"):
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)  # pushing to a new branch just works
-        base = _fetch_remote_card(api, repo_id, revision) or local_card
-        card = card if base is None else _merge_cards(base, card)
+        with tempfile.TemporaryDirectory() as cache:  # the repo's card, not left stale in the user's cache
+            try:
+                base = _load_card(Path(api.hf_hub_download(repo_id, CARD_NAME, revision=revision, cache_dir=cache)))
+            except (errors.HfHubHTTPError, OSError, PatchFormatError) as exc:  # none, or not readable: the folder's
+                if _timed_out(exc):
+                    raise
+                base = local_card
+        card = _merge_cards(base, build_model_card(config, repo_id))
         info = api.create_commit(
             repo_id,
             [CommitOperationAdd(name, folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME)]
@@ -310,17 +256,6 @@ def push_folder(
             commit_message=commit_message or f"Upload pnc_surgery patch: {_summary(config)}",
         )
     return info.pr_url if create_pr and info.pr_url else info.commit_url
-
-
-def _fetch_remote_card(api: HfApi, repo_id: str, revision: str | None) -> ModelCard | None:
-    """The repo's current card, or ``None`` when it has none or it cannot be fetched or parsed."""
-    with tempfile.TemporaryDirectory() as cache:  # do not leave a stale card in the user's cache
-        try:
-            return ModelCard.load(api.hf_hub_download(repo_id, CARD_NAME, revision=revision, cache_dir=cache))
-        except (HfHubHTTPError, OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            if _timed_out(exc):
-                raise
-            return None
 
 
 # --------------------------------------------------------------------------------------------- model card
@@ -344,7 +279,7 @@ def build_model_card(config: PatchConfig, repo_id_or_dir: str = "<repo_or_dir>")
         summary=_summary(config),
         where=json.dumps(repo_id_or_dir),
         cell=_cell,
-        code=_code,
+        code=lambda value: f"`` {value} ``" if "`" in value else f"`{value}`",  # inline code, backticks and all
     )
 
 
@@ -357,33 +292,30 @@ def card_for_folder(folder: Path, config: PatchConfig) -> str:
     Raises:
         PatchFormatError: the existing card is a link out of the folder or its metadata cannot be parsed.
     """
-    card = build_model_card(config, Path(folder).as_posix())
     path = Path(folder) / CARD_NAME
-    if path.is_symlink() or path.exists():
-        _check_links(Path(folder), [CARD_NAME])
-        card = _merge_cards(_load_card(path), card)
-    return str(card)
+    _check_links(Path(folder), [CARD_NAME])
+    existing = _load_card(path) if path.exists() else None
+    return str(_merge_cards(existing, build_model_card(config, Path(folder).as_posix())))
 
 
 def _load_card(path: Path) -> ModelCard:
-    """Read a local card; one whose metadata cannot be parsed is an error, not something to overwrite."""
+    """Read a card; one whose metadata cannot be parsed is an error, not something to overwrite."""
     try:
         return ModelCard.load(path)
-    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError is a ValueError
         raise PatchFormatError(f"{path}: cannot read the model card's metadata ({exc}); fix or delete it") from None
 
 
-def _merge_cards(existing: ModelCard, fresh: ModelCard) -> ModelCard:
-    """``existing`` with ``fresh``'s metadata merged in and its generated part (if marked) replaced."""
+def _merge_cards(existing: ModelCard | None, fresh: ModelCard) -> ModelCard:
+    """``existing`` (if any) with ``fresh``'s metadata merged in and its generated part (if marked) replaced."""
+    if existing is None:
+        return fresh
     for key in ("library_name", "base_model", "base_model_relation"):
-        if fresh.data.get(key):
-            existing.data[key] = fresh.data.get(key)
+        existing.data[key] = fresh.data.get(key) or existing.data.get(key)
     tags = existing.data.get("tags") or []
     existing.data["tags"] = list(dict.fromkeys([*([tags] if isinstance(tags, str) else tags), *CARD_TAGS]))
-    start, end = existing.text.find(_CARD_START_PREFIX), existing.text.find(_CARD_END)
-    if 0 <= start < end:
-        generated = fresh.text[fresh.text.index(_CARD_START_PREFIX) : fresh.text.index(_CARD_END) + len(_CARD_END)]
-        existing.text = existing.text[:start] + generated + existing.text[end + len(_CARD_END) :]
+    generated = _GENERATED.findall(fresh.text)[0]
+    existing.text = _GENERATED.sub(lambda _: generated, existing.text, count=1)
     return existing
 
 
@@ -397,8 +329,3 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         value = f"{value:.4g}"
     return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ") or " "
-
-
-def _code(value: str) -> str:
-    """Inline code that survives backticks in the value."""
-    return f"`` {value} ``" if "`" in value else f"`{value}`"

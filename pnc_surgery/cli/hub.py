@@ -12,11 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
-from ..errors import PatchFormatError
 from ..hub import push_folder, resolve_patch_folder
-from ..patch.serialization import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_safetensors, read_config
+from ..patch.serialization import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, open_safetensors, read_config
 
 __all__ = ["patch_info", "register"]
 
@@ -91,18 +88,14 @@ def patch_info(folder: Path) -> dict[str, Any]:
 
 def _tensor_table(path: Path) -> dict[str, dict[str, Any]]:
     """Name -> dtype, shape, element count and bytes of each tensor, from the safetensors header alone."""
-    check_safetensors(path)
     table: dict[str, dict[str, Any]] = {}
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
-                view = handle.get_slice(name)
-                shape, dtype = list(view.get_shape()), view.get_dtype()
-                numel, bits = math.prod(shape), _DTYPE_BITS.get(dtype)
-                size = None if bits is None else math.ceil(numel * bits / 8)  # None: a dtype newer than this table
-                table[name] = {"dtype": dtype, "shape": shape, "numel": numel, "bytes": size}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise PatchFormatError(f"{path}: not a valid safetensors file ({exc})") from None
+    with open_safetensors(path) as handle:
+        for name in handle.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
+            view = handle.get_slice(name)
+            shape, dtype = list(view.get_shape()), view.get_dtype()
+            numel, bits = math.prod(shape), _DTYPE_BITS.get(dtype)
+            size = None if bits is None else math.ceil(numel * bits / 8)  # None: a dtype newer than this table
+            table[name] = {"dtype": dtype, "shape": shape, "numel": numel, "bytes": size}
     return table
 
 

@@ -21,8 +21,8 @@ import hashlib
 import json
 import os
 import secrets
-import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,9 +48,9 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "WEIGHTS_NAME",
     "check_finite",
-    "check_safetensors",
     "check_folder_path",
     "decode_json",
+    "open_safetensors",
     "read_config",
     "read_tensors",
     "rebuild",
@@ -87,55 +87,48 @@ def read_config(path: str | Path) -> PatchConfig:
     path = Path(path)
     if not path.is_file():
         raise PatchFormatError(f"{path}: no patch config here (expected a file named {CONFIG_NAME})")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
+    if (size := path.stat().st_size) > MAX_CONFIG_BYTES:
         raise PatchFormatError(f"{path}: config is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
     return PatchConfig.from_dict(decode_json(path.read_bytes(), str(path)), str(path))
 
 
-def check_safetensors(path: str | Path) -> Path:
-    """``path``, once it can only be a safetensors file (else :class:`PatchFormatError`): not pickle-based by name or
-    by content, with a header that fits the file and :data:`MAX_HEADER_BYTES`, checked before ``safe_open`` reads it."""
+@contextmanager
+def open_safetensors(path: str | Path) -> Iterator[Any]:
+    """``safe_open`` on ``path`` (CPU, PyTorch) once it can only be a safetensors file: not pickle-based by name, and
+    a header no larger than :data:`MAX_HEADER_BYTES` (checked before ``safe_open`` reads it, which then checks that it
+    fits the file and parses). Any failure, opening or reading, is a :class:`PatchFormatError`."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise PatchFormatError(f"{path}: refusing to load a pickle-based file; patches are safetensors only")
     if not path.is_file():
         raise PatchFormatError(f"{path}: file not found")
-    size = path.stat().st_size
     with open(path, "rb") as handle:
-        head = handle.read(8)
-    if len(head) < 8:
-        raise PatchFormatError(f"{path}: truncated safetensors file ({size} bytes)")
-    (header_len,) = struct.unpack("<Q", head)
-    if header_len > MAX_HEADER_BYTES or header_len > size - 8:
+        claimed = int.from_bytes(handle.read(8), "little")  # the header's length (pickle bytes read as a huge one)
+    if claimed > MAX_HEADER_BYTES:
         raise PatchFormatError(
-            f"{path}: not a valid safetensors file (header claims {header_len} bytes, file has {size}); "
+            f"{path}: not a valid safetensors file (header claims {claimed} bytes, more than {MAX_HEADER_BYTES}); "
             "pickle files (.bin/.pt) are refused"
         )
-    return path
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            yield reader
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
+        raise PatchFormatError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file that :func:`check_safetensors` accepts, with at most :data:`MAX_TENSORS` tensors,
-    refusing anything ``safe_open`` itself rejects and non-finite values.
+    """Read a safetensors file that :func:`open_safetensors` accepts, with at most :data:`MAX_TENSORS` tensors, none
+    of them non-finite (``safe_open`` itself refuses metadata that does not map strings to strings).
 
     Returns:
         ``(tensors, metadata)``: CPU tensors by name and the string metadata of the header.
     """
-    path = check_safetensors(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as reader:
-            metadata = reader.metadata() or {}
-            names = list(reader.keys())
-            if len(names) > MAX_TENSORS:
-                raise PatchFormatError(f"{path}: {len(names)} tensors, more than the {MAX_TENSORS} allowed")
-            tensors = {name: reader.get_tensor(name) for name in names}
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
-        raise PatchFormatError(f"{path}: corrupt safetensors file ({exc})") from None
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise PatchFormatError(f"{path}: safetensors metadata must map strings to strings")
+    with open_safetensors(path) as reader:
+        if len(names := list(reader.keys())) > MAX_TENSORS:
+            raise PatchFormatError(f"{path}: {len(names)} tensors, more than the {MAX_TENSORS} allowed")
+        tensors, metadata = {name: reader.get_tensor(name) for name in names}, reader.metadata() or {}
     check_finite(tensors, f"{path}: refusing a patch with")
-    return tensors, dict(metadata)
+    return tensors, metadata
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
