@@ -233,24 +233,23 @@ def push_folder(
         raise InvalidInputError(f"repo_id must look like 'namespace/name', got {repo_id!r}")
     folder = _check_patch_folder(Path(folder))  # never upload a file that a link pulls in from elsewhere
     config = read_config(folder / CONFIG_NAME)
-    local_card = _load_card(folder / CARD_NAME) if (folder / CARD_NAME).is_file() else None
+    card = card_for_folder(folder, config, repo_id)  # a card that cannot be read fails here, before the Hub is touched
     api = _api(token)
     with _deadline(f"pushing to {repo_id}"):
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)  # pushing to a new branch just works
-        with tempfile.TemporaryDirectory() as cache:  # the repo's card, not left stale in the user's cache
+        with tempfile.TemporaryDirectory() as cache:  # the repo's own card wins; not left stale in the user's cache
             try:
-                base = _load_card(Path(api.hf_hub_download(repo_id, CARD_NAME, revision=revision, cache_dir=cache)))
-            except (errors.HfHubHTTPError, OSError, PatchFormatError) as exc:  # none, or not readable: the folder's
+                remote = Path(api.hf_hub_download(repo_id, CARD_NAME, revision=revision, cache_dir=cache))
+                card = card_for_folder(remote.parent, config, repo_id)
+            except (errors.HfHubHTTPError, OSError, PatchFormatError) as exc:  # none, or unreadable: the folder's
                 if _timed_out(exc):
                     raise
-                base = local_card
-        card = _merge_cards(base, build_model_card(config, repo_id))
         info = api.create_commit(
             repo_id,
             [CommitOperationAdd(name, folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME)]
-            + [CommitOperationAdd(CARD_NAME, str(card).encode())],
+            + [CommitOperationAdd(CARD_NAME, card.encode())],
             revision=revision,
             create_pr=create_pr,
             commit_message=commit_message or f"Upload pnc_surgery patch: {_summary(config)}",
@@ -283,40 +282,34 @@ def build_model_card(config: PatchConfig, repo_id_or_dir: str = "<repo_or_dir>")
     )
 
 
-def card_for_folder(folder: Path, config: PatchConfig) -> str:
-    """The text of ``folder/README.md`` after saving a patch there, keeping a card that is already there.
+def card_for_folder(folder: Path, config: PatchConfig, where: str | None = None) -> str:
+    """The text of the card for ``config`` in ``folder``: its ``README.md`` brought up to date, else a new card.
 
     An existing card keeps its text: only its metadata and the generated part between the markers are updated,
-    so notes a person added survive the next save. Nothing is written.
+    so notes a person added survive the next save or push. Nothing is written.
+
+    Args:
+        where: what the loading snippet passes to ``Patch.from_pretrained`` (default: the folder).
 
     Raises:
         PatchFormatError: the existing card is a link out of the folder or its metadata cannot be parsed.
     """
+    fresh = build_model_card(config, where or Path(folder).as_posix())
     path = Path(folder) / CARD_NAME
     _check_links(Path(folder), [CARD_NAME])
-    existing = _load_card(path) if path.exists() else None
-    return str(_merge_cards(existing, build_model_card(config, Path(folder).as_posix())))
-
-
-def _load_card(path: Path) -> ModelCard:
-    """Read a card; one whose metadata cannot be parsed is an error, not something to overwrite."""
+    if not path.exists():
+        return str(fresh)
     try:
-        return ModelCard.load(path)
-    except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError is a ValueError
+        card = ModelCard.load(path)
+    except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError is a ValueError; never overwrite such a card
         raise PatchFormatError(f"{path}: cannot read the model card's metadata ({exc}); fix or delete it") from None
-
-
-def _merge_cards(existing: ModelCard | None, fresh: ModelCard) -> ModelCard:
-    """``existing`` (if any) with ``fresh``'s metadata merged in and its generated part (if marked) replaced."""
-    if existing is None:
-        return fresh
     for key in ("library_name", "base_model", "base_model_relation"):
-        existing.data[key] = fresh.data.get(key) or existing.data.get(key)
-    tags = existing.data.get("tags") or []
-    existing.data["tags"] = list(dict.fromkeys([*([tags] if isinstance(tags, str) else tags), *CARD_TAGS]))
+        card.data[key] = fresh.data.get(key) or card.data.get(key)
+    tags = card.data.get("tags") or []
+    card.data["tags"] = list(dict.fromkeys([*([tags] if isinstance(tags, str) else tags), *CARD_TAGS]))
     generated = _GENERATED.findall(fresh.text)[0]
-    existing.text = _GENERATED.sub(lambda _: generated, existing.text, count=1)
-    return existing
+    card.text = _GENERATED.sub(lambda _: generated, card.text, count=1)
+    return str(card)
 
 
 def _summary(config: PatchConfig) -> str:
