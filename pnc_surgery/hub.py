@@ -28,7 +28,7 @@ from huggingface_hub.utils import get_session, validate_repo_id
 
 from .errors import HubTimeoutError, InvalidInputError, PatchFormatError
 from .patch.config import PatchConfig
-from .patch.serialization import CARD_NAME, CONFIG_NAME, PATCH_FILES, PICKLE_SUFFIXES, WEIGHTS_NAME, read_config
+from .patch.serialization import CARD_NAME, CONFIG_NAME, PATCH_FILES, WEIGHTS_NAME, read_config
 
 __all__ = ["CARD_TAGS", "CARD_TEMPLATE", "build_model_card", "card_for_folder", "push_folder", "resolve_patch_folder"]
 
@@ -141,7 +141,6 @@ def resolve_patch_folder(
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
                 force_download=force_download,
-                etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,  # as set now, not as when huggingface_hub was imported
             )
         except (errors.HfHubHTTPError, OSError) as exc:  # their messages say what to do (offline, not found, gated)
             raise PatchFormatError(f"{where}: not a local folder, and not loadable from the Hub ({exc})") from exc
@@ -181,15 +180,15 @@ def _check_links(folder: Path, names: Sequence[str]) -> None:
             target = path.resolve(strict=True)
         except (OSError, RuntimeError) as exc:
             raise PatchFormatError(f"{path} is a link that cannot be followed ({exc}); refusing to use it") from None
-        if not any(target == r or r in target.parents for r in roots):
+        if not any(target.is_relative_to(r) for r in roots):
             raise PatchFormatError(f"{path} is a link to {target}, outside the patch folder; refusing to use it")
 
 
 def _check_patch_folder(folder: Path, where: str = "", listing: Callable[[], list[str]] | None = None) -> Path:
     """Return ``folder`` if it holds a patch whose files all stay inside it.
 
-    ``where`` names it in errors (default: the folder), ``listing()`` says what it holds (default: its files); a place
-    without a patch config but with pickle weights is said to be a pickle checkpoint.
+    ``where`` names it in errors (default: the folder), ``listing()`` says what it holds (default: its files), so that
+    a place that is no patch (a pickle checkpoint, say) is named for what it is.
     """
     where = where or str(folder)
     _check_links(folder, PATCH_FILES)
@@ -198,13 +197,11 @@ def _check_patch_folder(folder: Path, where: str = "", listing: Callable[[], lis
             held = sorted(listing() if listing else [p.name for p in folder.iterdir() if p.is_file()])
         except (errors.HfHubHTTPError, OSError):  # no such folder, or the Hub cannot be asked (offline, say)
             held = []
-        if pickles := [name for name in held if name.lower().endswith(PICKLE_SUFFIXES)]:
-            raise PatchFormatError(
-                f"{where}: no {CONFIG_NAME}, but {', '.join(pickles[:5])}: this looks like a pickle checkpoint, "
-                "pnc_surgery loads safetensors only"
-            )
-        listed = f" (it holds: {', '.join(held[:8])})" if held else " (nothing there)"
-        raise PatchFormatError(f"{where}: no {CONFIG_NAME}{listed}; is this a pnc_surgery patch?")
+        listed = f"it holds: {', '.join(held[:8])}" if held else "nothing there"
+        raise PatchFormatError(
+            f"{where}: no {CONFIG_NAME} ({listed}); is this a pnc_surgery patch? "
+            "(patches are JSON + safetensors; pickle checkpoints are never downloaded or loaded)"
+        )
     if not (folder / WEIGHTS_NAME).is_file():
         raise PatchFormatError(f"{where}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     return folder
@@ -268,9 +265,12 @@ def build_model_card(config: PatchConfig, repo_id_or_dir: str = "<repo_or_dir>")
         repo_id_or_dir: what the loading snippet passes to ``Patch.from_pretrained``.
     """
     base_models = list(dict.fromkeys(i for i in (config.target.id, config.source.id) if "/" in i and _is_repo_id(i)))
-    data = ModelCardData(library_name="pnc_surgery", base_model=base_models or None, tags=list(CARD_TAGS))
-    if base_models:
-        data["base_model_relation"] = "adapter"  # the patch plugs into the target; not a merge of the two
+    data = ModelCardData(
+        library_name="pnc_surgery",
+        base_model=base_models or None,
+        base_model_relation="adapter" if base_models else None,  # the patch plugs into the target; not a merge
+        tags=list(CARD_TAGS),
+    )
     return ModelCard.from_template(
         data,
         template_str=CARD_TEMPLATE,

@@ -272,7 +272,10 @@ def test_local_files_only_uses_cache_without_asking_the_hub(hub: FakeHub, patch_
 
 
 def test_offline_without_cache_says_so() -> None:
-    with pytest.raises(PatchFormatError, match=r"alice/never-downloaded: not a local folder, and not loadable from the Hub .*HF_HUB_OFFLINE"):
+    with pytest.raises(
+        PatchFormatError,
+        match=r"alice/never-downloaded: not a local folder, and not loadable from the Hub .*HF_HUB_OFFLINE",
+    ):
         resolve_patch_folder("alice/never-downloaded")
 
 
@@ -305,7 +308,9 @@ def test_missing_revision_is_a_clear_error(hub: FakeHub, patch_dir: Path) -> Non
 
 def test_repo_without_a_patch_config_lists_what_it_holds(hub: FakeHub) -> None:
     hub.add_repo("bob/vit", {"config.json": b"{}", "model.safetensors": b""})
-    with pytest.raises(PatchFormatError, match=r"no patch_config\.json .*config\.json.*is this a pnc_surgery patch"):
+    with pytest.raises(
+        PatchFormatError, match=r"no patch_config\.json \(it holds: .*config\.json.*is this a pnc_surgery patch"
+    ):
         resolve_patch_folder("bob/vit")
 
 
@@ -329,14 +334,14 @@ def test_a_path_that_is_neither_a_folder_nor_a_repo_id_is_refused(tmp_path: Path
 
 def test_repo_with_only_pickle_weights_is_refused(hub: FakeHub) -> None:
     hub.add_repo("mallory/ckpt", {"pytorch_model.bin": b"\x80\x04 pickle", "config.json": b"{}"})
-    with pytest.raises(PatchFormatError, match="pickle checkpoint, pnc_surgery loads safetensors only"):
+    with pytest.raises(PatchFormatError, match=r"no patch_config\.json \(it holds: .*pytorch_model\.bin\).*pickle"):
         resolve_patch_folder("mallory/ckpt")
     assert not any("pytorch_model.bin" in path for _, path in hub.requests)
 
 
 def test_local_folder_with_only_pickle_weights_is_refused(tmp_path: Path) -> None:
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x04 pickle")
-    with pytest.raises(PatchFormatError, match="pickle checkpoint"):
+    with pytest.raises(PatchFormatError, match=r"no patch_config\.json \(it holds: model\.ckpt\).*pickle"):
         resolve_patch_folder(tmp_path)
 
 
