@@ -41,10 +41,8 @@ _LIMIT: contextvars.ContextVar[float | None] = contextvars.ContextVar("pnc_surge
 def _cap_timeout(request: Any) -> None:
     """httpx request hook: inside :func:`_deadline`, no request waits longer than its limit for an answer."""
     if (limit := _LIMIT.get()) is not None:
-        old = request.extensions.get("timeout") or {}
-        request.extensions["timeout"] = {
-            k: min(old.get(k) or limit, limit) for k in ("connect", "read", "write", "pool")
-        }
+        old = request.extensions.get("timeout") or dict.fromkeys(("connect", "read", "write", "pool"))
+        request.extensions["timeout"] = {kind: min(seconds or limit, limit) for kind, seconds in old.items()}
 
 
 @contextmanager
@@ -175,7 +173,7 @@ def _check_links(folder: Path, names: Sequence[str]) -> None:
     root = folder.resolve()
     snapshots = next((p for p in (root, *root.parents) if p.name == "snapshots"), None)
     roots = [root] if snapshots is None else [root, snapshots.parent / "blobs"]
-    for path in (folder / name for name in names if (folder / name).is_symlink() or (folder / name).exists()):
+    for path in (folder / name for name in names if os.path.lexists(folder / name)):  # links to nothing too
         try:
             target = path.resolve(strict=True)
         except (OSError, RuntimeError) as exc:
@@ -265,12 +263,8 @@ def build_model_card(config: PatchConfig, repo_id_or_dir: str = "<repo_or_dir>")
         repo_id_or_dir: what the loading snippet passes to ``Patch.from_pretrained``.
     """
     base_models = list(dict.fromkeys(i for i in (config.target.id, config.source.id) if "/" in i and _is_repo_id(i)))
-    data = ModelCardData(
-        library_name="pnc_surgery",
-        base_model=base_models or None,
-        base_model_relation="adapter" if base_models else None,  # the patch plugs into the target; not a merge
-        tags=list(CARD_TAGS),
-    )
+    data = ModelCardData(library_name="pnc_surgery", base_model=base_models or None, tags=list(CARD_TAGS))
+    data["base_model_relation"] = "adapter" if base_models else None  # it plugs into the target; not a merge
     return ModelCard.from_template(
         data,
         template_str=CARD_TEMPLATE,

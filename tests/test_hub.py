@@ -329,6 +329,16 @@ def test_a_path_that_is_neither_a_folder_nor_a_repo_id_is_refused(tmp_path: Path
         resolve_patch_folder(make_patch(tmp_path / "p") / CONFIG_NAME)
 
 
+def test_arguments_of_the_wrong_kind_are_refused_before_any_request(hub: FakeHub, patch_dir: Path) -> None:
+    with pytest.raises(InvalidInputError, match="expected a folder or a Hub repo id, got int"):
+        resolve_patch_folder(3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="subfolder must be a string"):
+        resolve_patch_folder("alice/cats", subfolder=3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="repo_id must look like 'namespace/name'"):
+        push_folder(patch_dir, "not a repo id")
+    assert hub.requests == []
+
+
 # --------------------------------------------------------------------------------------------- safety
 
 
