@@ -4,10 +4,11 @@ Which source cut and which target insertion point work best depend on each other
 target feature that is already abstract, a shallow one leaves more of the source to carry the classes.
 Every compatible pair gets an adapter, started from the least-squares linear map between the two features. Round
 zero scores every pair as it starts (one forward of its branch on the held-out data, no training) and keeps the
-best ``survivors``; successive halving then trains the survivors briefly, keeps the better half and doubles the
-training of the rest until one pair is left. The score is the local accuracy on held-out clone data, ties broken
-by the loss, minus ``cost_weight`` times the pair's cost (the share of the source the branch would
-copy), so that a cheaper branch wins unless a costlier one is clearly more accurate. The ranking is returned so
+best pair of every cut and the best ``survivors``; successive halving then trains the survivors briefly, keeps the
+better half and doubles the training of the rest until one pair is left. The score is the local accuracy on
+held-out clone data, ties broken by the loss, minus ``cost_weight`` times the pair's cost (the share of the source
+the branch would copy); pairs whose scores lie within the held-out set's noise (one standard error) rank cheapest
+first, so that a cheaper branch wins unless a costlier one is clearly more accurate. The ranking is returned so
 the patch can record what was seen.
 """
 
@@ -130,8 +131,10 @@ def spread_points(points: Sequence[Point], count: int) -> list[Point]:
     hands the branch only what the target learned for its own classes (on Fashion-MNIST, sandals and
     sneakers blur: held-out local accuracy 0.89 from the target's pooled feature, 0.97 from its stem).
     A stage end is the last point before the feature shape changes; isotropic models (ViT, BERT) have
-    few, so evenly spaced blocks fill the remaining places.
+    few, so evenly spaced blocks fill the remaining places. A point that the next one only lays out anew (a patch
+    embedding's NCHW projection and its tokens) is the same feature: only the later of the two is searched.
     """
+    points = [p for p, nxt in itertools.pairwise(points) if not _relaid(p, nxt)] + list(points[-1:])
     if len(points) <= count:
         return list(points)
     ends = [p for p, nxt in itertools.pairwise(points) if p.shape != nxt.shape] + [points[-1]]
@@ -144,6 +147,11 @@ def spread_points(points: Sequence[Point], count: int) -> list[Point]:
             point = pool[round(len(pool) - 1 - i * step)]
             chosen.setdefault(point.name, point)
     return sorted(chosen.values(), key=lambda p: p.index)
+
+
+def _relaid(point: Point, following: Point) -> bool:
+    """Whether ``following`` holds ``point``'s values in another layout (same count, other layout)."""
+    return point.layout != following.layout and math.prod(point.shape) == math.prod(following.shape)
 
 
 def _loss(

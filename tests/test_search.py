@@ -180,3 +180,12 @@ def test_round_zero_trains_every_cut_before_judging_it(monkeypatch):
     )
     assert winner.cut.name == "blocks.2", ranking
     assert [row["cut"] for row in ranking].count("patch_embed") == 3
+
+
+def test_a_feature_only_laid_out_anew_is_searched_once():
+    projection = Point("patch_embed.proj", 0, (32, 4, 4), "NCHW", 4, 32)
+    tokens = Point("patch_embed", 1, (16, 32), "NLC", 4, 32)
+    blocks = [Point(f"blocks.{i}", i + 2, (17, 32), "NLC", 4, 32) for i in range(4)]
+    chosen = [p.name for p in spread_points([projection, tokens, *blocks], 3)]
+    assert "patch_embed.proj" not in chosen, "the projection's output and the tokens are one feature"
+    assert chosen[0] == "patch_embed"
