@@ -327,9 +327,12 @@ def successive_halving(
         candidate.accuracy, candidate.loss = evaluate(candidate, heldout(candidate), temperature, feature_weight)
     alive = ranked(alive, size)
     if survivors is not None and len(alive) > survivors:
-        kept = [c for c in alive if _first_of_cut(c, alive)]
-        kept += [c for c in alive if c not in kept][: max(survivors - len(kept), 0)]
-        seen, alive = [c for c in alive if c not in kept], sorted(kept, key=alive.index)
+        kept = {id(c) for c in {c.cut.name: c for c in reversed(alive)}.values()}  # the best pair of every cut
+        for candidate in alive:
+            if len(kept) >= survivors:
+                break
+            kept.add(id(candidate))
+        seen, alive = [c for c in alive if id(c) not in kept], [c for c in alive if id(c) in kept]
     steps = first_steps
     rounds = max(1, math.ceil(math.log2(max(len(alive), 1))) + 1)
     total = sum(first_steps * 2**r * math.ceil(len(alive) / 2**r) for r in range(rounds))
@@ -360,8 +363,3 @@ def successive_halving(
             steps *= 2
     ranking = [alive[0], *sorted(seen, key=lambda c: (c.rounds, c.score), reverse=True)]
     return alive[0], [c.record() for c in ranking]
-
-
-def _first_of_cut(candidate: Candidate, ordered: Sequence[Candidate]) -> bool:
-    """Whether ``candidate`` is the first of ``ordered`` with its cut."""
-    return next(c for c in ordered if c.cut.name == candidate.cut.name) is candidate
