@@ -6,6 +6,9 @@ candidate adapter starts.
 * ``Adapter.fit_least_squares`` starts an adapter from the best linear map between the two features, across
   layouts and grid sizes, so that a short search round ranks a shallow pair by what it can do rather than by how
   far a random start is from it.
+* ``ranked`` orders scored pairs: within one standard error of the best (from the held-out size) the cheapest
+  first, at equal cost the lower held-out loss; a clearly more accurate pair wins whatever it costs.
+* ``successive_halving`` trains the best pair of every cut before judging it.
 """
 
 from __future__ import annotations
