@@ -121,16 +121,16 @@ class CloneConfig:
     search_steps: int | None = None
     """Adapter training steps per pair in the first search round (doubled each round for the survivors); ``None``:
     from ``budget`` and the data size."""
-    cost_weight: float = 0.2
+    cost_weight: float = 0.02
     """What the search gives up for a cheaper patch. A pair's cost is the share of the source its branch copies
     (mean of the parameter share and the FLOP share, in [0, 1]); its score is its held-out local accuracy (less 0.01
     times its held-out loss) less ``cost_weight`` times its cost. Pairs whose scores lie within one standard error
     of the best (from the held-out size: about 3 points at 72 held-out images, 6 at 21) count as equally good, and
-    the cheapest of them wins (``pnc_surgery.search.ranked``). At 0.2 a branch that copies the whole source must
-    be 20 points more accurate, after the search's short training, than one that copies none of it: a deep cut's
-    adapter needs more training than the search gives it to show its accuracy, a cut right after a patch embedding
-    almost none. Lower it to buy accuracy with bytes; ``0`` ignores the cost (the lower held-out loss wins within
-    the noise)."""
+    the cheapest of them wins (``pnc_surgery.search.ranked``). At 0.02 a branch that copies the whole source must
+    moreover be 2 points more accurate than one that copies none of it. Raise it to buy bytes with accuracy: the
+    search trains each pair briefly, and a deep cut's adapter needs more training to show its accuracy than one
+    right after a patch embedding, so a higher weight picks deep cuts sooner, also where they are worse (the
+    README's cost section measures both); ``0`` ignores the cost (the lower held-out loss wins within the noise)."""
     localize: bool = True
     """Prune the branch to what the cloned classes need; ``False`` keeps the full source tail (ablation)."""
     keep_ratio: float | None = None
