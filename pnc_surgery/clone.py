@@ -79,7 +79,8 @@ class Budget:
 
     Attributes:
         search_epochs: training of each surviving pair in the search's first round (doubled each later round).
-        survivors: pairs that round zero (every pair scored untrained, from its least-squares start) keeps.
+        survivors: pairs that round zero (every pair scored untrained, from its least-squares start) keeps at least;
+            it keeps the best pair of every cut in any case.
         train_epochs: most passes of the final training (it stops early when held-out accuracy stalls).
         patience: held-out evaluations (one a pass) without improvement before the final training stops.
     """
@@ -121,10 +122,15 @@ class CloneConfig:
     """Adapter training steps per pair in the first search round (doubled each round for the survivors); ``None``:
     from ``budget`` and the data size."""
     cost_weight: float = 0.02
-    """What the search gives up for a cheaper patch: a pair's score is its held-out local accuracy (less 0.01 times
-    its held-out loss) less ``cost_weight`` times its cost, the share of the source its branch copies (mean of the
-    parameter share and the FLOP share). At 0.02 a branch that copies the whole source must be 2 points more
-    accurate than one that copies none of it; ``0`` ranks by accuracy alone."""
+    """What the search gives up for a cheaper patch. A pair's cost is the share of the source its branch copies
+    (mean of the parameter share and the FLOP share, in [0, 1]); its score is its held-out local accuracy (less 0.01
+    times its held-out loss) less ``cost_weight`` times its cost. Pairs whose scores lie within one standard error
+    of the best (from the held-out size: about 3 points at 72 held-out images, 6 at 21) count as equally good, and
+    the cheapest of them wins (``pnc_surgery.search.ranked``). At 0.02 a branch that copies the whole source must
+    moreover be 2 points more accurate than one that copies none of it. Raise it to buy bytes with accuracy: the
+    search trains each pair briefly, and a deep cut's adapter needs more training to show its accuracy than one
+    right after a patch embedding, so a higher weight picks deep cuts sooner, also where they are worse (the
+    README's cost section measures both); ``0`` ignores the cost (the lower held-out loss wins within the noise)."""
     localize: bool = True
     """Prune the branch to what the cloned classes need; ``False`` keeps the full source tail (ablation)."""
     keep_ratio: float | None = None

@@ -4,10 +4,11 @@ Which source cut and which target insertion point work best depend on each other
 target feature that is already abstract, a shallow one leaves more of the source to carry the classes.
 Every compatible pair gets an adapter, started from the least-squares linear map between the two features. Round
 zero scores every pair as it starts (one forward of its branch on the held-out data, no training) and keeps the
-best ``survivors``; successive halving then trains the survivors briefly, keeps the better half and doubles the
-training of the rest until one pair is left. The score is the local accuracy on held-out clone data, ties broken
-by the loss, minus ``cost_weight`` times the pair's cost (the share of the source the branch would
-copy), so that a cheaper branch wins unless a costlier one is clearly more accurate. The ranking is returned so
+best pair of every cut and the best ``survivors``; successive halving then trains the survivors briefly, keeps the
+better half and doubles the training of the rest until one pair is left. The score is the local accuracy on
+held-out clone data, ties broken by the loss, minus ``cost_weight`` times the pair's cost (the share of the source
+the branch would copy); pairs whose scores lie within the held-out set's noise (one standard error) rank cheapest
+first, so that a cheaper branch wins unless a costlier one is clearly more accurate. The ranking is returned so
 the patch can record what was seen.
 """
 
@@ -26,7 +27,16 @@ from .adapters import Adapter
 from .branch import Branch
 from .points import Point
 
-__all__ = ["Candidate", "FitData", "train_candidate", "evaluate", "successive_halving", "spread_points"]
+__all__ = [
+    "Candidate",
+    "FitData",
+    "train_candidate",
+    "evaluate",
+    "standard_error",
+    "ranked",
+    "successive_halving",
+    "spread_points",
+]
 
 
 @dataclass
@@ -106,6 +116,10 @@ LOSS_WEIGHT = 0.01
 """Accuracy one unit of held-out loss is worth in a score: held-out sets are small, and accuracy alone often ties."""
 
 
+COST_DIGITS = 2
+"""Costs that agree to this many decimals are equal to :func:`ranked`: a hundredth of the source is no saving."""
+
+
 def _score(accuracy: float, loss: float) -> float:
     return accuracy - LOSS_WEIGHT * (loss if math.isfinite(loss) else 1e3)
 
@@ -117,8 +131,10 @@ def spread_points(points: Sequence[Point], count: int) -> list[Point]:
     hands the branch only what the target learned for its own classes (on Fashion-MNIST, sandals and
     sneakers blur: held-out local accuracy 0.89 from the target's pooled feature, 0.97 from its stem).
     A stage end is the last point before the feature shape changes; isotropic models (ViT, BERT) have
-    few, so evenly spaced blocks fill the remaining places.
+    few, so evenly spaced blocks fill the remaining places. A point that the next one only lays out anew (a patch
+    embedding's NCHW projection and its tokens) is the same feature: only the later of the two is searched.
     """
+    points = [p for p, nxt in itertools.pairwise(points) if not _relaid(p, nxt)] + list(points[-1:])
     if len(points) <= count:
         return list(points)
     ends = [p for p, nxt in itertools.pairwise(points) if p.shape != nxt.shape] + [points[-1]]
@@ -131,6 +147,11 @@ def spread_points(points: Sequence[Point], count: int) -> list[Point]:
             point = pool[round(len(pool) - 1 - i * step)]
             chosen.setdefault(point.name, point)
     return sorted(chosen.values(), key=lambda p: p.index)
+
+
+def _relaid(point: Point, following: Point) -> bool:
+    """Whether ``following`` holds ``point``'s values in another layout (same count, other layout)."""
+    return point.layout != following.layout and math.prod(point.shape) == math.prod(following.shape)
 
 
 def _loss(
@@ -236,6 +257,40 @@ def evaluate(
     return correct / max(len(data), 1), total_loss / max(len(data), 1)
 
 
+def standard_error(accuracy: float, size: int) -> float:
+    """Standard error of the difference between two accuracies near ``accuracy``, each measured on ``size``
+    held-out examples; the rate is the add-one estimate, so that a perfect score on a small set keeps its
+    uncertainty."""
+    if size <= 0 or not math.isfinite(accuracy):
+        return 0.0
+    rate = (accuracy * size + 1) / (size + 2)
+    return math.sqrt(2 * rate * (1 - rate) / size)
+
+
+def ranked(candidates: Sequence[Candidate], heldout_size: int) -> list[Candidate]:
+    """``candidates`` best first: by score, except that among those whose score is within one
+    :func:`standard_error` (on ``heldout_size`` examples) of the best, the cheapest comes first, and at equal cost
+    the one with the lower held-out loss.
+
+    A held-out set of tens of examples cannot tell accuracies a few points apart; between candidates it scores
+    alike, the one that copies less of the source wins (costs compared to :data:`COST_DIGITS` decimals, and not at
+    all with a ``cost_weight`` of 0), and the held-out loss, which every example moves a little, decides between
+    pairs of equal cost.
+    """
+    by_score = sorted(candidates, key=lambda c: c.score, reverse=True)
+    if not by_score:
+        return by_score
+    best = by_score[0]
+    margin = standard_error(best.accuracy, heldout_size)
+    tied = [c for c in by_score if c.score >= best.score - margin]
+    leader = min(tied, key=lambda c: (_rounded_cost(c), c.loss if math.isfinite(c.loss) else math.inf))
+    return [leader, *(c for c in by_score if c is not leader)]
+
+
+def _rounded_cost(candidate: Candidate) -> float:
+    return round(candidate.cost, COST_DIGITS) if candidate.cost_weight > 0 else 0.0
+
+
 def successive_halving(
     candidates: list[Candidate],
     fit: Callable[[Candidate], FitData],
@@ -250,24 +305,34 @@ def successive_halving(
     survivors: int | None = None,
     progress: bool = True,
 ) -> tuple[Candidate, list[dict]]:
-    """Score all candidates untrained, keep the best ``survivors``; then train them briefly, keep the better half,
-    double the budget, until one is left.
+    """Score all candidates untrained and keep the best pair of every cut, and more up to ``survivors``; then train
+    them briefly, keep the better half (:func:`ranked`), double the budget, until one is left.
+
+    Round zero keeps every cut because it scores a cut by how well a least-squares map reaches it: a cut right
+    after a linear patch embedding is reached almost exactly and scores high untrained, while a deeper, cheaper
+    cut needs training to show what it can do.
 
     Args:
         fit, heldout: the training and scoring data of a candidate (features depend on its points).
         first_steps: training steps of each survivor in the first round.
-        survivors: how many candidates round zero keeps (``None``: all).
+        survivors: how many candidates round zero keeps at least (``None``: all).
 
     Returns:
         The winner and the ranking of every candidate (best first) with the round it reached.
     """
     seen: list[Candidate] = []
     alive = list(candidates)
+    size = min((len(heldout(c)) for c in alive), default=0)
     for candidate in alive:
         candidate.accuracy, candidate.loss = evaluate(candidate, heldout(candidate), temperature, feature_weight)
-    alive.sort(key=lambda c: c.score, reverse=True)
+    alive = ranked(alive, size)
     if survivors is not None and len(alive) > survivors:
-        seen, alive = alive[max(survivors, 1) :], alive[: max(survivors, 1)]
+        kept = {id(c) for c in {c.cut.name: c for c in reversed(alive)}.values()}  # the best pair of every cut
+        for candidate in alive:
+            if len(kept) >= survivors:
+                break
+            kept.add(id(candidate))
+        seen, alive = [c for c in alive if id(c) not in kept], [c for c in alive if id(c) in kept]
     steps = first_steps
     rounds = max(1, math.ceil(math.log2(max(len(alive), 1))) + 1)
     total = sum(first_steps * 2**r * math.ceil(len(alive) / 2**r) for r in range(rounds))
@@ -289,7 +354,7 @@ def successive_halving(
                     candidate, heldout(candidate), temperature, feature_weight
                 )
                 candidate.rounds += 1
-            alive.sort(key=lambda c: c.score, reverse=True)
+            alive = ranked(alive, size)
             if len(alive) == 1:
                 break
             keep = max(1, len(alive) // 2)

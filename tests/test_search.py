@@ -6,6 +6,9 @@ candidate adapter starts.
 * ``Adapter.fit_least_squares`` starts an adapter from the best linear map between the two features, across
   layouts and grid sizes, so that a short search round ranks a shallow pair by what it can do rather than by how
   far a random start is from it.
+* ``ranked`` orders scored pairs: within one standard error of the best (from the held-out size) the cheapest
+  first, at equal cost the lower held-out loss; a clearly more accurate pair wins whatever it costs.
+* ``successive_halving`` trains the best pair of every cut before judging it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 
 from pnc_surgery.adapters import Adapter, FeatureSpec
 from pnc_surgery.points import Point
-from pnc_surgery.search import spread_points
+from pnc_surgery.search import Candidate, ranked, spread_points, standard_error, successive_halving
 
 
 def _cnn_points() -> list[Point]:
@@ -100,3 +103,92 @@ def test_the_least_squares_start_leaves_text_of_other_lengths_alone():
     before = {k: v.clone() for k, v in adapter.state_dict().items()}
     adapter.fit_least_squares(torch.randn(8, 7, 6), torch.randn(8, 9, 4))
     assert all(torch.equal(before[k], v) for k, v in adapter.state_dict().items())
+
+
+def _candidate(cut: str, insertion: str, accuracy: float, cost: float, loss: float = 0.5, weight: float = 0.02):
+    """A scored candidate without a model: ranking reads only its points, accuracy, loss and cost."""
+    points = {name: Point(name, i, (8, 4, 4), "NCHW", 4, 8) for i, name in enumerate((cut, insertion))}
+    candidate = Candidate(points[cut], points[insertion], None, None, cost=cost, cost_weight=weight)  # type: ignore[arg-type]
+    candidate.accuracy, candidate.loss = accuracy, loss
+    return candidate
+
+
+HELDOUT = 72
+"""Held-out examples of the benchmark's digits split (20% of 361 clone images)."""
+
+
+def test_the_standard_error_shrinks_with_the_held_out_size_and_stays_positive_at_a_perfect_score():
+    assert standard_error(0.97, 21) > standard_error(0.97, 72) > standard_error(0.97, 720) > 0
+    assert standard_error(1.0, 21) > 0.04, "21 perfect answers do not prove a perfect pair"
+
+
+def test_of_two_pairs_whose_accuracies_are_within_the_noise_the_cheaper_wins():
+    whole_source = _candidate("patch_embed", "norm", accuracy=0.97, cost=0.99)
+    one_block = _candidate("blocks.2", "norm", accuracy=0.95, cost=0.25)
+    assert standard_error(0.97, HELDOUT) > 0.97 - 0.95
+    assert ranked([whole_source, one_block], HELDOUT)[0] is one_block
+
+
+def test_a_pair_clearly_more_accurate_wins_whatever_it_costs():
+    whole_source = _candidate("patch_embed", "norm", accuracy=0.97, cost=0.99)
+    one_block = _candidate("blocks.2", "norm", accuracy=0.82, cost=0.25)
+    assert ranked([one_block, whole_source], HELDOUT)[0] is whole_source
+
+
+def test_between_pairs_of_one_cut_scored_alike_the_lower_held_out_loss_wins():
+    pooled = _candidate("layer4.0", "global_pool", accuracy=1.0, cost=0.32, loss=0.56)
+    stem = _candidate("layer4.0", "act1", accuracy=0.95, cost=0.32, loss=0.46)
+    assert ranked([pooled, stem], 21)[0] is stem
+
+
+def test_without_a_cost_weight_the_cost_is_ignored():
+    whole_source = _candidate("patch_embed", "norm", accuracy=0.97, cost=0.99, loss=0.2, weight=0.0)
+    one_block = _candidate("blocks.2", "norm", accuracy=0.96, cost=0.25, loss=0.6, weight=0.0)
+    assert ranked([one_block, whole_source], HELDOUT)[0] is whole_source
+
+
+def test_round_zero_trains_every_cut_before_judging_it(monkeypatch):
+    """Untrained, a cut right after a linear patch embedding is reached almost exactly by the least-squares start
+    and outscores a deeper cut that training would make as good: every cut's best pair is trained."""
+    import pnc_surgery.search as search
+
+    untrained = {("patch_embed", "a"): 0.99, ("patch_embed", "b"): 0.98, ("patch_embed", "c"): 0.97}
+    untrained[("blocks.2", "a")] = 0.5
+    candidates = [
+        _candidate(cut, insertion, float("nan"), cost)
+        for (cut, insertion), cost in zip(untrained, (0.99, 0.99, 0.99, 0.25))
+    ]
+
+    def evaluate(candidate, data, temperature, feature_weight):
+        key = (candidate.cut.name, candidate.insertion.name)
+        return (untrained[key] if candidate.steps == 0 else 0.96), 0.5
+
+    def train(candidate, data, steps, **kwargs):
+        candidate.steps += steps
+
+    monkeypatch.setattr(search, "evaluate", evaluate)
+    monkeypatch.setattr(search, "train_candidate", train)
+    winner, ranking = successive_halving(
+        candidates,
+        lambda c: list(range(HELDOUT)),
+        lambda c: list(range(HELDOUT)),
+        first_steps=1,
+        lr=1e-3,
+        batch_size=8,
+        temperature=1.0,
+        feature_weight=0.0,
+        generator=torch.Generator(),
+        survivors=2,
+        progress=False,
+    )
+    assert winner.cut.name == "blocks.2", ranking
+    assert [row["cut"] for row in ranking].count("patch_embed") == 3
+
+
+def test_a_feature_only_laid_out_anew_is_searched_once():
+    projection = Point("patch_embed.proj", 0, (32, 4, 4), "NCHW", 4, 32)
+    tokens = Point("patch_embed", 1, (16, 32), "NLC", 4, 32)
+    blocks = [Point(f"blocks.{i}", i + 2, (17, 32), "NLC", 4, 32) for i in range(4)]
+    chosen = [p.name for p in spread_points([projection, tokens, *blocks], 3)]
+    assert "patch_embed.proj" not in chosen, "the projection's output and the tokens are one feature"
+    assert chosen[0] == "patch_embed"
