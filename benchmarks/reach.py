@@ -367,8 +367,18 @@ def _after(logits: torch.Tensor, heads: list, step: int) -> torch.Tensor:
     return torch.cat([logits, *(h for at, h in heads if at > step)], dim=1)
 
 
-def check_points(model: nn.Module, example: Any, names: list[str]) -> dict[str, dict[str, float]]:
-    """Each point's independent substitution error and depth (rank of its module among completions, in [0, 1])."""
+def check_points(
+    model: nn.Module, example: Any, names: list[str], crash_fails: bool = False
+) -> dict[str, dict[str, float]]:
+    """Each point's independent substitution error and depth (rank of its module among completions, in [0, 1]).
+
+    Args:
+        model: the model.
+        example: its first input.
+        names: the modules to test.
+        crash_fails: a forward that raises with a module's output swapped gives it an infinite error (a module
+            whose output the rest reads for more than its values: a shape, a dtype) instead of raising.
+    """
     twin = _awake(model).eval()
     other = _other_input(model, example)
     first_logits, first_heads, outputs = _answer(twin, example)
@@ -377,7 +387,13 @@ def check_points(model: nn.Module, example: Any, names: list[str]) -> dict[str, 
     checked = {}
     for name in names:
         step, feature = outputs[name]
-        swapped_logits, swapped_heads, _ = _answer(twin, other, swap=(name, feature))
+        try:
+            swapped_logits, swapped_heads, _ = _answer(twin, other, swap=(name, feature))
+        except Exception:  # with crash_fails, a swap the forward cannot take fails the test
+            if not crash_fails:
+                raise
+            checked[name] = {"error": float("inf"), "depth": order.index(name) / max(len(order) - 1, 1)}
+            continue
         first = _after(first_logits, first_heads, step)
         spread = (_after(second_logits, second_heads, step) - first).abs().max().item()
         error = (
@@ -387,6 +403,74 @@ def check_points(model: nn.Module, example: Any, names: list[str]) -> dict[str, 
         )
         checked[name] = {"error": error, "depth": order.index(name) / max(len(order) - 1, 1)}
     return checked
+
+
+def flop_depths(model: nn.Module, example: Any) -> dict[str, float]:
+    """Each module's depth as the share of the forward's FLOPs (matmuls, convolutions, attention) done when it
+    first completes, in [0, 1]."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    done: dict[str, int] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            done.setdefault(name, counter.get_total_flops())
+
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules()]
+    try:
+        with torch.no_grad(), counter:
+            model(**example) if isinstance(example, dict) else model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = max(counter.get_total_flops(), 1)
+    return {name: flops / total for name, flops in done.items()}
+
+
+def _call_counts(model: nn.Module, example: Any) -> Counter:
+    counts: Counter = Counter()
+    handles = [
+        m.register_forward_hook(lambda m, a, o, n=n: counts.update([n]) or None) for n, m in model.named_modules()
+    ]
+    try:
+        with torch.no_grad():
+            model(**example) if isinstance(example, dict) else model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def exhaustive_check(model: nn.Module, example: Any) -> dict[str, Any]:
+    """The substitution test of :func:`check_points` on every module called once whose output is a tensor (or a
+    tuple leading with one), not only on the points ``find_points`` offers.
+
+    Returns:
+        ``tested`` (how many modules), and for each that passes its output shape, its depth by rank and by FLOPs,
+        and whether a ``Point`` can express it (a (B, C, H, W) / (B, H, W, C) map or a (B, L, C) sequence that
+        completes before the classifier is entered).
+    """
+    counts = _call_counts(model, example)
+    _, heads, outputs = _answer(model, example)
+    batch = (next(iter(example.values())) if isinstance(example, dict) else example).shape[0]
+    entered = min((at for at, _ in heads), default=len(outputs))
+    names = [n for n, (_, out) in outputs.items() if n and counts[n] == 1 and out is not None]
+    checked = check_points(model, example, names, crash_fails=True)
+    flops = flop_depths(model, example)
+    passed = {}
+    for name in names:
+        if checked[name]["error"] <= VALID_RTOL:
+            step, out = outputs[name]
+            passed[name] = {
+                "shape": list(out.shape),
+                "depth": round(checked[name]["depth"], 3),
+                "flop_depth": round(flops[name], 3),
+                "point": out.dim() in (3, 4) and out.shape[0] == batch and step < entered,
+            }
+    return {"tested": len(names), "passed": passed}
 
 
 # ---------------------------------------------------------------------------------------------- one model
@@ -416,21 +500,57 @@ class _Verdicts(logging.Handler):
         return "; ".join(f"{count}x {reason}" for reason, count in Counter(self.reasons).most_common(2))
 
 
-def run_one(key: str) -> dict[str, Any]:
-    from pnc_surgery import find_points
-    from pnc_surgery.errors import PncError
-
+def _build(key: str, start: float) -> tuple[dict[str, Any], nn.Module | None, Any]:
+    """The row's start and the model with its example, or an ``unbuildable`` row and no model."""
     torch.set_num_threads(1)
     family, name = key.split(":", 1)
-    start = time.perf_counter()
     row: dict[str, Any] = {"key": key}
     try:
         model, example, setting = build_timm(name) if family == "timm" else build_transformers(name)
     except Exception as exc:  # Unbuildable, or a constructor that fails outright
         reason = str(exc) if isinstance(exc, Unbuildable) else f"{type(exc).__name__}: {str(exc)[:200]}"
-        return {**row, "status": "unbuildable", "reason": reason, "seconds": round(time.perf_counter() - start, 2)}
+        return (
+            {**row, "status": "unbuildable", "reason": reason, "seconds": round(time.perf_counter() - start, 2)},
+            None,
+            None,
+        )
     row["setting"] = setting
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    return row, model, example
+
+
+def run_exhaustive(key: str) -> dict[str, Any]:
+    """One model's :func:`exhaustive_check` as a result row (status ``checked``)."""
+    start = time.perf_counter()
+    row, model, example = _build(key, start)
+    if model is None:
+        return row
+    try:
+        row.update(exhaustive_check(model, example), status="checked")
+    except Exception as exc:  # the benchmark's own failure
+        row.update(status="check-error", reason=f"{type(exc).__name__}: {str(exc)[:200]}")
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def run_depths(key: str, names: list[str]) -> dict[str, Any]:
+    """The FLOP depths of ``names`` (a row's points measured before depths were), as a partial row."""
+    start = time.perf_counter()
+    row, model, example = _build(key, start)
+    if model is None:
+        return row
+    flops = flop_depths(model, example)
+    return {"key": key, "flop_depths": [round(flops[n], 3) for n in names]}
+
+
+def run_one(key: str) -> dict[str, Any]:
+    from pnc_surgery import find_points
+    from pnc_surgery.errors import PncError
+
+    start = time.perf_counter()
+    row, model, example = _build(key, start)
+    if model is None:
+        return row
     found = time.perf_counter()
     verdicts = _Verdicts()
     try:
@@ -453,6 +573,7 @@ def run_one(key: str) -> dict[str, Any]:
     row["find_points_seconds"] = round(time.perf_counter() - found, 2)
     try:
         checked = check_points(model, example, [p.name for p in points])
+        flops = flop_depths(model, example)
     except Exception as exc:  # the benchmark's own failure, counted as a miss
         return {
             **row,
@@ -468,6 +589,7 @@ def run_one(key: str) -> dict[str, Any]:
         valid=len(valid),
         invalid=invalid,
         depths=[round(checked[p.name]["depth"], 3) for p in points],
+        flop_depths=[round(flops[p.name], 3) for p in points],
         names=[p.name for p in points],
         reasons=verdicts.summary(),
     )
@@ -646,10 +768,58 @@ def _load(path: Path) -> dict[str, dict]:
     return rows
 
 
-def largest_gap(row: dict) -> float:
-    """The largest depth gap between consecutive valid points of a checked row, depth 0 and 1 included."""
-    depths = sorted(d for n, d in zip(row["names"], row["depths"]) if n not in row["invalid"])
-    return max(b - a for a, b in zip([0.0, *depths], [*depths, 1.0]))
+def _gap(depths: list[float]) -> float:
+    """The largest gap between consecutive depths, depth 0 and 1 included."""
+    ordered = sorted(depths)
+    return max(b - a for a, b in zip([0.0, *ordered], [*ordered, 1.0]))
+
+
+def largest_gap(row: dict, measure: str = "depths") -> float:
+    """The largest depth gap between consecutive valid points of a checked row, depth 0 and 1 included.
+
+    Args:
+        row: a checked row.
+        measure: ``"depths"`` (rank among module completions) or ``"flop_depths"`` (share of the FLOPs).
+    """
+    return _gap([d for n, d in zip(row["names"], row[measure]) if n not in row["invalid"]])
+
+
+def exhaustive_table(checked: dict[str, dict], rows: dict[str, dict]) -> str:
+    """The exhaustive check's verdict per model, against the points ``find_points`` offered (``rows``)."""
+    lines = [
+        "# Exhaustive substitution check: every module called once, not only the points offered",
+        "",
+        "A module *passes* when swapping its output alone (the benchmark's own test) gives the first input's answer;",
+        "it is *expressible* as a point when it is a (B, C, H, W) / (B, H, W, C) map or a (B, L, C) sequence",
+        "completed before the classifier. Gaps are the largest depth gap among the expressible passes.",
+        "",
+        "| model | tested | pass | expressible | offered | expressible, not offered | gap (rank) | gap (FLOPs) |"
+        " verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(checked):
+        row = checked[key]
+        if row.get("status") != "checked":
+            lines.append(f"| {key} |  |  |  |  |  |  |  | {row.get('status')}: {row.get('reason', '')[:120]} |")
+            continue
+        passes = row["passed"]
+        points = {n: p for n, p in passes.items() if p["point"]}
+        offered = set(rows.get(key, {}).get("names") or [])
+        missed = sorted(set(points) - offered, key=lambda n: points[n]["depth"])
+        rank, flops = (_gap([p[m] for p in points.values()]) for m in ("depth", "flop_depth"))
+        enough = len(points) >= 3 and min(rank, flops) <= MAX_GAP
+        if missed and enough:
+            verdict = "find_points misses cuts"
+        elif enough:
+            verdict = "the offered points are all there are"
+        else:
+            verdict = "no 3 spread single-tensor cuts exist"
+        shown = ", ".join(missed[:4]) + (f" (+{len(missed) - 4})" if len(missed) > 4 else "")
+        lines.append(
+            f"| {key} | {row['tested']} | {len(passes)} | {len(points)} | {len(offered)} | {shown} | {rank:.2f} | "
+            f"{flops:.2f} | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def status(row: dict) -> str:
@@ -691,11 +861,11 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_children(keys: list[str], timeout: float) -> Iterator[dict]:
+def _run_children(keys: list[str], timeout: float, mode: str = "points") -> Iterator[dict]:
     """Run ``keys`` in one child process, yielding each result row; a model over ``timeout`` seconds (or one that
     kills the child) gets a timeout (crash) row and the child is ended, so the caller starts a new one."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.reach", "--children", ",".join(keys)],
+        [sys.executable, "-m", "benchmarks.reach", "--children", ",".join(keys), "--mode", mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -737,6 +907,7 @@ def _run_children(keys: list[str], timeout: float) -> Iterator[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--children", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="points", help=argparse.SUPPRESS)
     parser.add_argument("--only", help="comma-separated keys (timm:<name>, hf:<Class>) instead of all")
     parser.add_argument("--family", choices=("timm", "hf", "all"), default="all")
     parser.add_argument("--part", default="1/1", help="run the i-th of n interleaved chunks, e.g. 2/4")
@@ -745,6 +916,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="rerun models already in the results file")
     parser.add_argument("--table", action="store_true", help="only rewrite the table from the results file")
     parser.add_argument("--clone", action="store_true", help="clone() end to end on one pair per family group instead")
+    parser.add_argument(
+        "--exhaustive",
+        action="store_true",
+        help="test every module called once, not only the points offered (to reach_exhaustive.jsonl)",
+    )
+    parser.add_argument(
+        "--depths", action="store_true", help="add FLOP depths to the rows measured before they were recorded"
+    )
     args = parser.parse_args(argv)
     if args.clone:
         import tempfile
@@ -760,35 +939,65 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.children:
         for key in args.children.split(","):
-            print(json.dumps(run_one(key)), flush=True)
+            if args.mode == "depths":
+                row = run_depths(key, _load(args.out)[key]["names"])
+            else:
+                row = run_exhaustive(key) if args.mode == "exhaustive" else run_one(key)
+            print(json.dumps(row), flush=True)
         return
     rows = _load(args.out)
-    if not args.table:
-        if args.only:
-            keys = args.only.split(",")
-        else:
-            keys = []
-            if args.family in ("timm", "all"):
-                keys += [f"timm:{n}" for n in timm_models(RESULTS / "reach_timm_models.json")]
-            if args.family in ("hf", "all"):
-                keys += [f"hf:{n}" for n in transformers_classes()]
-            index, count = (int(v) for v in args.part.split("/"))
-            keys = keys[index - 1 :: count]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        pending = [key for key in keys if args.fresh or key not in rows]
-        while pending:
-            for row in _run_children(pending, args.timeout):
-                pending.remove(row["key"])
-                rows[row["key"]] = row
-                with args.out.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
-                print(
-                    f"{row['key']}: {row['status']} {row.get('valid', '')}/{row.get('points', '')} "
-                    f"{row.get('seconds', '')}s {(row.get('reason') or '')[:100]}",
-                    flush=True,
-                )
-    (args.out.with_suffix(".md")).write_text(table(rows))
-    print(table(rows).split("\n\n")[1])
+    if args.depths:
+        depths_file = args.out.with_name(args.out.stem + "_depths.jsonl")
+        keys = [k for k in _selected(args) if "names" in rows.get(k, {}) and "flop_depths" not in rows[k]]
+        _run_keys(keys, depths_file, args.timeout, "depths", args.fresh)
+    elif args.exhaustive:
+        exhaustive_file = args.out.with_name(args.out.stem + "_exhaustive.jsonl")
+        keys = (
+            args.only.split(",")
+            if args.only
+            else [k for k, r in rows.items() if status(r) not in ("ok", "unbuildable")]
+        )
+        checked = _run_keys(keys, exhaustive_file, args.timeout, "exhaustive", args.fresh)
+        exhaustive_file.with_suffix(".md").write_text(exhaustive_table(checked, rows))
+        print(exhaustive_table(checked, rows))
+        return
+    elif not args.table:
+        rows = _run_keys(_selected(args), args.out, args.timeout, "points", args.fresh)
+    text = table(rows)
+    (args.out.with_suffix(".md")).write_text(text)
+    print(text.split("\n\n")[1])
+
+
+def _selected(args: argparse.Namespace) -> list[str]:
+    """The keys a run covers: ``--only``, else ``--family``'s, in ``--part``'s chunk."""
+    if args.only:
+        return args.only.split(",")
+    keys = []
+    if args.family in ("timm", "all"):
+        keys += [f"timm:{n}" for n in timm_models(RESULTS / "reach_timm_models.json")]
+    if args.family in ("hf", "all"):
+        keys += [f"hf:{n}" for n in transformers_classes()]
+    index, count = (int(v) for v in args.part.split("/"))
+    return keys[index - 1 :: count]
+
+
+def _run_keys(keys: list[str], out: Path, timeout: float, mode: str, fresh: bool) -> dict[str, dict]:
+    """Run the keys not yet in ``out`` (all with ``fresh``) in children, appending each row; all of ``out``'s rows."""
+    rows = _load(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pending = [key for key in keys if fresh or key not in rows]
+    while pending:
+        for row in _run_children(pending, timeout, mode):
+            pending.remove(row["key"])
+            rows[row["key"]] = row
+            with out.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(
+                f"{row['key']}: {row.get('status', mode)} {row.get('valid', '')}/{row.get('points', '')} "
+                f"{row.get('seconds', '')}s {(row.get('reason') or '')[:100]}",
+                flush=True,
+            )
+    return rows
 
 
 if __name__ == "__main__":
