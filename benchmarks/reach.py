@@ -53,7 +53,9 @@ NUM_CLASSES = 11
 """Every model gets this many classes, a number no default config uses (it finds the classifier layers)."""
 VALID_RTOL = 1e-3
 MAX_GAP = 0.5
-IMAGE_SIZES = (64, 96, 128, 160, 224)
+IMAGE_SIZES = (64, 96, 128, 160, 56, 112, 224)
+"""Input sizes tried in this order below the model's own; 56 and 112 (multiples of 14) serve patch-14 models that
+run at none of the others, before 224."""
 TEXT_LENGTH = 16
 SMALL_TEXT = {
     "hidden_size": 32,
