@@ -446,9 +446,21 @@ def _call_counts(model: nn.Module, example: Any) -> Counter:
     return counts
 
 
-def exhaustive_check(model: nn.Module, example: Any) -> dict[str, Any]:
+def _point_shaped(output: tuple[int, torch.Tensor], batch: int, entered: int) -> bool:
+    """Whether a module output (with the step it completed at) is a map or a sequence completed before the
+    classifier was entered at step ``entered``."""
+    step, out = output
+    return out.dim() in (3, 4) and out.shape[0] == batch and step < entered
+
+
+def exhaustive_check(model: nn.Module, example: Any, point_shaped: bool = False) -> dict[str, Any]:
     """The substitution test of :func:`check_points` on every module called once whose output is a tensor (or a
     tuple leading with one), not only on the points ``find_points`` offers.
+
+    Args:
+        model: the model.
+        example: its example input.
+        point_shaped: test only the modules a ``Point`` could express (see below; faster on large models).
 
     Returns:
         ``tested`` (how many modules), and for each that passes its output shape, its depth by rank and by FLOPs,
@@ -460,17 +472,19 @@ def exhaustive_check(model: nn.Module, example: Any) -> dict[str, Any]:
     batch = (next(iter(example.values())) if isinstance(example, dict) else example).shape[0]
     entered = min((at for at, _ in heads), default=len(outputs))
     names = [n for n, (_, out) in outputs.items() if n and counts[n] == 1 and out is not None]
+    if point_shaped:
+        names = [n for n in names if _point_shaped(outputs[n], batch, entered)]
     checked = check_points(model, example, names, crash_fails=True)
     flops = flop_depths(model, example)
     passed = {}
     for name in names:
         if checked[name]["error"] <= VALID_RTOL:
-            step, out = outputs[name]
+            out = outputs[name][1]
             passed[name] = {
                 "shape": list(out.shape),
                 "depth": round(checked[name]["depth"], 3),
                 "flop_depth": round(flops[name], 3),
-                "point": out.dim() in (3, 4) and out.shape[0] == batch and step < entered,
+                "point": _point_shaped(outputs[name], batch, entered),
             }
     return {"tested": len(names), "passed": passed}
 
@@ -521,28 +535,63 @@ def _build(key: str, start: float) -> tuple[dict[str, Any], nn.Module | None, An
     return row, model, example
 
 
-def run_exhaustive(key: str) -> dict[str, Any]:
+def run_exhaustive(key: str, point_shaped: bool = False) -> dict[str, Any]:
     """One model's :func:`exhaustive_check` as a result row (status ``checked``)."""
     start = time.perf_counter()
     row, model, example = _build(key, start)
     if model is None:
         return row
     try:
-        row.update(exhaustive_check(model, example), status="checked")
+        row.update(exhaustive_check(model, example, point_shaped), status="checked", point_shaped=point_shaped)
     except Exception as exc:  # the benchmark's own failure
         row.update(status="check-error", reason=f"{type(exc).__name__}: {str(exc)[:200]}")
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 
 
-def run_depths(key: str, names: list[str]) -> dict[str, Any]:
-    """The FLOP depths of ``names`` (a row's points measured before depths were), as a partial row."""
+def _on_meta(key: str, setting: str) -> tuple[nn.Module, Any]:
+    """An image model built on the meta device at its row's ``setting`` (no weights, no compute: enough to count
+    FLOPs), with a meta example."""
+    family, name = key.split(":", 1)
+    side = int(re.search(r"(\d+)px", setting).group(1))
+    if family == "timm":
+        import timm
+
+        kwargs = {"img_size": side} if "img_size=" in setting else {}
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
+        channels = model.pretrained_cfg.get("input_size", (3,))[0]
+        return model.eval(), torch.empty(2, channels, side, side, device="meta")
+    import transformers
+
+    cls = getattr(transformers, name)
+    config = cls.config_class()
+    if setting.startswith("small"):
+        _shrink(config, SMALL_IMAGE)
+    config.num_labels = NUM_CLASSES
+    with torch.device("meta"):
+        model = cls(config)
+    channels = int(getattr(config, "num_channels", 3))
+    return model.eval(), {"pixel_values": torch.empty(2, channels, side, side, device="meta")}
+
+
+def run_depths(key: str, row: dict[str, Any]) -> dict[str, Any]:
+    """The FLOP depths of a row's points (measured before depths were), as a partial row. Image models are built on
+    the meta device (FLOPs do not depend on the weights); text models, and image models that do not run there, are
+    built as the row was."""
     start = time.perf_counter()
-    row, model, example = _build(key, start)
-    if model is None:
-        return row
-    flops = flop_depths(model, example)
-    return {"key": key, "flop_depths": [round(flops[n], 3) for n in names]}
+    flops = None
+    if "px" in (row.get("setting") or ""):
+        try:
+            flops = flop_depths(*_on_meta(key, row["setting"]))
+        except Exception:  # an operation without a meta kernel: build it for real
+            flops = None
+    if flops is None:
+        built, model, example = _build(key, start)
+        if model is None:
+            return built
+        flops = flop_depths(model, example)
+    return {"key": key, "flop_depths": [round(flops[n], 3) for n in row["names"]]}
 
 
 def run_one(key: str) -> dict[str, Any]:
@@ -808,59 +857,80 @@ def exhaustive_table(checked: dict[str, dict], rows: dict[str, dict]) -> str:
         points = {n: p for n, p in passes.items() if p["point"]}
         offered = set(rows.get(key, {}).get("names") or [])
         missed = sorted(set(points) - offered, key=lambda n: points[n]["depth"])
-        rank, flops = (_gap([p[m] for p in points.values()]) for m in ("depth", "flop_depth"))
-        enough = len(points) >= 3 and min(rank, flops) <= MAX_GAP
-        if missed and enough:
-            verdict = "find_points misses cuts"
-        elif enough:
-            verdict = "the offered points are all there are"
-        else:
-            verdict = "no 3 spread single-tensor cuts exist"
-        shown = ", ".join(missed[:4]) + (f" (+{len(missed) - 4})" if len(missed) > 4 else "")
+        gaps, verdicts = [], []
+        for measure, label in (("depth", "rank"), ("flop_depth", "FLOPs")):
+            every = [p[measure] for p in points.values()]
+            some = [p[measure] for n, p in points.items() if n in offered]
+            gaps.append(f"{_gap(every):.2f}")
+            spread = [len(d) >= 3 and _gap(d) <= MAX_GAP for d in (every, some)]
+            verdicts.append(
+                f"{label}: "
+                + ("no 3 spread cuts exist" if not spread[0] else "offered enough" if spread[1] else "MISSED cuts")
+            )
+        shown = ", ".join(missed[:3]) + (f" (+{len(missed) - 3})" if len(missed) > 3 else "")
         lines.append(
-            f"| {key} | {row['tested']} | {len(passes)} | {len(points)} | {len(offered)} | {shown} | {rank:.2f} | "
-            f"{flops:.2f} | {verdict} |"
+            f"| {key} | {row['tested']} | {len(passes)} | {len(points)} | {len(offered)} | {shown} | {gaps[0]} | "
+            f"{gaps[1]} | {'; '.join(verdicts)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def status(row: dict) -> str:
-    """``invalid``, ``ok`` or ``few`` for a row whose points were checked; its recorded status otherwise."""
+def status(row: dict, measure: str = "depths") -> str:
+    """``invalid``, ``ok`` or ``few`` for a row whose points were checked (spread by ``measure``, see
+    :func:`largest_gap`); its recorded status otherwise."""
     if "depths" not in row:
         return row["status"]
     if row["invalid"]:
         return "invalid"
-    return "ok" if row["valid"] >= 3 and largest_gap(row) <= MAX_GAP else "few"
+    return "ok" if row["valid"] >= 3 and largest_gap(row, measure) <= MAX_GAP else "few"
+
+
+def _counts(rows: dict[str, dict], measure: str) -> str:
+    counts = Counter(status(r, measure) for r in rows.values())
+    counted = len(rows) - counts["unbuildable"]
+    return f"ok {counts['ok']}/{counted} ({100 * counts['ok'] / max(counted, 1):.1f}%); " + ", ".join(
+        f"{k} {v}" for k, v in sorted(counts.items()) if k != "ok"
+    )
 
 
 def table(rows: dict[str, dict]) -> str:
+    """The markdown reach table: counts by both depth measures, then one line a model."""
+    with_flops = {k: r for k, r in rows.items() if "depths" not in r or "flop_depths" in r}
     rows = {key: {**row, "status": status(row)} for key, row in rows.items()}
     counted = [r for r in rows.values() if r["status"] != "unbuildable"]
-    counts = Counter(r["status"] for r in rows.values())
-    ok = counts["ok"]
     lines = [
         f"# Reach of find_points ({len(counted)} models counted, "
-        f"{counts['unbuildable']} not buildable from a small config)",
+        f"{len(rows) - len(counted)} not buildable from a small config)",
         "",
-        f"ok {ok}/{len(counted)} ({100 * ok / max(len(counted), 1):.1f}%); "
-        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "ok"),
+        f"spread by rank among module completions: {_counts(rows, 'depths')}",
+        f"spread by share of the FLOPs ({len(with_flops)} rows with FLOP depths): {_counts(with_flops, 'flop_depths')}",
         f"invalid points: {sum(len(r.get('invalid') or {}) for r in rows.values())}",
         "",
-        "| model | setting | status | points | valid | largest gap | seconds | reason / invalid |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | setting | status (rank) | points | valid | largest gap (rank) | largest gap (FLOPs) | seconds "
+        "| reason / invalid |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(rows):
         r = rows[key]
         note = r.get("reason") or (json.dumps(r["invalid"]) if r.get("invalid") else "")
         if r["status"] == "few":
             note = r.get("reasons") or r.get("reason", "")
-        gap = f"{largest_gap(r):.2f}" if "depths" in r else ""
+        gaps = [f"{largest_gap(r, m):.2f}" if m in r else "" for m in ("depths", "flop_depths")]
         lines.append(
             f"| {key} | {r.get('setting', '')} | {r['status']} | {r.get('points', '')} | {r.get('valid', '')} | "
-            f"{gap} | {r.get('seconds', '')} | "
-            f"{note.replace('|', '/')[:200]} |"
+            f"{gaps[0]} | {gaps[1]} | {r.get('seconds', '')} | {note.replace('|', '/')[:200]} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _load_points(out: Path) -> dict[str, dict]:
+    """The points rows of ``out``, with the FLOP depths that ``--depths`` measured later for older rows."""
+    rows = _load(out)
+    for key, extra in _load(out.with_name(out.stem + "_depths.jsonl")).items():
+        row = rows.get(key)
+        if "flop_depths" in extra and row is not None and "flop_depths" not in row and "names" in row:
+            row["flop_depths"] = extra["flop_depths"]
+    return rows
 
 
 def _run_children(keys: list[str], timeout: float, mode: str = "points") -> Iterator[dict]:
@@ -924,6 +994,11 @@ def main(argv: list[str] | None = None) -> None:
         help="test every module called once, not only the points offered (to reach_exhaustive.jsonl)",
     )
     parser.add_argument(
+        "--point-shaped",
+        action="store_true",
+        help="with --exhaustive: test only the modules a point could express (maps and sequences before the head)",
+    )
+    parser.add_argument(
         "--depths", action="store_true", help="add FLOP depths to the rows measured before they were recorded"
     )
     args = parser.parse_args(argv)
@@ -942,12 +1017,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.children:
         for key in args.children.split(","):
             if args.mode == "depths":
-                row = run_depths(key, _load(args.out)[key]["names"])
+                row = run_depths(key, _load(args.out)[key])
             else:
-                row = run_exhaustive(key) if args.mode == "exhaustive" else run_one(key)
+                row = run_exhaustive(key, args.mode == "shaped") if args.mode != "points" else run_one(key)
             print(json.dumps(row), flush=True)
         return
-    rows = _load(args.out)
+    rows = _load_points(args.out)
     if args.depths:
         depths_file = args.out.with_name(args.out.stem + "_depths.jsonl")
         keys = [k for k in _selected(args) if "names" in rows.get(k, {}) and "flop_depths" not in rows[k]]
@@ -959,13 +1034,14 @@ def main(argv: list[str] | None = None) -> None:
             if args.only
             else [k for k, r in rows.items() if status(r) not in ("ok", "unbuildable")]
         )
-        checked = _run_keys(keys, exhaustive_file, args.timeout, "exhaustive", args.fresh)
+        mode = "shaped" if args.point_shaped else "exhaustive"
+        checked = _run_keys(keys, exhaustive_file, args.timeout, mode, args.fresh)
         exhaustive_file.with_suffix(".md").write_text(exhaustive_table(checked, rows))
         print(exhaustive_table(checked, rows))
         return
     elif not args.table:
-        rows = _run_keys(_selected(args), args.out, args.timeout, "points", args.fresh)
-    text = table(rows)
+        _run_keys(_selected(args), args.out, args.timeout, "points", args.fresh)
+    text = table(_load_points(args.out))
     (args.out.with_suffix(".md")).write_text(text)
     print(text.split("\n\n")[1])
 
