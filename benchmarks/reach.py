@@ -13,6 +13,12 @@ swapped for the first input's, and the logits and the classifier's input must co
 (relative error <= ``VALID_RTOL`` of the two inputs' difference). A point is *invalid* if it fails. Depth is a
 point's rank among the forward's module completions, over their number; the points are *spread* when no gap
 between consecutive valid points, the input (depth 0) and the output (depth 1) included, is over ``MAX_GAP``.
+A second depth, the share of the forward's FLOPs done when the point completes, is recorded beside it and the
+table counts the rows by both.
+
+``--exhaustive`` runs the same substitution test on every module called once (not only on the points offered), by
+default on the rows that are not ``ok``, and says per model whether single-tensor cuts that would spread exist
+that ``find_points`` did not offer (``--point-shaped`` tests only the maps and sequences a point could be).
 
 Statuses: ``ok`` (>= 3 valid points, spread, none invalid), ``few`` (fewer or not spread), ``invalid`` (an
 invalid point), ``refused`` (a ``PncError`` naming the reason), ``crashed`` (any other exception: a bug),
@@ -26,6 +32,8 @@ Run:  python -m benchmarks.reach                       (everything; about an hou
       python -m benchmarks.reach --only timm:inception_v3,hf:GPT2ForSequenceClassification --fresh
       python -m benchmarks.reach --table                (rewrite the table from the results file)
       python -m benchmarks.reach --clone                (clone() end to end on one pair per family group)
+      python -m benchmarks.reach --exhaustive --timeout 900   (every module of the misses: reach_exhaustive.md)
+      python -m benchmarks.reach --depths               (FLOP depths for rows measured before they were recorded)
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 RESULTS = Path(__file__).parent / "results"
 NUM_CLASSES = 11
@@ -407,17 +416,34 @@ def check_points(
     return checked
 
 
+class _FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of the operations torch's flop counter knows (matmuls, convolutions, attention); unlike
+    ``FlopCounterMode`` it tracks no modules, so parameters passed between modules (class tokens) do not trip it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
 def flop_depths(model: nn.Module, example: Any) -> dict[str, float]:
     """Each module's depth as the share of the forward's FLOPs (matmuls, convolutions, attention) done when it
     first completes, in [0, 1]."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
+    counter = _FlopCount()
     done: dict[str, int] = {}
 
     def record(name: str) -> Any:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            done.setdefault(name, counter.get_total_flops())
+            done.setdefault(name, counter.total)
 
         return hook
 
@@ -428,7 +454,7 @@ def flop_depths(model: nn.Module, example: Any) -> dict[str, float]:
     finally:
         for handle in handles:
             handle.remove()
-    total = max(counter.get_total_flops(), 1)
+    total = max(counter.total, 1)
     return {name: flops / total for name, flops in done.items()}
 
 
