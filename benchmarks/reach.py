@@ -304,15 +304,19 @@ def build_transformers(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], s
 
 
 # ---------------------------------------------------------------------------------- independent checking
-def _awake(model: nn.Module) -> nn.Module:
-    """A copy in which near-zero weight tensors are drawn again around one, so no residual branch is silent."""
+def _awake(model: nn.Module, scale: float = 1.0) -> nn.Module:
+    """A copy in which near-zero weight tensors are drawn again around ``scale``, so no residual branch is silent."""
     twin = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in twin.named_parameters():
             if param.dim() and param.numel() > 1 and "bias" not in name.rsplit(".", 1)[-1] and param.abs().max() < 1e-3:
-                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+                param.copy_((torch.rand(param.shape, generator=gen) + 0.5) * scale)
     return twin
+
+
+AWAKE_SCALES = (1.0, 0.1, 0.01)
+"""Woken weights are drawn around one, or smaller where the woken model's answers are not finite (HaloNet)."""
 
 
 def _other_input(model: nn.Module, example: Any) -> Any:
@@ -390,10 +394,13 @@ def check_points(
         crash_fails: a forward that raises with a module's output swapped gives it an infinite error (a module
             whose output the rest reads for more than its values: a shape, a dtype) instead of raising.
     """
-    twin = _awake(model).eval()
     other = _other_input(model, example)
-    first_logits, first_heads, outputs = _answer(twin, example)
-    second_logits, second_heads, _ = _answer(twin, other)
+    for scale in AWAKE_SCALES:
+        twin = _awake(model, scale).eval()
+        first_logits, first_heads, outputs = _answer(twin, example)
+        second_logits, second_heads, _ = _answer(twin, other)
+        if all(t.isfinite().all() for t in [first_logits, second_logits, *(h for _, h in first_heads + second_heads)]):
+            break
     order = list(outputs)
     checked = {}
     for name in names:
