@@ -900,9 +900,10 @@ def exhaustive_table(checked: dict[str, dict], rows: dict[str, dict]) -> str:
                 f"{label}: "
                 + ("no 3 spread cuts exist" if not spread[0] else "offered enough" if spread[1] else "MISSED cuts")
             )
+        tested = f"{row['tested']} (maps, sequences)" if row.get("point_shaped") else row["tested"]
         shown = ", ".join(missed[:3]) + (f" (+{len(missed) - 3})" if len(missed) > 3 else "")
         lines.append(
-            f"| {key} | {row['tested']} | {len(passes)} | {len(points)} | {len(offered)} | {shown} | {gaps[0]} | "
+            f"| {key} | {tested} | {len(passes)} | {len(points)} | {len(offered)} | {shown} | {gaps[0]} | "
             f"{gaps[1]} | {'; '.join(verdicts)} |"
         )
     return "\n".join(lines) + "\n"
