@@ -236,7 +236,8 @@ def _substitution_errors(
     features, only as many as keep the largest one under ``SUBSTITUTION_ELEMENTS`` elements.
     """
     batch = baseline.shape[0]
-    largest = max((first.calls[n].output.numel() for n in names if first.calls[n].output is not None), default=1)
+    features = [first.calls[n].output for n in names]
+    largest = max((f.numel() for f in features if f is not None), default=1)
     size = max(1, min(SUBSTITUTION_CHUNK, SUBSTITUTION_ELEMENTS // largest))
     errors: dict[str, float] = {}
     for start in range(0, len(names), size):
