@@ -515,6 +515,7 @@ def exhaustive_check(model: nn.Module, example: Any, point_shaped: bool = False)
             out = outputs[name][1]
             passed[name] = {
                 "shape": list(out.shape),
+                "error": checked[name]["error"],
                 "depth": round(checked[name]["depth"], 3),
                 "flop_depth": round(flops[name], 3),
                 "point": _point_shaped(outputs[name], batch, entered),
@@ -875,11 +876,13 @@ def exhaustive_table(checked: dict[str, dict], rows: dict[str, dict]) -> str:
         "",
         "A module *passes* when swapping its output alone (the benchmark's own test) gives the first input's answer;",
         "it is *expressible* as a point when it is a (B, C, H, W) / (B, H, W, C) map or a (B, L, C) sequence",
-        "completed before the classifier. Gaps are the largest depth gap among the expressible passes.",
+        "completed before the classifier; *exact* counts the expressible passes whose swapped answer is bit for bit",
+        "the first input's (where the run recorded errors). Gaps are the largest depth gap among the expressible",
+        "passes.",
         "",
-        "| model | tested | pass | expressible | offered | expressible, not offered | gap (rank) | gap (FLOPs) |"
-        " verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | tested | pass | expressible | exact | offered | expressible, not offered | gap (rank) "
+        "| gap (FLOPs) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(checked):
         row = checked[key]
@@ -901,9 +904,12 @@ def exhaustive_table(checked: dict[str, dict], rows: dict[str, dict]) -> str:
                 + ("no 3 spread cuts exist" if not spread[0] else "offered enough" if spread[1] else "MISSED cuts")
             )
         tested = f"{row['tested']} (maps, sequences)" if row.get("point_shaped") else row["tested"]
+        exact = (
+            sum(p.get("error", 1) == 0 for p in points.values()) if all("error" in p for p in passes.values()) else ""
+        )
         shown = ", ".join(missed[:3]) + (f" (+{len(missed) - 3})" if len(missed) > 3 else "")
         lines.append(
-            f"| {key} | {tested} | {len(passes)} | {len(points)} | {len(offered)} | {shown} | {gaps[0]} | "
+            f"| {key} | {tested} | {len(passes)} | {len(points)} | {exact} | {len(offered)} | {shown} | {gaps[0]} | "
             f"{gaps[1]} | {'; '.join(verdicts)} |"
         )
     return "\n".join(lines) + "\n"
