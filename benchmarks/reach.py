@@ -877,8 +877,8 @@ def exhaustive_table(checked: dict[str, dict], rows: dict[str, dict]) -> str:
         "A module *passes* when swapping its output alone (the benchmark's own test) gives the first input's answer;",
         "it is *expressible* as a point when it is a (B, C, H, W) / (B, H, W, C) map or a (B, L, C) sequence",
         "completed before the classifier; *exact* counts the expressible passes whose swapped answer is bit for bit",
-        "the first input's (where the run recorded errors). Gaps are the largest depth gap among the expressible",
-        "passes.",
+        "the first input's (where the run recorded errors). The last three columns use the exact expressible passes",
+        "where errors were recorded, else all expressible passes; gaps are the largest depth gap among them.",
         "",
         "| model | tested | pass | expressible | exact | offered | expressible, not offered | gap (rank) "
         "| gap (FLOPs) | verdict |",
@@ -892,11 +892,12 @@ def exhaustive_table(checked: dict[str, dict], rows: dict[str, dict]) -> str:
         passes = row["passed"]
         points = {n: p for n, p in passes.items() if p["point"]}
         offered = set(rows.get(key, {}).get("names") or [])
-        missed = sorted(set(points) - offered, key=lambda n: points[n]["depth"])
+        cuts = {n: p for n, p in points.items() if p.get("error", 0) == 0}  # exact ones, where errors were recorded
+        missed = sorted(set(cuts) - offered, key=lambda n: cuts[n]["depth"])
         gaps, verdicts = [], []
         for measure, label in (("depth", "rank"), ("flop_depth", "FLOPs")):
-            every = [p[measure] for p in points.values()]
-            some = [p[measure] for n, p in points.items() if n in offered]
+            every = [p[measure] for p in cuts.values()]
+            some = [p[measure] for n, p in cuts.items() if n in offered]
             gaps.append(f"{_gap(every):.2f}")
             spread = [len(d) >= 3 and _gap(d) <= MAX_GAP for d in (every, some)]
             verdicts.append(
