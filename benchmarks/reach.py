@@ -13,6 +13,12 @@ swapped for the first input's, and the logits and the classifier's input must co
 (relative error <= ``VALID_RTOL`` of the two inputs' difference). A point is *invalid* if it fails. Depth is a
 point's rank among the forward's module completions, over their number; the points are *spread* when no gap
 between consecutive valid points, the input (depth 0) and the output (depth 1) included, is over ``MAX_GAP``.
+A second depth, the share of the forward's FLOPs done when the point completes, is recorded beside it and the
+table counts the rows by both.
+
+``--exhaustive`` runs the same substitution test on every module called once (not only on the points offered), by
+default on the rows that are not ``ok``, and says per model whether single-tensor cuts that would spread exist
+that ``find_points`` did not offer (``--point-shaped`` tests only the maps and sequences a point could be).
 
 Statuses: ``ok`` (>= 3 valid points, spread, none invalid), ``few`` (fewer or not spread), ``invalid`` (an
 invalid point), ``refused`` (a ``PncError`` naming the reason), ``crashed`` (any other exception: a bug),
@@ -26,6 +32,8 @@ Run:  python -m benchmarks.reach                       (everything; about an hou
       python -m benchmarks.reach --only timm:inception_v3,hf:GPT2ForSequenceClassification --fresh
       python -m benchmarks.reach --table                (rewrite the table from the results file)
       python -m benchmarks.reach --clone                (clone() end to end on one pair per family group)
+      python -m benchmarks.reach --exhaustive --timeout 900   (every module of the misses: reach_exhaustive.md)
+      python -m benchmarks.reach --depths               (FLOP depths for rows measured before they were recorded)
 """
 
 from __future__ import annotations
@@ -47,13 +55,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 RESULTS = Path(__file__).parent / "results"
 NUM_CLASSES = 11
 """Every model gets this many classes, a number no default config uses (it finds the classifier layers)."""
 VALID_RTOL = 1e-3
 MAX_GAP = 0.5
-IMAGE_SIZES = (64, 96, 128, 160, 224)
+IMAGE_SIZES = (64, 96, 128, 160, 56, 112, 224)
+"""Input sizes tried in this order below the model's own; 56 and 112 (multiples of 14) serve patch-14 models that
+run at none of the others, before 224."""
 TEXT_LENGTH = 16
 SMALL_TEXT = {
     "hidden_size": 32,
@@ -293,15 +304,19 @@ def build_transformers(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], s
 
 
 # ---------------------------------------------------------------------------------- independent checking
-def _awake(model: nn.Module) -> nn.Module:
-    """A copy in which near-zero weight tensors are drawn again around one, so no residual branch is silent."""
+def _awake(model: nn.Module, scale: float = 1.0) -> nn.Module:
+    """A copy in which near-zero weight tensors are drawn again around ``scale``, so no residual branch is silent."""
     twin = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in twin.named_parameters():
             if param.dim() and param.numel() > 1 and "bias" not in name.rsplit(".", 1)[-1] and param.abs().max() < 1e-3:
-                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+                param.copy_((torch.rand(param.shape, generator=gen) + 0.5) * scale)
     return twin
+
+
+AWAKE_SCALES = (1.0, 0.1, 0.01)
+"""Woken weights are drawn around one, or smaller where the woken model's answers are not finite (HaloNet)."""
 
 
 def _other_input(model: nn.Module, example: Any) -> Any:
@@ -367,17 +382,36 @@ def _after(logits: torch.Tensor, heads: list, step: int) -> torch.Tensor:
     return torch.cat([logits, *(h for at, h in heads if at > step)], dim=1)
 
 
-def check_points(model: nn.Module, example: Any, names: list[str]) -> dict[str, dict[str, float]]:
-    """Each point's independent substitution error and depth (rank of its module among completions, in [0, 1])."""
-    twin = _awake(model).eval()
+def check_points(
+    model: nn.Module, example: Any, names: list[str], crash_fails: bool = False
+) -> dict[str, dict[str, float]]:
+    """Each point's independent substitution error and depth (rank of its module among completions, in [0, 1]).
+
+    Args:
+        model: the model.
+        example: its first input.
+        names: the modules to test.
+        crash_fails: a forward that raises with a module's output swapped gives it an infinite error (a module
+            whose output the rest reads for more than its values: a shape, a dtype) instead of raising.
+    """
     other = _other_input(model, example)
-    first_logits, first_heads, outputs = _answer(twin, example)
-    second_logits, second_heads, _ = _answer(twin, other)
+    for scale in AWAKE_SCALES:
+        twin = _awake(model, scale).eval()
+        first_logits, first_heads, outputs = _answer(twin, example)
+        second_logits, second_heads, _ = _answer(twin, other)
+        if all(t.isfinite().all() for t in [first_logits, second_logits, *(h for _, h in first_heads + second_heads)]):
+            break
     order = list(outputs)
     checked = {}
     for name in names:
         step, feature = outputs[name]
-        swapped_logits, swapped_heads, _ = _answer(twin, other, swap=(name, feature))
+        try:
+            swapped_logits, swapped_heads, _ = _answer(twin, other, swap=(name, feature))
+        except Exception:  # with crash_fails, a swap the forward cannot take fails the test
+            if not crash_fails:
+                raise
+            checked[name] = {"error": float("inf"), "depth": order.index(name) / max(len(order) - 1, 1)}
+            continue
         first = _after(first_logits, first_heads, step)
         spread = (_after(second_logits, second_heads, step) - first).abs().max().item()
         error = (
@@ -387,6 +421,106 @@ def check_points(model: nn.Module, example: Any, names: list[str]) -> dict[str, 
         )
         checked[name] = {"error": error, "depth": order.index(name) / max(len(order) - 1, 1)}
     return checked
+
+
+class _FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of the operations torch's flop counter knows (matmuls, convolutions, attention); unlike
+    ``FlopCounterMode`` it tracks no modules, so parameters passed between modules (class tokens) do not trip it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def flop_depths(model: nn.Module, example: Any) -> dict[str, float]:
+    """Each module's depth as the share of the forward's FLOPs (matmuls, convolutions, attention) done when it
+    first completes, in [0, 1]."""
+    counter = _FlopCount()
+    done: dict[str, int] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            done.setdefault(name, counter.total)
+
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules()]
+    try:
+        with torch.no_grad(), counter:
+            model(**example) if isinstance(example, dict) else model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = max(counter.total, 1)
+    return {name: flops / total for name, flops in done.items()}
+
+
+def _call_counts(model: nn.Module, example: Any) -> Counter:
+    counts: Counter = Counter()
+    handles = [
+        m.register_forward_hook(lambda m, a, o, n=n: counts.update([n]) or None) for n, m in model.named_modules()
+    ]
+    try:
+        with torch.no_grad():
+            model(**example) if isinstance(example, dict) else model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def _point_shaped(output: tuple[int, torch.Tensor], batch: int, entered: int) -> bool:
+    """Whether a module output (with the step it completed at) is a map or a sequence completed before the
+    classifier was entered at step ``entered``."""
+    step, out = output
+    return out.dim() in (3, 4) and out.shape[0] == batch and step < entered
+
+
+def exhaustive_check(model: nn.Module, example: Any, point_shaped: bool = False) -> dict[str, Any]:
+    """The substitution test of :func:`check_points` on every module called once whose output is a tensor (or a
+    tuple leading with one), not only on the points ``find_points`` offers.
+
+    Args:
+        model: the model.
+        example: its example input.
+        point_shaped: test only the modules a ``Point`` could express (see below; faster on large models).
+
+    Returns:
+        ``tested`` (how many modules), and for each that passes its output shape, its depth by rank and by FLOPs,
+        and whether a ``Point`` can express it (a (B, C, H, W) / (B, H, W, C) map or a (B, L, C) sequence that
+        completes before the classifier is entered).
+    """
+    counts = _call_counts(model, example)
+    _, heads, outputs = _answer(model, example)
+    batch = (next(iter(example.values())) if isinstance(example, dict) else example).shape[0]
+    entered = min((at for at, _ in heads), default=len(outputs))
+    names = [n for n, (_, out) in outputs.items() if n and counts[n] == 1 and out is not None]
+    if point_shaped:
+        names = [n for n in names if _point_shaped(outputs[n], batch, entered)]
+    checked = check_points(model, example, names, crash_fails=True)
+    flops = flop_depths(model, example)
+    passed = {}
+    for name in names:
+        if checked[name]["error"] <= VALID_RTOL:
+            out = outputs[name][1]
+            passed[name] = {
+                "shape": list(out.shape),
+                "error": checked[name]["error"],
+                "depth": round(checked[name]["depth"], 3),
+                "flop_depth": round(flops[name], 3),
+                "point": _point_shaped(outputs[name], batch, entered),
+            }
+    return {"tested": len(names), "passed": passed}
 
 
 # ---------------------------------------------------------------------------------------------- one model
@@ -416,21 +550,92 @@ class _Verdicts(logging.Handler):
         return "; ".join(f"{count}x {reason}" for reason, count in Counter(self.reasons).most_common(2))
 
 
-def run_one(key: str) -> dict[str, Any]:
-    from pnc_surgery import find_points
-    from pnc_surgery.errors import PncError
-
+def _build(key: str, start: float) -> tuple[dict[str, Any], nn.Module | None, Any]:
+    """The row's start and the model with its example, or an ``unbuildable`` row and no model."""
     torch.set_num_threads(1)
     family, name = key.split(":", 1)
-    start = time.perf_counter()
     row: dict[str, Any] = {"key": key}
     try:
         model, example, setting = build_timm(name) if family == "timm" else build_transformers(name)
     except Exception as exc:  # Unbuildable, or a constructor that fails outright
         reason = str(exc) if isinstance(exc, Unbuildable) else f"{type(exc).__name__}: {str(exc)[:200]}"
-        return {**row, "status": "unbuildable", "reason": reason, "seconds": round(time.perf_counter() - start, 2)}
+        return (
+            {**row, "status": "unbuildable", "reason": reason, "seconds": round(time.perf_counter() - start, 2)},
+            None,
+            None,
+        )
     row["setting"] = setting
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    return row, model, example
+
+
+def run_exhaustive(key: str, point_shaped: bool = False) -> dict[str, Any]:
+    """One model's :func:`exhaustive_check` as a result row (status ``checked``)."""
+    start = time.perf_counter()
+    row, model, example = _build(key, start)
+    if model is None:
+        return row
+    try:
+        row.update(exhaustive_check(model, example, point_shaped), status="checked", point_shaped=point_shaped)
+    except Exception as exc:  # the benchmark's own failure
+        row.update(status="check-error", reason=f"{type(exc).__name__}: {str(exc)[:200]}")
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _on_meta(key: str, setting: str) -> tuple[nn.Module, Any]:
+    """An image model built on the meta device at its row's ``setting`` (no weights, no compute: enough to count
+    FLOPs), with a meta example."""
+    family, name = key.split(":", 1)
+    side = int(re.search(r"(\d+)px", setting).group(1))
+    if family == "timm":
+        import timm
+
+        kwargs = {"img_size": side} if "img_size=" in setting else {}
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
+        channels = model.pretrained_cfg.get("input_size", (3,))[0]
+        return model.eval(), torch.empty(2, channels, side, side, device="meta")
+    import transformers
+
+    cls = getattr(transformers, name)
+    config = cls.config_class()
+    if setting.startswith("small"):
+        _shrink(config, SMALL_IMAGE)
+    config.num_labels = NUM_CLASSES
+    with torch.device("meta"):
+        model = cls(config)
+    channels = int(getattr(config, "num_channels", 3))
+    return model.eval(), {"pixel_values": torch.empty(2, channels, side, side, device="meta")}
+
+
+def run_depths(key: str, row: dict[str, Any]) -> dict[str, Any]:
+    """The FLOP depths of a row's points (measured before depths were), as a partial row. Image models are built on
+    the meta device (FLOPs do not depend on the weights); text models, and image models that do not run there, are
+    built as the row was."""
+    start = time.perf_counter()
+    flops = None
+    if "px" in (row.get("setting") or ""):
+        try:
+            flops = flop_depths(*_on_meta(key, row["setting"]))
+        except Exception:  # an operation without a meta kernel: build it for real
+            flops = None
+    if flops is None:
+        built, model, example = _build(key, start)
+        if model is None:
+            return built
+        flops = flop_depths(model, example)
+    return {"key": key, "flop_depths": [round(flops[n], 3) for n in row["names"]]}
+
+
+def run_one(key: str) -> dict[str, Any]:
+    from pnc_surgery import find_points
+    from pnc_surgery.errors import PncError
+
+    start = time.perf_counter()
+    row, model, example = _build(key, start)
+    if model is None:
+        return row
     found = time.perf_counter()
     verdicts = _Verdicts()
     try:
@@ -453,6 +658,7 @@ def run_one(key: str) -> dict[str, Any]:
     row["find_points_seconds"] = round(time.perf_counter() - found, 2)
     try:
         checked = check_points(model, example, [p.name for p in points])
+        flops = flop_depths(model, example)
     except Exception as exc:  # the benchmark's own failure, counted as a miss
         return {
             **row,
@@ -468,6 +674,7 @@ def run_one(key: str) -> dict[str, Any]:
         valid=len(valid),
         invalid=invalid,
         depths=[round(checked[p.name]["depth"], 3) for p in points],
+        flop_depths=[round(flops[p.name], 3) for p in points],
         names=[p.name for p in points],
         reasons=verdicts.summary(),
     )
@@ -646,56 +853,132 @@ def _load(path: Path) -> dict[str, dict]:
     return rows
 
 
-def largest_gap(row: dict) -> float:
-    """The largest depth gap between consecutive valid points of a checked row, depth 0 and 1 included."""
-    depths = sorted(d for n, d in zip(row["names"], row["depths"]) if n not in row["invalid"])
-    return max(b - a for a, b in zip([0.0, *depths], [*depths, 1.0]))
+def _gap(depths: list[float]) -> float:
+    """The largest gap between consecutive depths, depth 0 and 1 included."""
+    ordered = sorted(depths)
+    return max(b - a for a, b in zip([0.0, *ordered], [*ordered, 1.0]))
 
 
-def status(row: dict) -> str:
-    """``invalid``, ``ok`` or ``few`` for a row whose points were checked; its recorded status otherwise."""
+def largest_gap(row: dict, measure: str = "depths") -> float:
+    """The largest depth gap between consecutive valid points of a checked row, depth 0 and 1 included.
+
+    Args:
+        row: a checked row.
+        measure: ``"depths"`` (rank among module completions) or ``"flop_depths"`` (share of the FLOPs).
+    """
+    return _gap([d for n, d in zip(row["names"], row[measure]) if n not in row["invalid"]])
+
+
+def exhaustive_table(checked: dict[str, dict], rows: dict[str, dict]) -> str:
+    """The exhaustive check's verdict per model, against the points ``find_points`` offered (``rows``)."""
+    lines = [
+        "# Exhaustive substitution check: every module called once, not only the points offered",
+        "",
+        "A module *passes* when swapping its output alone (the benchmark's own test) gives the first input's answer;",
+        "it is *expressible* as a point when it is a (B, C, H, W) / (B, H, W, C) map or a (B, L, C) sequence",
+        "completed before the classifier; *exact* counts the expressible passes whose swapped answer is bit for bit",
+        "the first input's (where the run recorded errors). The last three columns use the exact expressible passes",
+        "where errors were recorded, else all expressible passes; gaps are the largest depth gap among them.",
+        "",
+        "| model | tested | pass | expressible | exact | offered | expressible, not offered | gap (rank) "
+        "| gap (FLOPs) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(checked):
+        row = checked[key]
+        if row.get("status") != "checked":
+            lines.append(f"| {key} |  |  |  |  |  |  |  | {row.get('status')}: {row.get('reason', '')[:120]} |")
+            continue
+        passes = row["passed"]
+        points = {n: p for n, p in passes.items() if p["point"]}
+        offered = set(rows.get(key, {}).get("names") or [])
+        cuts = {n: p for n, p in points.items() if p.get("error", 0) == 0}  # exact ones, where errors were recorded
+        missed = sorted(set(cuts) - offered, key=lambda n: cuts[n]["depth"])
+        gaps, verdicts = [], []
+        for measure, label in (("depth", "rank"), ("flop_depth", "FLOPs")):
+            every = [p[measure] for p in cuts.values()]
+            some = [p[measure] for n, p in cuts.items() if n in offered]
+            gaps.append(f"{_gap(every):.2f}")
+            spread = [len(d) >= 3 and _gap(d) <= MAX_GAP for d in (every, some)]
+            verdicts.append(
+                f"{label}: "
+                + ("no 3 spread cuts exist" if not spread[0] else "offered enough" if spread[1] else "MISSED cuts")
+            )
+        tested = f"{row['tested']} (maps, sequences)" if row.get("point_shaped") else row["tested"]
+        exact = (
+            sum(p.get("error", 1) == 0 for p in points.values()) if all("error" in p for p in passes.values()) else ""
+        )
+        shown = ", ".join(missed[:3]) + (f" (+{len(missed) - 3})" if len(missed) > 3 else "")
+        lines.append(
+            f"| {key} | {tested} | {len(passes)} | {len(points)} | {exact} | {len(offered)} | {shown} | {gaps[0]} | "
+            f"{gaps[1]} | {'; '.join(verdicts)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def status(row: dict, measure: str = "depths") -> str:
+    """``invalid``, ``ok`` or ``few`` for a row whose points were checked (spread by ``measure``, see
+    :func:`largest_gap`); its recorded status otherwise."""
     if "depths" not in row:
         return row["status"]
     if row["invalid"]:
         return "invalid"
-    return "ok" if row["valid"] >= 3 and largest_gap(row) <= MAX_GAP else "few"
+    return "ok" if row["valid"] >= 3 and largest_gap(row, measure) <= MAX_GAP else "few"
+
+
+def _counts(rows: dict[str, dict], measure: str) -> str:
+    counts = Counter(status(r, measure) for r in rows.values())
+    counted = len(rows) - counts["unbuildable"]
+    return f"ok {counts['ok']}/{counted} ({100 * counts['ok'] / max(counted, 1):.1f}%); " + ", ".join(
+        f"{k} {v}" for k, v in sorted(counts.items()) if k != "ok"
+    )
 
 
 def table(rows: dict[str, dict]) -> str:
+    """The markdown reach table: counts by both depth measures, then one line a model."""
+    with_flops = {k: r for k, r in rows.items() if "depths" not in r or "flop_depths" in r}
     rows = {key: {**row, "status": status(row)} for key, row in rows.items()}
     counted = [r for r in rows.values() if r["status"] != "unbuildable"]
-    counts = Counter(r["status"] for r in rows.values())
-    ok = counts["ok"]
     lines = [
         f"# Reach of find_points ({len(counted)} models counted, "
-        f"{counts['unbuildable']} not buildable from a small config)",
+        f"{len(rows) - len(counted)} not buildable from a small config)",
         "",
-        f"ok {ok}/{len(counted)} ({100 * ok / max(len(counted), 1):.1f}%); "
-        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "ok"),
+        f"spread by rank among module completions: {_counts(rows, 'depths')}",
+        f"spread by share of the FLOPs ({len(with_flops)} rows with FLOP depths): {_counts(with_flops, 'flop_depths')}",
         f"invalid points: {sum(len(r.get('invalid') or {}) for r in rows.values())}",
         "",
-        "| model | setting | status | points | valid | largest gap | seconds | reason / invalid |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | setting | status (rank) | points | valid | largest gap (rank) | largest gap (FLOPs) | seconds "
+        "| reason / invalid |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(rows):
         r = rows[key]
         note = r.get("reason") or (json.dumps(r["invalid"]) if r.get("invalid") else "")
         if r["status"] == "few":
             note = r.get("reasons") or r.get("reason", "")
-        gap = f"{largest_gap(r):.2f}" if "depths" in r else ""
+        gaps = [f"{largest_gap(r, m):.2f}" if m in r else "" for m in ("depths", "flop_depths")]
         lines.append(
             f"| {key} | {r.get('setting', '')} | {r['status']} | {r.get('points', '')} | {r.get('valid', '')} | "
-            f"{gap} | {r.get('seconds', '')} | "
-            f"{note.replace('|', '/')[:200]} |"
+            f"{gaps[0]} | {gaps[1]} | {r.get('seconds', '')} | {note.replace('|', '/')[:200]} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _run_children(keys: list[str], timeout: float) -> Iterator[dict]:
+def _load_points(out: Path) -> dict[str, dict]:
+    """The points rows of ``out``, with the FLOP depths that ``--depths`` measured later for older rows."""
+    rows = _load(out)
+    for key, extra in _load(out.with_name(out.stem + "_depths.jsonl")).items():
+        row = rows.get(key)
+        if "flop_depths" in extra and row is not None and "flop_depths" not in row and "names" in row:
+            row["flop_depths"] = extra["flop_depths"]
+    return rows
+
+
+def _run_children(keys: list[str], timeout: float, mode: str = "points") -> Iterator[dict]:
     """Run ``keys`` in one child process, yielding each result row; a model over ``timeout`` seconds (or one that
     kills the child) gets a timeout (crash) row and the child is ended, so the caller starts a new one."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.reach", "--children", ",".join(keys)],
+        [sys.executable, "-m", "benchmarks.reach", "--children", ",".join(keys), "--mode", mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -737,6 +1020,7 @@ def _run_children(keys: list[str], timeout: float) -> Iterator[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--children", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="points", help=argparse.SUPPRESS)
     parser.add_argument("--only", help="comma-separated keys (timm:<name>, hf:<Class>) instead of all")
     parser.add_argument("--family", choices=("timm", "hf", "all"), default="all")
     parser.add_argument("--part", default="1/1", help="run the i-th of n interleaved chunks, e.g. 2/4")
@@ -745,6 +1029,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="rerun models already in the results file")
     parser.add_argument("--table", action="store_true", help="only rewrite the table from the results file")
     parser.add_argument("--clone", action="store_true", help="clone() end to end on one pair per family group instead")
+    parser.add_argument(
+        "--exhaustive",
+        action="store_true",
+        help="test every module called once, not only the points offered (to reach_exhaustive.jsonl)",
+    )
+    parser.add_argument(
+        "--point-shaped",
+        action="store_true",
+        help="with --exhaustive: test only the modules a point could express (maps and sequences before the head)",
+    )
+    parser.add_argument(
+        "--depths", action="store_true", help="add FLOP depths to the rows measured before they were recorded"
+    )
     args = parser.parse_args(argv)
     if args.clone:
         import tempfile
@@ -760,35 +1057,66 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.children:
         for key in args.children.split(","):
-            print(json.dumps(run_one(key)), flush=True)
+            if args.mode == "depths":
+                row = run_depths(key, _load(args.out)[key])
+            else:
+                row = run_exhaustive(key, args.mode == "shaped") if args.mode != "points" else run_one(key)
+            print(json.dumps(row), flush=True)
         return
-    rows = _load(args.out)
-    if not args.table:
-        if args.only:
-            keys = args.only.split(",")
-        else:
-            keys = []
-            if args.family in ("timm", "all"):
-                keys += [f"timm:{n}" for n in timm_models(RESULTS / "reach_timm_models.json")]
-            if args.family in ("hf", "all"):
-                keys += [f"hf:{n}" for n in transformers_classes()]
-            index, count = (int(v) for v in args.part.split("/"))
-            keys = keys[index - 1 :: count]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        pending = [key for key in keys if args.fresh or key not in rows]
-        while pending:
-            for row in _run_children(pending, args.timeout):
-                pending.remove(row["key"])
-                rows[row["key"]] = row
-                with args.out.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
-                print(
-                    f"{row['key']}: {row['status']} {row.get('valid', '')}/{row.get('points', '')} "
-                    f"{row.get('seconds', '')}s {(row.get('reason') or '')[:100]}",
-                    flush=True,
-                )
-    (args.out.with_suffix(".md")).write_text(table(rows))
-    print(table(rows).split("\n\n")[1])
+    rows = _load_points(args.out)
+    if args.depths:
+        depths_file = args.out.with_name(args.out.stem + "_depths.jsonl")
+        keys = [k for k in _selected(args) if "names" in rows.get(k, {}) and "flop_depths" not in rows[k]]
+        _run_keys(keys, depths_file, args.timeout, "depths", args.fresh)
+    elif args.exhaustive:
+        exhaustive_file = args.out.with_name(args.out.stem + "_exhaustive.jsonl")
+        keys = (
+            args.only.split(",")
+            if args.only
+            else [k for k, r in rows.items() if status(r) not in ("ok", "unbuildable")]
+        )
+        mode = "shaped" if args.point_shaped else "exhaustive"
+        checked = _run_keys(keys, exhaustive_file, args.timeout, mode, args.fresh)
+        exhaustive_file.with_suffix(".md").write_text(exhaustive_table(checked, rows))
+        print(exhaustive_table(checked, rows))
+        return
+    elif not args.table:
+        _run_keys(_selected(args), args.out, args.timeout, "points", args.fresh)
+    text = table(_load_points(args.out))
+    (args.out.with_suffix(".md")).write_text(text)
+    print(text.split("\n\n")[1])
+
+
+def _selected(args: argparse.Namespace) -> list[str]:
+    """The keys a run covers: ``--only``, else ``--family``'s, in ``--part``'s chunk."""
+    if args.only:
+        return args.only.split(",")
+    keys = []
+    if args.family in ("timm", "all"):
+        keys += [f"timm:{n}" for n in timm_models(RESULTS / "reach_timm_models.json")]
+    if args.family in ("hf", "all"):
+        keys += [f"hf:{n}" for n in transformers_classes()]
+    index, count = (int(v) for v in args.part.split("/"))
+    return keys[index - 1 :: count]
+
+
+def _run_keys(keys: list[str], out: Path, timeout: float, mode: str, fresh: bool) -> dict[str, dict]:
+    """Run the keys not yet in ``out`` (all with ``fresh``) in children, appending each row; all of ``out``'s rows."""
+    rows = _load(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pending = [key for key in keys if fresh or key not in rows]
+    while pending:
+        for row in _run_children(pending, timeout, mode):
+            pending.remove(row["key"])
+            rows[row["key"]] = row
+            with out.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(
+                f"{row['key']}: {row.get('status', mode)} {row.get('valid', '')}/{row.get('points', '')} "
+                f"{row.get('seconds', '')}s {(row.get('reason') or '')[:100]}",
+                flush=True,
+            )
+    return rows
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 LAYOUTS = ("NCHW", "NHWC", "NLC")
 SUBSTITUTION_RTOL = 1e-4
 SUBSTITUTION_CHUNK = 16
+"""At most this many candidates share one forward of the substitution test."""
+SUBSTITUTION_ELEMENTS = 2**23
+"""And no more than fit this many elements in their largest feature: large batches run slower per row on CPU."""
 DEAD_WEIGHT = 1e-4
 """Weight tensors no larger than this (zero-init norms, layer scales) are woken up in the substitution probe."""
 WAKE_VALUES = (1.0, 0.1, 0.01)
@@ -229,12 +232,16 @@ def _substitution_errors(
 
     Candidates are tested together: the second input is repeated once per candidate along the batch and
     candidate ``i``'s hook swaps only its own rows, so one forward tests a whole chunk (rows are
-    independent in eval mode).
+    independent in eval mode). A chunk holds at most ``SUBSTITUTION_CHUNK`` candidates and, for large
+    features, only as many as keep the largest one under ``SUBSTITUTION_ELEMENTS`` elements.
     """
     batch = baseline.shape[0]
+    features = [first.calls[n].output for n in names]
+    largest = max((f.numel() for f in features if f is not None), default=1)
+    size = max(1, min(SUBSTITUTION_CHUNK, SUBSTITUTION_ELEMENTS // largest))
     errors: dict[str, float] = {}
-    for start in range(0, len(names), SUBSTITUTION_CHUNK):
-        chunk = names[start : start + SUBSTITUTION_CHUNK]
+    for start in range(0, len(names), size):
+        chunk = names[start : start + size]
         handles = []
 
         def swap_rows(rows: slice, recorded: torch.Tensor) -> Callable:

@@ -782,3 +782,16 @@ def test_a_model_whose_woken_residual_paths_overflow_is_still_tested() -> None:
     model = nn.Sequential(nn.Linear(8, 8), *[Block() for _ in range(30)], Mean(), nn.Linear(8, NUM_CLASSES)).eval()
     names = [p.name for p in find_points(model, torch.randn(2, 5, 8))]
     assert [str(i) for i in range(1, 31)] == names[1:31], names
+
+
+@pytest.mark.parametrize("name", ["timm_resnet18", "hf_bert"])
+def test_points_do_not_depend_on_how_many_candidates_share_a_forward(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large features are tested a few candidates a forward (large batches run slower per row); the verdicts stay."""
+    import pnc_surgery.points as points_module
+
+    model, example = build(name)
+    together = find_points(model, example)
+    monkeypatch.setattr(points_module, "SUBSTITUTION_ELEMENTS", 1)
+    assert find_points(model, example) == together
