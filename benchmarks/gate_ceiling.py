@@ -32,7 +32,7 @@ import torch
 from pnc_surgery.evidence import GateInputs
 from pnc_surgery.gate import AUTO_ALTERNATIVES, SPACES, Gate
 
-from .pair_matrix import refit_gate
+from .pair_matrix import gate_outcome, refit_gate
 from .separability import linear_bound
 
 __all__ = ["ceilings", "main"]
@@ -63,13 +63,13 @@ def ceilings(dump: dict[str, Any], budget: float = 0.01, seed: int = 0) -> dict[
     branch_right = seen.branch_logits[is_k].argmax(1) == labels[is_k] - num_old
     branch_acc = branch_right.float().mean().item()
     gate, _ = refit_gate("novelty", evidence, budget, seed, also_try=AUTO_ALTERNATIVES)
-    margin = _margin(gate, seen)
+    outcome = gate_outcome(gate, seen, labels, num_old)
     row: dict[str, Any] = {
         "branch_acc_k": branch_acc,
         "gate": gate.kind,
-        "gate_pass": (margin[is_k] > 0).float().mean().item() / branch_acc,
-        "false_positive_rate": (margin[~is_k] > 0).float().mean().item(),
-        "threshold_ceiling": _pass_at_budget(margin, is_k, budget) / branch_acc,
+        "gate_pass": outcome["pass_rate_k"] / branch_acc,
+        "false_positive_rate": outcome["false_positive_rate"],
+        "threshold_ceiling": _pass_at_budget(_margin(gate, seen), is_k, budget) / branch_acc,
     }
     for space in SPACES:
         if getattr(seen, space).shape[1]:
