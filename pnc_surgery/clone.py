@@ -69,34 +69,68 @@ localization, gate evidence); the rest holds what the run keeps (cached features
 TRAINING_COPIES = 5
 """Copies of a trained tensor a training keeps: the tensor, its gradient, AdamW's two moments and the best weights."""
 
+LOCALIZE_EXAMPLES = 512
+"""Clone examples localization scores units and keep ratios on (a class-stratified sample of them past that): each
+keep ratio tried costs a pass of the branch over them, and which units matter is settled long before."""
+
 MIN_EVAL_STEPS = 10
 """The final training scores its held-out data every pass over the data, but never more often than this."""
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How much work one :data:`BUDGETS` level spends, in passes over the clone data (so it scales with the data).
+    """How much work one :data:`BUDGETS` level spends, in passes over the clone data it keeps.
 
     Attributes:
-        search_epochs: training of each surviving pair in the search's first round (doubled each later round).
+        images_per_class: clone examples kept per class (a seeded random sample; ``None``: all). Every stage works
+            on what is kept, so the cost stops growing with the data past it, as a fine-tune's fixed step count
+            does.
+        search_epochs: training of each surviving pair in the search's first round (doubled each later round),
+            at most ``max_search_steps`` mini-batches.
         survivors: pairs that round zero (every pair scored untrained, from its least-squares start) keeps at least;
             it keeps the best pair of every cut in any case.
-        train_epochs: most passes of the final training (it stops early when held-out accuracy stalls).
+        train_epochs: most passes of the final training (it stops early when held-out accuracy stalls), at most
+            ``max_train_steps`` mini-batches.
         patience: held-out evaluations (one a pass) without improvement before the final training stops.
     """
 
+    images_per_class: int | None
     search_epochs: float
+    max_search_steps: int | None
     survivors: int
     train_epochs: float
+    max_train_steps: int | None
     patience: int
+
+    def search_steps(self, examples: int, batch_size: int) -> int:
+        """First-round training steps of each searched pair on ``examples`` training examples."""
+        return _steps(self.search_epochs, examples, batch_size, self.max_search_steps)
+
+    def train_steps(self, examples: int, batch_size: int) -> int:
+        """Most final training steps on ``examples`` training examples."""
+        return _steps(self.train_epochs, examples, batch_size, self.max_train_steps)
+
+
+def _steps(epochs: float, examples: int, batch_size: int, cap: int | None) -> int:
+    """Mini-batch steps for ``epochs`` passes over ``examples``, at most ``cap``."""
+    steps = max(1, math.ceil(epochs * examples / batch_size))
+    return steps if cap is None else min(steps, cap)
 
 
 BUDGETS: dict[str, Budget] = {
-    "fast": Budget(search_epochs=1, survivors=2, train_epochs=10, patience=2),
-    "default": Budget(search_epochs=2, survivors=3, train_epochs=30, patience=4),
-    "thorough": Budget(search_epochs=6, survivors=6, train_epochs=100, patience=8),
+    "fast": Budget(
+        256, search_epochs=1, max_search_steps=8, survivors=2, train_epochs=10, max_train_steps=60, patience=2
+    ),
+    "default": Budget(
+        512, search_epochs=2, max_search_steps=16, survivors=3, train_epochs=30, max_train_steps=150, patience=4
+    ),
+    "thorough": Budget(
+        None, search_epochs=6, max_search_steps=None, survivors=6, train_epochs=100, max_train_steps=None, patience=8
+    ),
 }
-"""The levels of ``CloneConfig.budget``."""
+"""The levels of ``CloneConfig.budget``. ``"default"`` trains about as many mini-batches as a fine-tune of the target
+would (150 final steps at most; ``benchmarks.clone_cost`` measures the two side by side); on small data sets the
+passes bind first."""
 
 
 @dataclass
@@ -107,6 +141,9 @@ class CloneConfig:
     """Overall effort, one of :data:`BUDGETS` (``"fast"``, ``"default"``, ``"thorough"``): how long the search trains
     each pair, how many pairs survive its first look, and how long the final training may run. ``search_steps`` and
     ``train_steps``, when set, override it."""
+    images_per_class: int | None = None
+    """Clone examples kept per class, a seeded random sample of each class (``None``: the ``budget``'s, 512 by
+    default, all with ``"thorough"``). Past a few hundred images per class more data mostly costs time."""
     search_positions: bool = True
     """Search (cut, insertion) pairs jointly; ``False`` cuts at the source's last stage and inserts at the
     target's (ablation)."""
@@ -204,7 +241,7 @@ class CloneConfig:
             raise InvalidInputError(f"source_kwargs must be a dict, got {type(self.source_kwargs).__name__}")
         for name, minimum in _INT_FIELDS.items():
             value = getattr(self, name)
-            if value is None and name in ("search_steps", "train_steps"):
+            if value is None and name in ("search_steps", "train_steps", "images_per_class"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise InvalidInputError(f"{name} must be an integer of at least {minimum}, got {value!r}")
@@ -223,6 +260,7 @@ _INT_FIELDS = {
     "max_insertions": 1,
     "search_steps": 1,
     "train_steps": 1,
+    "images_per_class": 1,
     "batch_size": 1,
     "adapter_hidden": 0,
     "feature_batch_size": 1,
@@ -578,11 +616,6 @@ class CloneRun:
     def budget(self) -> Budget:
         return BUDGETS[self.config.budget]
 
-    def epoch_steps(self, epochs: float) -> int:
-        """Mini-batch steps for ``epochs`` passes over the training part of the clone data."""
-        assert self.fit_index is not None, "prepare() first"
-        return max(1, math.ceil(epochs * len(self.fit_index) / self.config.batch_size))
-
     def train_kwargs(self) -> dict[str, Any]:
         """The loss and optimiser settings every adapter training of the run shares."""
         config = self.config
@@ -672,6 +705,7 @@ def clone(
             (image_column, label_column, text_column),
         )
         metrics: dict[str, Any] = {"clone_examples": len(run.examples), "cloned_classes": len(run.classes)}
+        metrics["clone_examples_used"] = _keep_per_class(run)
         seconds: dict[str, float] = {}
         for stage in (prepare, search, localize_branch, train):
             begun = time.perf_counter()
@@ -772,6 +806,23 @@ def _checked_run(
         generator,
         progress,
     )
+
+
+def _keep_per_class(run: CloneRun) -> int:
+    """Keep at most ``images_per_class`` examples of each class (the config's, else the budget's), a seeded sample
+    in the data's order; the number of examples kept."""
+    limit = run.config.images_per_class or run.budget.images_per_class
+    counts = torch.bincount(run.labels)
+    if limit is None or int(counts.max()) <= limit:
+        return len(run.labels)
+    kept = []
+    for value in range(len(counts)):
+        index = (run.labels == value).nonzero().flatten()
+        kept.append(index[torch.randperm(len(index), generator=run.generator)[:limit]])
+    index = torch.cat(kept).sort().values
+    run.examples, run.labels = run.examples.select(index), run.labels[index]
+    logger.info("kept %d of the clone data's examples (at most %d per class)", len(index), limit)
+    return len(index)
 
 
 def _num_classes(model: nn.Module, backend: Backend, inputs: ModelInputs) -> int:
@@ -948,7 +999,7 @@ def search(run: CloneRun) -> dict[str, Any]:
             run.candidates,
             lambda c: run.rows(c, fit_index),
             lambda c: run.rows(c, held_index),
-            first_steps=run.config.search_steps or run.epoch_steps(run.budget.search_epochs),
+            first_steps=run.config.search_steps or run.budget.search_steps(len(fit_index), run.config.batch_size),
             survivors=run.budget.survivors,
             generator=run.generator,
             progress=run.progress,
@@ -966,13 +1017,16 @@ def localize_branch(run: CloneRun) -> dict[str, Any]:
     full_params = branch_parameters(branch)
     cut_features = run.source_features[run.winner.cut.name]
     device = run.device
-    data = [  # views of the cached features, one batch each
+    rows = torch.arange(len(run.labels))
+    if len(rows) > LOCALIZE_EXAMPLES:
+        rows = _stratified_split(run.labels, LOCALIZE_EXAMPLES / len(rows), run.generator)[1]
+    data = [  # one batch each
         (
-            cut_features[start : start + config.batch_size].to(device),
-            run.labels[start : start + config.batch_size].to(device),
-            {k: v[start : start + config.batch_size].to(device) for k, v in run.context.items()},
+            cut_features[index].to(device),
+            run.labels[index].to(device),
+            {k: v[index].to(device) for k, v in run.context.items()},
         )
-        for start in range(0, len(run.labels), config.batch_size)
+        for index in rows.split(config.batch_size)
     ]
     metrics: dict[str, Any] = {"branch_local_accuracy": round(local_accuracy(branch, data), 4)}
     ratio = 1.0
@@ -999,7 +1053,7 @@ def train(run: CloneRun) -> dict[str, Any]:
     """The final training of the winner's adapter (and, with ``finetune_branch``, its branch)."""
     assert run.winner is not None and run.fit_index is not None and run.held_index is not None, "search() first"
     config, winner = run.config, run.winner
-    steps = config.train_steps or run.epoch_steps(run.budget.train_epochs)
+    steps = config.train_steps or run.budget.train_steps(len(run.fit_index), config.batch_size)
     before = winner.steps
     heldout = run.rows(winner, run.held_index)
     with tqdm(total=steps, desc="pnc: train adapter + branch", disable=not run.progress, leave=False) as bar:
@@ -1011,7 +1065,7 @@ def train(run: CloneRun) -> dict[str, Any]:
             progress=bar.update,
             branch_lr=config.branch_lr if config.finetune_branch else 0.0,
             heldout=heldout,
-            eval_every=max(run.epoch_steps(1), MIN_EVAL_STEPS),
+            eval_every=max(_steps(1, len(run.fit_index), config.batch_size, None), MIN_EVAL_STEPS),
             patience=run.budget.patience,
             **run.train_kwargs(),
         )

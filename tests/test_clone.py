@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -14,6 +16,7 @@ from pnc_surgery.backends.timm import create_model
 from pnc_surgery.demo import DEMO_CLONE_CONFIG, parameter_digest
 
 FAST = DEMO_CLONE_CONFIG
+clone_module = importlib.import_module("pnc_surgery.clone")  # the module, which the package's ``clone`` shadows
 
 
 def small_resnet(num_classes: int) -> torch.nn.Module:
@@ -118,6 +121,30 @@ def test_clone_is_reproducible_with_a_seed(digits):
     second = clone(source, target, split.clone, classes=[0], config=tiny, seed=3, progress=False).tensors()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_clone_works_on_at_most_images_per_class_examples_of_each_class(digits, monkeypatch):
+    """Past ``images_per_class`` more data only costs time: every stage sees a seeded sample of each class."""
+    split, target, source = digits
+    seen = []
+    extract = clone_module._extract
+
+    def counting(model, names, examples, *args, **kwargs):
+        seen.append(torch.bincount(examples.labels).tolist())
+        return extract(model, names, examples, *args, **kwargs)
+
+    monkeypatch.setattr(clone_module, "_extract", counting)
+    config = CloneConfig(max_cuts=1, max_insertions=1, train_steps=2, keep_ratio=0.5, images_per_class=10)
+    patch = clone(source, target, split.clone, classes=[0, 1, 2], config=config, progress=False)
+    assert patch.metrics["clone_examples"] == len(split.clone) > 30
+    assert patch.metrics["clone_examples_used"] == 30
+    assert seen == [[10, 10, 10], [10, 10, 10]], "the target's and the source's features of the kept examples"
+    again = clone(source, target, split.clone, classes=[0, 1, 2], config=config, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(patch.tensors().values(), again.tensors().values()))
+
+
+def test_the_default_budget_keeps_every_example_of_a_small_clone_set(cloned):
+    assert cloned[0].metrics["clone_examples_used"] == cloned[0].metrics["clone_examples"]
 
 
 def test_without_replay_the_gate_says_how_locality_was_protected(digits):
@@ -236,6 +263,8 @@ def test_a_bad_config_is_refused():
         CloneConfig(keep_ratio=1.5)
     with pytest.raises(InvalidInputError, match="memory_gb"):
         CloneConfig(memory_gb=0)
+    with pytest.raises(InvalidInputError, match="images_per_class"):
+        CloneConfig(images_per_class=0)
     with pytest.raises(TypeError, match="feature_memory_gb"):  # renamed memory_gb: it now bounds every stage
         CloneConfig(feature_memory_gb=2)  # type: ignore[call-arg]
 

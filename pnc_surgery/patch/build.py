@@ -6,6 +6,7 @@ fingerprint) while the models are at hand; after this a patch needs neither mode
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -44,16 +45,15 @@ __all__ = ["assemble", "from_parts", "module_specs", "target_fingerprint"]
 
 
 def _versions() -> dict[str, str]:
-    import timm
-    import transformers
-
+    """The versions a patch was made with, read from the installed metadata (importing transformers to ask it
+    would cost a timm-only clone seconds)."""
     from .. import __version__
 
     return {
         "pnc_surgery": __version__,
         "torch": torch.__version__,
-        "timm": timm.__version__,
-        "transformers": transformers.__version__,
+        "timm": importlib.metadata.version("timm"),
+        "transformers": importlib.metadata.version("transformers"),
     }
 
 
