@@ -308,7 +308,8 @@ def successive_halving(
     progress: bool = True,
 ) -> tuple[Candidate, list[dict]]:
     """Score all candidates untrained and keep the best pair of every cut, and more up to ``survivors``; then train
-    them briefly, keep the better half (:func:`ranked`), double the budget, until one is left.
+    them briefly, keep the better half (:func:`ranked`), double the budget, until one is left (a lone candidate is
+    trained one round).
 
     Round zero keeps every cut because it scores a cut by how well a least-squares map reaches it: a cut right
     after a linear patch embedding is reached almost exactly and scores high untrained, while a deeper, cheaper
@@ -335,9 +336,10 @@ def successive_halving(
                 break
             kept.add(id(candidate))
         seen, alive = [c for c in alive if id(c) not in kept], [c for c in alive if id(c) in kept]
-    steps = first_steps
-    rounds = max(1, math.ceil(math.log2(max(len(alive), 1))) + 1)
-    total = sum(first_steps * 2**r * math.ceil(len(alive) / 2**r) for r in range(rounds))
+    steps, sizes = first_steps, [len(alive)]
+    while sizes[-1] > 1:  # the rounds' sizes: the better half goes on, until one is left
+        sizes.append(sizes[-1] // 2)
+    total = sum(first_steps * 2**r * size for r, size in enumerate(sizes[:-1] or sizes))
     with tqdm(total=total, desc="pnc: search (cut, insertion)", disable=not progress, leave=False) as bar:
         while True:
             for candidate in alive:
@@ -357,11 +359,11 @@ def successive_halving(
                 )
                 candidate.rounds += 1
             alive = ranked(alive, size)
-            if len(alive) == 1:
-                break
             keep = max(1, len(alive) // 2)
             seen.extend(alive[keep:])
             alive = alive[:keep]
+            if len(alive) == 1:  # a lone survivor needs no ranking round: the final training goes on from here
+                break
             steps *= 2
     ranking = [alive[0], *sorted(seen, key=lambda c: (c.rounds, c.score), reverse=True)]
     return alive[0], [c.record() for c in ranking]
