@@ -119,13 +119,31 @@ def _steps(epochs: float, examples: int, batch_size: int, cap: int | None) -> in
 
 BUDGETS: dict[str, Budget] = {
     "fast": Budget(
-        256, search_epochs=1, max_search_steps=8, survivors=2, train_epochs=10, max_train_steps=60, patience=2
+        images_per_class=256,
+        search_epochs=1,
+        max_search_steps=8,
+        survivors=2,
+        train_epochs=10,
+        max_train_steps=60,
+        patience=2,
     ),
     "default": Budget(
-        512, search_epochs=2, max_search_steps=16, survivors=3, train_epochs=30, max_train_steps=150, patience=4
+        images_per_class=512,
+        search_epochs=2,
+        max_search_steps=16,
+        survivors=3,
+        train_epochs=30,
+        max_train_steps=150,
+        patience=4,
     ),
     "thorough": Budget(
-        None, search_epochs=6, max_search_steps=None, survivors=6, train_epochs=100, max_train_steps=None, patience=8
+        images_per_class=None,
+        search_epochs=6,
+        max_search_steps=None,
+        survivors=6,
+        train_epochs=100,
+        max_train_steps=None,
+        patience=8,
     ),
 }
 """The levels of ``CloneConfig.budget``. ``"default"`` trains about as many mini-batches as a fine-tune of the target
