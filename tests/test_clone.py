@@ -12,8 +12,8 @@ import pnc_surgery
 from benchmarks.datasets import class_split, load_digits
 from benchmarks.training import predict_logits, train_classifier
 from pnc_surgery import CloneConfig, InvalidInputError, clone
-from pnc_surgery.clone import BUDGETS
 from pnc_surgery.backends.timm import create_model
+from pnc_surgery.clone import BUDGETS
 from pnc_surgery.demo import DEMO_CLONE_CONFIG, parameter_digest
 
 FAST = DEMO_CLONE_CONFIG
@@ -146,7 +146,7 @@ def test_clone_works_on_at_most_images_per_class_examples_of_each_class(digits, 
 
 def test_the_budgets_train_in_passes_over_small_sets_and_at_most_a_fine_tunes_steps_on_large_ones():
     default = BUDGETS["default"]
-    assert default.train_steps(290, 64) == 137, "30 passes over 290 examples"
+    assert default.train_steps(290, 64) == 136, "30 passes over 290 examples, rounded up"
     assert default.train_steps(100_000, 64) == 150
     assert default.search_steps(290, 64) == 10 and default.search_steps(100_000, 64) == 16
     assert BUDGETS["thorough"].train_steps(100_000, 64) == 46_875, "thorough has no cap"
