@@ -149,7 +149,7 @@ def test_the_budgets_train_in_passes_over_small_sets_and_at_most_a_fine_tunes_st
     assert default.train_steps(290, 64) == 136, "30 passes over 290 examples, rounded up"
     assert default.train_steps(100_000, 64) == 150
     assert default.search_steps(290, 64) == 10 and default.search_steps(100_000, 64) == 16
-    assert BUDGETS["thorough"].train_steps(100_000, 64) == 46_875, "thorough has no cap"
+    assert BUDGETS["thorough"].train_steps(100_000, 64) == 156_250, "thorough has no cap"
     assert BUDGETS["fast"].images_per_class < default.images_per_class and BUDGETS["thorough"].images_per_class is None
 
 
