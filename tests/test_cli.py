@@ -214,6 +214,20 @@ def test_an_unknown_config_key_is_a_usage_error_before_any_model_is_loaded(tmp_p
     assert "train_stepz" in error_line(capsys)
 
 
+def test_budget_sets_the_clone_budget_the_patch_records(tmp_path):
+    data = _image_folder(tmp_path / "data", {"1": 1, "2": 2}, per_class=4)
+    assert main([*_clone_argv(tmp_path, data), "--budget", "fast"]) == 0
+    saved = json.loads((tmp_path / "patch" / "patch_config.json").read_text())
+    assert saved["clone_config"]["budget"] == "fast"
+
+
+def test_a_budget_given_twice_and_differently_is_a_usage_error(tmp_path, capsys, no_model_loading):
+    data = _image_folder(tmp_path / "data", {"1": 1}, per_class=2)
+    argv = [*_clone_argv(tmp_path, data), "--budget", "fast", "--config", '{"budget": "thorough"}']
+    assert main(argv) == USAGE
+    assert "disagree" in error_line(capsys)
+
+
 def test_a_checkpoint_that_does_not_fit_says_which_tensors(tmp_path, capsys):
     other = create_model("resnet18", num_classes=3, in_chans=1, channels=[4, 8, 16, 32])
     save_file(other.state_dict(), tmp_path / "other.safetensors")

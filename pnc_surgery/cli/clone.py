@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ..clone import CloneConfig, clone
+from ..clone import BUDGETS, CloneConfig, clone
 from ..models import load_model
 from .errors import UNUSABLE, CommandError
 
@@ -52,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--classes", nargs="+", type=int, help="source class ids to clone (default: all sub-folders)")
     parser.add_argument("--out", required=True, help="folder to save the patch to (must not exist, see --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace the patch files in an existing --out folder")
+    parser.add_argument(
+        "--budget",
+        choices=sorted(BUDGETS),
+        help="CloneConfig(budget=...): how long the search and the training work (default: default)",
+    )
     parser.add_argument("--config", help='CloneConfig fields as JSON, e.g. {"train_steps": 800}')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -98,8 +103,12 @@ def json_object(text: str | None, option: str) -> dict[str, Any]:
     return value
 
 
-def _clone_config(text: str | None) -> CloneConfig:
+def _clone_config(text: str | None, budget: str | None = None) -> CloneConfig:
     fields = json_object(text, "--config")
+    if budget is not None:
+        if fields.get("budget", budget) != budget:
+            raise CommandError(f"--budget {budget} and --config's budget {fields['budget']!r} disagree; give one")
+        fields["budget"] = budget
     known = {f.name for f in dataclasses.fields(CloneConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -168,7 +177,7 @@ def _model(spec: str, pretrained: bool | None, kwargs: str | None, checkpoint: s
 
 def _clone(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out, args.overwrite)
-    config = _clone_config(args.config)
+    config = _clone_config(args.config, args.budget)
     data_root = _data_folder(args.data, "--data")
     replay_root = _data_folder(args.replay, "--replay") if args.replay else None
     source = _model(args.source, args.pretrained, args.source_kwargs, args.source_checkpoint, "source")
