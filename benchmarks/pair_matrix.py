@@ -81,8 +81,8 @@ MATRIX_PAIRS: dict[str, tuple[str, str]] = {
 """``"source->target"``: CNN to CNN across families, ViT and CNN both ways, MLP-Mixer both ways, hybrids
 (MobileViT, LeViT), transformers ViT and timm both ways, and transformers text models both ways."""
 
-CLONE_CONFIG: dict[str, Any] = {"search_steps": 15, "train_steps": 150, "max_cuts": 2, "max_insertions": 2}
-"""``CloneConfig`` budgets of every pair (those of the main benchmark)."""
+CLONE_CONFIG: dict[str, Any] = {}
+"""``CloneConfig`` settings of every pair: the library's defaults, as in the main benchmark."""
 
 IMAGE_SIZE = 32
 MODEL_STEPS = 150
