@@ -221,9 +221,10 @@ class CloneConfig:
     a hundred replay images misses by up to a factor of two in single runs. Lower it for more locality, raise it
     for more new-class accuracy (the README's frontier shows the trade-off)."""
     shift_replay: bool = True
-    """Also calibrate the gate on copies of the replay images shifted by 1/16 of their size: the target has usually
-    trained on its replay images and is surer of them than of new inputs, so a gate calibrated on them alone lets
-    more new target-domain inputs through than its budget."""
+    """Also calibrate the gate on copies of the replay inputs: images shifted by 1/8 of their size, token inputs each
+    missing one token (``pnc_surgery.data.with_shifted_copies``). The target has usually trained on its replay
+    inputs and is surer of them than of new ones, so a gate calibrated on them alone lets more new target-domain
+    inputs through than its budget."""
     heldout_fraction: float = 0.2
     """Share of the clone data kept out of training to score the search and report accuracy."""
     feature_batch_size: int = 128
