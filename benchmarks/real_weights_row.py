@@ -89,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps of every trained baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/real_weights"))
+    parser.add_argument(
+        "--clone-config",
+        default="{}",
+        help='JSON of CloneConfig settings (default: the library\'s; the first run used {"search_positions": false, '
+        '"train_steps": 150})',
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.perf_counter()
@@ -113,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         logger.info("heads fine-tuned (%.0f s)", time.perf_counter() - started)
 
         start = time.perf_counter()
-        config = CloneConfig(search_positions=False, train_steps=150)
+        config = CloneConfig(**json.loads(args.clone_config))
         patch = clone(
             source,
             target,
