@@ -189,8 +189,9 @@ def train_candidate(
     """Train the candidate's adapter (and, with ``branch_lr`` > 0, its branch) for up to ``steps`` mini-batches.
 
     Args:
-        heldout, eval_every, patience: with all three set, score on ``heldout`` every ``eval_every`` steps, stop
-            once ``patience`` scores in a row have not beaten the best, and keep the best weights seen.
+        heldout, eval_every, patience: with all three set, score on ``heldout`` before training and every
+            ``eval_every`` steps, stop once ``patience`` scores in a row have not beaten the best, and keep the best
+            weights seen (the starting ones included).
     """
     if candidate.optimizer is None or branch_lr:
         groups = [{"params": list(candidate.adapter.parameters()), "lr": lr}]
@@ -207,6 +208,11 @@ def train_candidate(
     stopping = heldout is not None and eval_every > 0 and patience > 0
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     best_score, best_state, stale = -math.inf, None, 0
+    if stopping:  # the starting weights are a candidate too: a training that only hurts gives them back
+        assert heldout is not None
+        candidate.adapter.eval()
+        best_score = _score(*evaluate(candidate, heldout, temperature, feature_weight))
+        best_state = [p.detach().clone() for p in trained]
     done = 0
     candidate.adapter.train()
     for step in range(steps):

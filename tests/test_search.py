@@ -9,6 +9,7 @@ candidate adapter starts.
 * ``ranked`` orders scored pairs: within one standard error of the best (from the held-out size) the cheapest
   first, at equal cost the lower held-out loss; a clearly more accurate pair wins whatever it costs.
 * ``successive_halving`` trains the best pair of every cut before judging it.
+* ``train_candidate`` with held-out scoring never ends worse than it started.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import torch
 
 from pnc_surgery.adapters import Adapter, FeatureSpec
 from pnc_surgery.points import Point
-from pnc_surgery.search import Candidate, ranked, spread_points, standard_error, successive_halving
+from pnc_surgery.search import (
+    Candidate,
+    FitData,
+    ranked,
+    spread_points,
+    standard_error,
+    successive_halving,
+    train_candidate,
+)
 
 
 def _cnn_points() -> list[Point]:
@@ -192,3 +201,33 @@ def test_a_feature_only_laid_out_anew_is_searched_once():
     chosen = [p.name for p in spread_points([projection, tokens, *blocks], 3)]
     assert "patch_embed.proj" not in chosen, "the projection's output and the tokens are one feature"
     assert chosen[0] == "patch_embed"
+
+
+def test_a_final_training_that_only_hurts_gives_back_the_starting_weights():
+    """A branch fine-tuning that diverges (here a learning rate of 1e4) must not leave the patch worse than the search
+    handed it over: the held-out score of the starting weights competes with every later one."""
+    torch.manual_seed(0)
+    adapter = Adapter(FeatureSpec("NCHW", (4, 4, 4), 4, (4, 4)), FeatureSpec("NCHW", (4, 4, 4), 4, (4, 4)), hidden=0)
+    branch = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    point = Point("layer1", 0, (4, 4, 4), "NCHW", 4, 4)
+    candidate = Candidate(point, point, branch, adapter)  # type: ignore[arg-type]
+    features, labels = torch.randn(48, 4, 4, 4), torch.arange(48) % 3
+    data = FitData(features, features, torch.nn.functional.one_hot(labels, 3).float() * 5, labels)
+    start = [p.detach().clone() for p in [*adapter.parameters(), *branch.parameters()]]
+    train_candidate(
+        candidate,
+        data,
+        20,
+        lr=1e4,
+        batch_size=16,
+        temperature=2.0,
+        feature_weight=1.0,
+        generator=torch.Generator().manual_seed(0),
+        branch_lr=1e4,
+        heldout=data,
+        eval_every=2,
+        patience=3,
+    )
+    end = [*adapter.parameters(), *branch.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(start, end))
+    assert candidate.steps == 6, "three evaluations without improvement stop it"
