@@ -107,16 +107,21 @@ def test_a_huge_classes_list_gives_a_short_message(no_training):
     assert len(str(error.value)) < 500
 
 
-def test_a_diverging_training_raises_instead_of_returning_a_non_finite_patch():
-    config = CloneConfig(
-        max_cuts=1,
-        max_insertions=1,
-        search_steps=2,
-        train_steps=4,
-        localize=False,
-        lr=1e30,
-        branch_lr=1e30,
-        gate="energy",
-    )
+DIVERGING = dict(search_steps=2, train_steps=4, localize=False, lr=1e30, branch_lr=1e30, gate="energy")
+
+
+def test_a_training_that_leaves_non_finite_weights_raises_instead_of_returning_them(monkeypatch):
+    def overflowing(candidate, *args, **kwargs):  # what reduced precision or a wild learning rate can leave behind
+        with torch.no_grad():
+            next(candidate.adapter.parameters()).fill_(math.nan)
+
+    monkeypatch.setattr(clone_module, "train_candidate", overflowing)
+    config = CloneConfig(max_cuts=1, max_insertions=1, train_steps=4, localize=False, gate="energy")
     with pytest.raises(CloneError, match="NaN or infinite"):
         clone(_model(), _model(5), _data(), config=config, progress=False)
+
+
+def test_a_diverging_final_training_gives_back_the_patch_it_started_from():
+    config = CloneConfig(max_cuts=1, max_insertions=1, **DIVERGING)  # one pair: no search, a least-squares start
+    patch = clone(_model(), _model(5), _data(), config=config, progress=False)
+    assert all(bool(torch.isfinite(t).all()) for t in patch.tensors().values() if t.is_floating_point())
