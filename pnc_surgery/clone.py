@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -260,7 +260,7 @@ class CloneConfig:
             raise InvalidInputError(f"source_kwargs must be a dict, got {type(self.source_kwargs).__name__}")
         for name, minimum in _INT_FIELDS.items():
             value = getattr(self, name)
-            if value is None and name in ("search_steps", "train_steps", "images_per_class"):
+            if value is None and _FIELD_DEFAULTS[name] is None:  # None: "from the budget"
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise InvalidInputError(f"{name} must be an integer of at least {minimum}, got {value!r}")
@@ -284,7 +284,9 @@ _INT_FIELDS = {
     "adapter_hidden": 0,
     "feature_batch_size": 1,
 }
-"""Integer fields of :class:`CloneConfig` and their smallest value."""
+"""Integer fields of :class:`CloneConfig` and their smallest value (those that default to ``None`` may be ``None``)."""
+
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(CloneConfig)}
 
 _REAL_FIELDS = {
     "lr": (0.0, math.inf, False, False),
