@@ -79,6 +79,7 @@ SMALL_TEXT = {
     "d_ff": 37,
     "d_kv": 8,
     "num_layers": 4,
+    "num_decoder_layers": 4,
     "num_heads": 4,
     "encoder_layers": 2,
     "decoder_layers": 2,
@@ -277,6 +278,8 @@ def build_transformers(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], s
             config.num_labels = NUM_CLASSES
             if not image and getattr(config, "pad_token_id", None) is None:
                 config.pad_token_id = 0  # a padded batch needs one, as tokenizers set it
+            if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+                config.decoder_start_token_id = config.pad_token_id  # as T5's checkpoints set it
             torch.manual_seed(0)
             with torch.device("meta"):
                 count = sum(p.numel() for p in cls(config).parameters())
@@ -383,7 +386,7 @@ def _after(logits: torch.Tensor, heads: list, step: int) -> torch.Tensor:
 
 
 def check_points(
-    model: nn.Module, example: Any, names: list[str], crash_fails: bool = False
+    model: nn.Module, example: Any, names: list[str], crash_fails: bool = False, reading: frozenset[str] = frozenset()
 ) -> dict[str, dict[str, float]]:
     """Each point's independent substitution error and depth (rank of its module among completions, in [0, 1]).
 
@@ -393,6 +396,8 @@ def check_points(
         names: the modules to test.
         crash_fails: a forward that raises with a module's output swapped gives it an infinite error (a module
             whose output the rest reads for more than its values: a shape, a dtype) instead of raising.
+        reading: points said to read the token ids besides their output (``Point.reads_input``): tested by
+            :func:`_reading_answer` instead.
     """
     other = _other_input(model, example)
     for scale in AWAKE_SCALES:
@@ -406,7 +411,10 @@ def check_points(
     for name in names:
         step, feature = outputs[name]
         try:
-            swapped_logits, swapped_heads, _ = _answer(twin, other, swap=(name, feature))
+            if name in reading:
+                swapped_logits, swapped_heads, _ = _reading_answer(twin, example, other, name, feature)
+            else:
+                swapped_logits, swapped_heads, _ = _answer(twin, other, swap=(name, feature))
         except Exception:  # with crash_fails, a swap the forward cannot take fails the test
             if not crash_fails:
                 raise
@@ -421,6 +429,55 @@ def check_points(
         )
         checked[name] = {"error": error, "depth": order.index(name) / max(len(order) - 1, 1)}
     return checked
+
+
+def _reading_answer(model: nn.Module, example: Any, other: Any, name: str, feature: torch.Tensor) -> tuple:
+    """:func:`_answer` on ``example`` with ``name``'s output swapped for ``feature`` (its own) and every module call
+    that ended before ``name``'s call began (nested ones too) returning what it returned on ``other``: a point that
+    reads the input besides its output keeps the example's answer."""
+
+    def record(inputs: Any) -> tuple[dict[str, list], dict[str, list]]:
+        spans: dict[str, list] = {}
+        outputs: dict[str, list] = {}
+        step = iter(range(10**9))
+        handles = []
+        for module_name, module in model.named_modules():
+
+            def begin(m: nn.Module, a: Any, n: str = module_name) -> None:
+                spans.setdefault(n, []).append([next(step), None])
+
+            def end(m: nn.Module, a: Any, out: Any, n: str = module_name) -> None:
+                next(span for span in reversed(spans[n]) if span[1] is None)[1] = next(step)
+                outputs.setdefault(n, []).append(out)
+
+            handles += [module.register_forward_pre_hook(begin), module.register_forward_hook(end)]
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return spans, outputs
+
+    spans, _ = record(example)
+    _, theirs = record(other)
+    start = spans[name][0][0]
+    handles = []
+    for module_name, module in model.named_modules():
+        ended = {k for k, (_, stop) in enumerate(spans.get(module_name, [])) if stop < start}
+        if ended and module_name != name:
+            calls = iter(range(10**9))
+
+            def swap(m: nn.Module, a: Any, out: Any, n: str = module_name, ended: set = ended, calls=calls) -> Any:
+                k = next(calls)
+                return theirs[n][k] if k in ended else None
+
+            handles.append(module.register_forward_hook(swap))
+    try:
+        return _answer(model, example, swap=(name, feature))
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class _FlopCount(TorchDispatchMode):
@@ -657,7 +714,8 @@ def run_one(key: str) -> dict[str, Any]:
         }
     row["find_points_seconds"] = round(time.perf_counter() - found, 2)
     try:
-        checked = check_points(model, example, [p.name for p in points])
+        reading = frozenset(p.name for p in points if p.reads_input)
+        checked = check_points(model, example, [p.name for p in points], reading=reading)
         flops = flop_depths(model, example)
     except Exception as exc:  # the benchmark's own failure, counted as a miss
         return {
@@ -676,6 +734,7 @@ def run_one(key: str) -> dict[str, Any]:
         depths=[round(checked[p.name]["depth"], 3) for p in points],
         flop_depths=[round(flops[p.name], 3) for p in points],
         names=[p.name for p in points],
+        reading=sorted(reading),
         reasons=verdicts.summary(),
     )
     row["status"] = status(row)

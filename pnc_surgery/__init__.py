@@ -19,7 +19,7 @@ from .errors import (
 )
 from .models import load_model
 from .patch import Patch
-from .points import Point, find_points
+from .points import Point, check_cut, find_points
 
 try:
     __version__ = version("pnc_surgery")  # the one version: pyproject.toml's, as installed
@@ -33,6 +33,7 @@ __all__ = [
     "Patch",
     "Point",
     "find_points",
+    "check_cut",
     "load_model",
     "Branch",
     "capture_features",

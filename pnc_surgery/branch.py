@@ -174,7 +174,8 @@ class Branch(nn.Module):
 
     Build it with :meth:`from_model` (from a live model) or :meth:`from_spec` (from a patch file, without
     any source weights). Call it as ``branch(feature, **context)``, where ``context`` holds the model's other
-    keyword inputs that matter after the cut (``attention_mask`` for text models).
+    keyword inputs that matter after the cut (``attention_mask`` for text models, and the token ids themselves
+    where the rest of the model reads them: :attr:`~pnc_surgery.Point.reads_input`). Other keywords are ignored.
 
     Args:
         model: the model to turn into a tail, modified in place (pass a copy).
@@ -229,8 +230,7 @@ class Branch(nn.Module):
         name = point.name if isinstance(point, Point) else str(point)
         if not name or name not in dict(model.named_modules()):
             raise InvalidInputError(f"{type(model).__name__} has no module {name!r} to cut at")
-        if verify:
-            check_cut(model, name, inputs)
+        reads_input = check_cut(model, name, inputs) if verify else isinstance(point, Point) and point.reads_input
         with eval_mode(model):
             trace = trace_model(model, inputs, backend, keep=lambda n: True)
         cut_call = trace.calls.get(name)
@@ -270,7 +270,9 @@ class Branch(nn.Module):
             cut_shape=tuple(cut_call.output.shape[1:]),
             cut_extras=tuple(_constant(item) for item in cut_call.extras) if cut_call.packed else None,
             main_input_name=main_name,
-            context_keys=tuple(k for k in inputs if k != main_name) if isinstance(inputs, Mapping) else (),
+            context_keys=(
+                tuple(k for k in inputs if k != main_name or reads_input) if isinstance(inputs, Mapping) else ()
+            ),
             input_shape=tuple(main.shape[1:]),
             input_dtype=str(main.dtype).removeprefix("torch."),
             text_ids=None if main.is_floating_point() else _text_ids(model, backend, inputs, main),
@@ -417,6 +419,12 @@ class Branch(nn.Module):
             ids = ids.masked_fill(at_end, self.text_ids["eos"])
         return ids
 
+    @property
+    def reads_input(self) -> bool:
+        """Whether the tail reads the model's token ids besides the feature (pass them in the context; without
+        them it runs on stand-in ids, which only fits the shapes)."""
+        return self.main_input_name in self.context_keys
+
     def forward(self, feature: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
         """Logits of the model for inputs whose feature at the cut is ``feature``."""
         if tuple(feature.shape[1:]) != self.cut_shape and self.input_dtype.is_floating_point:
@@ -424,8 +432,10 @@ class Branch(nn.Module):
                 f"the branch at {self.cut!r} expects features of shape {self.cut_shape}, got {tuple(feature.shape[1:])}"
             )
         self.live.feature = feature
+        context = {k: v for k, v in context.items() if k in self.context_keys}
+        given = context.pop(self.main_input_name, None)
         try:
-            dummy = self._dummy_input(feature, context.get("attention_mask"))
+            dummy = self._dummy_input(feature, context.get("attention_mask")) if given is None else given
             inputs = self.backend.call_inputs(self.model, dummy)
             if context:
                 assert isinstance(inputs, Mapping), "context tensors only come with keyword inputs"

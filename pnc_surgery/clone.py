@@ -600,7 +600,7 @@ class CloneRun:
     teacher: torch.Tensor | None = None
     """The source's logits of the cloned classes on every example."""
     context: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Keyword inputs the branch needs besides the feature (``attention_mask``)."""
+    """Keyword inputs a branch may read besides the feature (see :func:`_branch_context`)."""
     fit_index: torch.Tensor | None = None
     held_index: torch.Tensor | None = None
     candidates: list[Candidate] = field(default_factory=list)
@@ -943,9 +943,7 @@ def prepare(run: CloneRun) -> dict[str, Any]:
     )
     run.teacher = source_logits[:, run.classes]
     inputs = run.examples.inputs
-    run.context = (
-        {k: v.to(run.device) for k, v in inputs.items() if k == "attention_mask"} if isinstance(inputs, dict) else {}
-    )
+    run.context = {k: v.to(run.device) for k, v in _branch_context(inputs).items()}
     run.fit_index, run.held_index = _stratified_split(run.labels, config.heldout_fraction, run.generator)
     if len(run.held_index) == 0:
         run.held_index = run.fit_index
@@ -982,6 +980,14 @@ def prepare(run: CloneRun) -> dict[str, Any]:
         "source_local_accuracy": round(float((run.teacher.argmax(-1).cpu() == run.labels).float().mean()), 4),
         "memory_skipped": len(skipped),
     }
+
+
+def _branch_context(inputs: ModelInputs) -> dict[str, torch.Tensor]:
+    """The inputs a branch may read besides the feature: the attention mask and the token ids (which a branch cut
+    where the rest of the source reads them takes, :attr:`Point.reads_input`); each branch keeps its own keys."""
+    if not isinstance(inputs, dict):
+        return {}
+    return {k: v for k, v in inputs.items() if k == "attention_mask" or not v.is_floating_point()}
 
 
 def _flops(model: nn.Module, *args: Any, **kwargs: Any) -> float:
@@ -1167,9 +1173,7 @@ def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: Clone
     """What the gate of the attached patch would see for ``examples``, computed one batch at a time (the insertion
     features of all examples are never held at once)."""
     insertion = patch.config.insertion.name
-    context = (
-        {k: v for k, v in examples.inputs.items() if k == "attention_mask"} if isinstance(examples.inputs, dict) else {}
-    )
+    context = _branch_context(examples.inputs)
     rows, done = [], 0
     for features, logits, pre_logits in _extracted_batches(
         target,

@@ -9,6 +9,12 @@ forward. The test compares the classifier's input (pre-logits) as well as the lo
 heads give near-constant logits. A module that returns a tuple leading with a tensor (transformers layers
 returning ``(hidden, attention)``, patch embeddings returning ``(tokens, height, width)``) is a point when that
 tensor alone passes the test: only it is swapped, and only it is the point's feature.
+
+Token models get a second chance: in an encoder-decoder classifier (BART, mBART, PEGASUS) the decoder reads the
+token ids itself, so no encoder layer determines the answer alone, yet the encoder layer and the ids do. A
+candidate that fails the test above is a point that *reads the input* when the answer stays the first input's
+while every module that finished before it answers as on the second input (see
+:func:`_input_reading_errors`); a branch cut there takes the token ids as an input besides the feature.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import copy
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,7 +31,7 @@ import torch
 from torch import nn
 
 from .backends import Backend, ModelInputs, backend_for
-from .backends.base import main_tensor
+from .backends.base import call_model, main_tensor
 from .errors import InvalidInputError, UnsupportedModelError
 from .tracing import ModuleCall, Trace, classifier_names, eval_mode, main_output, trace_model, with_main_output
 
@@ -61,6 +67,8 @@ class Point:
         layout: ``"NCHW"``, ``"NHWC"`` (spatial maps) or ``"NLC"`` (token sequences).
         reduction: input size divided by the feature's spatial size (or the patch size of tokens); ``None`` for text.
         width: channels or hidden size.
+        reads_input: the rest of the model also reads the token ids (the decoder of an encoder-decoder model):
+            a branch cut here takes them as an input.
     """
 
     name: str
@@ -69,6 +77,7 @@ class Point:
     layout: str
     reduction: int | None
     width: int
+    reads_input: bool = False
 
     def to_dict(self) -> dict:
         return {**asdict(self), "shape": list(self.shape)}
@@ -83,6 +92,7 @@ class Point:
                 layout=str(data["layout"]),
                 reduction=None if data.get("reduction") is None else int(data["reduction"]),
                 width=int(data["width"]),
+                reads_input=bool(data.get("reads_input", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInputError(f"not a valid point description {data!r}: {exc}") from None
@@ -161,7 +171,13 @@ def _layout(shape: tuple[int, ...], spatial: tuple[int, int] | None, hint: str |
 
 
 def _describe(
-    name: str, index: int, shape: tuple[int, ...], layout: str, spatial: tuple[int, int] | None, prefix: int | None
+    name: str,
+    index: int,
+    shape: tuple[int, ...],
+    layout: str,
+    spatial: tuple[int, int] | None,
+    prefix: int | None,
+    reads_input: bool,
 ) -> Point:
     if layout == "NCHW":
         width, grid_h = shape[0], shape[1]
@@ -179,7 +195,15 @@ def _describe(
             if side and side * side == tokens - lead and spatial[0] % side == 0:
                 reduction = spatial[0] // side
                 break
-    return Point(name=name, index=index, shape=tuple(shape), layout=layout, reduction=reduction, width=int(width))
+    return Point(
+        name=name,
+        index=index,
+        shape=tuple(shape),
+        layout=layout,
+        reduction=reduction,
+        width=int(width),
+        reads_input=reads_input,
+    )
 
 
 def _without_dead_paths(model: nn.Module, value: float) -> nn.Module:
@@ -218,6 +242,25 @@ def _repeat_batch(inputs: ModelInputs, times: int) -> ModelInputs:
     return {key: repeat(value) for key, value in inputs.items()}
 
 
+def _chunks(names: list[str], features: list[torch.Tensor | None]) -> Iterator[list[str]]:
+    """``names`` in chunks that share one forward: at most ``SUBSTITUTION_CHUNK`` candidates and, for large
+    features, only as many as keep the largest one under ``SUBSTITUTION_ELEMENTS`` elements (large batches run
+    slower per row on CPU)."""
+    largest = max((f.numel() for f in features if f is not None), default=1)
+    size = max(1, min(SUBSTITUTION_CHUNK, SUBSTITUTION_ELEMENTS // largest))
+    for start in range(0, len(names), size):
+        yield names[start : start + size]
+
+
+def _swapped_rows(output: Any, rows: slice, value: torch.Tensor) -> Any:
+    """``output`` with the given rows of its feature (see :func:`main_output`) replaced by ``value``."""
+    feature, _ = main_output(output)
+    assert feature is not None, "only modules with a feature are swapped"
+    swapped = feature.clone()
+    swapped[rows] = value
+    return with_main_output(output, swapped)
+
+
 def _substitution_errors(
     model: nn.Module,
     first: Trace,
@@ -232,33 +275,21 @@ def _substitution_errors(
 
     Candidates are tested together: the second input is repeated once per candidate along the batch and
     candidate ``i``'s hook swaps only its own rows, so one forward tests a whole chunk (rows are
-    independent in eval mode). A chunk holds at most ``SUBSTITUTION_CHUNK`` candidates and, for large
-    features, only as many as keep the largest one under ``SUBSTITUTION_ELEMENTS`` elements.
+    independent in eval mode).
     """
     batch = baseline.shape[0]
-    features = [first.calls[n].output for n in names]
-    largest = max((f.numel() for f in features if f is not None), default=1)
-    size = max(1, min(SUBSTITUTION_CHUNK, SUBSTITUTION_ELEMENTS // largest))
     errors: dict[str, float] = {}
-    for start in range(0, len(names), size):
-        chunk = names[start : start + size]
+    for chunk in _chunks(names, [first.calls[n].output for n in names]):
         handles = []
-
-        def swap_rows(rows: slice, recorded: torch.Tensor) -> Callable:
-            def hook(module: nn.Module, args: Any, output: Any) -> Any:
-                feature, _ = main_output(output)
-                assert feature is not None, "candidates produce a feature"
-                swapped = feature.clone()
-                swapped[rows] = recorded
-                return with_main_output(output, swapped)
-
-            return hook
-
         try:
             for i, name in enumerate(chunk):
                 rows, recorded = slice(i * batch, (i + 1) * batch), first.calls[name].output
                 assert recorded is not None, f"{name} was traced without its output"
-                handles.append(model.get_submodule(name).register_forward_hook(swap_rows(rows, recorded)))
+                handles.append(
+                    model.get_submodule(name).register_forward_hook(
+                        lambda m, a, out, rows=rows, recorded=recorded: _swapped_rows(out, rows, recorded)
+                    )
+                )
             trace = trace_model(model, _repeat_batch(second_inputs, len(chunk)), backend, classifiers=first.classifiers)
         finally:
             for handle in handles:
@@ -266,6 +297,147 @@ def _substitution_errors(
         answers = _compare_outputs(trace)
         for i, name in enumerate(chunk):
             errors[name] = (answers[i * batch : (i + 1) * batch] - baseline).abs().max().item() / spread
+    return errors
+
+
+@dataclass
+class _Calls:
+    """Every call of every module on one forward: when it started and ended, whether it returned a plain tensor
+    (what a branch stubs), and (for the modules asked for) its feature."""
+
+    steps: dict[str, list[tuple[int, int]]]
+    plain: dict[str, bool]
+    outputs: dict[str, list[torch.Tensor | None]]
+
+
+def _record_calls(model: nn.Module, inputs: ModelInputs, keep: set[str] = frozenset()) -> _Calls:  # type: ignore[assignment]
+    record = _Calls(steps={}, plain={}, outputs={})
+    counter = iter(range(10**9))
+    started: dict[str, list[int]] = {}
+    handles = []
+
+    def on_pre(name: str) -> Callable:
+        return lambda module, args: started.setdefault(name, []).append(next(counter))
+
+    def on_post(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            record.steps.setdefault(name, []).append((started[name].pop(), next(counter)))
+            feature, packed = main_output(output)
+            record.plain[name] = feature is not None and not packed
+            if name in keep:
+                record.outputs.setdefault(name, []).append(None if feature is None else feature.detach().clone())
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_pre_hook(on_pre(name)))
+                handles.append(module.register_forward_hook(on_post(name)))
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return record
+
+
+def _finished_before(calls: _Calls, name: str) -> list[str] | None:
+    """The outermost modules returning a plain tensor (as a branch stubs them) whose calls all ended before
+    ``name`` started, or ``None`` when one of them is called again after it started (a branch stubs every call)."""
+    start = calls.steps[name][0][0]
+    before = []
+    for module_name, steps in calls.steps.items():
+        if steps[0][1] < start and not (name == module_name or name.startswith(module_name + ".")):
+            if steps[-1][1] >= start:
+                return None
+            before.append(module_name)
+    stubbed: list[str] = []
+    for module_name in sorted(before, key=lambda n: n.count(".")):
+        if calls.plain[module_name] and not any(module_name.startswith(s + ".") for s in stubbed):
+            stubbed.append(module_name)
+    return stubbed
+
+
+def _input_reading_errors(
+    model: nn.Module,
+    first: Trace,
+    names: list[str],
+    inputs: ModelInputs,
+    second_inputs: ModelInputs,
+    baseline: torch.Tensor,
+    spread: float,
+    backend: Backend,
+) -> dict[str, float]:
+    """How far the answer on the *first* input moves when every module that finished before ``name`` started
+    answers as on the second input and ``name`` keeps its own output, relative to the inputs' difference.
+
+    0 means the rest of the model depends on ``name``'s output and on the input itself, not on anything computed
+    before ``name``: a cut for a branch that is given the input (token ids) besides the feature. Modules are
+    replaced as a branch stubs them (the outermost ones, all their calls); a module whose output does not lead with
+    the batch is left alone where both inputs give it the same value (position tables) and fails the candidate
+    otherwise. Candidates share forwards as in :func:`_substitution_errors`.
+    """
+    calls = _record_calls(model, inputs)
+    replaced = {name: _finished_before(calls, name) for name in names}
+    errors = {name: math.inf for name, stubs in replaced.items() if stubs is None}
+    swapped = sorted({s for stubs in replaced.values() if stubs is not None for s in stubs})
+    mine = _record_calls(model, inputs, set(swapped)).outputs
+    theirs = _record_calls(model, second_inputs, set(swapped)).outputs
+    batch = baseline.shape[0]
+    tested = [name for name in names if name not in errors]
+    for chunk in _chunks(tested, [first.calls[n].output for n in tested]):
+        rows_of = {name: slice(i * batch, (i + 1) * batch) for i, name in enumerate(chunk)}
+        failed: set[str] = set()
+        handles = []
+
+        def swap(module_name: str, users: list[str], rows_of: dict[str, slice], failed: set[str]) -> Callable:
+            count = iter(range(10**9))
+            rows = batch * len(rows_of)
+
+            def hook(module: nn.Module, args: Any, output: Any) -> Any:
+                k = next(count)
+                feature, _ = main_output(output)
+                value, own = theirs[module_name][k], mine[module_name][k]
+                if feature is None or value is None or own is None:
+                    failed.update(users)
+                    return None
+                if feature.shape[:1] != (rows,) or own.shape[:1] != (batch,):
+                    if own.shape != value.shape or not torch.equal(own, value):
+                        failed.update(users)
+                    return None
+                for user in users:
+                    output = _swapped_rows(output, rows_of[user], value)
+                return output
+
+            return hook
+
+        try:
+            for module_name in swapped:
+                users = [n for n in chunk if module_name in (replaced[n] or ())]
+                if users:
+                    swapper = swap(module_name, users, rows_of, failed)
+                    handles.append(model.get_submodule(module_name).register_forward_hook(swapper))
+            for name in chunk:
+                recorded = first.calls[name].output
+                assert recorded is not None, f"{name} was traced without its output"
+                handles.append(
+                    model.get_submodule(name).register_forward_hook(
+                        lambda m, a, out, rows=rows_of[name], recorded=recorded: _swapped_rows(out, rows, recorded)
+                    )
+                )
+            trace = trace_model(model, _repeat_batch(inputs, len(chunk)), backend, classifiers=first.classifiers)
+        except (RuntimeError, ValueError, IndexError) as exc:  # the model cannot run on the swapped values
+            logger.debug("input-reading test of %s failed to run: %s", chunk, exc)
+            errors.update(dict.fromkeys(chunk, math.inf))
+            continue
+        finally:
+            for handle in handles:
+                handle.remove()
+        answers = _compare_outputs(trace)
+        for name in chunk:
+            error = (answers[rows_of[name]] - baseline).abs().max().item() / spread
+            errors[name] = math.inf if name in failed else error
     return errors
 
 
@@ -304,9 +476,10 @@ def _checked_reference(
 
 def _substitution_errors_of(
     model: nn.Module, inputs: ModelInputs, backend: Backend, names: list[str], classifiers: list[str]
-) -> dict[str, float]:
-    """The substitution test's relative error of each of ``names`` (on a twin without dead residual paths);
-    a name passes when its error is at most ``SUBSTITUTION_RTOL``."""
+) -> dict[str, tuple[float, bool]]:
+    """Each of ``names``' relative error in the substitution test (on a twin without dead residual paths), and
+    whether it passes only as a point that reads the input (token models); a name passes when its error is at
+    most ``SUBSTITUTION_RTOL``."""
     second_inputs = backend.second_input(model, inputs)
     wanted = set(names)
     for value in WAKE_VALUES:
@@ -328,11 +501,27 @@ def _substitution_errors_of(
             "cut points cannot be told apart"
         )
     present = [n for n in names if first.calls.get(n) is not None and first.calls[n].output is not None]
-    return _substitution_errors(probe, first, present, second_inputs, baseline, spread, backend)
+    errors = {
+        name: (error, False)
+        for name, error in _substitution_errors(probe, first, present, second_inputs, baseline, spread, backend).items()
+    }
+    failed = [name for name, (error, _) in errors.items() if not error <= SUBSTITUTION_RTOL]
+    reads_ids = (
+        isinstance(inputs, Mapping) and not main_tensor(inputs, backend.main_input_name(model)).is_floating_point()
+    )
+    if failed and reads_ids:  # a branch can be given keyword token ids, not a positional tensor
+        reading = _input_reading_errors(probe, first, failed, inputs, second_inputs, baseline, spread, backend)
+        errors.update({name: (error, True) for name, error in reading.items() if error <= SUBSTITUTION_RTOL})
+    return errors
 
 
-def check_cut(model: nn.Module, name: str, inputs: ModelInputs) -> None:
-    """Raise :class:`UnsupportedModelError` unless the rest of ``model`` depends on module ``name``'s output alone."""
+def check_cut(model: nn.Module, name: str, inputs: ModelInputs) -> bool:
+    """Raise :class:`UnsupportedModelError` unless the rest of ``model`` depends on module ``name``'s output alone,
+    or (token models) on it and the token ids.
+
+    Returns:
+        Whether the rest of the model also reads the token ids (:attr:`Point.reads_input`).
+    """
     backend = backend_for(model)
     inputs = resolve_example_input(model, inputs, backend)
     with eval_mode(model):
@@ -349,9 +538,12 @@ def check_cut(model: nn.Module, name: str, inputs: ModelInputs) -> None:
                 "(windows, heads?); it is not a cut point"
             )
         classifiers = classifier_names(reference, num_classes, after=call.post)
-        error = _substitution_errors_of(model, inputs, backend, [name], classifiers).get(name, math.inf)
+        error, reads_input = _substitution_errors_of(model, inputs, backend, [name], classifiers).get(
+            name, (math.inf, False)
+        )
         if not error <= SUBSTITUTION_RTOL:
             raise UnsupportedModelError(f"{name!r} is not a cut point of {type(model).__name__}: {_not_a_cut(error)}")
+    return reads_input
 
 
 def _not_a_cut(error: float) -> str:
@@ -428,7 +620,7 @@ def find_points(model: nn.Module, example_input: ModelInputs | None = None, expl
         points: list[tuple[ModuleCall, str]] = []
         seen_outputs: dict[int | None, ModuleCall] = {}
         for call, layout in sorted(shaped, key=lambda item: item[0].post):
-            error = errors.get(call.name, math.inf)
+            error = errors.get(call.name, (math.inf, False))[0]
             if not error <= SUBSTITUTION_RTOL:
                 verdicts[call.name] = _not_a_cut(error)
                 continue
@@ -444,9 +636,10 @@ def find_points(model: nn.Module, example_input: ModelInputs | None = None, expl
     points.sort(key=lambda item: item[0].post)
     for call, _ in points:
         verdicts.pop(call.name, None)
-    _report(model, reference, points, verdicts, explain)
+    reading = {name for name, (_, reads_input) in errors.items() if reads_input}
+    _report(model, reference, points, verdicts, reading, explain)
     described = [
-        _describe(call.name, index, tuple(call.output.shape[1:]), layout, spatial, prefix)
+        _describe(call.name, index, tuple(call.output.shape[1:]), layout, spatial, prefix, errors[call.name][1])
         for index, (call, layout) in enumerate(points)
         if call.output is not None
     ]
@@ -458,12 +651,23 @@ def find_points(model: nn.Module, example_input: ModelInputs | None = None, expl
 
 
 def _report(
-    model: nn.Module, trace: Trace, points: list[tuple[ModuleCall, str]], verdicts: dict[str, str], explain: bool
+    model: nn.Module,
+    trace: Trace,
+    points: list[tuple[ModuleCall, str]],
+    verdicts: dict[str, str],
+    reading: set[str],
+    explain: bool,
 ) -> None:
     """Log (and with ``explain`` print) each candidate in execution order: a point, or why it is not one."""
     offered = {call.name for call, _ in points}
     names = sorted(offered | set(verdicts), key=lambda n: trace.calls[n].post)
-    lines = [f"{name}: " + ("point" if name in offered else f"not a point: {verdicts[name]}") for name in names]
+
+    def verdict(name: str) -> str:
+        if name not in offered:
+            return f"not a point: {verdicts[name]}"
+        return "point, with the token ids (the rest of the model reads them too)" if name in reading else "point"
+
+    lines = [f"{name}: {verdict(name)}" for name in names]
     for line in lines:
         logger.debug("%s %s", type(model).__name__, line)
     if explain:

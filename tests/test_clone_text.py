@@ -124,3 +124,56 @@ def test_a_decoder_that_pools_the_last_non_pad_token_is_a_source(models, tmp_pat
     patch.save_pretrained(tmp_path / "patch")
     with torch.no_grad(), Patch.from_pretrained(tmp_path / "patch").attached(target):
         assert torch.allclose(target(**test_new).logits, patched_new, atol=1e-5), "the pad and eos ids are saved"
+
+
+def ending_in_eos(inputs: dict[str, torch.Tensor], eos: int = 1) -> dict[str, torch.Tensor]:
+    """The same sentences with an eos id as each one's last real token, as a BART tokenizer ends them."""
+    ids = inputs["input_ids"].clone()
+    ids[torch.arange(len(ids)), inputs["attention_mask"].sum(1) - 1] = eos
+    return {**inputs, "input_ids": ids}
+
+
+def test_an_encoder_decoder_source_is_cut_in_its_encoder_and_its_branch_reads_the_token_ids(models, tmp_path):
+    """BART's decoder embeds the token ids itself: a branch cut in the encoder gets them from the patched call."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    from pnc_surgery.errors import PatchMismatchError
+
+    _, target = models
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=32,
+        num_labels=5,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        decoder_start_token_id=1,
+    )
+    source_inputs, source_labels = sentences([0, 1, 2, 3, 4], 60, seed=1)
+    source = train(BartForSequenceClassification(config), ending_in_eos(source_inputs), source_labels)
+    clone_inputs, clone_labels = sentences([0, 1, 2], 40, seed=3)
+    config = CloneConfig(cut="model.encoder.layers.1", max_insertions=2, search_steps=10, train_steps=100)
+    patch = clone(source, target, as_pairs(ending_in_eos(clone_inputs), clone_labels), config=config, progress=False)
+    assert patch.metrics["cut"] == "model.encoder.layers.1" and patch.branch.reads_input
+
+    test_new, new_labels = sentences([0, 1, 2], 30, seed=5)
+    test_new = ending_in_eos(test_new)
+    with torch.no_grad():
+        original = target(**test_new).logits
+        with patch.attached(target):
+            patched_new = target(**test_new).logits
+            with pytest.raises(PatchMismatchError, match="reads the token ids"):
+                target(inputs_embeds=target.get_input_embeddings()(test_new["input_ids"]))
+        assert torch.equal(target(**test_new).logits, original)
+    assert (patched_new[:, 5:].argmax(-1) == new_labels).float().mean() >= 0.8, "chance is 1/3"
+    patch.save_pretrained(tmp_path / "patch")
+    with torch.no_grad(), Patch.from_pretrained(tmp_path / "patch").attached(target):
+        assert torch.allclose(target(**test_new).logits, patched_new, atol=1e-5), "the loaded branch reads the ids"

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from zoo import NUM_CLASSES, ZOO, build, context_of, cut_error, logits_of, other_input, run_model
 
-from pnc_surgery import Point, find_points
+from pnc_surgery import Point, check_cut, find_points
 from pnc_surgery.branch import Branch, capture_features
 from pnc_surgery.errors import InvalidInputError, UnsupportedModelError
 
@@ -795,3 +795,74 @@ def test_points_do_not_depend_on_how_many_candidates_share_a_forward(
     together = find_points(model, example)
     monkeypatch.setattr(points_module, "SUBSTITUTION_ELEMENTS", 1)
     assert find_points(model, example) == together
+
+
+# ------------------------------------------------------------------ encoder-decoder classifiers: points that read ids
+def _bart() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A BART sequence classifier (its decoder reads the token ids itself) and a padded batch ending in eos."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=64,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=32,
+        num_labels=NUM_CLASSES,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        decoder_start_token_id=1,
+    )
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, 8:], mask[1, 8:] = 0, 0
+    ids[0, 11], ids[1, 7] = 1, 1
+    return BartForSequenceClassification(config).eval(), {"input_ids": ids, "attention_mask": mask}
+
+
+def test_encoder_layers_of_an_encoder_decoder_classifier_are_points_that_read_the_token_ids() -> None:
+    """No encoder layer of BART determines the answer alone (the decoder embeds the ids itself), but with the ids
+    it does; the last decoder layer needs nothing else; earlier decoder layers also read the encoder's output."""
+    model, example = _bart()
+    points = {p.name: p.reads_input for p in find_points(model, example)}
+    assert points == {
+        "model.encoder.layers.0": True,
+        "model.encoder.layers.1": True,
+        "model.decoder.layers.1": False,
+    }, points
+    with pytest.raises(UnsupportedModelError, match="residual path, attention context"):
+        check_cut(model, "model.decoder.layers.0", example)
+    assert check_cut(model, "model.encoder.layers.1", example) is True
+    assert check_cut(model, "model.decoder.layers.1", example) is False
+    bert, text = build("hf_bert")
+    assert not any(p.reads_input for p in find_points(bert, text)), "an encoder's points need no ids"
+
+
+def test_a_tail_cut_in_the_encoder_reproduces_the_logits_of_other_inputs_from_their_feature_and_ids() -> None:
+    model, example = _bart()
+    tail = Branch.from_model(model, "model.encoder.layers.0", example)
+    assert tail.reads_input and tail.context_keys == ("input_ids", "attention_mask")
+    other = {
+        **example,
+        "input_ids": torch.where(example["input_ids"] > 2, (example["input_ids"] * 7) % 61 + 3, example["input_ids"]),
+    }
+    feature = capture_features(model, ["model.encoder.layers.0"], other)["model.encoder.layers.0"]
+    with torch.no_grad():
+        expected = model(**other).logits
+        assert torch.allclose(tail(feature, **other), expected, atol=ATOL)
+        stand_in = tail(feature, attention_mask=other["attention_mask"])
+    assert not torch.allclose(stand_in, expected, atol=1e-3), "without the ids the decoder reads stand-in tokens"
+    assert not Branch.from_model(model, "model.decoder.layers.1", example).reads_input
+
+
+def test_point_descriptions_keep_whether_they_read_the_input() -> None:
+    model, example = _bart()
+    for point in find_points(model, example):
+        assert Point.from_dict(point.to_dict()) == point
+    assert Point.from_dict({k: v for k, v in point.to_dict().items() if k != "reads_input"}).reads_input is False

@@ -212,6 +212,12 @@ class Attachment:
         if self.signature is not None:
             bound = self.signature.bind_partial(*args, **kwargs).arguments
             context = {k: bound[k] for k in self.patch.branch.context_keys if bound.get(k) is not None}
+            branch = self.patch.branch
+            if branch.reads_input and context.get(branch.main_input_name) is None:
+                raise PatchMismatchError(
+                    f"the patch's branch reads the token ids ({branch.main_input_name!r}) besides its feature: call "
+                    f"{type(model).__name__} with them (not with inputs_embeds)"
+                )
         self._stack().append({"context": context, "pre_logits": []})
 
     def on_insertion(self, module: nn.Module, args: tuple, output: Any) -> None:
