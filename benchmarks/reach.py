@@ -794,6 +794,32 @@ def _hf_text_pair(decoder: bool) -> tuple[nn.Module, nn.Module]:
     return source.eval(), target.eval()
 
 
+def _bart_pair() -> tuple[nn.Module, nn.Module]:
+    """BART into DistilBERT: the source's decoder reads the ids, so a cut in its encoder is a point that reads them."""
+    import transformers as hf
+
+    torch.manual_seed(0)
+    source = hf.BartForSequenceClassification(
+        hf.BartConfig(
+            vocab_size=64,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=32,
+            num_labels=5,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+            decoder_start_token_id=1,
+        )
+    )
+    return source.eval(), _hf_text_pair(decoder=False)[1]
+
+
 _VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 CLONE_PAIRS = {
     "CNN": lambda: _timm_pair(
@@ -818,7 +844,10 @@ CLONE_PAIRS = {
     ),
     "text encoder": lambda: _hf_text_pair(decoder=False),
     "text decoder": lambda: _hf_text_pair(decoder=True),
+    "text encoder-decoder": _bart_pair,
 }
+FORCED_CUTS = {"text encoder-decoder": "model.encoder.layers.1"}
+"""Groups whose point of interest the search might pass over: a cut in BART's encoder reads the ids."""
 """One (source, target) pair per family group, small and random-init: the run checks mechanics, not accuracy."""
 
 
@@ -848,7 +877,15 @@ def run_clone(group: str, directory: Path) -> dict[str, Any]:
     inputs, labels = _clone_data(text, 48, seed=0)
     probe, _ = _clone_data(text, 8, seed=1)
     rows = [({k: v[i] for k, v in inputs.items()} if text else inputs[i], int(labels[i])) for i in range(len(labels))]
-    config = CloneConfig(max_cuts=2, max_insertions=2, search_steps=5, train_steps=10, keep_ratio=0.5, batch_size=16)
+    config = CloneConfig(
+        max_cuts=2,
+        max_insertions=2,
+        search_steps=5,
+        train_steps=10,
+        keep_ratio=0.5,
+        batch_size=16,
+        cut=FORCED_CUTS.get(group),
+    )
 
     def logits(model: nn.Module) -> torch.Tensor:
         with torch.no_grad():
@@ -883,18 +920,20 @@ def run_clone(group: str, directory: Path) -> dict[str, Any]:
         **checks,
         "cut": patch.metrics.get("cut"),
         "insertion": patch.metrics.get("insertion"),
+        "reads_input": patch.branch.reads_input,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
 
 def clone_table(rows: list[dict]) -> str:
     lines = [
-        "| group | status | cut -> insertion | width | exact detach | save/load | seconds | reason |",
-        "|---|---|---|---|---|---|---|---|",
+        "| group | status | cut -> insertion | reads ids | width | exact detach | save/load | seconds | reason |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['group']} | {r['status']} | {r.get('cut', '')} -> {r.get('insertion', '')} | {r.get('width', '')} | "
+            f"| {r['group']} | {r['status']} | {r.get('cut', '')} -> {r.get('insertion', '')} | "
+            f"{r.get('reads_input', '')} | {r.get('width', '')} | "
             f"{r.get('exact_detach', '')} | {r.get('save_load_equal', '')} | {r['seconds']} | "
             f"{r.get('reason', '')[:160]} |"
         )
