@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from zoo import tiny_bart
 
 from pnc_surgery import CloneConfig, Patch, clone
 
@@ -135,30 +136,11 @@ def ending_in_eos(inputs: dict[str, torch.Tensor], eos: int = 1) -> dict[str, to
 
 def test_an_encoder_decoder_source_is_cut_in_its_encoder_and_its_branch_reads_the_token_ids(models, tmp_path):
     """BART's decoder embeds the token ids itself: a branch cut in the encoder gets them from the patched call."""
-    from transformers import BartConfig, BartForSequenceClassification
-
     from pnc_surgery.errors import PatchMismatchError
 
     _, target = models
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=32,
-        num_labels=5,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        decoder_start_token_id=1,
-    )
     source_inputs, source_labels = sentences([0, 1, 2, 3, 4], 60, seed=1)
-    source = train(BartForSequenceClassification(config), ending_in_eos(source_inputs), source_labels)
+    source = train(tiny_bart(VOCAB, num_labels=5, decoder_layers=1), ending_in_eos(source_inputs), source_labels)
     clone_inputs, clone_labels = sentences([0, 1, 2], 40, seed=3)
     config = CloneConfig(cut="model.encoder.layers.1", max_insertions=2, search_steps=10, train_steps=100)
     patch = clone(source, target, as_pairs(ending_in_eos(clone_inputs), clone_labels), config=config, progress=False)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from zoo import NUM_CLASSES, ZOO, build, context_of, cut_error, logits_of, other_input, run_model
+from zoo import NUM_CLASSES, ZOO, build, context_of, cut_error, logits_of, other_input, run_model, tiny_bart
 
 from pnc_surgery import Point, check_cut, find_points
 from pnc_surgery.branch import Branch, capture_features
@@ -800,30 +800,11 @@ def test_points_do_not_depend_on_how_many_candidates_share_a_forward(
 # ------------------------------------------------------------------ encoder-decoder classifiers: points that read ids
 def _bart() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A BART sequence classifier (its decoder reads the token ids itself) and a padded batch ending in eos."""
-    from transformers import BartConfig, BartForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=64,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=32,
-        num_labels=NUM_CLASSES,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        decoder_start_token_id=1,
-    )
     ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     ids[1, 8:], mask[1, 8:] = 0, 0
     ids[0, 11], ids[1, 7] = 1, 1
-    return BartForSequenceClassification(config).eval(), {"input_ids": ids, "attention_mask": mask}
+    return tiny_bart(vocab_size=64), {"input_ids": ids, "attention_mask": mask}
 
 
 def test_encoder_layers_of_an_encoder_decoder_classifier_are_points_that_read_the_token_ids() -> None:

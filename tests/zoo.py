@@ -33,6 +33,7 @@ __all__ = [
     "other_input",
     "context_of",
     "cut_error",
+    "tiny_bart",
 ]
 
 NUM_CLASSES = 7
@@ -272,6 +273,31 @@ def hf_distilbert() -> tuple[nn.Module, dict[str, torch.Tensor]]:
         num_labels=NUM_CLASSES,
     )
     return _hf(DistilBertForSequenceClassification, config), _text_batch()
+
+
+def tiny_bart(vocab_size: int = _VOCAB, num_labels: int = NUM_CLASSES, decoder_layers: int = 2) -> nn.Module:
+    """A transformers BartForSequenceClassification, 2 encoder layers of width 32 (eval mode, seeded): its decoder
+    embeds the token ids itself. Pad id 0, eos id 1 (every text must end with it: the head pools the last eos)."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=vocab_size,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=decoder_layers,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        decoder_start_token_id=1,
+    )
+    return BartForSequenceClassification(config).eval()
 
 
 # ---------------------------------------------------------------------------------------------------- registry
