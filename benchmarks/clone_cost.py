@@ -20,8 +20,6 @@ import ast
 import contextlib
 import copy
 import json
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +32,7 @@ from pnc_surgery.clone import CloneConfig, clone
 
 from .baselines import lwf
 from .datasets import ClassSplit, class_split, subsample
-from .metrics import accuracy_metrics, safetensors_bytes
+from .metrics import accuracy_metrics, patch_bytes, safetensors_bytes
 from .models import ARCHS, PAIRS, Arch, trained_model
 from .protocol import Context, Hyper
 from .run import LOADERS
@@ -111,11 +109,6 @@ def _models(
     return source, target
 
 
-def _patch_bytes(patch: Any) -> int:
-    with tempfile.TemporaryDirectory() as folder:
-        return os.path.getsize(patch.save(os.path.join(folder, "patch.safetensors")))
-
-
 def _scores(model: nn.Module, split: ClassSplit, reference: torch.Tensor) -> dict[str, float]:
     logits = predict_logits(model, split.test)
     metrics = accuracy_metrics(logits, split.test.labels, split.num_old, reference)
@@ -173,7 +166,7 @@ def ratio_row(
         "clone_locality": clone_scores["locality"],
         "lwf_acc_all": lwf_scores["acc_all"],
         "lwf_locality": lwf_scores["locality"],
-        "patch_bytes_ratio": round(_patch_bytes(patch) / safetensors_bytes(source), 3),
+        "patch_bytes_ratio": round(patch_bytes(patch) / safetensors_bytes(source), 3),
         "cut": patch.metrics.get("cut"),
         "insertion": patch.metrics.get("insertion"),
         "stage_seconds": patch.metrics.get("stage_seconds"),

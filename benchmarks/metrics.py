@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import save_model
@@ -28,6 +29,8 @@ __all__ = [
     "count_changed",
     "max_abs_diff",
     "safetensors_bytes",
+    "patch_bytes",
+    "patch_part_bytes",
     "median_latencies",
 ]
 
@@ -102,6 +105,21 @@ def safetensors_bytes(model: nn.Module) -> int:
         path = os.path.join(folder, "model.safetensors")
         save_model(model, path)
         return os.path.getsize(path)
+
+
+def patch_bytes(patch: Any) -> int:
+    """Size of ``patch`` saved as its safetensors file (tensors, header and config)."""
+    with tempfile.TemporaryDirectory() as folder:
+        return os.path.getsize(patch.save(os.path.join(folder, "patch.safetensors")))
+
+
+def patch_part_bytes(patch: nn.Module) -> dict[str, int]:
+    """Bytes of the patch's tensors by part (``branch``, ``adapter``, ``gate``, ...)."""
+    parts: dict[str, int] = {}
+    for name, tensor in [*patch.named_parameters(), *patch.named_buffers()]:
+        part = name.split(".", 1)[0]
+        parts[part] = parts.get(part, 0) + tensor.numel() * tensor.element_size()
+    return parts
 
 
 @torch.no_grad()

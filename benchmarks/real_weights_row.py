@@ -31,7 +31,7 @@ from pnc_surgery.data import to_view
 
 from .baselines import BASELINES
 from .datasets import ClassSplit, ImageDataset, class_split, load_fashion_mnist, subsample
-from .metrics import accuracy_metrics
+from .metrics import accuracy_metrics, patch_bytes, patch_part_bytes, safetensors_bytes
 from .pair_matrix import fit_evidence, gate_inputs, gate_outcome, refit_gate
 from .protocol import Context, Hyper
 from .real_weights import load_efficientnet_lite
@@ -95,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help='JSON of CloneConfig settings (default: the library\'s; the first run used {"search_positions": false, '
         '"train_steps": 150})',
     )
+    parser.add_argument(
+        "--baselines", nargs="*", default=list(BASELINE_ROWS), choices=BASELINE_ROWS, help="baselines to run beside PNC"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.perf_counter()
@@ -106,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         split = split_at(
             class_split(train, test, clone_level=args.clone_per_class, replay_per_class=20, seed=args.seed), IMAGE_SIZE
         )
+        torch.manual_seed(args.seed)  # the new heads start from the global generator
         target = fine_tune_head(
             load_efficientnet_lite(0, len(split.target_classes)),
             subsample(split.target_train, per_class=args.train_per_class, seed=args.seed),
@@ -131,11 +135,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             progress=False,
         )
         seen, gate_share = gate_inputs(patch, target, split.test)
+        source_bytes = safetensors_bytes(source)
         rows.append(
             {
                 "method": "pnc",
                 "seconds": time.perf_counter() - start,
                 "gate_share": gate_share,
+                "patch_bytes_x_source": patch_bytes(patch) / source_bytes,
+                **{f"{part}_bytes_x_source": n / source_bytes for part, n in patch_part_bytes(patch).items()},
                 **gate_outcome(patch.gate, seen, labels, num_old),
                 "cut": patch.metrics.get("cut"),
                 "insertion": patch.metrics.get("insertion"),
@@ -143,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         gate, _ = refit_gate("learned", fit_evidence(patch, target, split), config.max_false_positive_rate, args.seed)
         rows.append({"method": "pnc_learned_gate", **gate_outcome(gate, seen, labels, num_old)})
-        for name in BASELINE_ROWS:
+        for name in args.baselines:
             start = time.perf_counter()
             ctx = Context(source, copy.deepcopy(target), target, split, Hyper(steps=args.steps), args.seed, False)
             logits = predict_logits(BASELINES[name](ctx).model, split.test)
@@ -163,9 +170,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "target_acc_a": (reference[labels < num_old] == labels[labels < num_old]).float().mean().item(),
         "wall_seconds": time.perf_counter() - started,
     }
-    lines = ["| method | acc_all | acc on K | locality |", "|---|---|---|---|"]
+    lines = ["| method | acc_all | acc on K | locality | patch bytes (x source) |", "|---|---|---|---|---|"]
+
+    def size(row: dict[str, Any]) -> str:
+        if "patch_bytes_x_source" not in row:
+            return ""
+        return f"{row['patch_bytes_x_source']:.3f} (gate {row.get('gate_bytes_x_source', 0.0):.3f})"
+
     lines += [
-        f"| {r['method']} | {100 * r['acc_all']:.1f} | {100 * r['acc_k']:.1f} | {100 * r['locality']:.1f} |"
+        f"| {r['method']} | {100 * r['acc_all']:.1f} | {100 * r['acc_k']:.1f} | {100 * r['locality']:.1f} | {size(r)} |"
         for r in rows
     ]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,8 @@ extrapolated from their tail (see :func:`_tail_quantile`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -49,8 +49,10 @@ __all__ = [
     "CALIBRATION",
     "DISCRIMINANT_KINDS",
     "GATE_KINDS",
+    "NOVELTY_RANK",
     "SPACES",
     "Gate",
+    "NoveltySpace",
     "evidence_width",
     "gate_evidence",
 ]
@@ -66,6 +68,52 @@ CALIBRATION = 0.5
 misses by a factor of two either way in single fits, and the budget is a bound, not a target."""
 SPACES = ("pre_logits", "branch_features", "insertion_features")
 """The :class:`GateInputs` feature spaces in which a ``"novelty"`` gate measures distances."""
+NOVELTY_RANK = 128
+"""A novelty space wider than this keeps its covariance's leading directions (this many) and one variance for all
+the others (probabilistic PCA): a full precision matrix grows with the width squared, 4.2M numbers for a 2048-wide
+space (a ResNet-50's pre-logits: 0.16x the whole model, and a gate has up to three spaces)."""
+
+
+class NoveltySpace(NamedTuple):
+    """One novelty space: its Gaussian components' means and their shared precision, either full (``precision``:
+    width x width) or, for a space wider than :data:`NOVELTY_RANK`, in the covariance's leading directions
+    (``basis``: width x rank, orthonormal; ``precision``: the rank precisions along them) with one precision
+    ``rest`` (shape ``(1,)``) for every direction outside them."""
+
+    means: torch.Tensor
+    precision: torch.Tensor
+    basis: torch.Tensor | None = None
+    rest: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        """The number of leading directions kept; 0 for a full precision matrix."""
+        return 0 if self.basis is None else int(self.basis.shape[1])
+
+    @classmethod
+    def empty(cls, width: int, rank: int, num_components: int) -> NoveltySpace:
+        """Zeros of the shapes a space of ``width`` and ``rank`` (0: full) has, to load a patch's tensors into."""
+        if not rank:
+            return cls(torch.zeros(num_components, width), torch.zeros(width, width))
+        return cls(torch.zeros(num_components, width), torch.zeros(rank), torch.zeros(width, rank), torch.zeros(1))
+
+    def squared_distances(self, x: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance of each row of ``x`` to each component's mean (rows x components)."""
+        if self.basis is None:
+            return _quadratic(x, self.means, lambda v: v @ self.precision)
+        assert self.rest is not None, "a space with a basis has a rest precision"
+        inside_x, inside_m = x @ self.basis, self.means @ self.basis
+        inside = _quadratic(inside_x, inside_m, lambda v: v * self.precision)
+        outside_x, outside_m = x - inside_x @ self.basis.T, self.means - inside_m @ self.basis.T
+        return inside + self.rest * _quadratic(outside_x, outside_m, lambda v: v)
+
+
+def _quadratic(
+    x: torch.Tensor, means: torch.Tensor, times_precision: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``(x_i - m_j) P (x_i - m_j)`` for every row and mean, with ``times_precision(v) = v P`` (P symmetric)."""
+    projected = times_precision(x)
+    return (projected * x).sum(-1, keepdim=True) - 2 * projected @ means.T + (times_precision(means) * means).sum(-1)
 
 
 def gate_evidence(target_logits: torch.Tensor, branch_logits: torch.Tensor, pre_logits: torch.Tensor) -> torch.Tensor:
@@ -108,6 +156,8 @@ class Gate(nn.Module):
         shrinkage: how far the discriminant's covariance is pulled towards a scaled identity when fitting, in
             [0, 1] (a novelty space's covariance takes the Ledoit-Wolf amount of its own data).
         space_widths: for ``"novelty"``, the width of each of :data:`SPACES` (0: the space is not used).
+        space_ranks: for ``"novelty"``, how many leading directions each space keeps (0: a full precision matrix;
+            see :class:`NoveltySpace`).
     """
 
     mean: torch.Tensor
@@ -121,6 +171,7 @@ class Gate(nn.Module):
         num_positive: int = 1,
         shrinkage: float = 0.1,
         space_widths: tuple[int, ...] = (0,) * len(SPACES),
+        space_ranks: tuple[int, ...] = (0,) * len(SPACES),
     ) -> None:
         super().__init__()
         if kind not in GATE_KINDS:
@@ -131,6 +182,8 @@ class Gate(nn.Module):
             )
         if len(space_widths) != len(SPACES) or min(space_widths) < 0:
             raise InvalidInputError(f"space_widths must be {len(SPACES)} non-negative widths, got {space_widths}")
+        if len(space_ranks) != len(SPACES) or any(not 0 <= r < max(w, 1) for r, w in zip(space_ranks, space_widths)):
+            raise InvalidInputError(f"space_ranks must be {len(SPACES)} ranks below their widths, got {space_ranks}")
         self.kind = kind
         self.num_positive = num_positive
         self.shrinkage = shrinkage
@@ -141,8 +194,8 @@ class Gate(nn.Module):
         if kind == "novelty":
             self._set_spaces(
                 {
-                    space: (torch.zeros(width, width), torch.zeros(num_components, width))
-                    for space, width in zip(SPACES, space_widths)
+                    space: NoveltySpace.empty(width, rank, num_components)
+                    for space, width, rank in zip(SPACES, space_widths, space_ranks)
                     if width
                 }
             )
@@ -160,10 +213,27 @@ class Gate(nn.Module):
     @property
     def space_widths(self) -> tuple[int, ...]:
         """Width of each of :data:`SPACES` a ``"novelty"`` gate measures distances in (0: unused)."""
-        return tuple(
-            int(self.get_buffer(f"{space}_precision").shape[0]) if f"{space}_precision" in self._buffers else 0
+        spaces = self.spaces()
+        return tuple(int(spaces[space].means.shape[1]) if space in spaces else 0 for space in SPACES)
+
+    @property
+    def space_ranks(self) -> tuple[int, ...]:
+        """Leading directions each of :data:`SPACES` keeps (0: a full precision matrix, or unused)."""
+        spaces = self.spaces()
+        return tuple(spaces[space].rank if space in spaces else 0 for space in SPACES)
+
+    def spaces(self) -> dict[str, NoveltySpace]:
+        """A ``"novelty"`` gate's fitted spaces, by name (empty for the other kinds)."""
+        return {
+            space: NoveltySpace(
+                self.get_buffer(f"{space}_means"),
+                self.get_buffer(f"{space}_precision"),
+                self._buffers.get(f"{space}_basis"),
+                self._buffers.get(f"{space}_rest"),
+            )
             for space in SPACES
-        )
+            if f"{space}_means" in self._buffers
+        }
 
     def spec(self) -> dict[str, Any]:
         """What a patch file records to rebuild the gate (:meth:`from_spec`)."""
@@ -175,6 +245,8 @@ class Gate(nn.Module):
         }
         if self.kind == "novelty":
             spec["space_widths"] = list(self.space_widths)
+            if any(self.space_ranks):
+                spec["space_ranks"] = list(self.space_ranks)
         return spec
 
     @classmethod
@@ -188,18 +260,14 @@ class Gate(nn.Module):
             spec["num_components"],
             spec["num_positive"],
             space_widths=tuple(widths),
+            space_ranks=tuple(spec.get("space_ranks", [0] * len(SPACES))),
         )
 
     def features(self, inputs: GateInputs) -> torch.Tensor:
         """The discriminant's feature rows for a batch of gate inputs."""
         if self.kind != "novelty":
             return gate_evidence(inputs.target_logits, inputs.branch_logits, inputs.pre_logits)
-        spaces = {
-            space: (self.get_buffer(f"{space}_precision"), self.get_buffer(f"{space}_means"))
-            for space, width in zip(SPACES, self.space_widths)
-            if width
-        }
-        return _space_features(spaces, inputs, self.num_positive)
+        return _space_features(self.spaces(), inputs, self.num_positive)
 
     def log_odds(self, inputs: GateInputs) -> torch.Tensor:
         """``g(x)`` per input."""
@@ -338,22 +406,18 @@ class Gate(nn.Module):
         """Become the fitted gate ``other``."""
         self.kind = other.kind
         self._load(other.weight.data, other.bias.data, other.num_positive, other.mean, other.std)
-        self._set_spaces(
-            {
-                space: (other.get_buffer(f"{space}_precision"), other.get_buffer(f"{space}_means"))
-                for space, width in zip(SPACES, other.space_widths)
-                if width
-            }
-        )
+        self._set_spaces(other.spaces())
 
-    def _set_spaces(self, spaces: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Replace the novelty buffers: per space, the precision matrix and the components' means."""
+    def _set_spaces(self, spaces: dict[str, NoveltySpace]) -> None:
+        """Replace the novelty buffers: per space, the components' means and the precision (with its basis and rest
+        precision where the space keeps leading directions only)."""
         for space in SPACES:
-            for part in ("precision", "means"):
+            for part in NoveltySpace._fields:
                 self._buffers.pop(f"{space}_{part}", None)
-        for space, (precision, means) in spaces.items():
-            self.register_buffer(f"{space}_precision", precision.float())
-            self.register_buffer(f"{space}_means", means.float())
+        for space, fitted in spaces.items():
+            for part, tensor in fitted._asdict().items():
+                if tensor is not None:
+                    self.register_buffer(f"{space}_{part}", tensor.float())
 
     def _load(
         self, weight: torch.Tensor, bias: torch.Tensor, num_positive: int, mean: torch.Tensor, std: torch.Tensor
@@ -393,7 +457,7 @@ class Gate(nn.Module):
         """Fit the novelty spaces on all rows; return each row's distance features from spaces fitted without it."""
         used = [space for space in SPACES if getattr(positives, space).shape[1]]
 
-        def spaces_of(p_rows: torch.Tensor, n_rows: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        def spaces_of(p_rows: torch.Tensor, n_rows: torch.Tensor) -> dict[str, NoveltySpace]:
             return {
                 space: _mahalanobis(
                     getattr(positives, space)[p_rows],
@@ -533,25 +597,26 @@ def _mahalanobis(
     positive_groups: torch.Tensor,
     negatives: torch.Tensor,
     negative_groups: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One novelty space: the shrunk precision matrix of the within-component residuals, and the components' means."""
+    rank: int = NOVELTY_RANK,
+) -> NoveltySpace:
+    """One novelty space: the components' means and the shrunk precision of the within-component residuals, full up
+    to ``rank`` wide, else its ``rank`` leading directions and the mean variance of the others."""
     means, residual, _ = _components(positives.double(), positive_groups, negatives.double(), negative_groups)
-    precision = torch.linalg.inv(_shrunk_covariance(residual, _ledoit_wolf_shrinkage(residual)))
-    return precision.float(), means.float()
+    covariance = _shrunk_covariance(residual, _ledoit_wolf_shrinkage(residual))
+    if len(covariance) <= rank:
+        return NoveltySpace(means.float(), torch.linalg.inv(covariance).float())
+    variances, directions = torch.linalg.eigh(covariance)  # ascending
+    rest = variances[:-rank].mean().reciprocal().reshape(1)
+    return NoveltySpace(
+        means.float(), variances[-rank:].reciprocal().float(), directions[:, -rank:].float(), rest.float()
+    )
 
 
-def _space_features(
-    spaces: dict[str, tuple[torch.Tensor, torch.Tensor]], inputs: GateInputs, num_positive: int
-) -> torch.Tensor:
+def _space_features(spaces: dict[str, NoveltySpace], inputs: GateInputs, num_positive: int) -> torch.Tensor:
     """Per space, the log squared Mahalanobis distance to the nearest cloned-class and target-class component."""
     columns = []
-    for space, (precision, means) in spaces.items():
-        x = getattr(inputs, space).float()
-        projected = x @ precision
-        squared = (
-            (projected * x).sum(-1, keepdim=True) - 2 * projected @ means.T + ((means @ precision) * means).sum(-1)
-        )
-        squared = squared.clamp_min(1e-6)
+    for space, fitted in spaces.items():
+        squared = fitted.squared_distances(getattr(inputs, space).float()).clamp_min(1e-6)
         columns += [squared[:, :num_positive].amin(-1).log(), squared[:, num_positive:].amin(-1).log()]
     return torch.stack(columns, dim=-1)
 

@@ -10,7 +10,15 @@ import torch
 from pnc_surgery import InvalidInputError, Patch, PatchFormatError
 from pnc_surgery.backends.timm import create_model
 from pnc_surgery.evidence import GateInputs
-from pnc_surgery.gate import Gate, _ledoit_wolf_shrinkage, _tail_quantile, evidence_width, gate_evidence
+from pnc_surgery.gate import (
+    NOVELTY_RANK,
+    Gate,
+    _ledoit_wolf_shrinkage,
+    _mahalanobis,
+    _tail_quantile,
+    evidence_width,
+    gate_evidence,
+)
 from pnc_surgery.patch.config import GateSpec
 
 NUM_OLD, NUM_NEW, PRE_LOGITS, BRANCH_FEATURES, INSERTION = 5, 3, 16, 12, 16
@@ -242,3 +250,51 @@ def test_novelty_spaces_shrink_their_covariance_by_the_ledoit_wolf_amount(rows: 
     residual[:, 0] *= 10.0
     expected = sklearn_covariance.ledoit_wolf_shrinkage(residual.numpy(), assume_centered=True)
     assert _ledoit_wolf_shrinkage(residual) == pytest.approx(expected, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ wide novelty spaces
+def widened(inputs: GateInputs, width: int, seed: int) -> GateInputs:
+    """``inputs`` with the target's pre-logits padded by noise to ``width`` (a default-width model's 512-2048)."""
+    noise = torch.randn(
+        len(inputs.pre_logits), width - inputs.pre_logits.shape[1], generator=torch.Generator().manual_seed(seed)
+    )
+    return inputs._replace(pre_logits=torch.cat([inputs.pre_logits, noise], dim=1))
+
+
+def test_a_space_wider_than_the_rank_keeps_its_leading_directions_and_one_variance_for_the_rest() -> None:
+    """A precision matrix grows with the width squared; past NOVELTY_RANK a space keeps that many directions. Where
+    the residuals span fewer (every other variance is the shrinkage floor), its distances are the full matrix's."""
+    gen = torch.Generator().manual_seed(0)
+    width, span = NOVELTY_RANK + 72, 20
+    mixing = torch.randn(span, width, generator=gen)
+    positives, negatives = (
+        torch.randn(300, span, generator=gen) @ mixing + 5.0,
+        torch.randn(200, span, generator=gen) @ mixing,
+    )
+    groups = torch.arange(300) % 3, torch.arange(200) % 4
+    wide = _mahalanobis(positives, groups[0], negatives, groups[1])
+    full = _mahalanobis(positives, groups[0], negatives, groups[1], rank=width)
+    assert full.rank == 0 and wide.rank == NOVELTY_RANK and wide.basis is not None
+    assert torch.allclose(wide.basis.T @ wide.basis, torch.eye(NOVELTY_RANK), atol=1e-4), "orthonormal directions"
+    x = 3.0 * torch.randn(50, width, generator=gen)
+    torch.testing.assert_close(wide.squared_distances(x), full.squared_distances(x), rtol=2e-3, atol=1e-3)
+    assert sum(t.numel() for t in wide if t is not None) < 0.7 * width**2
+
+
+def test_a_gate_with_a_wide_space_passes_the_cloned_classes_and_rebuilds_from_its_spec() -> None:
+    width = NOVELTY_RANK + 40
+    positives, positive_groups = cloned(600, seed=0)
+    negatives, negative_groups = target_domain(100, seed=1)
+    gate = Gate.unfitted("novelty", NUM_OLD, NUM_NEW, width)
+    gate.fit(widened(positives, width, 2), positive_groups, widened(negatives, width, 3), negative_groups, seed=0)
+    assert gate.space_widths == (width, BRANCH_FEATURES, INSERTION) and gate.space_ranks == (NOVELTY_RANK, 0, 0)
+    fresh = widened(cloned(2000, seed=200)[0], width, 4)
+    assert changed_answers(gate, fresh).float().mean().item() >= 0.9
+
+    rebuilt = Gate.from_spec(GateSpec.from_dict(gate.spec()).to_dict())
+    rebuilt.load_state_dict(gate.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(*fresh), gate(*fresh))
+    with pytest.raises(PatchFormatError, match="space_ranks"):
+        GateSpec.from_dict({**gate.spec(), "space_ranks": [width, 0, 0]})
+    assert "space_ranks" not in fitted("novelty", positives=600, negatives=100)[0].spec(), "narrow: as before"

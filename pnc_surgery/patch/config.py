@@ -566,6 +566,8 @@ class GateSpec:
     num_positive: int = 1
     space_widths: tuple[int, ...] = ()
     """For ``"novelty"`` gates: the width of each space the gate measures distances in (0: unused)."""
+    space_ranks: tuple[int, ...] = ()
+    """For ``"novelty"`` gates: the leading directions each space keeps (0, or absent: a full precision matrix)."""
 
     def to_dict(self) -> dict:
         data: dict[str, Any] = {
@@ -576,6 +578,8 @@ class GateSpec:
         }
         if self.kind == "novelty":
             data["space_widths"] = list(self.space_widths)
+            if any(self.space_ranks):
+                data["space_ranks"] = list(self.space_ranks)
         return data
 
     @classmethod
@@ -590,9 +594,18 @@ class GateSpec:
                 _int(w, f"{where}.space_widths[{i}]", 0, MAX_DIM)
                 for i, w in enumerate(_list(data.get("space_widths", []), f"{where}.space_widths", len(SPACES)))
             ),
+            space_ranks=tuple(
+                _int(r, f"{where}.space_ranks[{i}]", 0, MAX_DIM)
+                for i, r in enumerate(_list(data.get("space_ranks", []), f"{where}.space_ranks", len(SPACES)))
+            ),
         )
         if spec.kind == "novelty" and len(spec.space_widths) != len(SPACES):
             raise _fail(f"{where}.space_widths", f"a novelty gate records {len(SPACES)} widths", spec.space_widths)
+        if spec.space_ranks and (
+            len(spec.space_ranks) != len(spec.space_widths)
+            or any(not 0 <= r < max(w, 1) for r, w in zip(spec.space_ranks, spec.space_widths))
+        ):
+            raise _fail(f"{where}.space_ranks", "one rank per space, each below its width", spec.space_ranks)
         if spec.num_positive >= spec.num_components:
             raise _fail(f"{where}.num_positive", "must be below num_components", spec.num_positive)
         return spec
