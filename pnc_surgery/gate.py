@@ -74,6 +74,10 @@ the others (probabilistic PCA): a full precision matrix grows with the width squ
 space (a ResNet-50's pre-logits: 0.16x the whole model, and a gate has up to three spaces)."""
 
 
+SUBSPACE_ITERATIONS = 6
+"""Rounds of subspace iteration that find a wide space's leading directions."""
+
+
 class NoveltySpace(NamedTuple):
     """One novelty space: its Gaussian components' means and their shared precision, either full (``precision``:
     width x width) or, for a space wider than :data:`NOVELTY_RANK`, in the covariance's leading directions
@@ -602,14 +606,26 @@ def _mahalanobis(
     """One novelty space: the components' means and the shrunk precision of the within-component residuals, full up
     to ``rank`` wide, else its ``rank`` leading directions and the mean variance of the others."""
     means, residual, _ = _components(positives.double(), positive_groups, negatives.double(), negative_groups)
-    covariance = _shrunk_covariance(residual, _ledoit_wolf_shrinkage(residual))
-    if len(covariance) <= rank:
-        return NoveltySpace(means.float(), torch.linalg.inv(covariance).float())
-    variances, directions = torch.linalg.eigh(covariance)  # ascending
-    rest = variances[:-rank].mean().reciprocal().reshape(1)
-    return NoveltySpace(
-        means.float(), variances[-rank:].reciprocal().float(), directions[:, -rank:].float(), rest.float()
-    )
+    shrinkage = _ledoit_wolf_shrinkage(residual)
+    width = residual.shape[1]
+    if width <= rank:
+        return NoveltySpace(means.float(), torch.linalg.inv(_shrunk_covariance(residual, shrinkage)).float())
+    # the shrunk covariance (1 - s) R'R / n + s m I has the eigenvectors of R'R: find its leading ones by subspace
+    # iteration on R (no width x width matrix: a full eigendecomposition of a 2048-wide one takes seconds)
+    count = len(residual)
+    scale = residual.square().sum().div(count * width).clamp_min(1e-6)
+    basis = torch.randn(
+        width, min(rank + 16, width), generator=torch.Generator().manual_seed(0), dtype=residual.dtype
+    ).to(residual.device)
+    for _ in range(SUBSPACE_ITERATIONS):
+        basis = torch.linalg.qr(residual.T @ (residual @ basis)).Q
+    projected = residual @ basis
+    inside = (1 - shrinkage) * projected.T @ projected / count
+    variances, rotation = torch.linalg.eigh(inside + shrinkage * scale * torch.eye(len(inside), dtype=inside.dtype))
+    variances, directions = variances[-rank:], basis @ rotation[:, -rank:]
+    total = (1 - shrinkage) * residual.square().sum() / count + shrinkage * scale * width
+    rest = ((total - variances.sum()) / (width - rank)).clamp_min(shrinkage * scale).reciprocal().reshape(1)
+    return NoveltySpace(means.float(), variances.reciprocal().float(), directions.float(), rest.float())
 
 
 def _space_features(spaces: dict[str, NoveltySpace], inputs: GateInputs, num_positive: int) -> torch.Tensor:

@@ -131,3 +131,25 @@ def test_a_source_on_the_cpu_clones_into_a_target_on_cuda():
     patch = clone(source, target, _data(), config=TINY, progress=False)
     with patch.attached(target), torch.no_grad():
         assert target(torch.randn(2, 1, 16, 16, device="cuda")).shape == (2, 7)
+
+
+@cuda
+@pytest.mark.cuda
+def test_text_models_on_cuda_clone_with_a_branch_that_reads_the_ids():
+    """Token ids drawn for the cut test and given to a branch cut in BART's encoder live on the models' device."""
+    from zoo import build, tiny_bart
+
+    source, (target, _) = tiny_bart().cuda(), build("hf_distilbert")
+    target = target.cuda()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 100, (24, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1::2, 8:], ids[1::2, 8:] = 0, 0
+    ids[torch.arange(24), mask.sum(1) - 1] = 1  # eos
+    data = [({"input_ids": ids[i], "attention_mask": mask[i]}, i % 2) for i in range(24)]
+    config = CloneConfig(**{**TINY.__dict__, "cut": "model.encoder.layers.1"})
+    patch = clone(source, target, data, config=config, progress=False)
+    assert patch.branch.reads_input
+    with patch.attached(target), torch.no_grad():
+        out = target(input_ids=ids[:4].cuda(), attention_mask=mask[:4].cuda()).logits
+    assert out.shape == (4, 9) and out.is_cuda

@@ -135,7 +135,7 @@ class Backend:
             return self.replace_main(model, inputs, other)
         vocab = self.vocab_size(model)
         special = sorted(i for i in self.special_token_ids(model) if not vocab or i < vocab)
-        kept = torch.isin(x, torch.tensor(special, dtype=x.dtype))
+        kept = torch.isin(x, torch.tensor(special, dtype=x.dtype, device=x.device))
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         if isinstance(mask, torch.Tensor) and mask.shape == x.shape:
             kept |= mask == 0
