@@ -23,7 +23,7 @@ import copy
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -252,12 +252,13 @@ def _chunks(names: list[str], features: list[torch.Tensor | None]) -> Iterator[l
         yield names[start : start + size]
 
 
-def _swapped_rows(output: Any, rows: slice, value: torch.Tensor) -> Any:
-    """``output`` with the given rows of its feature (see :func:`main_output`) replaced by ``value``."""
+def _swapped_rows(output: Any, rows: Sequence[slice], value: torch.Tensor) -> Any:
+    """``output`` with each of ``rows`` of its feature (see :func:`main_output`) replaced by ``value``."""
     feature, _ = main_output(output)
     assert feature is not None, "only modules with a feature are swapped"
     swapped = feature.clone()
-    swapped[rows] = value
+    for part in rows:
+        swapped[part] = value
     return with_main_output(output, swapped)
 
 
@@ -287,7 +288,7 @@ def _substitution_errors(
                 assert recorded is not None, f"{name} was traced without its output"
                 handles.append(
                     model.get_submodule(name).register_forward_hook(
-                        lambda m, a, out, rows=rows, recorded=recorded: _swapped_rows(out, rows, recorded)
+                        lambda m, a, out, rows=rows, recorded=recorded: _swapped_rows(out, [rows], recorded)
                     )
                 )
             trace = trace_model(model, _repeat_batch(second_inputs, len(chunk)), backend, classifiers=first.classifiers)
@@ -303,11 +304,13 @@ def _substitution_errors(
 @dataclass
 class _Calls:
     """Every call of every module on one forward: when it started and ended, whether it returned a plain tensor
-    (what a branch stubs), and (for the modules asked for) its feature."""
+    (what a branch stubs), (for the modules asked for) its feature, and when the last call that was given integer
+    tensors (token ids, as an embedding is) started."""
 
     steps: dict[str, list[tuple[int, int]]]
     plain: dict[str, bool]
     outputs: dict[str, list[torch.Tensor | None]]
+    last_id_read: int = -1
 
 
 def _record_calls(model: nn.Module, inputs: ModelInputs, keep: set[str] = frozenset()) -> _Calls:  # type: ignore[assignment]
@@ -317,7 +320,13 @@ def _record_calls(model: nn.Module, inputs: ModelInputs, keep: set[str] = frozen
     handles = []
 
     def on_pre(name: str) -> Callable:
-        return lambda module, args: started.setdefault(name, []).append(next(counter))
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            step = next(counter)
+            started.setdefault(name, []).append(step)
+            if any(_holds_ids(a) for a in [*args, *kwargs.values()]):
+                record.last_id_read = step
+
+        return hook
 
     def on_post(name: str) -> Callable:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -332,7 +341,7 @@ def _record_calls(model: nn.Module, inputs: ModelInputs, keep: set[str] = frozen
     try:
         for name, module in model.named_modules():
             if name:
-                handles.append(module.register_forward_pre_hook(on_pre(name)))
+                handles.append(module.register_forward_pre_hook(on_pre(name), with_kwargs=True))
                 handles.append(module.register_forward_hook(on_post(name)))
         with torch.no_grad():
             call_model(model, inputs)
@@ -340,6 +349,19 @@ def _record_calls(model: nn.Module, inputs: ModelInputs, keep: set[str] = frozen
         for handle in handles:
             handle.remove()
     return record
+
+
+def _holds_ids(value: Any) -> bool:
+    """Whether ``value`` looks like token ids: an integer tensor that is not a 0/1 mask."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() > 0
+        and value.numel() > 0
+        and not value.is_floating_point()
+        and value.dtype != torch.bool
+        and value.device.type != "meta"
+        and bool(value.max() > 1)
+    )
 
 
 def _finished_before(calls: _Calls, name: str) -> list[str] | None:
@@ -376,9 +398,14 @@ def _input_reading_errors(
     before ``name``: a cut for a branch that is given the input (token ids) besides the feature. Modules are
     replaced as a branch stubs them (the outermost ones, all their calls); a module whose output does not lead with
     the batch is left alone where both inputs give it the same value (position tables) and fails the candidate
-    otherwise. Candidates share forwards as in :func:`_substitution_errors`.
+    otherwise. A candidate after which no module is given integer tensors (token ids, as the decoder's embedding is)
+    fails without a forward: nothing after it could read the ids. Candidates share forwards as in
+    :func:`_substitution_errors`.
     """
     calls = _record_calls(model, inputs)
+    names = [name for name in names if calls.steps[name][0][0] < calls.last_id_read]
+    if not names:
+        return {}
     replaced = {name: _finished_before(calls, name) for name in names}
     errors = {name: math.inf for name, stubs in replaced.items() if stubs is None}
     swapped = sorted({s for stubs in replaced.values() if stubs is not None for s in stubs})
@@ -406,9 +433,7 @@ def _input_reading_errors(
                     if own.shape != value.shape or not torch.equal(own, value):
                         failed.update(users)
                     return None
-                for user in users:
-                    output = _swapped_rows(output, rows_of[user], value)
-                return output
+                return _swapped_rows(output, [rows_of[user] for user in users], value)
 
             return hook
 
@@ -423,7 +448,7 @@ def _input_reading_errors(
                 assert recorded is not None, f"{name} was traced without its output"
                 handles.append(
                     model.get_submodule(name).register_forward_hook(
-                        lambda m, a, out, rows=rows_of[name], recorded=recorded: _swapped_rows(out, rows, recorded)
+                        lambda m, a, out, rows=rows_of[name], recorded=recorded: _swapped_rows(out, [rows], recorded)
                     )
                 )
             trace = trace_model(model, _repeat_batch(inputs, len(chunk)), backend, classifiers=first.classifiers)

@@ -847,3 +847,20 @@ def test_point_descriptions_keep_whether_they_read_the_input() -> None:
     for point in find_points(model, example):
         assert Point.from_dict(point.to_dict()) == point
     assert Point.from_dict({k: v for k, v in point.to_dict().items() if k != "reads_input"}).reads_input is False
+
+
+def test_an_encoder_only_model_spends_no_forward_on_points_that_read_the_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only candidates followed by a module given token ids (a decoder's embedding) can read them: BERT has none, so
+    its points are found with one recording forward more than the plain test, not a chunk per candidate."""
+    import pnc_surgery.points as points
+
+    forwards: list[str] = []
+    record = points._record_calls
+    monkeypatch.setattr(points, "_record_calls", lambda *a, **k: forwards.append("record") or record(*a, **k))
+    bert, text = build("hf_bert")
+    assert not any(p.reads_input for p in find_points(bert, text))
+    assert forwards == ["record"]
+    forwards.clear()
+    model, example = _bart()
+    assert any(p.reads_input for p in find_points(model, example))
+    assert forwards == ["record"] * 3, "the ids read after the encoder: its layers are tested"
