@@ -643,12 +643,15 @@ def _ledoit_wolf_shrinkage(residual: torch.Tensor) -> float:
     A fixed amount cannot suit both a 6-wide space and a 1024-wide one fitted from a few hundred rows: too little
     leaves a singular estimate, too much blurs the directions in which the cloned classes stand apart."""
     count, width = residual.shape
-    covariance = residual.T @ residual / count
-    scale = covariance.diagonal().mean()
-    spread = (covariance - scale * torch.eye(width, dtype=covariance.dtype)).square().sum()
+    # everything below is a sum over the covariance R'R / n (width x width) or, the same numbers, over the rows' Gram
+    # matrix R R' (count x count): whichever is smaller
+    gram = residual @ residual.T if count < width else residual.T @ residual
+    scale = residual.square().sum() / (count * width)
+    squared = gram.square().sum() / count**2  # the covariance's squared Frobenius norm
+    spread = squared - scale**2 * width  # its squared distance from scale * I
     # the mean squared distance of each row's outer product from the covariance, divided by the row count
     fourth = residual.square().sum(-1).square().sum()
-    noise = (fourth - 2 * ((residual @ covariance) * residual).sum() + count * covariance.square().sum()) / count**2
+    noise = (fourth - count * squared) / count**2
     return 1.0 if spread <= 0 else float(noise.clamp(min=0.0).minimum(spread) / spread)
 
 

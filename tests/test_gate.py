@@ -298,3 +298,15 @@ def test_a_gate_with_a_wide_space_passes_the_cloned_classes_and_rebuilds_from_it
     with pytest.raises(PatchFormatError, match="space_ranks"):
         GateSpec.from_dict({**gate.spec(), "space_ranks": [width, 0, 0]})
     assert "space_ranks" not in fitted("novelty", positives=600, negatives=100)[0].spec(), "narrow: as before"
+
+
+@pytest.mark.parametrize("count, width", [(40, 300), (300, 16)])
+def test_the_shrinkage_is_ledoit_wolfs_on_wide_and_narrow_residuals(count: int, width: int) -> None:
+    """Computed from the rows' Gram matrix where there are fewer rows than features (no width x width matrix)."""
+    residual = torch.randn(count, width, dtype=torch.double) @ torch.randn(width, width, dtype=torch.double)
+    covariance = residual.T @ residual / count
+    scale = covariance.diagonal().mean()
+    spread = (covariance - scale * torch.eye(width, dtype=torch.double)).square().sum()
+    each = torch.einsum("ni,nj->nij", residual, residual)  # every row's outer product
+    noise = (each - covariance).square().sum() / count**2
+    assert _ledoit_wolf_shrinkage(residual) == pytest.approx(float(noise.clamp(max=spread) / spread), rel=1e-9)
