@@ -612,8 +612,7 @@ def _mahalanobis(
         return NoveltySpace(means.float(), torch.linalg.inv(_shrunk_covariance(residual, shrinkage)).float())
     # the shrunk covariance (1 - s) R'R / n + s m I has the eigenvectors of R'R: find its leading ones by subspace
     # iteration on R (no width x width matrix: a full eigendecomposition of a 2048-wide one takes seconds)
-    count = len(residual)
-    scale = residual.square().sum().div(count * width).clamp_min(1e-6)
+    count, scale = len(residual), _scale(residual).clamp_min(1e-6)
     basis = torch.randn(
         width, min(rank + 16, width), generator=torch.Generator().manual_seed(0), dtype=residual.dtype
     ).to(residual.device)
@@ -623,8 +622,8 @@ def _mahalanobis(
     inside = (1 - shrinkage) * projected.T @ projected / count
     variances, rotation = torch.linalg.eigh(inside + shrinkage * scale * torch.eye(len(inside), dtype=inside.dtype))
     variances, directions = variances[-rank:], basis @ rotation[:, -rank:]
-    total = (1 - shrinkage) * residual.square().sum() / count + shrinkage * scale * width
-    rest = ((total - variances.sum()) / (width - rank)).clamp_min(shrinkage * scale).reciprocal().reshape(1)
+    # shrinking keeps the trace, scale * width: the directions left out share what the kept ones do not hold
+    rest = ((scale * width - variances.sum()) / (width - rank)).clamp_min(shrinkage * scale).reciprocal().reshape(1)
     return NoveltySpace(means.float(), variances.reciprocal().float(), directions.float(), rest.float())
 
 
@@ -646,7 +645,7 @@ def _ledoit_wolf_shrinkage(residual: torch.Tensor) -> float:
     # everything below is a sum over the covariance R'R / n (width x width) or, the same numbers, over the rows' Gram
     # matrix R R' (count x count): whichever is smaller
     gram = residual @ residual.T if count < width else residual.T @ residual
-    scale = residual.square().sum() / (count * width)
+    scale = _scale(residual)
     squared = gram.square().sum() / count**2  # the covariance's squared Frobenius norm
     spread = squared - scale**2 * width  # its squared distance from scale * I
     # the mean squared distance of each row's outer product from the covariance, divided by the row count
@@ -655,10 +654,16 @@ def _ledoit_wolf_shrinkage(residual: torch.Tensor) -> float:
     return 1.0 if spread <= 0 else float(noise.clamp(min=0.0).minimum(spread) / spread)
 
 
+def _scale(residual: torch.Tensor) -> torch.Tensor:
+    """The mean variance of the residuals' features (the covariance's trace over its width): the identity that
+    shrinkage pulls towards is this times I."""
+    return residual.square().sum() / residual.numel()
+
+
 def _shrunk_covariance(residual: torch.Tensor, shrinkage: float) -> torch.Tensor:
     """Covariance pulled towards a scaled identity (a few replay inputs against hundreds of features)."""
     covariance = residual.T @ residual / len(residual)
-    scale = covariance.diagonal().mean().clamp_min(1e-6)
+    scale = _scale(residual).clamp_min(1e-6)
     return (1 - shrinkage) * covariance + shrinkage * scale * torch.eye(len(covariance), dtype=covariance.dtype)
 
 

@@ -23,7 +23,7 @@ import copy
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -313,7 +313,7 @@ class _Calls:
     last_id_read: int = -1
 
 
-def _record_calls(model: nn.Module, inputs: ModelInputs, keep: set[str] = frozenset()) -> _Calls:  # type: ignore[assignment]
+def _record_calls(model: nn.Module, inputs: ModelInputs, keep: Collection[str] = ()) -> _Calls:
     record = _Calls(steps={}, plain={}, outputs={})
     counter = iter(range(10**9))
     started: dict[str, list[int]] = {}
