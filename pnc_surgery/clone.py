@@ -46,12 +46,20 @@ from .data import (
 )
 from .errors import CloneError, InvalidInputError, UnsupportedModelError
 from .evidence import GateInputs, patch_gate_inputs
-from .gate import AUTO_ALTERNATIVES, GATE_KINDS
+from .gate import AUTO_ALTERNATIVES, DISCRIMINANT_KINDS, GATE_KINDS
 from .localize import branch_parameters, local_accuracy, localize
 from .patch import Patch
 from .points import Point, find_points
 from .preprocess import encode, is_raw
-from .search import Candidate, FitData, evaluate, spread_points, successive_halving, train_candidate
+from .search import (
+    Candidate,
+    FitData,
+    evaluate,
+    spread_points,
+    standard_error,
+    successive_halving,
+    train_candidate,
+)
 from .tracing import classifier_names, eval_mode, trace_model
 
 __all__ = ["BUDGETS", "Budget", "CloneConfig", "CloneRun", "clone"]
@@ -92,6 +100,8 @@ class Budget:
         train_epochs: most passes of the final training (it stops early when held-out accuracy stalls), at most
             ``max_train_steps`` mini-batches.
         patience: held-out evaluations (one a pass) without improvement before the final training stops.
+        check_gates: fit a trial gate for the best pair of every insertion point and keep the pair whose cloned
+            inputs would come through best (:func:`check_gates`; about one more gate fit).
     """
 
     images_per_class: int | None
@@ -101,6 +111,7 @@ class Budget:
     train_epochs: float
     max_train_steps: int | None
     patience: int
+    check_gates: bool
 
     def search_steps(self, examples: int, batch_size: int) -> int:
         """First-round training steps of each searched pair on ``examples`` training examples."""
@@ -126,6 +137,7 @@ BUDGETS: dict[str, Budget] = {
         train_epochs=10,
         max_train_steps=60,
         patience=2,
+        check_gates=False,
     ),
     "default": Budget(
         images_per_class=512,
@@ -135,6 +147,7 @@ BUDGETS: dict[str, Budget] = {
         train_epochs=30,
         max_train_steps=150,
         patience=4,
+        check_gates=True,
     ),
     "thorough": Budget(
         images_per_class=None,
@@ -144,6 +157,7 @@ BUDGETS: dict[str, Budget] = {
         train_epochs=100,
         max_train_steps=None,
         patience=8,
+        check_gates=True,
     ),
 }
 """The levels of ``CloneConfig.budget``. ``"default"`` trains about as many mini-batches as a fine-tune of the target
@@ -728,9 +742,9 @@ def clone(
         metrics: dict[str, Any] = {"clone_examples": len(run.examples), "cloned_classes": len(run.classes)}
         metrics["clone_examples_used"] = _keep_per_class(run)
         seconds: dict[str, float] = {}
-        for stage in (prepare, search, localize_branch, train):
+        for stage in (prepare, search, check_gates, localize_branch, train):
             begun = time.perf_counter()
-            with run.autocast() if stage is not prepare else contextlib.nullcontext():
+            with run.autocast() if stage not in (prepare, check_gates) else contextlib.nullcontext():
                 metrics.update(stage(run))
             seconds[stage.__name__] = round(time.perf_counter() - begun, 2)
         begun = time.perf_counter()
@@ -1037,6 +1051,56 @@ def search(run: CloneRun) -> dict[str, Any]:
     return {"cut": run.winner.cut.name, "insertion": run.winner.insertion.name, "pairs_searched": len(run.candidates)}
 
 
+GATE_CHECK_ROWS = 256
+"""Clone examples (a stratified sample) each finalist's trial gate is fitted on: its out-of-fold pass rate is then
+good to a few points, and checking three finalists costs less than one gate fitted on every example."""
+
+
+def check_gates(run: CloneRun) -> dict[str, Any]:
+    """Among the search's finalists, the pair whose cloned inputs would come through best: its held-out local
+    accuracy times the share of clone inputs a trial gate lets through at the budget (out of fold).
+
+    The search scores what the branch gets right, but a cloned input counts only if the gate passes it, and how
+    well a gate tells cloned from target-domain inputs depends on the pair: a branch fed from the target's last
+    features sees the input as the target saw it, one fed from early features much as the source does
+    (``benchmarks.pair_matrix``, mobilenetv3 -> hf_vit_small: 70% of cloned inputs passed with the insertion at the
+    target's final norm, 97% with it after the first block, the branch right on 96-99% of them either way). The
+    finalists are the search's winner and the best pair of every insertion point (by rounds reached, then score,
+    which may be a costlier cut than the winner's); the winner stays unless another is better by more than the
+    held-out set's noise. Runs with replay data and a
+    discriminant gate only (without replay data no gate can be judged), and not with ``budget="fast"``.
+    """
+    assert run.winner is not None and run.held_index is not None, "search() first"
+    if not run.budget.check_gates or run.replay is None or _gate_kind(run) not in DISCRIMINANT_KINDS:
+        return {}
+    best: dict[str, Candidate] = {}
+    for candidate in sorted(run.candidates, key=lambda c: (c.rounds, c.score), reverse=True):
+        best.setdefault(candidate.insertion.name, candidate)
+    finalists = [run.winner, *(c for c in best.values() if c is not run.winner)]
+    if len(finalists) < 2:
+        return {}
+    generator = torch.Generator().manual_seed(run.generator.initial_seed())  # leaves the run's stream as it was
+    rows = torch.arange(len(run.labels))
+    if len(rows) > GATE_CHECK_ROWS:
+        rows = _stratified_split(run.labels, GATE_CHECK_ROWS / len(rows), generator)[1]
+    seed = int(torch.randint(2**31, (), generator=generator))
+    fitted = _fit_gates(run, [_build(run, c) for c in finalists], rows, seed, ())
+    for candidate in finalists:  # _build moved the shared modules to the CPU, where gates are fitted
+        candidate.branch.to(run.device)
+        candidate.adapter.to(run.device)
+    checked = [(c, f["gate_positive_rate_heldout"]) for c, f in zip(finalists, fitted)]
+    expected = [c.accuracy * passed for c, passed in checked]
+    choice = max(range(len(checked)), key=lambda i: expected[i])
+    if expected[choice] > expected[0] + standard_error(expected[0], len(run.held_index)):
+        run.winner = checked[choice][0]
+        run.ranking = [run.winner.record(), *(r for r in run.ranking if r != run.winner.record())]
+    return {
+        "gate_check": [{**c.record(), "gate_pass_rate": round(passed, 4)} for c, passed in checked],
+        "cut": run.winner.cut.name,
+        "insertion": run.winner.insertion.name,
+    }
+
+
 def localize_branch(run: CloneRun) -> dict[str, Any]:
     """Prune the winner's branch in place to what the cloned classes need (:func:`pnc_surgery.localize.localize`)."""
     assert run.winner is not None, "search() first"
@@ -1100,11 +1164,10 @@ def train(run: CloneRun) -> dict[str, Any]:
     return {"heldout_local_accuracy": round(accuracy, 4), "train_steps": winner.steps - before}
 
 
-def _build(run: CloneRun) -> Patch:
-    """The winner as a patch with an unfitted gate of the configured kind."""
+def _build(run: CloneRun, candidate: Candidate | None = None) -> Patch:
+    """The winner (or ``candidate``) as a patch with an unfitted gate of the configured kind, sharing its modules."""
     assert run.winner is not None, "search() first"
-    config, winner = run.config, run.winner
-    kind = config.gate if config.gate != "auto" else ("novelty" if run.replay is not None else "energy")
+    config, winner = run.config, candidate or run.winner
     patch = Patch.from_parts(
         run.source,
         run.target,
@@ -1112,36 +1175,59 @@ def _build(run: CloneRun) -> Patch:
         winner.insertion,
         winner.branch,
         winner.adapter,
-        kind,
+        _gate_kind(run),
         target_input=run.target_sample,
         source_kwargs=config.source_kwargs or None,
     )
     return patch.to("cpu").eval()  # the gate is fitted on the CPU; attaching moves the patch to the target's device
 
 
+def _gate_kind(run: CloneRun) -> str:
+    """The kind of gate the patch gets: the configured one, or for ``"auto"`` the one its data allows."""
+    if run.config.gate != "auto":
+        return run.config.gate
+    return "novelty" if run.replay is not None else "energy"
+
+
 def fit_gate(run: CloneRun, patch: Patch) -> dict[str, Any]:
     """Fit ``patch``'s gate on the clone data (positives) and the replay data (negatives, when given)."""
-    config, target, replay = run.config, run.target, run.replay
-    positives = _evidence(patch, target, run.examples, config, run.progress)
-    negatives = negative_groups = negative_sources = None
+    seed = int(torch.randint(2**31, (), generator=run.generator))
+    also_try = AUTO_ALTERNATIVES if run.config.gate == "auto" else ()
+    return _fit_gates(run, [patch], None, seed, also_try)[0]
+
+
+def _fit_gates(
+    run: CloneRun, patches: Sequence[Patch], rows: torch.Tensor | None, seed: int, also_try: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Fit each patch's gate on the clone data (positives; only ``rows`` of it when given) and the replay data
+    (negatives, when given), the target run once over each for all patches."""
+    config, replay = run.config, run.replay
+    examples, labels = (run.examples, run.labels) if rows is None else (run.examples.select(rows), run.labels[rows])
+    positives = _evidence(patches, run.target, examples, config, run.progress)
+    negatives: list[GateInputs | None] = [None] * len(patches)
+    negative_groups = negative_sources = None
     if replay is not None:
         replay, negative_sources = with_shifted_copies(replay) if config.shift_replay else (replay, None)
-        negatives = _evidence(patch, target, replay, config, run.progress)
-        replay_logits = negatives.target_logits
+        unseen = _evidence(patches, run.target, replay, config, run.progress)
+        replay_logits = unseen[0].target_logits
+        negatives = list(unseen)
         labels_given = replay.labels is not None and bool(
             ((replay.labels >= 0) & (replay.labels < replay_logits.shape[1])).all()
         )
         negative_groups = replay.labels if labels_given else replay_logits.argmax(-1)
-    return patch.gate.fit(
-        positives,
-        run.labels,
-        negatives,
-        negative_groups,
-        negative_sources=negative_sources,
-        max_false_positive_rate=config.max_false_positive_rate,
-        seed=int(torch.randint(2**31, (), generator=run.generator)),
-        also_try=AUTO_ALTERNATIVES if config.gate == "auto" else (),
-    )
+    return [
+        patch.gate.fit(
+            seen,
+            labels,
+            unseen,
+            negative_groups,
+            negative_sources=negative_sources,
+            max_false_positive_rate=config.max_false_positive_rate,
+            seed=seed,
+            also_try=also_try,
+        )
+        for patch, seen, unseen in zip(patches, positives, negatives)
+    ]
 
 
 def package(run: CloneRun, patch: Patch, metrics: dict[str, Any]) -> Patch:
@@ -1169,28 +1255,33 @@ def package(run: CloneRun, patch: Patch, metrics: dict[str, Any]) -> Patch:
 
 
 @torch.no_grad()
-def _evidence(patch: Patch, target: nn.Module, examples: Examples, config: CloneConfig, progress: bool) -> GateInputs:
-    """What the gate of the attached patch would see for ``examples``, computed one batch at a time (the insertion
-    features of all examples are never held at once)."""
-    insertion = patch.config.insertion.name
+def _evidence(
+    patches: Sequence[Patch], target: nn.Module, examples: Examples, config: CloneConfig, progress: bool
+) -> list[GateInputs]:
+    """What the gate of each patch, attached alone, would see for ``examples``: one pass of the target, one batch
+    at a time (the insertion features of all examples are never held at once)."""
+    insertions = list(dict.fromkeys(patch.config.insertion.name for patch in patches))
     context = _branch_context(examples.inputs)
-    rows, done = [], 0
+    rows: list[list[GateInputs]] = [[] for _ in patches]
+    done = 0
     for features, logits, pre_logits in _extracted_batches(
         target,
-        [insertion],
+        insertions,
         examples,
         config.feature_batch_size,
         None,
         "pnc: gate evidence",
         progress,
-        list(patch.config.target.classifiers),
+        list(patches[0].config.target.classifiers),
     ):
         logits = logits.float().cpu()
         pre_logits = logits.new_zeros(len(logits), 0) if pre_logits is None else pre_logits.float().cpu()
         batch_context = {k: v[done : done + len(logits)] for k, v in context.items()}
-        rows.append(patch_gate_inputs(patch, features[insertion].float().cpu(), logits, pre_logits, **batch_context))
+        for patch, seen in zip(patches, rows):
+            feature = features[patch.config.insertion.name].float().cpu()
+            seen.append(patch_gate_inputs(patch, feature, logits, pre_logits, **batch_context))
         done += len(logits)
-    return GateInputs.cat(rows)
+    return [GateInputs.cat(seen) for seen in rows]
 
 
 def _named(points: Sequence[Point], name: str, role: str) -> Point:

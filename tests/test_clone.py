@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -90,6 +91,10 @@ def test_clone_records_what_it_measured(cloned):
         assert key in patch.metrics, key
     assert patch.config.search, "the (cut, insertion) ranking is recorded"
     assert patch.config.search[0]["cut"] == patch.metrics["cut"]
+    checked = patch.metrics["gate_check"]  # one finalist per insertion point, each with its trial gate's pass rate
+    assert len({row["insertion"] for row in checked}) == len(checked) >= 2
+    assert all(0 <= row["gate_pass_rate"] <= 1 for row in checked)
+    assert (patch.metrics["cut"], patch.metrics["insertion"]) in {(row["cut"], row["insertion"]) for row in checked}
     assert patch.class_ids == [0, 1, 2]
     assert "replay" in patch.metrics["locality_protection"]
 
@@ -287,3 +292,76 @@ def test_a_clone_whose_search_had_one_candidate_saves_and_loads(digits, tmp_path
     patch.save_pretrained(tmp_path / "patch")
     loaded = pnc_surgery.Patch.from_pretrained(tmp_path / "patch")
     assert [dict(row) for row in loaded.config.search] == [dict(row) for row in patch.config.search]
+
+
+def _finalist(insertion: str, accuracy: float, rounds: int) -> clone_module.Candidate:
+    """A searched pair as the gate check sees it: its points, held-out accuracy and rounds (no real modules)."""
+    point = SimpleNamespace(name=insertion)
+    return clone_module.Candidate(
+        point, point, torch.nn.Identity(), torch.nn.Identity(), accuracy=accuracy, loss=0.5, rounds=rounds
+    )
+
+
+def _checked(monkeypatch, finalists, pass_rates, replay=True, budget="default"):
+    """Run the gate check on ``finalists`` (the first is the search's winner) whose trial gates pass these rates."""
+    run = SimpleNamespace(
+        winner=finalists[0],
+        candidates=finalists,
+        ranking=[c.record() for c in finalists],
+        held_index=torch.arange(100),
+        labels=torch.arange(300) % 3,
+        replay=object() if replay else None,
+        config=CloneConfig(budget=budget),
+        budget=BUDGETS[budget],
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    monkeypatch.setattr(clone_module, "_build", lambda _run, candidate: candidate)
+    monkeypatch.setattr(
+        clone_module,
+        "_fit_gates",
+        lambda _run, patches, *_: [{"gate_positive_rate_heldout": pass_rates[p.insertion.name]} for p in patches],
+    )
+    return run, clone_module.check_gates(run)
+
+
+def test_the_gate_check_takes_the_pair_whose_cloned_inputs_come_through_clearly_more_often(monkeypatch):
+    late, early = _finalist("late", 0.95, rounds=2), _finalist("early", 0.93, rounds=1)
+    run, metrics = _checked(monkeypatch, [late, early], {"late": 0.70, "early": 0.97})
+    assert run.winner is early
+    assert (metrics["insertion"], run.ranking[0]["insertion"]) == ("early", "early")
+    assert [row["gate_pass_rate"] for row in metrics["gate_check"]] == [0.70, 0.97]
+
+
+def test_the_gate_check_keeps_the_searchs_winner_within_the_heldout_noise(monkeypatch):
+    winner, other = _finalist("late", 0.95, rounds=2), _finalist("early", 0.96, rounds=1)
+    run, metrics = _checked(monkeypatch, [winner, other], {"late": 0.90, "early": 0.91})
+    assert run.winner is winner and metrics["insertion"] == "late"
+
+
+def test_the_gate_check_needs_replay_data_and_a_rival_at_another_insertion_or_of_a_better_score(monkeypatch):
+    winner, rival = _finalist("late", 0.95, rounds=2), _finalist("early", 0.9, rounds=1)
+    run, metrics = _checked(monkeypatch, [winner, rival], {"late": 0.1, "early": 1.0}, replay=False)
+    assert metrics == {} and run.winner is winner
+    run, metrics = _checked(monkeypatch, [winner, rival], {"late": 0.1, "early": 1.0}, budget="fast")
+    assert metrics == {} and run.winner is winner, "the fast budget skips the check"
+    same_insertion = _finalist("late", 0.9, rounds=1)
+    run, metrics = _checked(monkeypatch, [winner, same_insertion], {"late": 0.5})
+    assert metrics == {} and run.winner is winner, "a pair the search ranked lower at the same insertion is no rival"
+
+
+def test_the_gate_check_weighs_the_best_scored_pair_at_the_winners_insertion_too(monkeypatch):
+    """The search may prefer a cheaper cut within its noise; after the gate a clearly better pair wins."""
+    cheap = _finalist("late", 0.80, rounds=2)
+    better = clone_module.Candidate(
+        SimpleNamespace(name="early cut"),
+        cheap.insertion,
+        cheap.branch,
+        cheap.adapter,
+        accuracy=0.95,
+        loss=0.5,
+        rounds=2,
+    )
+    run, metrics = _checked(monkeypatch, [cheap, better], {"late": 0.9})
+    assert run.winner is better and metrics["cut"] == "early cut"
