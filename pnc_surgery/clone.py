@@ -171,8 +171,8 @@ class CloneConfig:
 
     budget: str = "default"
     """Overall effort, one of :data:`BUDGETS` (``"fast"``, ``"default"``, ``"thorough"``): how long the search trains
-    each pair, how many pairs survive its first look, and how long the final training may run. ``search_steps`` and
-    ``train_steps``, when set, override it."""
+    each pair, how many pairs survive its first look, whether the finalists' gates are tried (:func:`check_gates`)
+    and how long the final training may run. ``search_steps`` and ``train_steps``, when set, override it."""
     images_per_class: int | None = None
     """Clone examples kept per class, a seeded random sample of each class (``None``: the ``budget``'s, 512 by
     default, all with ``"thorough"``). Past a few hundred images per class more data mostly costs time."""
