@@ -100,8 +100,8 @@ class Budget:
         train_epochs: most passes of the final training (it stops early when held-out accuracy stalls), at most
             ``max_train_steps`` mini-batches.
         patience: held-out evaluations (one a pass) without improvement before the final training stops.
-        check_gates: fit a trial gate for the best pair of every insertion point and keep the pair whose cloned
-            inputs would come through best (:func:`check_gates`; about one more gate fit).
+        check_gates: fit a trial gate for the search's winner and the best pair of every insertion point and keep
+            the pair whose cloned inputs would come through best (:func:`check_gates`; about one more gate fit).
     """
 
     images_per_class: int | None
@@ -1067,8 +1067,9 @@ def check_gates(run: CloneRun) -> dict[str, Any]:
     target's final norm, 97% with it after the first block, the branch right on 96-99% of them either way). The
     finalists are the search's winner and the best pair of every insertion point (by rounds reached, then score,
     which may be a costlier cut than the winner's); the winner stays unless another is better by more than the
-    held-out set's noise. Runs with replay data and a
-    discriminant gate only (without replay data no gate can be judged), and not with ``budget="fast"``.
+    held-out set's noise. The trial gates are of the patch's kind (``"novelty"`` for ``gate="auto"``, without its
+    alternatives). Runs with replay data and a discriminant gate only (without replay data no gate can be judged),
+    and not with ``budget="fast"``.
     """
     assert run.winner is not None and run.held_index is not None, "search() first"
     if not run.budget.check_gates or run.replay is None or _gate_kind(run) not in DISCRIMINANT_KINDS:
@@ -1208,9 +1209,9 @@ def _fit_gates(
     negative_groups = negative_sources = None
     if replay is not None:
         replay, negative_sources = with_shifted_copies(replay) if config.shift_replay else (replay, None)
-        unseen = _evidence(patches, run.target, replay, config, run.progress)
-        replay_logits = unseen[0].target_logits
-        negatives = list(unseen)
+        replay_rows = _evidence(patches, run.target, replay, config, run.progress)
+        replay_logits = replay_rows[0].target_logits
+        negatives = list(replay_rows)
         labels_given = replay.labels is not None and bool(
             ((replay.labels >= 0) & (replay.labels < replay_logits.shape[1])).all()
         )
