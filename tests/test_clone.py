@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from types import SimpleNamespace
 
@@ -365,3 +366,26 @@ def test_the_gate_check_weighs_the_best_scored_pair_at_the_winners_insertion_too
     )
     run, metrics = _checked(monkeypatch, [cheap, better], {"late": 0.9})
     assert run.winner is better and metrics["cut"] == "early cut"
+
+
+def test_a_gate_check_that_keeps_the_searchs_winner_leaves_the_clone_as_it_was(digits, cloned, monkeypatch):
+    """The check draws from its own random stream, so where it keeps the winner the patch is the one without it."""
+    split, target, source = digits
+    patch = cloned[0]
+    winner = patch.metrics["gate_check"][0]
+    assert (patch.metrics["cut"], patch.metrics["insertion"]) == (winner["cut"], winner["insertion"])
+    monkeypatch.setitem(BUDGETS, "default", dataclasses.replace(BUDGETS["default"], check_gates=False))
+    unchecked = clone(
+        source,
+        target,
+        split.clone,
+        classes=split.clone_source_ids,
+        replay=split.replay,
+        config=FAST,
+        seed=0,
+        progress=False,
+    )
+    assert "gate_check" not in unchecked.metrics
+    mine, theirs = patch.state_dict(), unchecked.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
