@@ -1094,7 +1094,8 @@ def check_gates(run: CloneRun) -> dict[str, Any]:
     choice = max(range(len(checked)), key=lambda i: expected[i])
     if expected[choice] > expected[0] + standard_error(expected[0], len(run.held_index)):
         run.winner = checked[choice][0]
-        run.ranking = [run.winner.record(), *(r for r in run.ranking if r != run.winner.record())]
+        record = run.winner.record()
+        run.ranking = [record, *(r for r in run.ranking if r != record)]
     return {
         "gate_check": [{**c.record(), "gate_pass_rate": round(passed, 4)} for c, passed in checked],
         "cut": run.winner.cut.name,

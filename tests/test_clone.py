@@ -38,12 +38,10 @@ def digits():
     return split, target, source
 
 
-@pytest.fixture(scope="module")
-def cloned(digits):
+def _clone_digits(digits):
+    """The cloned classes of the digits fixture, with its replay set, the fast config and seed 0."""
     split, target, source = digits
-    before = parameter_digest(target)
-    original = predict_logits(target, split.test)
-    patch = clone(
+    return clone(
         source,
         target,
         split.clone,
@@ -53,7 +51,14 @@ def cloned(digits):
         seed=0,
         progress=False,
     )
-    return patch, before, original
+
+
+@pytest.fixture(scope="module")
+def cloned(digits):
+    split, target, _ = digits
+    before = parameter_digest(target)
+    original = predict_logits(target, split.test)
+    return _clone_digits(digits), before, original
 
 
 def test_clone_adds_the_cloned_classes_and_keeps_the_targets_answers(digits, cloned):
@@ -370,21 +375,11 @@ def test_the_gate_check_weighs_the_best_scored_pair_at_the_winners_insertion_too
 
 def test_a_gate_check_that_keeps_the_searchs_winner_leaves_the_clone_as_it_was(digits, cloned, monkeypatch):
     """The check draws from its own random stream, so where it keeps the winner the patch is the one without it."""
-    split, target, source = digits
     patch = cloned[0]
     winner = patch.metrics["gate_check"][0]
     assert (patch.metrics["cut"], patch.metrics["insertion"]) == (winner["cut"], winner["insertion"])
     monkeypatch.setitem(BUDGETS, "default", dataclasses.replace(BUDGETS["default"], check_gates=False))
-    unchecked = clone(
-        source,
-        target,
-        split.clone,
-        classes=split.clone_source_ids,
-        replay=split.replay,
-        config=FAST,
-        seed=0,
-        progress=False,
-    )
+    unchecked = _clone_digits(digits)
     assert "gate_check" not in unchecked.metrics
     mine, theirs = patch.state_dict(), unchecked.state_dict()
     assert mine.keys() == theirs.keys()
