@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -386,7 +386,11 @@ def _after(logits: torch.Tensor, heads: list, step: int) -> torch.Tensor:
 
 
 def check_points(
-    model: nn.Module, example: Any, names: list[str], crash_fails: bool = False, reading: frozenset[str] = frozenset()
+    model: nn.Module,
+    example: Any,
+    names: list[str],
+    crash_fails: bool = False,
+    reading: Mapping[str, tuple[str, ...]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Each point's independent substitution error and depth (rank of its module among completions, in [0, 1]).
 
@@ -396,8 +400,8 @@ def check_points(
         names: the modules to test.
         crash_fails: a forward that raises with a module's output swapped gives it an infinite error (a module
             whose output the rest reads for more than its values: a shape, a dtype) instead of raising.
-        reading: points said to read the token ids besides their output (``Point.reads_input``): tested by
-            :func:`_reading_answer` instead.
+        reading: points said to read the token ids besides their output (``Point.reads_input``), each with the
+            modules a branch cut there computes from the ids (``Point.live``): tested by :func:`_reading_answer`.
     """
     other = _other_input(model, example)
     for scale in AWAKE_SCALES:
@@ -408,11 +412,12 @@ def check_points(
             break
     order = list(outputs)
     checked = {}
+    reading = reading or {}
     for name in names:
         step, feature = outputs[name]
         try:
             if name in reading:
-                swapped_logits, swapped_heads, _ = _reading_answer(twin, example, other, name, feature)
+                swapped_logits, swapped_heads, _ = _reading_answer(twin, example, other, name, feature, reading[name])
             else:
                 swapped_logits, swapped_heads, _ = _answer(twin, other, swap=(name, feature))
         except Exception:  # with crash_fails, a swap the forward cannot take fails the test
@@ -431,10 +436,13 @@ def check_points(
     return checked
 
 
-def _reading_answer(model: nn.Module, example: Any, other: Any, name: str, feature: torch.Tensor) -> tuple:
+def _reading_answer(
+    model: nn.Module, example: Any, other: Any, name: str, feature: torch.Tensor, live: tuple[str, ...] = ()
+) -> tuple:
     """:func:`_answer` on ``example`` with ``name``'s output swapped for ``feature`` (its own) and every module call
-    that ended before ``name``'s call began (nested ones too) returning what it returned on ``other``: a point that
-    reads the input besides its output keeps the example's answer."""
+    that ended before ``name``'s call began (nested ones too) returning what it returned on ``other``, except in the
+    ``live`` modules (a branch computes them from the ids): a point that reads the input besides its output keeps the
+    example's answer."""
 
     def record(inputs: Any) -> tuple[dict[str, list], dict[str, list]]:
         spans: dict[str, list] = {}
@@ -465,6 +473,8 @@ def _reading_answer(model: nn.Module, example: Any, other: Any, name: str, featu
     handles = []
     for module_name, module in model.named_modules():
         ended = {k for k, (_, stop) in enumerate(spans.get(module_name, [])) if stop < start}
+        if any(module_name == n or module_name.startswith(n + ".") or n.startswith(module_name + ".") for n in live):
+            continue  # computed from the ids by the branch, or (a stack holding live modules) partly so
         if ended and module_name != name:
             calls = iter(range(10**9))
 
@@ -714,7 +724,7 @@ def run_one(key: str) -> dict[str, Any]:
         }
     row["find_points_seconds"] = round(time.perf_counter() - found, 2)
     try:
-        reading = frozenset(p.name for p in points if p.reads_input)
+        reading = {p.name: p.live for p in points if p.reads_input}
         checked = check_points(model, example, [p.name for p in points], reading=reading)
         flops = flop_depths(model, example)
     except Exception as exc:  # the benchmark's own failure, counted as a miss
@@ -735,6 +745,7 @@ def run_one(key: str) -> dict[str, Any]:
         flop_depths=[round(flops[p.name], 3) for p in points],
         names=[p.name for p in points],
         reading=sorted(reading),
+        live={name: list(live) for name, live in reading.items() if live},
         reasons=verdicts.summary(),
     )
     row["status"] = status(row)

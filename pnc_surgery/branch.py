@@ -3,7 +3,9 @@
 The branch reuses the model's own ``forward()``, so every functional step after the cut (cls token and
 position embedding, pooling in ``forward_head``, attention masks, distilled heads) is exactly the model's.
 The cut module is replaced by a *feed* that returns the given feature, and every module that finished
-before the cut by a *stub* that returns a tensor of its recorded shape without computing anything. Stubbed
+before the cut by a *stub* that returns a tensor of its recorded shape without computing anything, except the
+modules the branch still computes from the token ids (:attr:`~pnc_surgery.Point.live`: an encoder whose output
+a decoder cut also needs) and position tables that do not lead with the batch. Stubbed
 modules keep their attributes (models read e.g. ``embeddings.patch_embeddings.projection.weight.dtype``)
 but their parameters shrink to empty placeholders, so the branch holds only the weights after the cut.
 A stub returns zeros, or (where the rest of the model reads an input-independent value such as rotary
@@ -24,7 +26,7 @@ from torch import nn
 from .backends import Backend, ModelInputs, backend_for, backend_named
 from .backends.base import call_model, logits_of, main_tensor
 from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
-from .points import Point, check_cut, resolve_example_input
+from .points import CutInputs, Point, cut_inputs, resolve_example_input
 from .tracing import classifier_names, eval_mode, trace_model
 
 if TYPE_CHECKING:
@@ -75,7 +77,8 @@ class _LiveFeature(threading.local):
 
 class _Feed:
     """Replacement ``forward`` of the cut module: return the live feature, packed with the recorded ``extras``
-    where the module returned a tuple."""
+    where the module returned a tuple (an extra the module passed on from its arguments, ``{"argument": key}``, is
+    taken from this call's arguments)."""
 
     def __init__(self, live: _LiveFeature, extras: tuple | None) -> None:
         self.live, self.extras = live, extras
@@ -84,7 +87,17 @@ class _Feed:
         assert self.live.feature is not None, "feed called outside a tail forward"
         if self.extras is None:
             return self.live.feature
-        return (self.live.feature, *(_as_tuples(item) for item in self.extras))
+        return (self.live.feature, *(_extra(item, args, kwargs) for item in self.extras))
+
+
+def _extra(recorded: Any, args: tuple, kwargs: dict) -> Any:
+    """One extra element of the feed's output: the argument it names, or the recorded constant."""
+    if isinstance(recorded, Mapping):
+        key = recorded["argument"]
+        if isinstance(key, int):
+            return args[key] if key < len(args) else None
+        return kwargs.get(key)
+    return _as_tuples(recorded)
 
 
 def _constant(value: Any) -> Any:
@@ -230,7 +243,12 @@ class Branch(nn.Module):
         name = point.name if isinstance(point, Point) else str(point)
         if not name or name not in dict(model.named_modules()):
             raise InvalidInputError(f"{type(model).__name__} has no module {name!r} to cut at")
-        reads_input = check_cut(model, name, inputs) if verify else isinstance(point, Point) and point.reads_input
+        if verify:
+            reads_input, live = cut_inputs(model, name, inputs)
+        else:
+            reads_input, live = (
+                CutInputs(point.reads_input, point.live) if isinstance(point, Point) else CutInputs(False, ())
+            )
         with eval_mode(model):
             trace = trace_model(model, inputs, backend, keep=lambda n: True)
         cut_call = trace.calls.get(name)
@@ -242,6 +260,8 @@ class Branch(nn.Module):
         main = main_tensor(inputs, main_name)
         before = trace.completed_before(name)
         ancestors = {name.rsplit(".", i)[0] for i in range(name.count(".") + 1)}
+        batch = int(trace.logits.shape[0])
+        computed = lambda n: any(n == k or n.startswith(k + ".") for k in live)  # noqa: E731
         stubs: dict[str, dict[str, Any]] = {}
         recorded: dict[str, torch.Tensor] = {}
         for module_name, _ in model.named_modules():
@@ -251,9 +271,11 @@ class Branch(nn.Module):
                 and module_name not in ancestors
                 and not any(module_name.startswith(s + ".") for s in stubs)
                 and not module_name.startswith(name + ".")
+                and not computed(module_name)
                 and call is not None
                 and call.output is not None
                 and not call.packed
+                and call.output.shape[0] in (1, batch)  # (L, L, heads) position tables compute from the positions
                 and before(call)
             ):
                 stubs[module_name] = {
@@ -268,7 +290,14 @@ class Branch(nn.Module):
             family=backend.family,  # type: ignore[arg-type]  # "torch" too: such a branch works but is not saved
             cut=name,
             cut_shape=tuple(cut_call.output.shape[1:]),
-            cut_extras=tuple(_constant(item) for item in cut_call.extras) if cut_call.packed else None,
+            cut_extras=(
+                tuple(
+                    _constant(item) if key is None else {"argument": key}
+                    for item, key in zip(cut_call.extras, cut_call.passed_on)
+                )
+                if cut_call.packed
+                else None
+            ),
             main_input_name=main_name,
             context_keys=(
                 tuple(k for k in inputs if k != main_name or reads_input) if isinstance(inputs, Mapping) else ()

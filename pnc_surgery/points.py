@@ -24,8 +24,8 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -36,8 +36,10 @@ from .errors import InvalidInputError, UnsupportedModelError
 from .tracing import ModuleCall, Trace, classifier_names, eval_mode, main_output, trace_model, with_main_output
 
 __all__ = [
+    "CutInputs",
     "Point",
     "check_cut",
+    "cut_inputs",
     "find_points",
     "resolve_example_input",
 ]
@@ -69,6 +71,9 @@ class Point:
         width: channels or hidden size.
         reads_input: the rest of the model also reads the token ids (the decoder of an encoder-decoder model):
             a branch cut here takes them as an input.
+        live: modules that finished before the cut which a branch cut here still computes from the token ids (the
+            encoder, for a cut in the decoder that also reads the encoder's output; an embedding called again
+            after the cut). Empty for most points: a branch replaces everything before its cut.
     """
 
     name: str
@@ -78,9 +83,10 @@ class Point:
     reduction: int | None
     width: int
     reads_input: bool = False
+    live: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "shape": list(self.shape)}
+        return {**asdict(self), "shape": list(self.shape), "live": list(self.live)}
 
     @classmethod
     def from_dict(cls, data: dict) -> Point:
@@ -93,6 +99,7 @@ class Point:
                 reduction=None if data.get("reduction") is None else int(data["reduction"]),
                 width=int(data["width"]),
                 reads_input=bool(data.get("reads_input", False)),
+                live=tuple(str(name) for name in data.get("live", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInputError(f"not a valid point description {data!r}: {exc}") from None
@@ -178,6 +185,7 @@ def _describe(
     spatial: tuple[int, int] | None,
     prefix: int | None,
     reads_input: bool,
+    live: tuple[str, ...],
 ) -> Point:
     if layout == "NCHW":
         width, grid_h = shape[0], shape[1]
@@ -203,6 +211,7 @@ def _describe(
         reduction=reduction,
         width=int(width),
         reads_input=reads_input,
+        live=live,
     )
 
 
@@ -304,42 +313,84 @@ def _substitution_errors(
 @dataclass
 class _Calls:
     """Every call of every module on one forward: when it started and ended, whether it returned a plain tensor
-    (what a branch stubs), (for the modules asked for) its feature, and when the last call that was given integer
-    tensors (token ids, as an embedding is) started."""
+    (what a branch stubs), (for the modules asked for) its feature, which modules were given integer tensors (token
+    ids, as an embedding is) and when the last such call started, and which module outputs later calls were given
+    (by identity: what the model passed on unchanged, as an encoder's output to a decoder's cross-attention)."""
 
     steps: dict[str, list[tuple[int, int]]]
     plain: dict[str, bool]
     outputs: dict[str, list[torch.Tensor | None]]
     last_id_read: int = -1
+    id_readers: set[str] = field(default_factory=set)
+    produced: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    """``id`` of a module's feature -> the modules that returned it, with the step their call ended."""
+    given: list[tuple[str, int, set[int]]] = field(default_factory=list)
+    """Each call's module, start step and the ``id`` s of the tensors it was given."""
+    streams: dict[str, int] = field(default_factory=dict)
+    """Each module's first call's main input: the ``id`` of its first positional tensor (else its first keyword one)."""
+    containers: set[str] = field(default_factory=set)
+    """The names of the model's ``Sequential`` and ``ModuleList`` modules."""
+    extras: dict[str, set[int]] = field(default_factory=dict)
+    """For the modules asked for, the ``id`` s of the tensors their first call returned besides its feature."""
 
 
-def _record_calls(model: nn.Module, inputs: ModelInputs, keep: Collection[str] = ()) -> _Calls:
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a call's arguments (nested in tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def _record_calls(
+    model: nn.Module, inputs: ModelInputs, keep: Collection[str] = (), extras_of: Collection[str] = ()
+) -> _Calls:
     record = _Calls(steps={}, plain={}, outputs={})
     counter = iter(range(10**9))
     started: dict[str, list[int]] = {}
+    alive: list[torch.Tensor] = []  # holds the features whose ids are recorded, so no id is reused
     handles = []
 
     def on_pre(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             step = next(counter)
             started.setdefault(name, []).append(step)
-            if any(_holds_ids(a) for a in [*args, *kwargs.values()]):
+            given = list(_tensors([args, kwargs]))
+            record.given.append((name, step, {id(t) for t in given}))
+            if given and name not in record.streams:
+                record.streams[name] = id(given[0])
+            if any(_holds_ids(t) for t in given):
                 record.last_id_read = step
+                record.id_readers.add(name)
 
         return hook
 
     def on_post(name: str) -> Callable:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            record.steps.setdefault(name, []).append((started[name].pop(), next(counter)))
+            end = next(counter)
+            record.steps.setdefault(name, []).append((started[name].pop(), end))
             feature, packed = main_output(output)
             record.plain[name] = feature is not None and not packed
+            if feature is not None:
+                alive.append(feature)
+                record.produced.setdefault(id(feature), []).append((name, end))
             if name in keep:
                 record.outputs.setdefault(name, []).append(None if feature is None else feature.detach().clone())
+            if packed and name in extras_of and name not in record.extras:
+                others = list(_tensors(list(output[1:])))
+                alive.extend(others)
+                record.extras[name] = {id(t) for t in others}
 
         return hook
 
     try:
         for name, module in model.named_modules():
+            if isinstance(module, (nn.Sequential, nn.ModuleList)):
+                record.containers.add(name)
             if name:
                 handles.append(module.register_forward_pre_hook(on_pre(name), with_kwargs=True))
                 handles.append(module.register_forward_hook(on_post(name)))
@@ -364,21 +415,68 @@ def _holds_ids(value: Any) -> bool:
     )
 
 
-def _finished_before(calls: _Calls, name: str) -> list[str] | None:
-    """The outermost modules returning a plain tensor (as a branch stubs them) whose calls all ended before
-    ``name`` started, or ``None`` when one of them is called again after it started (a branch stubs every call)."""
+@dataclass(frozen=True)
+class _Plan:
+    """How a branch that reads the token ids replaces what finished before its cut: ``stubs`` (the outermost
+    modules returning a plain tensor, all their calls stubbed) and ``live`` (modules it computes from the ids)."""
+
+    stubs: tuple[str, ...]
+    live: frozenset[str]
+
+    @property
+    def live_units(self) -> tuple[str, ...]:
+        """The outermost live modules, in name order (what :attr:`Point.live` lists)."""
+        return tuple(sorted(n for n in self.live if not any(n.startswith(o + ".") for o in self.live)))
+
+
+def _stack(calls: _Calls, name: str) -> str | None:
+    """The module holding ``name``'s stack (the parent of its outermost ``Sequential`` / ``ModuleList`` ancestor, as
+    a decoder holds its layers); ``None`` when ``name`` is in no such container or that module was not called."""
+    parts = name.split(".")
+    for depth in range(1, len(parts)):
+        if ".".join(parts[:depth]) in calls.containers:
+            stack = ".".join(parts[: depth - 1])
+            return stack if stack in calls.steps else None
+    return None
+
+
+def _plan(calls: _Calls, name: str) -> _Plan:
+    """What a branch cut at ``name`` that is given the token ids stubs and what it keeps live.
+
+    Live: modules called both before and after the cut started (a shared embedding; a branch computes every call),
+    and, where the rest of the model is given the output of a module that finished before the cut (by identity: a
+    decoder's cross-attention given the encoder's output), every module that finished by then, provided the stack
+    holding the cut had not yet started, only that stack's later modules are given the output, and it is not the
+    main input of the cut or of a module around it: an encoder beside its decoder is computed live, not the
+    embeddings a residual carries around the cut, nor a pooled output a head reads instead of the cut's. The rest
+    of what finished before the cut is stubbed.
+    """
     start = calls.steps[name][0][0]
-    before = []
-    for module_name, steps in calls.steps.items():
-        if steps[0][1] < start and not (name == module_name or name.startswith(module_name + ".")):
-            if steps[-1][1] >= start:
-                return None
-            before.append(module_name)
-    stubbed: list[str] = []
-    for module_name in sorted(before, key=lambda n: n.count(".")):
-        if calls.plain[module_name] and not any(module_name.startswith(s + ".") for s in stubbed):
-            stubbed.append(module_name)
-    return stubbed
+    inside = lambda n: n == name or n.startswith(name + ".")  # noqa: E731
+    before = {
+        n for n, steps in calls.steps.items() if steps[0][1] < start and not inside(n) and not name.startswith(n + ".")
+    }
+    live = {n for n in before if calls.steps[n][-1][1] >= start}
+    earlier = {i: end for i, made in calls.produced.items() for n, end in made if end < start and n in before}
+    reads = [(module, ids & earlier.keys()) for module, step, ids in calls.given if step > start and not inside(module)]
+    reads = [(module, ids) for module, ids in reads if ids]
+    read = {i for _, ids in reads for i in ids}
+    around = {calls.streams.get(n) for n in [name, *(n for n in calls.steps if name.startswith(n + "."))]}
+    stack = _stack(calls, name)
+    horizon = max((earlier[i] for i in read), default=-1)
+    if (
+        read
+        and stack is not None
+        and horizon < calls.steps[stack][0][0]
+        and all(module.startswith(stack + ".") for module, _ in reads)
+        and not around & read
+    ):
+        live.update(n for n in before if calls.steps[n][-1][1] <= horizon)
+    stubs: list[str] = []
+    for n in sorted((n for n in before if n not in live), key=lambda n: n.count(".")):
+        if calls.plain[n] and not any(n.startswith(s + ".") for s in stubs):
+            stubs.append(n)
+    return _Plan(stubs=tuple(stubs), live=frozenset(live))
 
 
 def _input_reading_errors(
@@ -390,30 +488,33 @@ def _input_reading_errors(
     baseline: torch.Tensor,
     spread: float,
     backend: Backend,
-) -> dict[str, float]:
-    """How far the answer on the *first* input moves when every module that finished before ``name`` started
-    answers as on the second input and ``name`` keeps its own output, relative to the inputs' difference.
+) -> dict[str, tuple[float, tuple[str, ...]]]:
+    """How far the answer on the *first* input moves when what a branch stubs before ``name`` (see :func:`_plan`)
+    answers as on the second input and ``name`` keeps its own output, relative to the inputs' difference; with the
+    live modules (:attr:`Point.live`) the branch keeps.
 
-    0 means the rest of the model depends on ``name``'s output and on the input itself, not on anything computed
-    before ``name``: a cut for a branch that is given the input (token ids) besides the feature. Modules are
-    replaced as a branch stubs them (the outermost ones, all their calls); a module whose output does not lead with
-    the batch is left alone where both inputs give it the same value (position tables) and fails the candidate
-    otherwise. A candidate after which no module is given integer tensors (token ids, as the decoder's embedding is)
-    fails without a forward: nothing after it could read the ids. Candidates share forwards as in
-    :func:`_substitution_errors`.
+    0 means the rest of the model depends on ``name``'s output and on the input itself (directly, or through the
+    live modules), not on anything else computed before ``name``: a cut for a branch that is given the input (token
+    ids) besides the feature. A module whose output does not lead with the batch is left alone where both inputs
+    give it the same value (position tables) and fails the candidate otherwise. A candidate after which no module,
+    and no live one, is given integer tensors (token ids, as the decoder's embedding is) fails without a forward:
+    nothing the branch runs could read the ids. Candidates share forwards as in :func:`_substitution_errors`.
     """
     calls = _record_calls(model, inputs)
-    names = [name for name in names if calls.steps[name][0][0] < calls.last_id_read]
+    plans = {name: _plan(calls, name) for name in names}
+    names = [
+        name
+        for name, plan in plans.items()
+        if calls.steps[name][0][0] < calls.last_id_read or plan.live & calls.id_readers
+    ]
     if not names:
         return {}
-    replaced = {name: _finished_before(calls, name) for name in names}
-    errors = {name: math.inf for name, stubs in replaced.items() if stubs is None}
-    swapped = sorted({s for stubs in replaced.values() if stubs is not None for s in stubs})
+    swapped = sorted({s for name in names for s in plans[name].stubs})
     mine = _record_calls(model, inputs, set(swapped)).outputs
     theirs = _record_calls(model, second_inputs, set(swapped)).outputs
     batch = baseline.shape[0]
-    tested = [name for name in names if name not in errors]
-    for chunk in _chunks(tested, [first.calls[n].output for n in tested]):
+    errors: dict[str, tuple[float, tuple[str, ...]]] = {}
+    for chunk in _chunks(names, [first.calls[n].output for n in names]):
         rows_of = {name: slice(i * batch, (i + 1) * batch) for i, name in enumerate(chunk)}
         failed: set[str] = set()
         handles = []
@@ -439,7 +540,7 @@ def _input_reading_errors(
 
         try:
             for module_name in swapped:
-                users = [n for n in chunk if module_name in (replaced[n] or ())]
+                users = [n for n in chunk if module_name in plans[n].stubs]
                 if users:
                     swapper = swap(module_name, users, rows_of, failed)
                     handles.append(model.get_submodule(module_name).register_forward_hook(swapper))
@@ -454,7 +555,7 @@ def _input_reading_errors(
             trace = trace_model(model, _repeat_batch(inputs, len(chunk)), backend, classifiers=first.classifiers)
         except (RuntimeError, ValueError, IndexError) as exc:  # the model cannot run on the swapped values
             logger.debug("input-reading test of %s failed to run: %s", chunk, exc)
-            errors.update(dict.fromkeys(chunk, math.inf))
+            errors.update({name: (math.inf, ()) for name in chunk})
             continue
         finally:
             for handle in handles:
@@ -462,7 +563,7 @@ def _input_reading_errors(
         answers = _compare_outputs(trace)
         for name in chunk:
             error = (answers[rows_of[name]] - baseline).abs().max().item() / spread
-            errors[name] = math.inf if name in failed else error
+            errors[name] = (math.inf if name in failed else error, plans[name].live_units)
     return errors
 
 
@@ -499,12 +600,52 @@ def _checked_reference(
     return reference, num_classes
 
 
+class _Verdict(NamedTuple):
+    """A candidate's relative error in the substitution test, whether it passes only as a point that reads the
+    input (token models), and the modules a branch cut there keeps live (:attr:`Point.live`)."""
+
+    error: float
+    reads_input: bool = False
+    live: tuple[str, ...] = ()
+    reason: str | None = None
+    """Why the candidate is no cut whatever its error, where that is not the error itself."""
+
+    def why_not(self) -> str:
+        return self.reason or _not_a_cut(self.error)
+
+
+REBUILT_EXTRAS = (
+    "it also returns a tensor it computed that the rest of the model reads (a position bias made here): a branch "
+    "cut here could not rebuild it"
+)
+
+
+def _extras_read_later(model: nn.Module, inputs: ModelInputs, first: Trace, names: list[str]) -> set[str]:
+    """The candidates among ``names`` returning a tuple with a tensor besides the feature, not passed on from their
+    arguments, that a later call is given (a branch's feed returns the feature and constants: it cannot rebuild it)."""
+    suspects = {
+        name
+        for name in names
+        if any(
+            isinstance(extra, torch.Tensor) and key is None
+            for extra, key in zip(first.calls[name].extras, first.calls[name].passed_on)
+        )
+    }
+    if not suspects:
+        return set()
+    calls = _record_calls(model, inputs, extras_of=suspects)
+    return {
+        name
+        for name in suspects
+        if any(step > calls.steps[name][0][1] and ids & calls.extras.get(name, set()) for _, step, ids in calls.given)
+    }
+
+
 def _substitution_errors_of(
     model: nn.Module, inputs: ModelInputs, backend: Backend, names: list[str], classifiers: list[str]
-) -> dict[str, tuple[float, bool]]:
-    """Each of ``names``' relative error in the substitution test (on a twin without dead residual paths), and
-    whether it passes only as a point that reads the input (token models); a name passes when its error is at
-    most ``SUBSTITUTION_RTOL``."""
+) -> dict[str, _Verdict]:
+    """Each of ``names``' verdict in the substitution test (on a twin without dead residual paths); a name passes
+    when its error is at most ``SUBSTITUTION_RTOL``."""
     second_inputs = backend.second_input(model, inputs)
     wanted = set(names)
     for value in WAKE_VALUES:
@@ -527,26 +668,37 @@ def _substitution_errors_of(
         )
     present = [n for n in names if first.calls.get(n) is not None and first.calls[n].output is not None]
     errors = {
-        name: (error, False)
+        name: _Verdict(error)
         for name, error in _substitution_errors(probe, first, present, second_inputs, baseline, spread, backend).items()
     }
-    failed = [name for name, (error, _) in errors.items() if not error <= SUBSTITUTION_RTOL]
+    errors.update(
+        {name: _Verdict(math.inf, reason=REBUILT_EXTRAS) for name in _extras_read_later(probe, inputs, first, present)}
+    )
+    failed = [
+        name for name, verdict in errors.items() if not verdict.error <= SUBSTITUTION_RTOL and verdict.reason is None
+    ]
     reads_ids = (
         isinstance(inputs, Mapping) and not main_tensor(inputs, backend.main_input_name(model)).is_floating_point()
     )
     if failed and reads_ids:  # a branch can be given keyword token ids, not a positional tensor
         reading = _input_reading_errors(probe, first, failed, inputs, second_inputs, baseline, spread, backend)
-        errors.update({name: (error, True) for name, error in reading.items() if error <= SUBSTITUTION_RTOL})
+        errors.update(
+            {name: _Verdict(error, True, live) for name, (error, live) in reading.items() if error <= SUBSTITUTION_RTOL}
+        )
     return errors
 
 
-def check_cut(model: nn.Module, name: str, inputs: ModelInputs) -> bool:
-    """Raise :class:`UnsupportedModelError` unless the rest of ``model`` depends on module ``name``'s output alone,
-    or (token models) on it and the token ids.
+class CutInputs(NamedTuple):
+    """What a branch cut at a module needs besides the feature there (see :func:`cut_inputs`)."""
 
-    Returns:
-        Whether the rest of the model also reads the token ids (:attr:`Point.reads_input`).
-    """
+    reads_input: bool
+    """The rest of the model also reads the token ids (:attr:`Point.reads_input`)."""
+    live: tuple[str, ...]
+    """Modules before the cut that the branch computes from the ids (:attr:`Point.live`)."""
+
+
+def cut_inputs(model: nn.Module, name: str, inputs: ModelInputs) -> CutInputs:
+    """:func:`check_cut`, returning what a branch cut at ``name`` needs besides the feature."""
     backend = backend_for(model)
     inputs = resolve_example_input(model, inputs, backend)
     with eval_mode(model):
@@ -563,12 +715,20 @@ def check_cut(model: nn.Module, name: str, inputs: ModelInputs) -> bool:
                 "(windows, heads?); it is not a cut point"
             )
         classifiers = classifier_names(reference, num_classes, after=call.post)
-        error, reads_input = _substitution_errors_of(model, inputs, backend, [name], classifiers).get(
-            name, (math.inf, False)
-        )
-        if not error <= SUBSTITUTION_RTOL:
-            raise UnsupportedModelError(f"{name!r} is not a cut point of {type(model).__name__}: {_not_a_cut(error)}")
-    return reads_input
+        verdict = _substitution_errors_of(model, inputs, backend, [name], classifiers).get(name, _Verdict(math.inf))
+        if not verdict.error <= SUBSTITUTION_RTOL:
+            raise UnsupportedModelError(f"{name!r} is not a cut point of {type(model).__name__}: {verdict.why_not()}")
+    return CutInputs(verdict.reads_input, verdict.live)
+
+
+def check_cut(model: nn.Module, name: str, inputs: ModelInputs) -> bool:
+    """Raise :class:`UnsupportedModelError` unless the rest of ``model`` depends on module ``name``'s output alone,
+    or (token models) on it and the token ids.
+
+    Returns:
+        Whether the rest of the model also reads the token ids (:attr:`Point.reads_input`).
+    """
+    return cut_inputs(model, name, inputs).reads_input
 
 
 def _not_a_cut(error: float) -> str:
@@ -645,9 +805,9 @@ def find_points(model: nn.Module, example_input: ModelInputs | None = None, expl
         points: list[tuple[ModuleCall, str]] = []
         seen_outputs: dict[int | None, ModuleCall] = {}
         for call, layout in sorted(shaped, key=lambda item: item[0].post):
-            error = errors.get(call.name, (math.inf, False))[0]
-            if not error <= SUBSTITUTION_RTOL:
-                verdicts[call.name] = _not_a_cut(error)
+            verdict = errors.get(call.name, _Verdict(math.inf))
+            if not verdict.error <= SUBSTITUTION_RTOL:
+                verdicts[call.name] = verdict.why_not()
                 continue
             alias = seen_outputs.get(call.output_id)
             if alias is not None and (alias.name.startswith(call.name + ".") or call.name.startswith(alias.name + ".")):
@@ -661,10 +821,19 @@ def find_points(model: nn.Module, example_input: ModelInputs | None = None, expl
     points.sort(key=lambda item: item[0].post)
     for call, _ in points:
         verdicts.pop(call.name, None)
-    reading = {name for name, (_, reads_input) in errors.items() if reads_input}
+    reading = {name: verdict.live for name, verdict in errors.items() if verdict.reads_input}
     _report(model, reference, points, verdicts, reading, explain)
     described = [
-        _describe(call.name, index, tuple(call.output.shape[1:]), layout, spatial, prefix, errors[call.name][1])
+        _describe(
+            call.name,
+            index,
+            tuple(call.output.shape[1:]),
+            layout,
+            spatial,
+            prefix,
+            errors[call.name].reads_input,
+            errors[call.name].live,
+        )
         for index, (call, layout) in enumerate(points)
         if call.output is not None
     ]
@@ -680,7 +849,7 @@ def _report(
     trace: Trace,
     points: list[tuple[ModuleCall, str]],
     verdicts: dict[str, str],
-    reading: set[str],
+    reading: dict[str, tuple[str, ...]],
     explain: bool,
 ) -> None:
     """Log (and with ``explain`` print) each candidate in execution order: a point, or why it is not one."""
@@ -690,7 +859,10 @@ def _report(
     def verdict(name: str) -> str:
         if name not in offered:
             return f"not a point: {verdicts[name]}"
-        return "point, with the token ids (the rest of the model reads them too)" if name in reading else "point"
+        if name not in reading:
+            return "point"
+        live = f"; a branch here computes {', '.join(reading[name])} from them" if reading[name] else ""
+        return f"point, with the token ids (the rest of the model reads them too{live})"
 
     lines = [f"{name}: {verdict(name)}" for name in names]
     for line in lines:

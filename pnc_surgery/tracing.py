@@ -22,22 +22,27 @@ __all__ = ["ModuleCall", "Trace", "classifier_names", "eval_mode", "main_output"
 
 @dataclass
 class ModuleCall:
-    """What one module did during a traced forward.
+    """What one module did during a traced forward: ``pre`` / ``post`` order its first call's start and end among
+    every module call, ``last_post`` its last call's end.
 
-    ``output`` is the module's feature (kept only where asked): its tensor output, or the first element of a tuple
-    output that leads with a tensor (``packed``; transformers layers returning ``(hidden, attention)``), whose other
-    elements are kept in ``extras``.
+        ``output`` is the module's feature (kept only where asked): its tensor output, or the first element of a tuple
+        output that leads with a tensor (``packed``; transformers layers returning ``(hidden, attention)``), whose other
+        elements are kept in ``extras``.
     """
 
     name: str
     module: nn.Module
     pre: int
     post: int = -1
+    last_post: int = -1
     calls: int = 0
     output: torch.Tensor | None = None
     output_id: int | None = None
     packed: bool = False
     extras: tuple = ()
+    passed_on: tuple[int | str | None, ...] = ()
+    """For each of ``extras``, the argument (position or keyword) the module returned unchanged, else ``None``
+    (a T5 block passes on the position bias it was given)."""
 
 
 @dataclass
@@ -51,8 +56,9 @@ class Trace:
     pre_logits: torch.Tensor | None = None
 
     def completed_before(self, name: str) -> Callable[[ModuleCall], bool]:
+        """Whether a call record's every call ended before ``name``'s first call began."""
         start = self.calls[name].pre
-        return lambda call: call.post >= 0 and call.post < start
+        return lambda call: 0 <= call.last_post < start
 
 
 @contextmanager
@@ -89,6 +95,14 @@ def with_main_output(output: Any, feature: torch.Tensor) -> Any:
 
 def _detached(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _argument_of(value: Any, args: tuple, kwargs: dict) -> int | str | None:
+    """The position or keyword of the call argument that is ``value`` itself (a tensor passed on), else ``None``."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    named: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+    return next((key for key, arg in named if arg is value), None)
 
 
 def trace_model(
@@ -128,16 +142,18 @@ def trace_model(
         return hook
 
     def post_hook(name: str) -> Callable:
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             call = calls[name]
+            call.last_post = next(counter)
             if call.post < 0:
-                call.post = next(counter)
+                call.post = call.last_post
                 tensor, call.packed = main_output(output)
                 call.output_id = id(tensor) if tensor is not None else None
                 if tensor is not None and keep(name):
                     call.output = tensor.detach().clone()
                     if call.packed:
                         call.extras = tuple(_detached(item) for item in output[1:])
+                        call.passed_on = tuple(_argument_of(item, args, kwargs) for item in output[1:])
             return None
 
         return hook
@@ -145,7 +161,7 @@ def trace_model(
     try:
         for name, module in model.named_modules():
             handles.append(module.register_forward_pre_hook(pre_hook(name)))
-            handles.append(module.register_forward_hook(post_hook(name)))
+            handles.append(module.register_forward_hook(post_hook(name), with_kwargs=True))
         with torch.no_grad():
             output = call_model(model, inputs)
     finally:

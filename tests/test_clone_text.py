@@ -134,17 +134,26 @@ def ending_in_eos(inputs: dict[str, torch.Tensor], eos: int = 1) -> dict[str, to
     return {**inputs, "input_ids": ids}
 
 
-def test_an_encoder_decoder_source_is_cut_in_its_encoder_and_its_branch_reads_the_token_ids(models, tmp_path):
-    """BART's decoder embeds the token ids itself: a branch cut in the encoder gets them from the patched call."""
+@pytest.mark.parametrize(
+    ("cut", "decoder_layers"),
+    [("model.encoder.layers.1", 1), ("model.decoder.layers.0", 2)],
+    ids=["encoder", "decoder"],
+)
+def test_an_encoder_decoder_source_is_cut_and_its_branch_reads_the_token_ids(models, tmp_path, cut, decoder_layers):
+    """BART's decoder embeds the token ids itself: a branch cut in the encoder gets them from the patched call; one
+    cut in the decoder also computes the encoder from them (the decoder's later layers read its output)."""
     from pnc_surgery.errors import PatchMismatchError
 
     _, target = models
     source_inputs, source_labels = sentences([0, 1, 2, 3, 4], 60, seed=1)
-    source = train(tiny_bart(VOCAB, num_labels=5, decoder_layers=1), ending_in_eos(source_inputs), source_labels)
+    bart = tiny_bart(VOCAB, num_labels=5, decoder_layers=decoder_layers)
+    source = train(bart, ending_in_eos(source_inputs), source_labels)
     clone_inputs, clone_labels = sentences([0, 1, 2], 40, seed=3)
-    config = CloneConfig(cut="model.encoder.layers.1", max_insertions=2, search_steps=10, train_steps=100)
+    config = CloneConfig(cut=cut, max_insertions=2, search_steps=10, train_steps=100)
     patch = clone(source, target, as_pairs(ending_in_eos(clone_inputs), clone_labels), config=config, progress=False)
-    assert patch.metrics["cut"] == "model.encoder.layers.1" and patch.branch.reads_input
+    assert patch.metrics["cut"] == cut and patch.branch.reads_input
+    encoder_weights = patch.branch.model.model.encoder.layers[0].fc1.weight.numel()
+    assert (encoder_weights > 0) == cut.startswith("model.decoder"), "only a decoder cut keeps the encoder"
 
     test_new, new_labels = sentences([0, 1, 2], 30, seed=5)
     test_new = ending_in_eos(test_new)

@@ -25,9 +25,21 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from zoo import NUM_CLASSES, ZOO, build, context_of, cut_error, logits_of, other_input, run_model, tiny_bart
+from zoo import (
+    NUM_CLASSES,
+    ZOO,
+    build,
+    context_of,
+    cut_error,
+    logits_of,
+    other_input,
+    run_model,
+    tiny_bart,
+    tiny_t5,
+)
 
 from pnc_surgery import Point, check_cut, find_points
+from pnc_surgery.backends import backend_for
 from pnc_surgery.branch import Branch, capture_features
 from pnc_surgery.errors import InvalidInputError, UnsupportedModelError
 
@@ -740,6 +752,28 @@ def test_tuple_constants_in_a_branch_spec_are_capped_by_the_feature_size() -> No
         BranchSpec.from_dict({**spec, "cut_extras": [2**20, 4]})
 
 
+def test_a_tuple_element_the_cut_module_passed_on_is_named_in_the_spec_and_taken_from_the_tails_call() -> None:
+    """T5's blocks pass on the position bias they are given: the tail's feed returns the one its call is given, so
+    a patch file names the argument, and a loaded branch computes the same logits."""
+    from pnc_surgery.errors import PatchFormatError
+    from pnc_surgery.patch.config import BranchSpec
+
+    model, example = tiny_t5()
+    tail = Branch.from_model(model, "transformer.decoder.block.1", example)
+    spec = tail.spec()
+    assert spec["cut_extras"] == [{"argument": 2}, {"argument": 5}], "the self- and cross-attention position biases"
+    assert BranchSpec.from_dict(spec).to_dict() == spec
+    rebuilt = Branch.from_spec(spec, backend_for(model).architecture(model))
+    rebuilt.load_state_dict(tail.state_dict(), assign=True)
+    other = _other_ids(example)
+    feature = capture_features(model, ["transformer.decoder.block.1"], other)["transformer.decoder.block.1"]
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(feature, **other), model(**other).logits, atol=ATOL)
+    for bad in ({"argument": 2, "value": 3}, {"argument": [2]}, {"argument": 99}):
+        with pytest.raises(PatchFormatError, match="cut_extras"):
+            BranchSpec.from_dict({**spec, "cut_extras": [bad, None]})
+
+
 def test_timm_model_with_a_space_to_depth_stem_takes_the_image_channels() -> None:
     """TResNet folds 4x4 pixels into channels before its first conv, which therefore takes 48 channels."""
     import timm
@@ -809,44 +843,106 @@ def _bart() -> tuple[nn.Module, dict[str, torch.Tensor]]:
 
 def test_encoder_layers_of_an_encoder_decoder_classifier_are_points_that_read_the_token_ids() -> None:
     """No encoder layer of BART determines the answer alone (the decoder embeds the ids itself), but with the ids
-    it does; the last decoder layer needs nothing else; earlier decoder layers also read the encoder's output."""
+    it does; the last decoder layer needs nothing else; an earlier decoder layer also needs the encoder's output,
+    which a branch cut there computes from the ids (its encoder stays live)."""
     model, example = _bart()
-    points = {p.name: p.reads_input for p in find_points(model, example)}
+    points = {p.name: (p.reads_input, p.live) for p in find_points(model, example)}
+    encoder = (
+        "model.encoder.embed_positions",
+        "model.encoder.embed_tokens",
+        "model.encoder.layernorm_embedding",
+        "model.encoder.layers.0",
+        "model.encoder.layers.1",
+    )
     assert points == {
-        "model.encoder.layers.0": True,
-        "model.encoder.layers.1": True,
-        "model.decoder.layers.1": False,
+        "model.encoder.layers.0": (True, ()),
+        "model.encoder.layers.1": (True, ()),
+        "model.decoder.layers.0": (True, encoder),
+        "model.decoder.layers.1": (False, ()),
     }, points
-    with pytest.raises(UnsupportedModelError, match="residual path, attention context"):
-        check_cut(model, "model.decoder.layers.0", example)
     assert check_cut(model, "model.encoder.layers.1", example) is True
+    assert check_cut(model, "model.decoder.layers.0", example) is True
     assert check_cut(model, "model.decoder.layers.1", example) is False
+    with pytest.raises(UnsupportedModelError, match="residual path, attention context"):
+        check_cut(model, "model.decoder.layers.0.self_attn", example)
     bert, text = build("hf_bert")
     assert not any(p.reads_input for p in find_points(bert, text)), "an encoder's points need no ids"
 
 
-def test_a_tail_cut_in_the_encoder_reproduces_the_logits_of_other_inputs_from_their_feature_and_ids() -> None:
-    model, example = _bart()
-    tail = Branch.from_model(model, "model.encoder.layers.0", example)
+def test_a_residual_read_around_a_cut_inside_one_stack_is_not_computed_live() -> None:
+    """An attention output is read again after the MLP that follows it (the residual): the MLP's output is no cut,
+    with or without the ids, because a branch keeps only a stack that finished before the cut's stack began live."""
+    bert, text = build("hf_bert")
+    with pytest.raises(UnsupportedModelError, match="residual path"):
+        check_cut(bert, "bert.encoder.layer.0.intermediate", text)
+
+
+def _other_ids(example: dict[str, torch.Tensor], vocab: int = 64) -> dict[str, torch.Tensor]:
+    """The example with its ordinary token ids (above 2: not pad, eos or bos) replaced by others."""
+    ids = example["input_ids"]
+    return {**example, "input_ids": torch.where(ids > 2, (ids * 7) % (vocab - 3) + 3, ids)}
+
+
+@pytest.mark.parametrize(
+    ("model_name", "cut"),
+    [
+        ("bart", "model.encoder.layers.0"),
+        ("bart", "model.decoder.layers.0"),
+        ("t5", "transformer.encoder.block.1"),
+        ("t5", "transformer.decoder.block.1.layer.1"),
+    ],
+)
+def test_a_tail_that_reads_the_ids_reproduces_the_logits_of_other_inputs_from_their_feature_and_ids(
+    model_name: str, cut: str
+) -> None:
+    """Cut in the encoder, the tail gives the ids to the decoder; cut in the decoder, it also computes the encoder
+    from them (T5: and passes on the position bias its cut block was given)."""
+    model, example = _bart() if model_name == "bart" else tiny_t5()
+    tail = Branch.from_model(model, cut, example)
     assert tail.reads_input and tail.context_keys == ("input_ids", "attention_mask")
-    other = {
-        **example,
-        "input_ids": torch.where(example["input_ids"] > 2, (example["input_ids"] * 7) % 61 + 3, example["input_ids"]),
-    }
-    feature = capture_features(model, ["model.encoder.layers.0"], other)["model.encoder.layers.0"]
+    other = _other_ids(example)
+    feature = capture_features(model, [cut], other)[cut]
     with torch.no_grad():
         expected = model(**other).logits
         assert torch.allclose(tail(feature, **other), expected, atol=ATOL)
         stand_in = tail(feature, attention_mask=other["attention_mask"])
-    assert not torch.allclose(stand_in, expected, atol=1e-3), "without the ids the decoder reads stand-in tokens"
+    assert not torch.allclose(stand_in, expected, atol=10 * ATOL), "without the ids the rest reads stand-in tokens"
+
+
+def test_a_tail_cut_in_the_decoder_keeps_the_encoder_and_stubs_what_the_decoder_did_before_the_cut() -> None:
+    model, example = _bart()
+    tail = Branch.from_model(model, "model.decoder.layers.0", example)
+    assert tail.model.model.encoder.layers[1].fc1.weight.numel() > 0, "the encoder is computed from the ids"
+    decoder = tail.model.model.decoder
+    assert "model.decoder.layernorm_embedding" in tail.stubs and decoder.layernorm_embedding.weight.numel() == 0
+    assert not any(name.startswith("model.encoder.") for name in tail.stubs)
     assert not Branch.from_model(model, "model.decoder.layers.1", example).reads_input
+
+
+def test_t5s_first_blocks_are_no_points_their_later_blocks_read_the_ids() -> None:
+    """T5's first block makes the position bias every later block is given: a branch fed at the first block could
+    not rebuild it, so it is no point (and says why); later blocks pass the bias on and are points with the ids; one
+    dropout module serves the encoder's start and end, so a branch cut in the encoder computes it live."""
+    model, example = tiny_t5()
+    points = {p.name: p for p in find_points(model, example)}
+    assert "transformer.encoder.block.0" not in points and "transformer.decoder.block.0" not in points
+    with pytest.raises(UnsupportedModelError, match="could not rebuild it"):
+        check_cut(model, "transformer.encoder.block.0", example)
+    encoder_cut = points["transformer.encoder.block.1"]
+    assert encoder_cut.reads_input and encoder_cut.live == ("transformer.encoder.dropout",)
+    decoder_cut = points["transformer.decoder.block.1"]
+    assert decoder_cut.reads_input and "transformer.encoder.block.2" in decoder_cut.live
+    assert not points["transformer.decoder.block.2"].reads_input, "the last block needs nothing but its output"
 
 
 def test_point_descriptions_keep_whether_they_read_the_input() -> None:
     model, example = _bart()
-    for point in find_points(model, example):
+    points = find_points(model, example)
+    assert any(point.live for point in points)
+    for point in points:
         assert Point.from_dict(point.to_dict()) == point
-    assert Point.from_dict({k: v for k, v in point.to_dict().items() if k != "reads_input"}).reads_input is False
+    old_file = {k: v for k, v in point.to_dict().items() if k not in ("reads_input", "live")}
+    assert Point.from_dict(old_file).reads_input is False and Point.from_dict(old_file).live == ()
 
 
 def test_an_encoder_only_model_spends_no_forward_on_points_that_read_the_ids(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.reach import NUM_CLASSES, exhaustive_check, exhaustive_table, flop_depths, largest_gap, run_one, table
+from benchmarks.reach import (
+    NUM_CLASSES,
+    build_transformers,
+    check_points,
+    exhaustive_check,
+    exhaustive_table,
+    flop_depths,
+    largest_gap,
+    run_one,
+    table,
+)
 
 SMOKE = (
     "timm:test_vit",
@@ -15,6 +25,7 @@ SMOKE = (
     "timm:test_efficientnet",
     "hf:GPT2ForSequenceClassification",  # pools the last non-pad token of a padded batch
     "hf:ViTForImageClassification",
+    "hf:BartForSequenceClassification",  # a decoder point whose branch computes the encoder from the ids
 )
 
 
@@ -24,6 +35,18 @@ def test_smoke_model_gets_valid_points_spread_over_its_depth(key: str) -> None:
     assert row["status"] == "ok", row
     assert row["valid"] == row["points"] >= 3 and not row["invalid"]
     assert largest_gap(row) <= 0.5
+
+
+def test_a_point_that_reads_the_ids_is_confirmed_only_with_the_modules_its_branch_computes_live() -> None:
+    """The independent check keeps the encoder a decoder point lists as live; without it, the same point fails."""
+    from pnc_surgery import find_points
+
+    model, example, _ = build_transformers("BartForSequenceClassification")
+    point = next(p for p in find_points(model, example) if p.live)
+    assert point.name.startswith("model.decoder.") and any(n.startswith("model.encoder.") for n in point.live)
+    with_live = check_points(model, example, [point.name], reading={point.name: point.live})
+    without = check_points(model, example, [point.name], reading={point.name: ()})
+    assert with_live[point.name]["error"] <= 1e-3 < without[point.name]["error"]
 
 
 def test_table_counts_statuses_and_leaves_unbuildable_models_out() -> None:

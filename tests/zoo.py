@@ -34,6 +34,7 @@ __all__ = [
     "context_of",
     "cut_error",
     "tiny_bart",
+    "tiny_t5",
 ]
 
 NUM_CLASSES = 7
@@ -298,6 +299,34 @@ def tiny_bart(vocab_size: int = _VOCAB, num_labels: int = NUM_CLASSES, decoder_l
         decoder_start_token_id=1,
     )
     return BartForSequenceClassification(config).eval()
+
+
+def tiny_t5() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A transformers T5ForSequenceClassification, 3 encoder and 3 decoder blocks of width 32 (eval mode, seeded),
+    and a padded batch ending in eos: its first block of each stack makes the position bias the later ones are
+    given, its decoder reads the encoder's output, and one dropout module serves a stack's start and end."""
+    from transformers import T5Config, T5ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=3,
+        num_decoder_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        num_labels=NUM_CLASSES,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, 8:], mask[1, 8:] = 0, 0
+    ids[0, 11], ids[1, 7] = 1, 1
+    return T5ForSequenceClassification(config).eval(), {"input_ids": ids, "attention_mask": mask}
 
 
 # ---------------------------------------------------------------------------------------------------- registry

@@ -128,9 +128,16 @@ def _names(value: Any, where: str, limit: int = MAX_CLASSES) -> tuple[str, ...]:
 
 
 def _constants(value: Any, where: str, largest: int, depth: int = 0) -> Any:
-    """Null, a boolean, an integer of at most ``largest`` (sizes), a finite number, or a short list of these."""
+    """Null, a boolean, an integer of at most ``largest`` (sizes), a finite number, a short list of these, or (as an
+    item of the top list) ``{"argument": position or keyword}``: what the cut module passed on from its arguments."""
     if value is None or isinstance(value, bool) or (isinstance(value, float) and math.isfinite(value)):
         return value
+    if isinstance(value, Mapping) and depth == 1:
+        data = _obj(value, where)
+        if set(data) != {"argument"}:
+            raise _fail(where, 'must be {"argument": position or keyword} when an object', value)
+        key = data["argument"]
+        return {"argument": _int(key, where, 0, 64) if isinstance(key, int) else _str(key, f"{where}.argument")}
     if isinstance(value, int):
         return _int(value, where, -largest, largest)
     if isinstance(value, (list, tuple)) and depth < 2:
@@ -465,7 +472,9 @@ class BranchSpec:
         family: the source's family.
         cut: the source module where the tail starts; ``cut_shape`` its feature shape.
         cut_extras: where the cut module returns a tuple that leads with the feature, its other elements as
-            constants (numbers, lists of them, ``null`` for tensors the tail does not read); ``None`` otherwise.
+            constants (numbers, lists of them, ``null`` for tensors the tail does not read) or, for a tensor the
+            module passed on from its arguments (a position bias), ``{"argument": position or keyword}``; ``None``
+            otherwise.
         main_input_name: the source's data input (``"x"``, ``"pixel_values"``, ``"input_ids"``).
         context_keys: the other inputs the tail reads (``attention_mask``).
         input_shape, input_dtype: one example of the data input.
