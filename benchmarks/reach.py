@@ -805,8 +805,9 @@ def _hf_text_pair(decoder: bool) -> tuple[nn.Module, nn.Module]:
     return source.eval(), target.eval()
 
 
-def _bart_pair() -> tuple[nn.Module, nn.Module]:
-    """BART into DistilBERT: the source's decoder reads the ids, so a cut in its encoder is a point that reads them."""
+def _bart_pair(decoder_layers: int = 1) -> tuple[nn.Module, nn.Module]:
+    """BART into DistilBERT: the source's decoder reads the ids, so a cut in its encoder is a point that reads them
+    (and one in its decoder, before the last layer, also needs the encoder, computed from the ids)."""
     import transformers as hf
 
     torch.manual_seed(0)
@@ -815,7 +816,7 @@ def _bart_pair() -> tuple[nn.Module, nn.Module]:
             vocab_size=64,
             d_model=32,
             encoder_layers=2,
-            decoder_layers=1,
+            decoder_layers=decoder_layers,
             encoder_attention_heads=2,
             decoder_attention_heads=2,
             encoder_ffn_dim=64,
@@ -829,6 +830,29 @@ def _bart_pair() -> tuple[nn.Module, nn.Module]:
         )
     )
     return source.eval(), _hf_text_pair(decoder=False)[1]
+
+
+def _t5_pair() -> tuple[nn.Module, nn.Module]:
+    """T5 into DistilBERT: T5's blocks pass on the position bias their first block made, and its decoder reads the
+    encoder's output."""
+    import transformers as hf
+
+    torch.manual_seed(0)
+    config = hf.T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        num_labels=5,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return hf.T5ForSequenceClassification(config).eval(), _hf_text_pair(decoder=False)[1]
 
 
 _VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -856,10 +880,17 @@ CLONE_PAIRS = {
     "text encoder": lambda: _hf_text_pair(decoder=False),
     "text decoder": lambda: _hf_text_pair(decoder=True),
     "text encoder-decoder": _bart_pair,
+    "text encoder-decoder, decoder cut": lambda: _bart_pair(decoder_layers=2),
+    "text T5, decoder cut": _t5_pair,
 }
-FORCED_CUTS = {"text encoder-decoder": "model.encoder.layers.1"}
-"""Groups whose point of interest the search might pass over: a cut in BART's encoder reads the ids."""
 """One (source, target) pair per family group, small and random-init: the run checks mechanics, not accuracy."""
+FORCED_CUTS = {
+    "text encoder-decoder": "model.encoder.layers.1",
+    "text encoder-decoder, decoder cut": "model.decoder.layers.0",
+    "text T5, decoder cut": "transformer.decoder.block.1",
+}
+"""Groups whose point of interest the search might pass over: a cut in BART's encoder reads the ids; one in a
+decoder before its last layer also computes the encoder from them."""
 
 
 def _clone_data(text: bool, count: int, seed: int) -> tuple[Any, torch.Tensor]:

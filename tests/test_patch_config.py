@@ -188,6 +188,12 @@ def test_transformers_options_outside_the_allowlist_are_refused(option: str) -> 
         check_architecture(architecture)
 
 
+def test_special_token_ids_a_config_sets_only_through_its_keywords_are_architecture_fields() -> None:
+    """T5's forward needs its decoder start id, which its config takes only as a keyword: a T5 patch must save."""
+    config = {"d_model": 32, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
+    check_architecture({"family": "transformers", "class": "T5ForSequenceClassification", "config": config})
+
+
 def test_a_transformers_class_that_is_not_a_classifier_is_refused() -> None:
     with pytest.raises(PatchFormatError, match="ForImageClassification"):
         check_architecture({"family": "transformers", "class": "BertModel", "config": {}})

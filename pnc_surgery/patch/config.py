@@ -200,6 +200,13 @@ def _timm_options() -> frozenset[str]:
     return frozenset(names - {"self", "args", "kwargs"})
 
 
+SPECIAL_TOKEN_FIELDS = frozenset(
+    {"pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id"}
+)
+"""Token ids every config may carry though some configs set them only through ``**kwargs`` (T5's decoder start id,
+which its forward needs)."""
+
+
 def _transformers_options(class_name: str) -> frozenset[str]:
     """The fields of a transformers model class's config (its defaults and ``__init__`` parameters)."""
     import transformers
@@ -208,7 +215,7 @@ def _transformers_options(class_name: str) -> frozenset[str]:
     config_class = getattr(cls, "config_class", None)
     if config_class is None:
         raise _fail("source.architecture.class", "is not a transformers model class", class_name)
-    names = set(config_class().to_dict())
+    names = set(config_class().to_dict()) | SPECIAL_TOKEN_FIELDS
     for klass in config_class.__mro__:
         if "__init__" in vars(klass):
             names.update(inspect.signature(klass.__init__).parameters)
