@@ -129,6 +129,7 @@ def trace_model(
     counter = iter(range(10**9))
     handles = []
     pre_logits: list[torch.Tensor] = []
+    alive: list[torch.Tensor] = []  # the kept modules' own outputs: no freed tensor's id is reused during the forward
 
     def pre_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: Any) -> None:
@@ -150,6 +151,7 @@ def trace_model(
                 tensor, call.packed = main_output(output)
                 call.output_id = id(tensor) if tensor is not None else None
                 if tensor is not None and keep(name):
+                    alive.append(tensor)
                     call.output = tensor.detach().clone()
                     if call.packed:
                         call.extras = tuple(_detached(item) for item in output[1:])

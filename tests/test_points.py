@@ -960,3 +960,30 @@ def test_an_encoder_only_model_spends_no_forward_on_points_that_read_the_ids(mon
     model, example = _bart()
     assert any(p.reads_input for p in find_points(model, example))
     assert forwards == ["record"] * 3, "the ids read after the encoder: its layers are tested"
+
+
+def test_a_module_is_not_taken_for_an_alias_of_an_outer_one_whose_output_reuses_its_freed_tensors_id() -> None:
+    """A block's inner output is freed before the block makes its own: Python may give the new tensor the freed one's
+    id, which must not make the inner module look like it returned the block's tensor (it would not be offered)."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.inner(x))
+            return h * 2
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, NUM_CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Block(), Block(), Head()).eval()
+    names = [p.name for p in find_points(model, torch.randn(2, 3, 16, 16))]
+    assert {"1.inner", "1", "2.inner", "2"} <= set(names), names
