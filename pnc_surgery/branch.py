@@ -26,7 +26,7 @@ from torch import nn
 from .backends import Backend, ModelInputs, backend_for, backend_named
 from .backends.base import call_model, logits_of, main_tensor
 from .errors import InvalidInputError, PatchMismatchError, UnsupportedModelError
-from .points import CutInputs, Point, cut_inputs, resolve_example_input
+from .points import Point, cut_inputs, resolve_example_input
 from .tracing import classifier_names, eval_mode, trace_model
 
 if TYPE_CHECKING:
@@ -152,6 +152,11 @@ class _Stub:
         return torch.zeros(shape, dtype=dtype, device=feature.device)
 
 
+def _within(name: str, roots: Sequence[str]) -> bool:
+    """Whether module ``name`` is one of ``roots`` or inside one."""
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
 def _shrink(module: nn.Module, keep: set[int]) -> None:
     """Replace every parameter and buffer under ``module`` by an empty tensor of the same dtype (unless shared)."""
     for sub in module.modules():
@@ -245,10 +250,10 @@ class Branch(nn.Module):
             raise InvalidInputError(f"{type(model).__name__} has no module {name!r} to cut at")
         if verify:
             reads_input, live = cut_inputs(model, name, inputs)
+        elif isinstance(point, Point):
+            reads_input, live = point.reads_input, point.live
         else:
-            reads_input, live = (
-                CutInputs(point.reads_input, point.live) if isinstance(point, Point) else CutInputs(False, ())
-            )
+            reads_input, live = False, ()
         with eval_mode(model):
             trace = trace_model(model, inputs, backend, keep=lambda n: True)
         cut_call = trace.calls.get(name)
@@ -261,7 +266,6 @@ class Branch(nn.Module):
         before = trace.completed_before(name)
         ancestors = {name.rsplit(".", i)[0] for i in range(name.count(".") + 1)}
         batch = int(trace.logits.shape[0])
-        computed = lambda n: any(n == k or n.startswith(k + ".") for k in live)  # noqa: E731
         stubs: dict[str, dict[str, Any]] = {}
         recorded: dict[str, torch.Tensor] = {}
         for module_name, _ in model.named_modules():
@@ -271,7 +275,7 @@ class Branch(nn.Module):
                 and module_name not in ancestors
                 and not any(module_name.startswith(s + ".") for s in stubs)
                 and not module_name.startswith(name + ".")
-                and not computed(module_name)
+                and not _within(module_name, live)
                 and call is not None
                 and call.output is not None
                 and not call.packed
@@ -383,11 +387,10 @@ class Branch(nn.Module):
         for name, stub in self.stubs.items():
             modules[name].forward = _Stub(modules[name], stub["shape"], getattr(torch, stub["dtype"]), self.live)
         replaced = [self.cut, *self.stubs]
-        inside = lambda n: any(n == r or n.startswith(r + ".") for r in replaced)  # noqa: E731
         kept = {
             id(p)
             for n, m in modules.items()
-            if not inside(n)
+            if not _within(n, replaced)
             for p in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
         }
         for name in replaced:
