@@ -16,6 +16,7 @@ from torch import nn
 
 from pnc_surgery.clone import CloneConfig, clone
 
+from .metrics import patch_part_bytes
 from .protocol import Context, Method, Outcome
 
 __all__ = ["PNC_VARIANTS", "pnc_method", "pnc_methods"]
@@ -68,7 +69,11 @@ def pnc_method(overrides: dict[str, Any], base: dict[str, Any] | None = None) ->
             patch_bytes,
             seconds,
             release,
-            notes={"clone_config": {**(base or {}), **overrides}, "patch_metrics": dict(patch.metrics)},
+            notes={
+                "clone_config": {**(base or {}), **overrides},
+                "patch_metrics": dict(patch.metrics),
+                "patch_part_bytes": patch_part_bytes(patch),
+            },
         )
 
     return run

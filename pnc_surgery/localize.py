@@ -13,7 +13,10 @@ are discovered from the execution order of the branch's leaf modules, head group
 the branch calls, and each one is *proved*: pruning it physically must give exactly what zeroing its channels at
 the consumer gives. Units are ranked by first-order Taylor importance of the local loss (a head by the sum over
 its channels). Every channel group keeps the same fraction of its units, then every head group the same fraction
-of its heads, each fraction the smallest that keeps local accuracy within the tolerance.
+of its heads, each fraction the smallest that keeps local accuracy within the tolerance. A parameter budget then
+lowers both fractions together, down to the smallest tried, until the pruned branch fits it: the final training
+(distillation from the source) wins back most of what a one-shot mask loses, so a smaller branch costs less accuracy
+than the masked measurement says.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "MaskedUnits",
     "prune",
     "branch_parameters",
+    "pruned_parameters",
     "local_accuracy",
     "localize",
 ]
@@ -82,6 +86,23 @@ class PruneGroup:
 def branch_parameters(branch: Branch) -> int:
     """Parameters the branch holds (stub placeholders are empty)."""
     return sum(p.numel() for p in branch.parameters())
+
+
+def pruned_parameters(branch: Branch, groups: Sequence[PruneGroup], kept: dict[str, torch.Tensor]) -> int:
+    """Parameters ``branch`` would hold after :func:`prune` with ``kept``, counted without pruning it."""
+    removed = 0
+    for group in groups:
+        if group.consumer not in kept:
+            continue
+        dropped = group.size - len(kept[group.consumer])  # channels
+        for name, sections in group.producers:
+            producer = branch.model.get_submodule(name)
+            per_row = producer.weight[0].numel() + (1 if producer.bias is not None else 0)
+            removed += dropped * sections * per_row
+        for name in group.passthrough:
+            removed += dropped * sum(p[0].numel() for p in branch.model.get_submodule(name).parameters(recurse=False))
+        removed += dropped * branch.model.get_submodule(group.consumer).weight[:, 0].numel()
+    return branch_parameters(branch) - removed
 
 
 def _channel_width(module: nn.Module) -> int | None:
@@ -359,6 +380,38 @@ def _smallest_ratio(
     return 1.0
 
 
+def _kept(
+    groups: tuple[Sequence[PruneGroup], Sequence[PruneGroup]],
+    scores: dict[str, torch.Tensor],
+    ratios: tuple[float, float],
+) -> dict[str, torch.Tensor]:
+    """The kept channels of the channel groups at the first ratio and of the head groups at the second."""
+    kept: dict[str, torch.Tensor] = {}
+    for part, ratio in zip(groups, ratios):
+        if ratio < 1.0:
+            kept.update(keep_indices(part, scores, ratio))
+    return kept
+
+
+def _within_budget(
+    branch: Branch,
+    groups: tuple[Sequence[PruneGroup], Sequence[PruneGroup]],
+    scores: dict[str, torch.Tensor],
+    tolerated: tuple[float, float],
+    ratios: Sequence[float],
+    max_parameters: int,
+) -> tuple[float, float]:
+    """The ``tolerated`` (channel, head) keep ratios, each capped by the largest of ``ratios`` at which the pruned
+    branch holds at most ``max_parameters`` (both capped alike; the smallest of ``ratios`` when none fits)."""
+    every = [*groups[0], *groups[1]]
+    caps = [1.0, *sorted((r for r in ratios if r < max(tolerated)), reverse=True)]
+    for cap in caps:
+        capped = (min(tolerated[0], cap) if groups[0] else 1.0, min(tolerated[1], cap) if groups[1] else 1.0)
+        if pruned_parameters(branch, every, _kept(groups, scores, capped)) <= max_parameters:
+            return capped
+    return capped
+
+
 def localize(
     branch: Branch,
     data: Sequence[BranchBatch],
@@ -366,6 +419,7 @@ def localize(
     keep_ratio: float | None,
     keep_ratios: Sequence[float],
     tolerance: float,
+    max_parameters: int | None = None,
     progress: bool = False,
 ) -> tuple[float, dict[str, Any]]:
     """Prune ``branch`` in place to what the local task on ``data`` needs.
@@ -376,6 +430,8 @@ def localize(
         keep_ratio: the fraction of units (and of attention heads) to keep; ``None`` picks the smallest of
             ``keep_ratios`` whose local accuracy is within ``tolerance`` of the unpruned branch's, for hidden units
             first, then for heads with the hidden units so pruned.
+        max_parameters: with ``keep_ratio`` ``None``, the most parameters the pruned branch may hold: both ratios are
+            lowered together through ``keep_ratios`` until it fits (to the smallest when none does).
         progress: show a progress bar over the ratios tried.
 
     Returns:
@@ -398,8 +454,12 @@ def localize(
     ratio = keep_ratio or _smallest_ratio(branch, data, channel_groups, scores, {}, keep_ratios, floor, progress)
     kept = keep_indices(channel_groups, scores, ratio) if ratio < 1.0 else {}
     head_ratio = keep_ratio or _smallest_ratio(branch, data, head_groups, scores, kept, keep_ratios, floor, progress)
-    if head_ratio < 1.0:
-        kept.update(keep_indices(head_groups, scores, head_ratio))
+    if keep_ratio is None and max_parameters is not None:
+        metrics["tolerated_keep_ratios"] = [ratio, head_ratio]
+        ratio, head_ratio = _within_budget(
+            branch, (channel_groups, head_groups), scores, (ratio, head_ratio), keep_ratios, max_parameters
+        )
+    kept = _kept((channel_groups, head_groups), scores, (ratio, head_ratio))
     prune(branch, [g for g in groups if g.consumer in kept], kept)
     metrics["head_keep_ratio"] = head_ratio
     metrics["pruned_branch_local_accuracy"] = round(local_accuracy(branch, data), 4)
