@@ -13,10 +13,10 @@ are discovered from the execution order of the branch's leaf modules, head group
 the branch calls, and each one is *proved*: pruning it physically must give exactly what zeroing its channels at
 the consumer gives. Units are ranked by first-order Taylor importance of the local loss (a head by the sum over
 its channels). Every channel group keeps the same fraction of its units, then every head group the same fraction
-of its heads, each fraction the smallest that keeps local accuracy within the tolerance. A parameter budget then
-lowers both fractions together, down to the smallest tried, until the pruned branch fits it: the final training
-(distillation from the source) wins back most of what a one-shot mask loses, so a smaller branch costs less accuracy
-than the masked measurement says.
+of its heads, each fraction the smallest that keeps local accuracy within the tolerance. An optional parameter
+budget then lowers both fractions together, down to the smallest tried, until the pruned branch fits it: the final
+training (distillation from the source) wins back part of what the mask loses, more of it the more clone data
+there is.
 """
 
 from __future__ import annotations
@@ -95,13 +95,13 @@ def pruned_parameters(branch: Branch, groups: Sequence[PruneGroup], kept: dict[s
         if group.consumer not in kept:
             continue
         dropped = group.size - len(kept[group.consumer])  # channels
-        for name, sections in group.producers:
-            producer = branch.model.get_submodule(name)
-            per_row = producer.weight[0].numel() + (1 if producer.bias is not None else 0)
+        for name, sections in group.producers:  # output rows: weight and bias
+            per_row = sum(p[0].numel() for p in branch.model.get_submodule(name).parameters(recurse=False))
             removed += dropped * sections * per_row
         for name in group.passthrough:
             removed += dropped * sum(p[0].numel() for p in branch.model.get_submodule(name).parameters(recurse=False))
-        removed += dropped * branch.model.get_submodule(group.consumer).weight[:, 0].numel()
+        consumer_weight = branch.model.get_submodule(group.consumer).get_parameter("weight")
+        removed += dropped * consumer_weight[:, 0].numel()
     return branch_parameters(branch) - removed
 
 

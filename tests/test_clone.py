@@ -155,6 +155,15 @@ def test_clone_works_on_at_most_images_per_class_examples_of_each_class(digits, 
     assert all(torch.equal(a, b) for a, b in zip(patch.tensors().values(), again.tensors().values()))
 
 
+def test_a_branch_budget_keeps_the_pruned_branch_within_its_share_of_the_source(digits):
+    split, target, source = digits
+    config = CloneConfig(max_cuts=1, max_insertions=1, search_steps=2, train_steps=2, max_branch_share=0.05)
+    patch = clone(source, target, split.clone, classes=[0, 1, 2], config=config, progress=False)
+    metrics, source_parameters = patch.metrics, sum(p.numel() for p in source.parameters())
+    assert metrics["branch_parameters"] <= 0.05 * source_parameters < metrics["unpruned_branch_parameters"]
+    assert metrics["prune_keep_ratio"] <= min(metrics["tolerated_keep_ratios"])
+
+
 def test_the_budgets_train_in_passes_over_small_sets_and_at_most_a_fine_tunes_steps_on_large_ones():
     default = BUDGETS["default"]
     assert default.train_steps(290, 64) == 136, "30 passes over 290 examples, rounded up"

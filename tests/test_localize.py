@@ -106,7 +106,8 @@ def _timm_resnet() -> torch.nn.Module:
 
 def _resnet_patch() -> tuple[Patch, torch.Tensor]:
     source, target = _timm_resnet(), _timm_resnet()
-    patch = Patch.assemble(source, target, "layer1", "layer1", [0, 1, 2], source_input=IMAGES[:2], target_input=IMAGES[:2])
+    inputs = {"source_input": IMAGES[:2], "target_input": IMAGES[:2]}
+    patch = Patch.assemble(source, target, "layer1", "layer1", [0, 1, 2], **inputs)
     return patch.eval(), capture_features(source, ["layer1"], IMAGES)["layer1"]
 
 

@@ -67,6 +67,8 @@ def test_nan_pixels_in_the_clone_data_are_refused_before_training(no_training):
         {"branch_lr": math.inf},
         {"cost_weight": -1.0},
         {"keep_ratios": (0.5, math.nan)},
+        {"max_branch_share": 0.0},
+        {"max_branch_share": 1.5},
     ],
 )
 def test_non_finite_or_degenerate_settings_are_refused(setting):
