@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -83,6 +83,15 @@ keep ratio tried costs a pass of the branch over them, and which units matter is
 
 MIN_EVAL_STEPS = 10
 """The final training scores its held-out data every pass over the data, but never more often than this."""
+
+AUTO_BRANCH_SHARE = 0.15
+"""The branch budget ``CloneConfig(max_branch_share="auto")`` sets on a large enough clone set."""
+
+AUTO_BUDGET_EXAMPLES = 250
+"""Clone examples of every cloned class from which ``"auto"`` sets :data:`AUTO_BRANCH_SHARE`: the final training
+wins back what the tighter pruning loses only with enough data (README, "Patch size": on Fashion-MNIST the budget cost
+0.8 points of ``acc_all`` at 20 images per class, 0.2 at 250 and 0.4 at 512; on 120 digit images per class 1-4 points
+on the ViT pairs)."""
 
 
 @dataclass(frozen=True)
@@ -209,14 +218,15 @@ class CloneConfig:
     """Ratios tried when ``keep_ratio`` is ``None``."""
     accuracy_tolerance: float = 0.01
     """Local accuracy (on the clone data) that pruning may cost, as a mask measures it before the final training."""
-    max_branch_share: float | None = None
+    max_branch_share: float | Literal["auto"] | None = "auto"
     """The most of the source's parameters the pruned branch may keep (with ``keep_ratio`` ``None``): the keep ratios
     that ``accuracy_tolerance`` allows are lowered together through ``keep_ratios`` until the branch fits, down to the
-    smallest (a branch of a whole ViT keeps its residual width and can stay above it). ``None``: the tolerance alone
-    decides. The adapter and the gate come on top of the branch. The trade-off depends on the data (README, "Patch
-    size"): at 0.15 the Fashion headline's patches went from 0.44x to 0.23x the source's bytes for 0.4 points of
-    ``acc_all``, since the final training wins back most of what the tighter mask loses on 1,500 images; on 361
-    images the two ViT pairs lost 2-4 points."""
+    smallest (a branch of a whole ViT keeps its residual width and can stay above it). The final training, which
+    distils the source into the pruned branch, wins back what the tighter pruning loses only with enough data, so
+    ``"auto"`` sets 0.15 (``AUTO_BRANCH_SHARE``) when every cloned class has at least 250 clone examples
+    (``AUTO_BUDGET_EXAMPLES``) and no budget below that; a number always applies, ``None`` never. The adapter and the
+    gate come on top of the branch. README, "Patch size": on the Fashion headline 0.15 makes patches 0.44x -> 0.23x the
+    source's bytes for 0.4 points of ``acc_all``."""
     adapter_hidden: int = 64
     """Width of the adapter's residual bottleneck (0: a single 1x1 projection)."""
     train_steps: int | None = None
@@ -288,9 +298,14 @@ class CloneConfig:
                 raise InvalidInputError(f"{name} must be an integer of at least {minimum}, got {value!r}")
         for name, (low, high, closed_low, closed_high) in _REAL_FIELDS.items():
             _check_real(name, getattr(self, name), low, high, closed_low, closed_high)
-        for name in ("keep_ratio", "max_branch_share"):
-            if getattr(self, name) is not None:
-                _check_real(name, getattr(self, name), 0, 1, False, True)
+        if self.keep_ratio is not None:
+            _check_real("keep_ratio", self.keep_ratio, 0, 1, False, True)
+        if isinstance(self.max_branch_share, str) and self.max_branch_share != "auto":
+            raise InvalidInputError(
+                f"max_branch_share must be 'auto', None or a share in (0, 1], got {self.max_branch_share!r}"
+            )
+        if self.max_branch_share not in (None, "auto"):
+            _check_real("max_branch_share", self.max_branch_share, 0, 1, False, True)
         if not isinstance(self.keep_ratios, (tuple, list)) or not self.keep_ratios:
             raise InvalidInputError(f"keep_ratios must be a non-empty sequence of ratios, got {self.keep_ratios!r}")
         for ratio in self.keep_ratios:
@@ -1115,7 +1130,7 @@ def check_gates(run: CloneRun) -> dict[str, Any]:
 def localize_branch(run: CloneRun) -> dict[str, Any]:
     """Prune the winner's branch in place to what the cloned classes need (:func:`pnc_surgery.localize.localize`)."""
     assert run.winner is not None, "search() first"
-    config, branch, share = run.config, run.winner.branch, run.config.max_branch_share
+    config, branch, share = run.config, run.winner.branch, _branch_share(run)
     full_params = branch_parameters(branch)
     cut_features = run.source_features[run.winner.cut.name]
     device = run.device
@@ -1142,7 +1157,7 @@ def localize_branch(run: CloneRun) -> dict[str, Any]:
             max_parameters=None if share is None else int(share * sum(p.numel() for p in run.source.parameters())),
             progress=run.progress,
         )
-        metrics.update(found)
+        metrics.update(found, max_branch_share=share)
     metrics.update(
         kept_ratio=round(branch_parameters(branch) / max(full_params, 1), 4),
         branch_parameters=branch_parameters(branch),
@@ -1150,6 +1165,16 @@ def localize_branch(run: CloneRun) -> dict[str, Any]:
         prune_keep_ratio=ratio,
     )
     return metrics
+
+
+def _branch_share(run: CloneRun) -> float | None:
+    """The branch budget localization applies: the configured one, or for ``"auto"`` the data's (see
+    :data:`AUTO_BUDGET_EXAMPLES`)."""
+    share = run.config.max_branch_share
+    if not isinstance(share, str):
+        return share
+    fewest = int(torch.bincount(run.labels).min())
+    return AUTO_BRANCH_SHARE if fewest >= AUTO_BUDGET_EXAMPLES else None
 
 
 def train(run: CloneRun) -> dict[str, Any]:

@@ -164,6 +164,19 @@ def test_a_branch_budget_keeps_the_pruned_branch_within_its_share_of_the_source(
     assert metrics["prune_keep_ratio"] <= min(metrics["tolerated_keep_ratios"])
 
 
+@pytest.mark.parametrize("examples_needed", [1, 10_000])
+def test_the_auto_branch_budget_applies_only_to_a_large_enough_clone_set(digits, monkeypatch, examples_needed):
+    split, target, source = digits
+    monkeypatch.setattr(clone_module, "AUTO_BUDGET_EXAMPLES", examples_needed)
+    config = CloneConfig(max_cuts=1, max_insertions=1, search_steps=2, train_steps=2)
+    metrics = clone(source, target, split.clone, classes=[0, 1, 2], config=config, progress=False).metrics
+    if examples_needed == 1:
+        assert metrics["max_branch_share"] == clone_module.AUTO_BRANCH_SHARE
+        assert "tolerated_keep_ratios" in metrics
+    else:
+        assert metrics["max_branch_share"] is None and "tolerated_keep_ratios" not in metrics
+
+
 def test_the_budgets_train_in_passes_over_small_sets_and_at_most_a_fine_tunes_steps_on_large_ones():
     default = BUDGETS["default"]
     assert default.train_steps(290, 64) == 136, "30 passes over 290 examples, rounded up"

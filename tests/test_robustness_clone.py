@@ -69,6 +69,7 @@ def test_nan_pixels_in_the_clone_data_are_refused_before_training(no_training):
         {"keep_ratios": (0.5, math.nan)},
         {"max_branch_share": 0.0},
         {"max_branch_share": 1.5},
+        {"max_branch_share": "small"},
     ],
 )
 def test_non_finite_or_degenerate_settings_are_refused(setting):
