@@ -219,9 +219,10 @@ class CloneConfig:
     accuracy_tolerance: float = 0.01
     """Local accuracy (on the clone data) that pruning may cost, as a mask measures it before the final training."""
     max_branch_share: float | Literal["auto"] | None = "auto"
-    """The most of the source's parameters the pruned branch may keep (with ``keep_ratio`` ``None``): the keep ratios
-    that ``accuracy_tolerance`` allows are lowered together through ``keep_ratios`` until the branch fits, down to the
-    smallest (a branch of a whole ViT keeps its residual width and can stay above it). The final training, which
+    """The most of the source's parameters the pruned branch may keep (with ``localize`` on and ``keep_ratio``
+    ``None``): the keep ratios that ``accuracy_tolerance`` allows are lowered together through ``keep_ratios`` until
+    the branch fits, down to the smallest (a branch of a whole ViT keeps its residual width and can stay above it).
+    The final training, which
     distils the source into the pruned branch, wins back what the tighter pruning loses only with enough data, so
     ``"auto"`` sets 0.15 (``AUTO_BRANCH_SHARE``) when every cloned class has at least 250 clone examples
     (``AUTO_BUDGET_EXAMPLES``) and no budget below that; a number always applies, ``None`` never. The adapter and the
