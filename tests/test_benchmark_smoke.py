@@ -47,3 +47,11 @@ def test_numbers_are_sane(smoke):
         assert by_method[pair, "finetune"]["detach_max_abs_diff"] is None
         assert not math.isinf(by_method[pair, "lora"]["detach_max_abs_diff"])
         assert by_method[pair, "pnc"]["extra_params"] < by_method[pair, "ensemble"]["extra_params"]
+
+
+def test_pnc_rows_break_the_patch_file_down_by_part(smoke):
+    rows = json.loads((smoke / "results.json").read_text())["rows"]
+    for row in (r for r in rows if r["method"].startswith("pnc")):
+        parts = row["notes"]["patch_part_bytes"]
+        assert {"branch", "adapter", "gate"} <= set(parts) and all(size > 0 for size in parts.values()), parts
+        assert sum(parts.values()) < row["patch_bytes"], "the file adds its header and config to the tensors"
