@@ -222,12 +222,11 @@ class CloneConfig:
     """The most of the source's parameters the pruned branch may keep (with ``localize`` on and ``keep_ratio``
     ``None``): the keep ratios that ``accuracy_tolerance`` allows are lowered together through ``keep_ratios`` until
     the branch fits, down to the smallest (a branch of a whole ViT keeps its residual width and can stay above it).
-    The final training, which
-    distils the source into the pruned branch, wins back what the tighter pruning loses only with enough data, so
-    ``"auto"`` sets 0.15 (``AUTO_BRANCH_SHARE``) when every cloned class has at least 250 clone examples
-    (``AUTO_BUDGET_EXAMPLES``) and no budget below that; a number always applies, ``None`` never. The adapter and the
-    gate come on top of the branch. README, "Patch size": on the Fashion headline 0.15 makes patches 0.44x -> 0.23x the
-    source's bytes for 0.4 points of ``acc_all``."""
+    The final training, which distils the source into the pruned branch, wins back what the tighter pruning loses
+    only with enough data, so ``"auto"`` sets 0.15 (``AUTO_BRANCH_SHARE``) when every cloned class has at least 250
+    clone examples (``AUTO_BUDGET_EXAMPLES``) and no budget below that; a number always applies, ``None`` never. The
+    adapter and the gate come on top of the branch. README, "Patch size": on the Fashion headline 0.15 makes patches
+    0.44x -> 0.23x the source's bytes for 0.4 points of ``acc_all``."""
     adapter_hidden: int = 64
     """Width of the adapter's residual bottleneck (0: a single 1x1 projection)."""
     train_steps: int | None = None

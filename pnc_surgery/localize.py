@@ -95,14 +95,18 @@ def pruned_parameters(branch: Branch, groups: Sequence[PruneGroup], kept: dict[s
         if group.consumer not in kept:
             continue
         dropped = group.size - len(kept[group.consumer])  # channels
-        for name, sections in group.producers:  # output rows: weight and bias
-            per_row = sum(p[0].numel() for p in branch.model.get_submodule(name).parameters(recurse=False))
-            removed += dropped * sections * per_row
+        for name, sections in group.producers:
+            removed += dropped * sections * _per_channel(branch.model.get_submodule(name))
         for name in group.passthrough:
-            removed += dropped * sum(p[0].numel() for p in branch.model.get_submodule(name).parameters(recurse=False))
+            removed += dropped * _per_channel(branch.model.get_submodule(name))
         consumer_weight = branch.model.get_submodule(group.consumer).get_parameter("weight")
         removed += dropped * consumer_weight[:, 0].numel()
     return branch_parameters(branch) - removed
+
+
+def _per_channel(module: nn.Module) -> int:
+    """Parameters one output channel of ``module`` holds (its row of every tensor: weight, bias, norm scale)."""
+    return sum(p[0].numel() for p in module.parameters(recurse=False))
 
 
 def _channel_width(module: nn.Module) -> int | None:
