@@ -10,6 +10,8 @@ Writes ``frontier.json``, ``frontier.md`` and ``frontier.png`` to ``--out`` afte
 
     python -m benchmarks.frontier --out results/frontier
     python -m benchmarks.frontier --pairs "resnet->resnet" --seeds 0 --out results/frontier_quick
+
+``--dump DIR`` also saves every cell's gate evidence, for ``python -m benchmarks.gate_ceiling DIR``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .baselines import BASELINES
 from .datasets import class_split, select_classes, subsample
 from .metrics import accuracy_metrics
 from .models import PAIRS, trained_model
-from .pair_matrix import fit_evidence, gate_inputs, gate_outcome, refit_gate
+from .pair_matrix import fit_evidence, gate_inputs, gate_outcome, refit_gate, save_evidence
 from .protocol import Context
 from .run import LOADERS, RunConfig
 from .training import predict_logits, torch_threads
@@ -57,8 +59,10 @@ def cell_rows(
     cache: Path,
     budgets: Sequence[float],
     progress: bool = False,
+    dump: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Every row of one (pair, seed) cell: PNC at each budget, the baselines and the oracle."""
+    """Every row of one (pair, seed) cell: PNC at each budget, the baselines and the oracle; with ``dump``, the
+    cell's gate evidence is saved there too (:func:`benchmarks.pair_matrix.save_evidence`)."""
     split = class_split(train, test, clone_level=level, replay_per_class=config.replay_per_class, seed=seed)
     common = {
         "dataset_name": config.dataset,
@@ -94,6 +98,8 @@ def cell_rows(
     clone_seconds = time.perf_counter() - start
     seen, _ = gate_inputs(patch, target, split.test)
     evidence = fit_evidence(patch, target, split)
+    if dump is not None:
+        save_evidence(dump, pair, seed, evidence, seen, labels, num_old, {"pair": pair, "seed": seed})
     for budget in budgets:  # as clone's "auto" gate would fit at that budget
         gate, fit = refit_gate("novelty", evidence, budget, seed, also_try=AUTO_ALTERNATIVES)
         rows.append(
@@ -191,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--out", type=Path, default=Path("results/frontier"))
     parser.add_argument("--cache", type=Path, default=Path("results/cache"))
+    parser.add_argument("--dump", type=Path, default=None, help="also save every cell's gate evidence here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = RunConfig(pairs=args.pairs, seeds=args.seeds)
@@ -203,7 +210,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for seed in config.seeds:  # every pair at the first seed first: a run stopped early still covers them all
             for pair in config.pairs:
                 logger.info("%s seed %d", pair, seed)
-                document["rows"] += cell_rows(config, train, test, pair, seed, args.level, args.cache, args.budgets)
+                document["rows"] += cell_rows(
+                    config, train, test, pair, seed, args.level, args.cache, args.budgets, dump=args.dump
+                )
                 document["wall_seconds"] = time.perf_counter() - started
                 (args.out / "frontier.json").write_text(json.dumps(document, indent=1))
                 (args.out / "frontier.md").write_text(markdown(document) + "\n")

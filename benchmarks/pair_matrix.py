@@ -57,6 +57,7 @@ __all__ = [
     "markdown",
     "pair_row",
     "refit_gate",
+    "save_evidence",
     "token_sentences",
 ]
 
@@ -236,17 +237,7 @@ def pair_row(
             gate, fit = refit_gate(kind, evidence, budget, seed)
             row["compare"][kind] = {**gate_outcome(gate, seen, labels, num_old), "gate_fit": fit}
         if dump is not None:
-            dump.mkdir(parents=True, exist_ok=True)
-            torch.save(
-                {
-                    "evidence": {k: v._asdict() if isinstance(v, GateInputs) else v for k, v in evidence.items()},
-                    "test": seen._asdict(),
-                    "test_labels": labels,
-                    "num_old": num_old,
-                    "row": row,
-                },
-                dump / f"{pair.replace('->', '__')}_seed{seed}.pt",
-            )
+            save_evidence(dump, pair, seed, evidence, seen, labels, num_old, row)
     return row
 
 
@@ -264,6 +255,33 @@ def fit_evidence(patch: Patch, target: nn.Module, split: ClassSplit) -> dict[str
         "negative_groups": replay.labels,
         "negative_sources": sources,
     }
+
+
+def save_evidence(
+    folder: Path,
+    pair: str,
+    seed: int,
+    evidence: dict[str, Any],
+    seen: GateInputs,
+    labels: torch.Tensor,
+    num_old: int,
+    row: dict[str, Any],
+) -> Path:
+    """Save a cell's :func:`fit_evidence`, its test split's gate inputs and labels, and ``row`` (what
+    ``benchmarks.gate_ceiling`` reads) as ``folder / "<source>__<target>_seed<seed>.pt"``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{pair.replace('->', '__')}_seed{seed}.pt"
+    torch.save(
+        {
+            "evidence": {k: v._asdict() if isinstance(v, GateInputs) else v for k, v in evidence.items()},
+            "test": seen._asdict(),
+            "test_labels": labels,
+            "num_old": num_old,
+            "row": row,
+        },
+        path,
+    )
+    return path
 
 
 def refit_gate(
