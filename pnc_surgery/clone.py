@@ -820,7 +820,7 @@ def _checked_run(
     stats = (
         source_backend.normalization(source) if examples.source is not None else target_backend.normalization(target)
     )
-    transform = source_transform(source, source_backend, source_head, stats, user_source_transform)
+    transform = source_transform(source, source_backend, source_head, stats, user_source_transform, labelled=examples)
     source_sample = source_backend.call_inputs(
         source, to_device(transform(source_head) if transform else source_head, model_device(source))
     )

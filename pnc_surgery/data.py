@@ -7,6 +7,7 @@ image tensor or (for text models) a mapping of keyword tensors such as ``input_i
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from torch import nn
 from .backends import Backend, ModelInputs
 from .errors import InvalidInputError
 from .tracing import eval_mode
+
+logger = logging.getLogger(__name__)
 
 MIN_EXAMPLES_PER_CLASS = 2
 """A cloned class needs at least this many examples: with one, nothing is left to check the training on."""
@@ -39,7 +42,14 @@ __all__ = [
     "model_device",
     "to_device",
     "source_transform",
+    "RENORMALISE_CHECK_EXAMPLES",
+    "RENORMALISE_MARGIN",
 ]
+
+RENORMALISE_CHECK_EXAMPLES = 128
+"""Labelled clone examples on which :func:`source_transform` checks that renormalising helps the source."""
+RENORMALISE_MARGIN = 0.05
+"""How much more accurate the source must be on images as given than renormalised for them to be fed as given."""
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 """Per-channel ``(mean, std)`` of an image normalisation."""
@@ -366,13 +376,17 @@ def source_transform(
     sample: ModelInputs,
     target_stats: Stats | None,
     transform: Callable[[ModelInputs], ModelInputs] | None = None,
+    labelled: Examples | None = None,
 ) -> Callable[[ModelInputs], ModelInputs] | None:
     """How inputs in the target's format become the source's (``None``: they are fed as they are).
 
     With ``transform`` (the user's), that is checked to give inputs the source runs on. Otherwise images are resized
     and channel-matched when the source expects another size (:func:`source_view`), and when both models record
     their normalisation and the two differ, pixels are brought back with the target's statistics and normalised
-    again with the source's, so the source never sees images normalised for another model.
+    again with the source's, so the source never sees images normalised for another model. What a model records is
+    its pretrained preprocessing, not necessarily what it was trained on since: with ``labelled`` examples (labels
+    in the source's class ids), images are fed as given when the source answers
+    :data:`RENORMALISE_CHECK_EXAMPLES` of them better so (by :data:`RENORMALISE_MARGIN`) than renormalised.
 
     Raises:
         InvalidInputError: the source cannot run on what the transform (given or derived) makes of ``sample``.
@@ -392,8 +406,9 @@ def source_transform(
     source_stats = backend.normalization(source)
     images = isinstance(sample, torch.Tensor) and sample.dim() == 4 and sample.is_floating_point()
     renormalise = images and target_stats is not None and source_stats is not None and target_stats != source_stats
+    plain = None if view is None else (lambda x: to_view(x, *view))
     if not renormalise:
-        return None if view is None else (lambda x: to_view(x, *view))
+        return plain
     assert isinstance(sample, torch.Tensor) and target_stats is not None and source_stats is not None
     channels = view[0] if view is not None else int(sample.shape[1])
     stats_in, stats_out = _channel_stats(target_stats, int(sample.shape[1])), _channel_stats(source_stats, channels)
@@ -411,7 +426,45 @@ def source_transform(
         assert isinstance(pixels, torch.Tensor)
         return (pixels - mean_out.to(pixels)) / std_out.to(pixels)
 
+    if labelled is not None and labelled.labels is not None:
+        renormalised_accuracy = _accuracy(source, backend, labelled, renormalised)
+        given_accuracy = _accuracy(source, backend, labelled, plain)
+        if given_accuracy > renormalised_accuracy + RENORMALISE_MARGIN:
+            logger.warning(
+                "the source answers the clone data right %.0f%% of the time as given and %.0f%% renormalised from "
+                "the target's recorded statistics %s to its own %s: feeding it the images as given (pass "
+                "source_transform= to choose)",
+                100 * given_accuracy,
+                100 * renormalised_accuracy,
+                target_stats,
+                source_stats,
+            )
+            return plain
     return renormalised
+
+
+def _accuracy(
+    model: nn.Module,
+    backend: Backend,
+    labelled: Examples,
+    transform: Callable[[ModelInputs], ModelInputs] | None,
+    batch_size: int = 64,
+) -> float:
+    """Top-1 accuracy of ``model`` on up to :data:`RENORMALISE_CHECK_EXAMPLES` of ``labelled`` (spread over them),
+    after ``transform``."""
+    assert labelled.labels is not None
+    index = torch.linspace(0, len(labelled) - 1, min(len(labelled), RENORMALISE_CHECK_EXAMPLES)).long().unique()
+    chosen = labelled.select(index)
+    assert chosen.labels is not None
+    right = 0
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(chosen), batch_size):
+            part = chosen.select(torch.arange(start, min(start + batch_size, len(chosen))))
+            inputs = transform(part.inputs) if transform is not None else part.inputs
+            call = backend.call_inputs(model, to_device(inputs, model_device(model)))
+            logits = backend.logits(model(**call) if isinstance(call, Mapping) else model(call))
+            right += int((logits.argmax(-1).cpu() == part.labels).sum())
+    return right / len(chosen)
 
 
 def select_classes(

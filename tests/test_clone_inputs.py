@@ -3,18 +3,23 @@ and the source is fed *its* format, never the target's pixels as they are.
 
 * When both models record their normalisation (timm's data config) and the two differ, the source sees the pixels
   normalised again with its own statistics; with the same statistics it sees the data unchanged.
+* What a model records is its pretrained preprocessing, not necessarily what it was trained on since: when the
+  source answers the labelled clone data clearly better as given than renormalised, it is fed them as given, and a
+  warning says so.
 * ``source_transform=`` replaces that mapping; one that fails, or gives inputs the source cannot take, is refused
   before any training.
 """
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 from pnc_surgery import CloneConfig, InvalidInputError, clone
 from pnc_surgery.backends.timm import TimmBackend, create_model
-from pnc_surgery.data import source_transform
+from pnc_surgery.data import Examples, source_transform
 
 TINY = CloneConfig(max_cuts=1, max_insertions=1, search_steps=2, train_steps=4, localize=False, gate="energy")
 
@@ -46,10 +51,9 @@ def test_a_source_with_other_statistics_gets_its_own_normalisation():
     assert any(torch.allclose(x, torch.zeros_like(x), atol=1e-5) for x in seen if x.shape[0] == 8), (
         "the source must see (0.5 - 0.5) / 0.25 = 0, not the target's 3.0"
     )
-    extracted = [x for x in seen if x.shape[0] == 8]  # the feature extraction's batch (checks use two examples)
-    assert not any(torch.allclose(x, torch.full_like(x, 3.0)) for x in extracted), (
-        "the target's pixels reached the source"
-    )
+    batches = [x for x in seen if x.shape[0] == 8]  # the whole data (input checks use two examples)
+    as_given = [x for x in batches if torch.allclose(x, torch.full_like(x, 3.0))]
+    assert len(as_given) <= 1, "beyond the one check of the data as given, the target's pixels reached the source"
 
 
 def test_models_with_the_same_statistics_share_the_data_unchanged():
@@ -57,6 +61,42 @@ def test_models_with_the_same_statistics_share_the_data_unchanged():
     source, target = _model(4, 0), _model(5, 1)
     sample = torch.randn(2, 1, 16, 16)
     assert source_transform(source, backend, sample, backend.normalization(target)) is None
+
+
+class BrightnessClassifier(torch.nn.Module):
+    """Class 1 where an image's mean pixel is above ``threshold``, else class 0; records a timm data config."""
+
+    def __init__(self, threshold: float, mean: float, std: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.pretrained_cfg = {"input_size": (1, 8, 8), "mean": (mean,), "std": (std,)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = x.mean(dim=(1, 2, 3)) - self.threshold
+        return torch.stack([-score, score], dim=1)
+
+
+def _brightness_data() -> Examples:
+    """Images at 1.0 (class 1) and 0.8 (class 0), in the target's format (normalised with mean 0, std 1)."""
+    images = torch.cat([torch.full((6, 1, 8, 8), 1.0), torch.full((6, 1, 8, 8), 0.8)])
+    return Examples(images, torch.tensor([1] * 6 + [0] * 6))
+
+
+def test_a_source_trained_on_the_data_as_given_gets_it_as_given_whatever_its_data_config_says(caplog):
+    source = BrightnessClassifier(threshold=0.9, mean=0.0, std=0.01)  # renormalised, both classes are above 80
+    data = _brightness_data()
+    with caplog.at_level(logging.WARNING, logger="pnc_surgery.data"):
+        transform = source_transform(source, TimmBackend(), data.inputs[:2], ((0.0,), (1.0,)), labelled=data)
+    assert transform is None
+    assert "as given" in caplog.text
+
+
+def test_a_source_that_answers_right_renormalised_stays_renormalised():
+    source = BrightnessClassifier(threshold=0.0, mean=0.9, std=0.05)  # (1.0 - 0.9) / 0.05 = 2, (0.8 - 0.9) / 0.05 = -2
+    data = _brightness_data()
+    transform = source_transform(source, TimmBackend(), data.inputs[:2], ((0.0,), (1.0,)), labelled=data)
+    assert transform is not None
+    assert torch.allclose(transform(data.inputs[:1]), torch.full((1, 1, 8, 8), 2.0))
 
 
 def test_a_source_transform_replaces_the_automatic_mapping():
