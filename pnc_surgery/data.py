@@ -456,15 +456,14 @@ def _accuracy(
     index = torch.linspace(0, len(labelled) - 1, min(len(labelled), RENORMALISE_CHECK_EXAMPLES)).long().unique()
     chosen = labelled.select(index)
     assert chosen.labels is not None
-    right = 0
+    answers = []
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(chosen), batch_size):
             part = chosen.select(torch.arange(start, min(start + batch_size, len(chosen))))
             inputs = transform(part.inputs) if transform is not None else part.inputs
             call = backend.call_inputs(model, to_device(inputs, model_device(model)))
-            logits = backend.logits(model(**call) if isinstance(call, Mapping) else model(call))
-            right += int((logits.argmax(-1).cpu() == part.labels).sum())
-    return right / len(chosen)
+            answers.append(backend.logits(model(**call) if isinstance(call, Mapping) else model(call)).argmax(-1).cpu())
+    return float((torch.cat(answers) == chosen.labels).float().mean())
 
 
 def select_classes(
