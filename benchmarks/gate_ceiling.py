@@ -59,10 +59,14 @@ def _margin(gate: Gate, seen: GateInputs) -> torch.Tensor:
         return gate(*seen).float().amax(1) - seen.target_logits.float().amax(1)
 
 
+def _passed_at_budget(score: torch.Tensor, is_k: torch.Tensor, budget: float) -> torch.Tensor:
+    """Which inputs score above the threshold that lets ``budget`` of A's inputs through."""
+    return score > torch.quantile(score[~is_k].double(), 1.0 - budget).item()
+
+
 def _pass_at_budget(score: torch.Tensor, is_k: torch.Tensor, budget: float) -> float:
     """Share of K's inputs above the threshold that lets ``budget`` of A's inputs through."""
-    threshold = torch.quantile(score[~is_k].double(), 1.0 - budget).item()
-    return (score[is_k] > threshold).float().mean().item()
+    return _passed_at_budget(score, is_k, budget)[is_k].float().mean().item()
 
 
 def _only(inputs: GateInputs, space: str) -> GateInputs:
@@ -73,7 +77,14 @@ def _only(inputs: GateInputs, space: str) -> GateInputs:
 KNN_NEIGHBOURS = (1, 5)
 """The k of the k-NN ceiling's distances (the best k is kept)."""
 KNN_CLONE_ROWS = 2000
-"""Clone rows the k-NN ceiling compares with (a seeded sample: a distance matrix to every clone row is large)."""
+"""Clone rows the k-NN ceiling and the replay probe use (a seeded sample: a distance matrix to every clone row is
+large)."""
+
+
+def _clone_sample(positives: GateInputs) -> GateInputs:
+    """A seeded sample of :data:`KNN_CLONE_ROWS` clone rows."""
+    generator = torch.Generator().manual_seed(0)
+    return positives.select(torch.randperm(len(positives.target_logits), generator=generator)[:KNN_CLONE_ROWS])
 
 
 def _kth_distance(queries: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
@@ -83,13 +94,10 @@ def _kth_distance(queries: torch.Tensor, reference: torch.Tensor, k: int) -> tor
 
 def _knn_scores(evidence: dict[str, Any], seen: GateInputs, k: int) -> list[torch.Tensor]:
     """Per used novelty space, log(distance to the k-th nearest replay row / to the k-th nearest clone row)."""
-    positives: GateInputs = evidence["positives"]
-    rows = torch.randperm(len(positives.target_logits), generator=torch.Generator().manual_seed(0))[:KNN_CLONE_ROWS]
+    sample = _clone_sample(evidence["positives"])
     scores = []
     for space in SPACES:
-        clone, replay, test = (
-            getattr(part, space).float() for part in (positives.select(rows), evidence["negatives"], seen)
-        )
+        clone, replay, test = (getattr(part, space).float() for part in (sample, evidence["negatives"], seen))
         if not test.shape[1]:
             continue
         centre = torch.cat([clone, replay]).mean(0)
@@ -116,9 +124,7 @@ REPLAY_PROBE_STRENGTHS = (0.01, 0.1, 1.0)
 def replay_probe(evidence: dict[str, Any], seen: GateInputs, is_k: torch.Tensor, budget: float) -> float:
     """Share of K's inputs a logistic regression of the clone rows against the replay rows passes over every gate
     input, at the test-set threshold (see the module docstring)."""
-    positives: GateInputs = evidence["positives"]
-    rows = torch.randperm(len(positives.target_logits), generator=torch.Generator().manual_seed(0))[:KNN_CLONE_ROWS]
-    clone, replay = _joined(positives.select(rows)), _joined(evidence["negatives"])
+    clone, replay = _joined(_clone_sample(evidence["positives"])), _joined(evidence["negatives"])
     x = torch.cat([clone, replay]).numpy()
     y = torch.cat([torch.ones(len(clone)), torch.zeros(len(replay))]).numpy()
     test = _joined(seen).numpy()
@@ -159,9 +165,7 @@ def ceilings(dump: dict[str, Any], budget: float = 0.01, seed: int = 0) -> dict[
         "false_positive_rate": outcome["false_positive_rate"],
         "threshold_ceiling": _pass_at_budget(margin, is_k, budget) / branch_acc,
         "acc_all": outcome["acc_all"],
-        "acc_all_ceiling": acc_all_at(
-            margin > torch.quantile(margin[~is_k].double(), 1.0 - budget), seen, labels, num_old
-        ),
+        "acc_all_ceiling": acc_all_at(_passed_at_budget(margin, is_k, budget), seen, labels, num_old),
         "acc_all_perfect_gate": acc_all_at(is_k, seen, labels, num_old),
     }
     for space in SPACES:
@@ -170,7 +174,7 @@ def ceilings(dump: dict[str, Any], budget: float = 0.01, seed: int = 0) -> dict[
             space_gate, _ = refit_gate("novelty", alone, budget, seed)
             row[space] = _pass_at_budget(_margin(space_gate, _only(seen, space)), is_k, budget) / branch_acc
     target_right = seen.target_logits.argmax(1) == labels
-    probe = linear_bound(torch.cat([part.float() for part in seen], 1), labels, target_right, num_old, budget)
+    probe = linear_bound(_joined(seen), labels, target_right, num_old, budget)
     row["linear_probe"] = sum(probe["pass_rate"].values()) / len(probe["pass_rate"]) / branch_acc
     row["replay_probe"] = replay_probe(evidence, seen, is_k, budget) / branch_acc
     row["knn"] = knn_ceiling(evidence, seen, is_k, budget) / branch_acc

@@ -309,12 +309,18 @@ def to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
 def runs_on(model: nn.Module, backend: Backend, inputs: ModelInputs) -> str | None:
     """``None`` when ``model`` computes logits on ``inputs`` (in the model's call form); else what went wrong."""
     try:
-        with eval_mode(model), torch.no_grad():
-            call = backend.call_inputs(model, to_device(inputs, model_device(model)))
-            backend.logits(model(**call) if isinstance(call, Mapping) else model(call))
+        _logits(model, backend, inputs)
     except Exception as exc:  # any failure here means "this model cannot take these inputs"
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, backend: Backend, inputs: ModelInputs) -> torch.Tensor:
+    """``model``'s logits on ``inputs`` (moved to its device, in its call form), in eval mode."""
+    with eval_mode(model):
+        call = backend.call_inputs(model, to_device(inputs, model_device(model)))
+        return backend.logits(model(**call) if isinstance(call, Mapping) else model(call))
 
 
 def _shape(inputs: ModelInputs) -> tuple[int, ...]:
@@ -456,13 +462,10 @@ def _accuracy(
     index = torch.linspace(0, len(labelled) - 1, min(len(labelled), RENORMALISE_CHECK_EXAMPLES)).long().unique()
     chosen = labelled.select(index)
     assert chosen.labels is not None
-    answers = []
-    with eval_mode(model), torch.no_grad():
-        for start in range(0, len(chosen), batch_size):
-            part = chosen.select(torch.arange(start, min(start + batch_size, len(chosen))))
-            inputs = transform(part.inputs) if transform is not None else part.inputs
-            call = backend.call_inputs(model, to_device(inputs, model_device(model)))
-            answers.append(backend.logits(model(**call) if isinstance(call, Mapping) else model(call)).argmax(-1).cpu())
+    answers = [
+        _logits(model, backend, transform(part.inputs) if transform is not None else part.inputs).argmax(-1).cpu()
+        for part in batches(chosen, batch_size)
+    ]
     return float((torch.cat(answers) == chosen.labels).float().mean())
 
 
