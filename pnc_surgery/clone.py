@@ -1145,9 +1145,10 @@ def localize_branch(run: CloneRun) -> dict[str, Any]:
         )
         for index in rows.split(config.batch_size)
     ]
-    metrics: dict[str, Any] = {"branch_local_accuracy": round(local_accuracy(branch, data), 4)}
-    ratio = 1.0
-    if config.localize:
+    ratio, metrics = 1.0, dict[str, Any]()
+    if not config.localize:
+        metrics["branch_local_accuracy"] = round(local_accuracy(branch, data), 4)
+    else:
         ratio, found = localize(
             branch,
             data,

@@ -212,7 +212,9 @@ def _proves_exact(branch: Branch, group: PruneGroup, feature: torch.Tensor, cont
     keep = group.channels(units[units % 4 != 1])
     with torch.no_grad(), MaskedUnits(branch, {group.consumer: keep}):
         expected = branch(feature, **context)
-    twin = copy.deepcopy(branch)
+    # the twin shares every tensor: slicing replaces a module's tensors instead of writing into them, so only the
+    # modules (and the recorded shape attributes) need copies, not a large source's weights once a group
+    twin = copy.deepcopy(branch, memo={id(t): t for t in (*branch.parameters(), *branch.buffers())})
     try:
         _slice_group(twin, group, keep)
         with torch.no_grad():
@@ -439,14 +441,19 @@ def localize(
         progress: show a progress bar over the ratios tried.
 
     Returns:
-        The keep ratio of hidden units and the stage's metrics (groups found, the heads' keep ratio, local accuracy
-        after pruning).
+        The keep ratio of hidden units and the stage's metrics (local accuracy before pruning, groups found, the
+        heads' keep ratio, local accuracy after pruning).
     """
+    unpruned = local_accuracy(branch, data)
     probe_feature, _, probe_context = data[0]
     groups = find_prune_groups(branch, probe_feature[:8], {k: v[:8] for k, v in probe_context.items()})
     channel_groups = [g for g in groups if g.heads_of is None]
     head_groups = [g for g in groups if g.heads_of is not None]
-    metrics: dict[str, Any] = {"prune_groups": len(channel_groups), "head_groups": len(head_groups)}
+    metrics: dict[str, Any] = {
+        "branch_local_accuracy": round(unpruned, 4),
+        "prune_groups": len(channel_groups),
+        "head_groups": len(head_groups),
+    }
     if not groups:
         return 1.0, metrics
     for parameter in branch.parameters():
@@ -454,10 +461,18 @@ def localize(
     scores = unit_importance(branch, groups, data)
     for parameter in branch.parameters():
         parameter.requires_grad_(False)
-    floor = local_accuracy(branch, data) - tolerance
+    floor = unpruned - tolerance
     ratio = keep_ratio or _smallest_ratio(branch, data, channel_groups, scores, {}, keep_ratios, floor, progress)
     kept = keep_indices(channel_groups, scores, ratio) if ratio < 1.0 else {}
-    head_ratio = keep_ratio or _smallest_ratio(branch, data, head_groups, scores, kept, keep_ratios, floor, progress)
+    head_ratios = keep_ratios
+    if keep_ratio is None and max_parameters is not None and head_groups:
+        # the budget lowers the heads' ratio to at most this one in any case (see _within_budget): measuring those
+        # above it would change nothing but the reported tolerated ratio (1.0 then)
+        allowed = _within_budget(
+            branch, (channel_groups, head_groups), scores, (ratio, 1.0), keep_ratios, max_parameters
+        )[1]
+        head_ratios = [r for r in keep_ratios if r <= allowed]
+    head_ratio = keep_ratio or _smallest_ratio(branch, data, head_groups, scores, kept, head_ratios, floor, progress)
     if keep_ratio is None and max_parameters is not None:
         metrics["tolerated_keep_ratios"] = [ratio, head_ratio]
         ratio, head_ratio = _within_budget(

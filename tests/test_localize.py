@@ -176,3 +176,17 @@ def test_a_parameter_budget_lowers_the_ratios_together_until_the_branch_fits(cas
 def test_a_budget_no_ratio_meets_keeps_the_smallest_ratio_tried():
     ratios, _, size = _localized("timm", 0)
     assert ratios == (0.25, 0.25) and size == _size_at("timm", 0.25) > 0
+
+
+def test_under_a_budget_head_ratios_the_budget_would_lower_are_not_measured(monkeypatch):
+    from pnc_surgery import localize as localize_module
+
+    measured: list[int] = []
+    real = localize_module.local_accuracy
+    monkeypatch.setattr(localize_module, "local_accuracy", lambda *a: measured.append(1) or real(*a))
+    _localized("timm", None)
+    unbudgeted, measured[:] = len(measured), []
+    ratios, metrics, _ = _localized("timm", _size_at("timm", 0.5) - 1)
+    assert ratios == (0.25, 0.25), "the same choice as when every ratio is measured (above)"
+    assert len(measured) == unbudgeted - 1, "the heads' 0.5, which the budget lowers to 0.25 anyway, is skipped"
+    assert metrics["tolerated_keep_ratios"] == [1.0, 1.0]
