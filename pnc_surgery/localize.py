@@ -207,14 +207,18 @@ def _head_groups(branch: Branch) -> list[PruneGroup]:
     return groups
 
 
+def _twin(branch: Branch) -> Branch:
+    """A copy of ``branch`` to prune that shares every tensor: slicing replaces a module's tensors instead of writing
+    into them, so only the modules and the recorded shape attributes need copies, not a large source's weights."""
+    return copy.deepcopy(branch, memo={id(t): t for t in (*branch.parameters(), *branch.buffers())})
+
+
 def _proves_exact(branch: Branch, group: PruneGroup, feature: torch.Tensor, context: dict) -> bool:
     units = torch.arange(group.units)
     keep = group.channels(units[units % 4 != 1])
     with torch.no_grad(), MaskedUnits(branch, {group.consumer: keep}):
         expected = branch(feature, **context)
-    # the twin shares every tensor: slicing replaces a module's tensors instead of writing into them, so only the
-    # modules (and the recorded shape attributes) need copies, not a large source's weights once a group
-    twin = copy.deepcopy(branch, memo={id(t): t for t in (*branch.parameters(), *branch.buffers())})
+    twin = _twin(branch)
     try:
         _slice_group(twin, group, keep)
         with torch.no_grad():
@@ -370,19 +374,24 @@ def _smallest_ratio(
     data: Sequence[BranchBatch],
     groups: Sequence[PruneGroup],
     scores: dict[str, torch.Tensor],
-    fixed: dict[str, torch.Tensor],
+    fixed: tuple[Sequence[PruneGroup], dict[str, torch.Tensor]],
     ratios: Sequence[float],
     floor: float,
     progress: bool,
 ) -> float:
-    """The smallest of ``ratios`` whose mask of ``groups`` (with the ``fixed`` mask of other groups) keeps local
-    accuracy at ``floor`` or above; 1.0 when none does or there are no groups."""
+    """The smallest of ``ratios`` at which pruning ``groups`` (and the ``fixed`` groups to their kept channels) keeps
+    local accuracy at ``floor`` or above; 1.0 when none does or there are no groups.
+
+    Each ratio is measured on a pruned twin, which computes what a mask would (every group is proved exact) in a
+    fraction of the unpruned branch's time."""
     if not groups:
         return 1.0
+    fixed_groups, fixed_kept = fixed
     for candidate in tqdm(sorted(ratios), desc="pnc: localize", disable=not progress, leave=False):
-        with MaskedUnits(branch, {**fixed, **keep_indices(groups, scores, candidate)}):
-            if local_accuracy(branch, data) >= floor:
-                return candidate
+        twin, kept = _twin(branch), {**fixed_kept, **keep_indices(groups, scores, candidate)}
+        prune(twin, [g for g in (*fixed_groups, *groups) if g.consumer in kept], kept)
+        if local_accuracy(twin, data) >= floor:
+            return candidate
     return 1.0
 
 
@@ -462,7 +471,7 @@ def localize(
     for parameter in branch.parameters():
         parameter.requires_grad_(False)
     floor = unpruned - tolerance
-    ratio = keep_ratio or _smallest_ratio(branch, data, channel_groups, scores, {}, keep_ratios, floor, progress)
+    ratio = keep_ratio or _smallest_ratio(branch, data, channel_groups, scores, ([], {}), keep_ratios, floor, progress)
     kept = keep_indices(channel_groups, scores, ratio) if ratio < 1.0 else {}
     head_ratios = keep_ratios
     if keep_ratio is None and max_parameters is not None and head_groups:
@@ -472,7 +481,9 @@ def localize(
             branch, (channel_groups, head_groups), scores, (ratio, 1.0), keep_ratios, max_parameters
         )[1]
         head_ratios = [r for r in keep_ratios if r <= allowed]
-    head_ratio = keep_ratio or _smallest_ratio(branch, data, head_groups, scores, kept, head_ratios, floor, progress)
+    head_ratio = keep_ratio or _smallest_ratio(
+        branch, data, head_groups, scores, (channel_groups, kept), head_ratios, floor, progress
+    )
     if keep_ratio is None and max_parameters is not None:
         metrics["tolerated_keep_ratios"] = [ratio, head_ratio]
         ratio, head_ratio = _within_budget(
