@@ -201,11 +201,8 @@ class CloneConfig:
     from ``budget`` and the data size."""
     cost_weight: float = 0.02
     """What the search gives up for a cheaper patch. A pair's cost is the share of the source its branch copies
-    (mean of the parameter share and the FLOP share, in [0, 1]), times the source's FLOPs per example over the
-    target's where the source is the heavier (a fine-tune of the target is what a clone's time competes with, and a
-    branch dearer than the whole target is dear however small a share of the source it is; the factor is
-    ``patch.metrics["source_flops_over_target"]``); its score is its held-out local accuracy (less 0.01 times its
-    held-out loss) less ``cost_weight`` times its cost. Pairs whose scores lie within one standard error
+    (mean of the parameter share and the FLOP share, in [0, 1]); its score is its held-out local accuracy (less 0.01
+    times its held-out loss) less ``cost_weight`` times its cost. Pairs whose scores lie within one standard error
     of the best (from the held-out size: about 3 points at 72 held-out images, 6 at 21) count as equally good, and
     the cheapest of them wins (``pnc_surgery.search.ranked``). At 0.02 a branch that copies the whole source must
     moreover be 2 points more accurate than one that copies none of it. Raise it to buy bytes with accuracy: the
@@ -997,7 +994,7 @@ def prepare(run: CloneRun) -> dict[str, Any]:
             parameter.requires_grad_(False)
         branches[cut.name] = branch
     source_size, target_size = image_size(run.source_sample), image_size(run.target_sample)
-    costs, heavier = _branch_costs(run, branches)
+    costs = _branch_costs(run, branches)
     run.candidates = [
         Candidate(
             c,
@@ -1020,7 +1017,6 @@ def prepare(run: CloneRun) -> dict[str, Any]:
     return {
         "source_local_accuracy": round(float((run.teacher.argmax(-1).cpu() == run.labels).float().mean()), 4),
         "memory_skipped": len(skipped),
-        "source_flops_over_target": round(heavier, 3),
     }
 
 
@@ -1039,28 +1035,24 @@ def _flops(model: nn.Module, *args: Any, **kwargs: Any) -> float:
     return float(counter.get_total_flops())
 
 
-def _example_flops(model: nn.Module, sample: ModelInputs) -> float:
-    """Floating-point operations of ``model`` on the first example of ``sample``."""
-    first = {k: v[:1] for k, v in sample.items()} if isinstance(sample, Mapping) else sample[:1]
-    with eval_mode(model):
-        return _flops(model, **first) if isinstance(first, dict) else _flops(model, first)
-
-
-def _branch_costs(run: CloneRun, branches: dict[str, Branch]) -> tuple[dict[str, float], float]:
-    """Each cut's cost: the mean of its branch's share of the source's parameters and of its FLOPs per example,
-    times the source's FLOPs per example over the target's where the source is the heavier (returned too)."""
+def _branch_costs(run: CloneRun, branches: dict[str, Branch]) -> dict[str, float]:
+    """Each cut's cost: the mean of its branch's share of the source's parameters and of its FLOPs per example."""
     source_params = sum(p.numel() for p in run.source.parameters())
-    source_flops = _example_flops(run.source, run.source_sample)
-    target_flops = _example_flops(run.target, run.target_sample)
-    heavier = max(1.0, source_flops / target_flops) if target_flops > 0 else 1.0
+    sample = (
+        {k: v[:1] for k, v in run.source_sample.items()}
+        if isinstance(run.source_sample, Mapping)
+        else run.source_sample[:1]
+    )
+    with eval_mode(run.source):
+        source_flops = _flops(run.source, **sample) if isinstance(sample, dict) else _flops(run.source, sample)
     costs = {}
     for name, branch in branches.items():
         feature = run.source_features[name][:1].to(run.device)
         context = {k: v[:1].to(run.device) for k, v in run.context.items()}
         param_share = branch_parameters(branch) / max(source_params, 1)
         flop_share = _flops(branch, feature, **context) / source_flops if source_flops > 0 else param_share
-        costs[name] = min(1.0, (param_share + flop_share) / 2) * heavier
-    return costs, heavier
+        costs[name] = min(1.0, (param_share + flop_share) / 2)
+    return costs
 
 
 def search(run: CloneRun) -> dict[str, Any]:

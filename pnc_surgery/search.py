@@ -7,9 +7,9 @@ zero scores every pair as it starts (one forward of its branch on the held-out d
 best pair of every cut and the best ``survivors``; successive halving then trains the survivors briefly, keeps the
 better half and doubles the training of the rest until one pair is left. The score is the local accuracy on
 held-out clone data, ties broken by the loss, minus ``cost_weight`` times the pair's cost (the share of the source
-the branch would copy, scaled up where the source is heavier than the target); pairs whose scores lie within the
-held-out set's noise (one standard error) rank cheapest first, so that a cheaper branch wins unless a costlier one
-is clearly more accurate. The ranking is returned so the patch can record what was seen.
+the branch would copy); pairs whose scores lie within the held-out set's noise (one standard error) rank cheapest
+first, so that a cheaper branch wins unless a costlier one is clearly more accurate. The ranking is returned so
+the patch can record what was seen.
 """
 
 from __future__ import annotations
@@ -86,8 +86,7 @@ class Candidate:
     rounds: int = 0
     optimizer: torch.optim.Optimizer | None = None
     cost: float = 0.0
-    """Share of the source the branch copies (0: nothing, 1: all of it), as the search's cost term sees it, times
-    the source's FLOPs per example over the target's when the source is the heavier."""
+    """Share of the source the branch copies (0: nothing, 1: all of it), as the search's cost term sees it."""
     cost_weight: float = 0.0
     """Held-out accuracy one whole source's worth of cost is worth in the score."""
 
