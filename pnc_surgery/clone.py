@@ -1145,11 +1145,8 @@ def localize_branch(run: CloneRun) -> dict[str, Any]:
         )
         for index in rows.split(config.batch_size)
     ]
-    ratio, metrics = 1.0, dict[str, Any]()
-    if not config.localize:
-        metrics["branch_local_accuracy"] = round(local_accuracy(branch, data), 4)
-    else:
-        ratio, found = localize(
+    if config.localize:
+        ratio, metrics = localize(
             branch,
             data,
             keep_ratio=config.keep_ratio,
@@ -1158,7 +1155,9 @@ def localize_branch(run: CloneRun) -> dict[str, Any]:
             max_parameters=None if share is None else int(share * sum(p.numel() for p in run.source.parameters())),
             progress=run.progress,
         )
-        metrics.update(found, max_branch_share=share)
+        metrics["max_branch_share"] = share
+    else:
+        ratio, metrics = 1.0, {"branch_local_accuracy": round(local_accuracy(branch, data), 4)}
     metrics.update(
         kept_ratio=round(branch_parameters(branch) / max(full_params, 1), 4),
         branch_parameters=branch_parameters(branch),

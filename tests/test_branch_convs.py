@@ -42,39 +42,41 @@ def test_a_cropped_convolution_answers_and_learns_as_the_plain_one(size, kernel,
     torch.testing.assert_close(inputs[1].grad, inputs[0].grad, atol=1e-4, rtol=1e-4)
 
 
-def _convnext_branch() -> tuple[nn.Module, Branch, torch.Tensor]:
+def _convnext_branch() -> tuple[nn.Module, Branch]:
     torch.manual_seed(0)
     model = create_model("convnext_atto", num_classes=5).eval()
-    example = torch.randn(2, 3, 32, 32)
-    return model, Branch.from_model(model, "stages.3.downsample", example), example
+    return model, Branch.from_model(model, "stages.3.downsample", torch.randn(2, 3, 32, 32))
 
 
-def test_a_branch_runs_its_7x7_convolutions_over_1x1_maps_on_the_centre_tap(monkeypatch):
-    model, branch, _ = _convnext_branch()
+@pytest.fixture
+def kernels(monkeypatch) -> list[tuple[int, ...]]:
+    """The weight shape of every 2-D convolution run while the test runs."""
+    shapes: list[tuple[int, ...]] = []
+    real = nn.functional.conv2d
+    monkeypatch.setattr(
+        nn.functional, "conv2d", lambda x, w, *a, **k: shapes.append(tuple(w.shape)) or real(x, w, *a, **k)
+    )
+    return shapes
+
+
+def test_a_branch_runs_its_7x7_convolutions_over_1x1_maps_on_the_centre_tap(kernels):
+    model, branch = _convnext_branch()
     assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d)), "the source is untouched"
     depthwise = branch.model.stages[3].blocks[0].conv_dw
     assert isinstance(depthwise, _CroppedKernelConv2d) and depthwise.weight.shape[-2:] == (7, 7)
-    kernels: list[tuple[int, ...]] = []
-    real = nn.functional.conv2d
-    monkeypatch.setattr(
-        nn.functional, "conv2d", lambda x, w, *a, **k: kernels.append(tuple(w.shape)) or real(x, w, *a, **k)
-    )
     feature = torch.randn(2, *branch.cut_shape)
     assert feature.shape[-2:] == (1, 1), "convnext_atto's last stage at 32 px works on 1x1 maps"
+    kernels.clear()  # building the branch ran the (plain) source
     with torch.no_grad():
         branch(feature)
     assert (depthwise.out_channels, 1, 1, 1) in kernels and (depthwise.out_channels, 1, 7, 7) not in kernels
     assert branch.state_dict()["model.stages.3.blocks.0.conv_dw.weight"].shape[-2:] == (7, 7), "files keep it"
 
 
-def test_a_traced_branch_keeps_whole_kernels(monkeypatch):
+def test_a_traced_branch_keeps_whole_kernels(kernels):
     """A trace would keep one input size's crop for every size: it records the plain convolution."""
-    _, branch, _ = _convnext_branch()
-    kernels: list[tuple[int, ...]] = []
-    real = nn.functional.conv2d
-    monkeypatch.setattr(
-        nn.functional, "conv2d", lambda x, w, *a, **k: kernels.append(tuple(w.shape)) or real(x, w, *a, **k)
-    )
+    _, branch = _convnext_branch()
     branch.requires_grad_(False)
+    kernels.clear()  # building the branch ran the (plain) source
     torch.jit.trace(branch, torch.randn(2, *branch.cut_shape), check_trace=False)
     assert (branch.model.stages[3].blocks[0].conv_dw.out_channels, 1, 7, 7) in kernels
